@@ -1,0 +1,425 @@
+//! `ModelDeployment`: one model version, the task it serves and where its weights live.
+//! The operator turns it into runtime pods; the proxy routes `/models/<id>/proxy/...` to them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::timeouts::Timeouts;
+
+/// Desired state of a served model version.
+// Clippy reads the repeated `type_ = ...` of the printcolumn arguments as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "infergate.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    shortname = "md",
+    category = "infergate",
+    cel,
+    doc = "A model version served by infergate: its task, its weights and the pods that run it.",
+    printcolumn(name = "Task", type_ = "string", json_path = ".spec.task"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// Identifier clients use in `/models/<id>/proxy/...`. Defaults to the object's UID; unique
+    /// across the cluster and immutable, since tokens are scoped to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+    )]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("modelVersionId is immutable: tokens are scoped to it"))]
+    pub model_version_id: Option<String>,
+
+    /// What the model does; selects the runtime's endpoints.
+    pub task: Task,
+
+    /// Where the weights live.
+    pub model: ModelSource,
+
+    /// Which server runs the model; the builtin infergate runtime when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeSpec>,
+
+    /// Number of runtime pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1))]
+    pub replicas: i32,
+
+    /// Compute each runtime pod gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+
+    /// Node labels a runtime pod must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Taints the runtime pods tolerate (GPU nodes are usually tainted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Request deadlines the proxy applies to this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+
+    /// Sampling defaults for text generation when a request sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationDefaults>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// The kind of model served, which fixes the runtime's endpoints (DESIGN.md, runtime contract).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    TextGeneration,
+    TextClassification,
+    Embedding,
+    Rerank,
+    Translation,
+    SpeechRecognition,
+    TextToSpeech,
+    TextToImage,
+    Tabular,
+}
+
+impl Task {
+    /// Every task, in the order of the contract.
+    pub const ALL: [Task; 9] = [
+        Task::TextGeneration,
+        Task::TextClassification,
+        Task::Embedding,
+        Task::Rerank,
+        Task::Translation,
+        Task::SpeechRecognition,
+        Task::TextToSpeech,
+        Task::TextToImage,
+        Task::Tabular,
+    ];
+
+    /// The name used in manifests and on the runtime's `--task` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::TextGeneration => "text-generation",
+            Task::TextClassification => "text-classification",
+            Task::Embedding => "embedding",
+            Task::Rerank => "rerank",
+            Task::Translation => "translation",
+            Task::SpeechRecognition => "speech-recognition",
+            Task::TextToSpeech => "text-to-speech",
+            Task::TextToImage => "text-to-image",
+            Task::Tabular => "tabular",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = Task::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown task {s:?}; expected one of {}", known.join(", "))
+            })
+    }
+}
+
+/// The location of a model's files.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://')").message("model.sha256 applies only to https:// URIs"),
+    validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..')").message("model.uri must not contain '..' segments")
+)]
+pub struct ModelSource {
+    /// `pvc://CLAIM/PATH`, `file:///ABSOLUTE/PATH` (a host path; local mode) or `https://...`
+    /// (downloaded before the runtime starts).
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(
+            pattern = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?|file:///[^\s]*|https://[^\s/]+(/[^\s]*)?)$"
+        )
+    )]
+    pub uri: String,
+
+    /// Lower-case hex SHA-256 of the downloaded file, checked before the runtime starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+impl ModelSource {
+    /// The URI, parsed.
+    pub fn parsed_uri(&self) -> Result<ModelUri, ModelUriError> {
+        self.uri.parse()
+    }
+}
+
+/// A model URI, split into its parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelUri {
+    /// A path inside a PersistentVolumeClaim of the ModelDeployment's namespace.
+    Pvc { claim: String, path: String },
+    /// An absolute path on the node (or, in local mode, on this machine).
+    File { path: String },
+    /// A file to download.
+    Https { url: String },
+}
+
+/// Why a model URI was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelUriError {
+    #[error("model URI must start with pvc://, file:/// or https://")]
+    UnsupportedScheme,
+    #[error("pvc:// URI needs a claim name: pvc://CLAIM/PATH")]
+    MissingClaim,
+    #[error("file:// URI needs an absolute path: file:///PATH")]
+    RelativePath,
+    #[error("https:// URI needs a host")]
+    MissingHost,
+    #[error("model URI must not contain whitespace or '..' segments")]
+    UnsafePath,
+}
+
+impl std::str::FromStr for ModelUri {
+    type Err = ModelUriError;
+
+    fn from_str(uri: &str) -> Result<Self, Self::Err> {
+        if uri.chars().any(char::is_whitespace) {
+            return Err(ModelUriError::UnsafePath);
+        }
+        let uri = if let Some(rest) = uri.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if claim.is_empty() {
+                return Err(ModelUriError::MissingClaim);
+            }
+            ModelUri::Pvc {
+                claim: claim.to_owned(),
+                path: path.to_owned(),
+            }
+        } else if let Some(rest) = uri.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err(ModelUriError::RelativePath);
+            }
+            ModelUri::File {
+                path: rest.to_owned(),
+            }
+        } else if let Some(rest) = uri.strip_prefix("https://") {
+            if rest.split('/').next().is_none_or(str::is_empty) {
+                return Err(ModelUriError::MissingHost);
+            }
+            ModelUri::Https {
+                url: uri.to_owned(),
+            }
+        } else {
+            return Err(ModelUriError::UnsupportedScheme);
+        };
+        // A path that climbs out of its volume would let a manifest read another model's files.
+        let path = match &uri {
+            ModelUri::Pvc { path, .. } | ModelUri::File { path } => path.as_str(),
+            ModelUri::Https { .. } => "",
+        };
+        if path.split('/').any(|segment| segment == "..") {
+            return Err(ModelUriError::UnsafePath);
+        }
+        Ok(uri)
+    }
+}
+
+/// The server that runs the model: the builtin runtime (optionally another image of it), or any
+/// container serving HTTP.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(has(self.image) && has(self.container))").message("set runtime.image or runtime.container, not both"))]
+pub struct RuntimeSpec {
+    /// Image of the builtin infergate runtime to use instead of the default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// A custom server (vLLM, TGI, TEI, ...) that replaces the builtin runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+}
+
+/// A custom model server container.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSpec {
+    /// Container image.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Entrypoint override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Arguments to the entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    /// Port the server listens on for HTTP.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Path answering 200 once the model is loaded; used as the readiness probe.
+    #[serde(default = "default_health_path")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub health_path: String,
+}
+
+fn default_health_path() -> String {
+    "/health".to_owned()
+}
+
+/// Compute per runtime pod.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+pub struct Resources {
+    /// Number of `nvidia.com/gpu`; 0 runs on CPU.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus: i32,
+    /// CPU request and limit, e.g. `"4"` or `500m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Memory request and limit, e.g. `16Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+/// Sampling defaults for text generation; a request's own values win.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationDefaults {
+    /// Softmax temperature; 0 means greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass, in (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("generation.topP must be greater than 0"))]
+    pub top_p: Option<f64>,
+    /// Upper bound of generated tokens when a request sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_new_tokens: Option<i32>,
+}
+
+/// Observed state of a ModelDeployment.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The id clients use in the path (the spec's, or the object's UID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version_id: Option<String>,
+    /// Path prefix of the model's API on the proxy: `/models/<id>/proxy/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Runtime pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Runtime pods that pass their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes API conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_names_round_trip_through_serde_and_from_str() {
+        for task in Task::ALL {
+            let json = serde_json::to_value(task).unwrap();
+            assert_eq!(json, serde_json::Value::String(task.as_str().to_owned()));
+            assert_eq!(task.as_str().parse::<Task>().unwrap(), task);
+        }
+        assert!(
+            "chat"
+                .parse::<Task>()
+                .unwrap_err()
+                .contains("text-generation")
+        );
+    }
+
+    #[test]
+    fn model_uris_split_into_their_parts() {
+        assert_eq!(
+            "pvc://models-pvc/llama-3.2-1b".parse(),
+            Ok(ModelUri::Pvc {
+                claim: "models-pvc".into(),
+                path: "llama-3.2-1b".into()
+            })
+        );
+        assert_eq!(
+            "pvc://models-pvc".parse(),
+            Ok(ModelUri::Pvc {
+                claim: "models-pvc".into(),
+                path: String::new()
+            })
+        );
+        assert_eq!(
+            "file:///srv/minilm".parse(),
+            Ok(ModelUri::File {
+                path: "/srv/minilm".into()
+            })
+        );
+        assert_eq!(
+            "https://example.com/m.tar".parse(),
+            Ok(ModelUri::Https {
+                url: "https://example.com/m.tar".into()
+            })
+        );
+    }
+
+    #[test]
+    fn model_uris_that_cannot_be_served_are_refused() {
+        let refused = [
+            ("s3://bucket/model", ModelUriError::UnsupportedScheme),
+            ("http://example.com/m", ModelUriError::UnsupportedScheme),
+            ("pvc:///path", ModelUriError::MissingClaim),
+            ("file://relative/path", ModelUriError::RelativePath),
+            ("https:///m.tar", ModelUriError::MissingHost),
+            ("pvc://claim/../other", ModelUriError::UnsafePath),
+            ("file:///srv/a b", ModelUriError::UnsafePath),
+        ];
+        for (uri, expected) in refused {
+            assert_eq!(uri.parse::<ModelUri>(), Err(expected), "{uri}");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Names that more than one part of infergate relies on. Changing one is a breaking change of
+//! the contract in DESIGN.md.
+
+/// API group of both custom resources.
+pub const API_GROUP: &str = "infergate.dev";
+
+/// Namespace of the proxy and of the token records when nothing else is configured.
+pub const DEFAULT_GATEWAY_NAMESPACE: &str = "infergate-system";
+
+/// Label that marks a Secret as a token record. The proxy watches only Secrets carrying it.
+pub const TOKEN_RECORD_LABEL: &str = "infergate.dev/token-record";
+
+/// Value of [`TOKEN_RECORD_LABEL`] on a token record Secret.
+pub const TOKEN_RECORD_LABEL_VALUE: &str = "true";
+
+/// Data key of a token record Secret; its value is the record's JSON.
+pub const TOKEN_RECORD_KEY: &str = "record.json";
+
+/// Data key of the user's Secret that holds the plaintext token.
+pub const TOKEN_SECRET_KEY: &str = "token";
+
+/// Request header that carries a client's deadline in seconds, and the remaining time upstream.
+pub const REQUEST_TIMEOUT_HEADER: &str = "OICM-Request-Timeout";
+
+/// Path prefix under which the proxy exposes a model version's runtime.
+pub fn model_endpoint(model_version_id: &str) -> String {
+    format!("/models/{model_version_id}/proxy/v1")
+}
