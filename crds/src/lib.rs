@@ -2,6 +2,8 @@
 //! the token format, the token record the proxy authenticates against, and the names and
 //! defaults every part agrees on. It depends on no other crate of the workspace.
 
+#![forbid(unsafe_code)]
+
 mod access_token;
 pub mod manifests;
 mod model_deployment;

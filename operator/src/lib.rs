@@ -2,6 +2,8 @@
 //! token records. It starts with the identity rules both controllers share; the controllers are
 //! built on top in the operator issue.
 
+#![forbid(unsafe_code)]
+
 use crds::ModelDeployment;
 use kube::ResourceExt;
 

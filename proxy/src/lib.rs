@@ -1,5 +1,14 @@
-//! infergate's data plane. This crate holds the request-parsing edges (the model path, the
-//! credential headers and the deadline header); the pingora service that uses them is built on
-//! top in the proxy issue.
+//! infergate's data plane, on pingora: it authenticates each request with a token record,
+//! checks the token's scope and expiry, applies the request's deadline, picks a ready endpoint
+//! of the model and streams the exchange (DESIGN.md, proxy contract).
 
+pub mod config;
+pub mod error;
+pub mod file_source;
+pub mod gateway;
+pub mod metrics;
 pub mod request;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+pub mod watchdog;

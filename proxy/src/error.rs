@@ -1,0 +1,201 @@
+//! Every way the proxy refuses or fails a request, and the one table that maps each to its HTTP
+//! status, `code` and error body (DESIGN.md, proxy contract).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::request::TimeoutHeaderError;
+
+/// A request the proxy answers itself instead of forwarding, or a forwarded request that failed.
+/// Messages name models by id and never repeat any part of a token.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no route for this path; model APIs live under /models/<id>/proxy/")]
+    RouteNotFound,
+    #[error("missing credential: send `Authorization: Bearer <token>`")]
+    MissingToken,
+    #[error("the token is not valid")]
+    InvalidToken,
+    #[error("the token has expired")]
+    TokenExpired,
+    #[error("the token has been revoked")]
+    TokenRevoked,
+    #[error("the token may not call model {model:?}")]
+    ModelNotAllowed { model: String },
+    #[error("model {model:?} does not exist")]
+    ModelNotFound { model: String },
+    #[error(transparent)]
+    InvalidTimeout(#[from] TimeoutHeaderError),
+    #[error("request body exceeds this model's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("model {model:?} has no ready endpoint; retry shortly")]
+    NoReadyEndpoint { model: String },
+    #[error("the model's server could not be reached")]
+    UpstreamUnavailable,
+    #[error("the model's server failed to answer")]
+    UpstreamFailed,
+    #[error("the request did not complete within its deadline of {}s", .budget.as_secs_f64())]
+    Timeout { budget: Duration },
+}
+
+impl Rejection {
+    /// HTTP status of the response.
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::RouteNotFound | Rejection::ModelNotFound { .. } => 404,
+            Rejection::MissingToken
+            | Rejection::InvalidToken
+            | Rejection::TokenExpired
+            | Rejection::TokenRevoked => 401,
+            Rejection::ModelNotAllowed { .. } => 403,
+            Rejection::InvalidTimeout(_) => 400,
+            Rejection::BodyTooLarge { .. } => 413,
+            Rejection::NoReadyEndpoint { .. } | Rejection::UpstreamUnavailable => 503,
+            Rejection::UpstreamFailed => 502,
+            Rejection::Timeout { .. } => 504,
+        }
+    }
+
+    /// Machine-readable `code` of the error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::RouteNotFound => "not_found",
+            Rejection::MissingToken => "missing_token",
+            Rejection::InvalidToken => "invalid_token",
+            Rejection::TokenExpired => "token_expired",
+            Rejection::TokenRevoked => "token_revoked",
+            Rejection::ModelNotAllowed { .. } => "model_not_allowed",
+            Rejection::ModelNotFound { .. } => "model_not_found",
+            Rejection::InvalidTimeout(_) => "invalid_timeout",
+            Rejection::BodyTooLarge { .. } => "body_too_large",
+            Rejection::NoReadyEndpoint { .. } => "no_ready_endpoint",
+            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::UpstreamFailed => "upstream_error",
+            Rejection::Timeout { .. } => "timeout",
+        }
+    }
+
+    /// Broad class of the error, the `type` of the error body.
+    pub fn error_type(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            400 | 413 => "invalid_request_error",
+            504 => "timeout_error",
+            _ => "upstream_error",
+        }
+    }
+
+    /// Whether the failure is an authentication failure, for `auth_failures_total{reason}`.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self.status(), 401 | 403)
+    }
+
+    /// Seconds a client should wait before retrying, sent as `Retry-After`.
+    pub fn retry_after(&self) -> Option<u32> {
+        (self.status() == 503).then_some(1)
+    }
+
+    /// The JSON error body shared by the proxy and the runtimes.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {"message": self.to_string(), "type": self.error_type(), "code": self.code()}
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// The SSE event that ends a stream cut by the deadline, so a client sees why it ended.
+    pub fn sse_event(&self) -> Bytes {
+        let mut event = b"event: error\ndata: ".to_vec();
+        event.extend_from_slice(&self.body());
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_check_of_the_contract_has_its_status_and_code() {
+        let m = || "minilm".to_owned();
+        let table = [
+            (Rejection::MissingToken, 401, "missing_token"),
+            (Rejection::InvalidToken, 401, "invalid_token"),
+            (Rejection::TokenExpired, 401, "token_expired"),
+            (Rejection::TokenRevoked, 401, "token_revoked"),
+            (
+                Rejection::ModelNotAllowed { model: m() },
+                403,
+                "model_not_allowed",
+            ),
+            (
+                Rejection::ModelNotFound { model: m() },
+                404,
+                "model_not_found",
+            ),
+            (
+                Rejection::NoReadyEndpoint { model: m() },
+                503,
+                "no_ready_endpoint",
+            ),
+            (
+                Rejection::InvalidTimeout(TimeoutHeaderError::NotAPositiveNumber),
+                400,
+                "invalid_timeout",
+            ),
+            (
+                Rejection::Timeout {
+                    budget: Duration::from_secs(1),
+                },
+                504,
+                "timeout",
+            ),
+            (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+        ];
+        for (rejection, status, code) in table {
+            assert_eq!(
+                (rejection.status(), rejection.code()),
+                (status, code),
+                "{rejection:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_bodies_have_the_shared_shape() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&Rejection::TokenExpired.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {
+                "message": "the token has expired", "type": "authentication_error", "code": "token_expired"
+            }})
+        );
+    }
+
+    #[test]
+    fn only_unavailability_asks_the_client_to_retry() {
+        assert_eq!(
+            Rejection::NoReadyEndpoint { model: "m".into() }.retry_after(),
+            Some(1)
+        );
+        assert_eq!(Rejection::InvalidToken.retry_after(), None);
+    }
+
+    #[test]
+    fn the_deadline_sse_event_carries_the_error_body() {
+        let event = Rejection::Timeout {
+            budget: Duration::from_millis(1500),
+        }
+        .sse_event();
+        let text = std::str::from_utf8(&event).unwrap();
+        assert!(text.starts_with("event: error\ndata: {"), "{text}");
+        assert!(text.ends_with("}\n\n"));
+        assert!(text.contains(r#""code":"timeout""#));
+        assert!(text.contains("1.5s"));
+    }
+}

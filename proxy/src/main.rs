@@ -1,0 +1,42 @@
+//! `infergate-proxy`: the data plane every application client talks to.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Authenticates clients with infergate tokens and streams their requests to model runtimes.
+#[derive(Debug, Parser)]
+#[command(name = "infergate-proxy", version)]
+struct Args {
+    /// YAML file with listen addresses, models and token records; re-read when it changes.
+    #[arg(long, env = "INFERGATE_PROXY_CONFIG")]
+    config: PathBuf,
+
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "INFERGATE_PROXY_GRACE_PERIOD", default_value_t = 30)]
+    grace_period: u64,
+
+    /// Log lines as JSON objects (for log collectors) instead of text.
+    #[arg(long, env = "INFERGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    proxy::server::serve(proxy::server::ServeOptions {
+        config: args.config,
+        grace_period: Duration::from_secs(args.grace_period),
+    })
+}

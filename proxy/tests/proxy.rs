@@ -1,0 +1,640 @@
+//! The proxy contract, end to end: the real binary between a real client and a scripted
+//! upstream.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use support::{Proxy, TestModel, TestToken, Upstream};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn error_code(response: reqwest::Response) -> (StatusCode, String) {
+    let status = response.status();
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_reaches_the_model_with_path_and_query_and_without_the_credential() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t1", &["minilm"]);
+    let proxy = Proxy::start(&[TestModel::new("minilm", &[upstream.addr])], &[&token]).await;
+
+    let response = client()
+        .post(proxy.url("/models/minilm/proxy/v1/embed?pretty=1"))
+        .header("authorization", token.bearer())
+        .body(r#"{"inputs":"hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(request_id.len(), 32);
+
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.target, "/v1/embed?pretty=1");
+    assert_eq!(seen.body_len, 15);
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-request-id"), Some(request_id.as_str()));
+    let remaining: f64 = seen
+        .header("oicm-request-timeout")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(remaining > 119.0 && remaining <= 120.0, "{remaining}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_documents_bearer_header_works_and_is_stripped_and_the_root_is_forwarded() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t1", &["minilm"]);
+    let proxy = Proxy::start(&[TestModel::new("minilm", &[upstream.addr])], &[&token]).await;
+    let response = client()
+        .post(proxy.url("/models/minilm/proxy"))
+        .header("bearer", token.secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.requests().pop().unwrap();
+    assert_eq!(seen.target, "/");
+    assert_eq!(seen.header("bearer"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_has_its_status_and_code_and_never_reaches_the_upstream() {
+    let upstream = Upstream::start().await;
+    let valid = TestToken::new("valid", &["minilm", "ghost"]);
+    let mut expired = TestToken::new("expired", &["minilm"]);
+    expired.record.expires_at = Some("2020-01-01T00:00:00Z".parse().unwrap());
+    let mut revoked = TestToken::new("revoked", &["minilm"]);
+    revoked.record.revoked = true;
+    let elsewhere = TestToken::new("elsewhere", &["other"]);
+    let unknown = TestToken::new("unknown", &["minilm"]);
+    let proxy = Proxy::start(
+        &[
+            TestModel::new("minilm", &[upstream.addr]),
+            TestModel::new("idle", &[]),
+        ],
+        &[&valid, &expired, &revoked, &elsewhere],
+    )
+    .await;
+
+    let call = |path: &str, auth: Option<String>, timeout: Option<&str>| {
+        let mut request = client().post(proxy.url(path));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        if let Some(timeout) = timeout {
+            request = request.header("oicm-request-timeout", timeout);
+        }
+        request.send()
+    };
+    let m = "/models/minilm/proxy/v1/embed";
+    let cases = [
+        (call(m, None, None).await.unwrap(), 401, "missing_token"),
+        (
+            call(m, Some("Bearer igt_short".into()), None)
+                .await
+                .unwrap(),
+            401,
+            "invalid_token",
+        ),
+        (
+            call(m, Some(unknown.bearer()), None).await.unwrap(),
+            401,
+            "invalid_token",
+        ),
+        (
+            call(m, Some(expired.bearer()), None).await.unwrap(),
+            401,
+            "token_expired",
+        ),
+        (
+            call(m, Some(revoked.bearer()), None).await.unwrap(),
+            401,
+            "token_revoked",
+        ),
+        (
+            call(m, Some(elsewhere.bearer()), None).await.unwrap(),
+            403,
+            "model_not_allowed",
+        ),
+        (
+            call("/models/ghost/proxy/v1", Some(valid.bearer()), None)
+                .await
+                .unwrap(),
+            404,
+            "model_not_found",
+        ),
+        (
+            call(m, Some(valid.bearer()), Some("soon")).await.unwrap(),
+            400,
+            "invalid_timeout",
+        ),
+        (
+            call(m, Some(valid.bearer()), Some("601")).await.unwrap(),
+            400,
+            "invalid_timeout",
+        ),
+        (
+            call("/v1/embed", Some(valid.bearer()), None).await.unwrap(),
+            404,
+            "not_found",
+        ),
+    ];
+    for (response, status, code) in cases {
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(
+            error_code(response).await,
+            (StatusCode::from_u16(status).unwrap(), code.to_owned())
+        );
+    }
+    assert!(
+        upstream.requests().is_empty(),
+        "a refused request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_ready_endpoints_answers_503_with_retry_after() {
+    let token = TestToken::new("t", &["idle"]);
+    let proxy = Proxy::start(&[TestModel::new("idle", &[])], &[&token]).await;
+    let response = client()
+        .post(proxy.url("/models/idle/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gets_504_at_the_deadline_not_when_it_answers() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["slow"]);
+    let proxy = Proxy::start(&[TestModel::new("slow", &[upstream.addr])], &[&token]).await;
+    let started = Instant::now();
+    let response = client()
+        .get(proxy.url("/models/slow/proxy/sleep/10000"))
+        .header("authorization", token.bearer())
+        .header("oicm-request-timeout", "1")
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::GATEWAY_TIMEOUT, "timeout".into())
+    );
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_models_default_deadline_applies_without_the_header() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["slow"]);
+    let model =
+        TestModel::new("slow", &[upstream.addr]).with("timeouts: {default: 800ms, max: 5s}");
+    let proxy = Proxy::start(&[model], &[&token]).await;
+    let started = Instant::now();
+    let response = client()
+        .get(proxy.url("/models/slow/proxy/sleep/10000"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_reach_the_client_as_they_are_produced() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["chat"]);
+    let proxy = Proxy::start(&[TestModel::new("chat", &[upstream.addr])], &[&token]).await;
+    let started = Instant::now();
+    let mut response = client()
+        .get(proxy.url("/models/chat/proxy/sse/10/200"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let first = response.chunk().await.unwrap().unwrap();
+    let first_after = started.elapsed();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    let total = started.elapsed();
+    // The upstream needs 2 s for ten events; the first must not wait for the last.
+    assert!(
+        first_after < Duration::from_millis(500),
+        "first event after {first_after:?}"
+    );
+    assert!(
+        total >= Duration::from_millis(1800),
+        "stream took {total:?}"
+    );
+    assert_eq!(
+        String::from_utf8(rest).unwrap().matches("data: ").count(),
+        9
+    );
+}
+
+/// Reads a streamed body to its end; a connection cut before the end of the chunked encoding
+/// fails the test, since the contract ends SSE streams cleanly.
+async fn read_stream(response: &mut reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("the stream ended cleanly") {
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_outlives_its_deadline_ends_with_an_sse_error_event() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["chat"]);
+    let proxy = Proxy::start(&[TestModel::new("chat", &[upstream.addr])], &[&token]).await;
+    let started = Instant::now();
+    let mut response = client()
+        .get(proxy.url("/models/chat/proxy/sse/1000/100"))
+        .header("authorization", token.bearer())
+        .header("oicm-request-timeout", "1")
+        .send()
+        .await
+        .unwrap();
+    let body = read_stream(&mut response).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert!(body.starts_with("data: 0\n\n"));
+    assert!(
+        body.ends_with("\n\n") && body.contains("event: error\ndata: {"),
+        "{body}"
+    );
+    assert!(body.contains(r#""code":"timeout""#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_ended_at_the_deadline_too() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["chat"]);
+    let proxy = Proxy::start(&[TestModel::new("chat", &[upstream.addr])], &[&token]).await;
+    let started = Instant::now();
+    let mut response = client()
+        .get(proxy.url("/models/chat/proxy/sse-then-silence"))
+        .header("authorization", token.bearer())
+        .header("oicm-request-timeout", "1.5")
+        .send()
+        .await
+        .unwrap();
+    let body = read_stream(&mut response).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(
+        body.starts_with("data: first\n\n") && body.contains("event: error"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_models_limit_is_refused_before_the_upstream_sees_it() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["small"]);
+    let proxy = Proxy::start(
+        &[TestModel::new("small", &[upstream.addr]).with("maxBodyBytes: 1000")],
+        &[&token],
+    )
+    .await;
+    let over = client()
+        .post(proxy.url("/models/small/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .body(vec![b'a'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(over).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large".into())
+    );
+    assert!(upstream.requests().is_empty());
+    let under = client()
+        .post(proxy.url("/models/small/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .body(vec![b'a'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(under.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_on_another_endpoint() {
+    let upstream = Upstream::start().await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[dead, upstream.addr])], &[&token]).await;
+    for _ in 0..20 {
+        let response = client()
+            .post(proxy.url("/models/m/proxy/v1/x"))
+            .header("authorization", token.bearer())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(upstream.requests().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reachable_endpoint_is_503() {
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[dead])], &[&token]).await;
+    let response = client()
+        .post(proxy.url("/models/m/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_unavailable".into()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_in_the_file_is_refused_within_a_second() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let models = [TestModel::new("m", &[upstream.addr])];
+    let proxy = Proxy::start(&models, &[&token]).await;
+    let call = || {
+        client()
+            .post(proxy.url("/models/m/proxy/v1/x"))
+            .header("authorization", token.bearer())
+            .send()
+    };
+    assert_eq!(call().await.unwrap().status(), 200);
+
+    let mut revoked = token.clone();
+    revoked.record.revoked = true;
+    proxy.write_config(&models, &[&revoked]);
+    let changed = Instant::now();
+    loop {
+        let response = call().await.unwrap();
+        if response.status() == 401 {
+            assert_eq!(error_code(response).await.1, "token_revoked");
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "still accepted {:?} after revocation",
+            changed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("revocation took effect after {:?}", changed.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_file_keeps_the_last_good_one() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    std::fs::write(
+        &proxy.config,
+        "models: [{id: m, endpoints: [not-an-address]}]",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let response = client()
+        .post(proxy.url("/models/m/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(proxy.output().contains("keeping the last good one"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_are_served() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    assert_eq!(
+        client()
+            .get(proxy.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(proxy.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    client()
+        .post(proxy.url("/models/m/proxy/v1/x"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    client()
+        .post(proxy.url("/models/m/proxy/v1/x"))
+        .send()
+        .await
+        .unwrap();
+    let metrics = client()
+        .get(&proxy.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"infergate_proxy_requests_total{code="200",model="m"} 1"#,
+        r#"infergate_proxy_auth_failures_total{reason="missing_token"} 1"#,
+        r#"infergate_proxy_inflight{model="m"} 0"#,
+        "infergate_proxy_request_duration_seconds_bucket",
+        "infergate_proxy_upstream_ttfb_seconds_bucket",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_error_path_writes_the_token_to_logs_bodies_or_metrics() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("leaky", &["m"]);
+    let proxy = Proxy::start(
+        &[
+            TestModel::new("m", &[upstream.addr]),
+            TestModel::new("idle", &[]),
+        ],
+        &[&token],
+    )
+    .await;
+    let secret = token.secret().to_owned();
+    let mut bodies = String::new();
+    let paths = [
+        "/models/m/proxy/v1/x",
+        "/models/other/proxy/v1/x",
+        "/models/idle/proxy/v1/x",
+        "/elsewhere",
+        "/models/m/proxy/sleep/5000",
+    ];
+    for path in paths {
+        for header in ["authorization", "bearer"] {
+            let value = if header == "authorization" {
+                format!("Bearer {secret}")
+            } else {
+                secret.clone()
+            };
+            let typo = format!("{}x", &value[..value.len() - 1]);
+            for value in [value.as_str(), typo.as_str()] {
+                let response = client()
+                    .post(proxy.url(path))
+                    .header(header, value)
+                    .header(
+                        "oicm-request-timeout",
+                        if path.contains("sleep") { "0.3" } else { "bad" },
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+                bodies.push_str(&response.text().await.unwrap());
+            }
+        }
+    }
+    let expired = proxy_token_expired(&token);
+    proxy.write_config(&[TestModel::new("m", &[upstream.addr])], &[&expired]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bodies.push_str(
+        &client()
+            .post(proxy.url("/models/m/proxy/v1/x"))
+            .header("authorization", token.bearer())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    bodies.push_str(
+        &client()
+            .get(&proxy.metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(
+        bodies.contains("token_expired"),
+        "the expired path was exercised"
+    );
+
+    let logs = proxy.output();
+    assert!(
+        logs.contains("token=leaky"),
+        "logs name the token by its id:\n{logs}"
+    );
+    let random_part = &secret[4..];
+    for (what, text) in [("logs", &logs), ("responses and metrics", &bodies)] {
+        assert!(!text.contains(random_part), "the token leaked into {what}");
+        assert!(
+            !text.contains(&random_part[..16]),
+            "part of the token leaked into {what}"
+        );
+    }
+}
+
+fn proxy_token_expired(token: &TestToken) -> TestToken {
+    let mut expired = token.clone();
+    expired.record.expires_at = Some("2020-01-01T00:00:00Z".parse().unwrap());
+    expired
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_accepted_requests_finish_then_exits() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let mut proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    let in_flight: Vec<_> = (0..5)
+        .map(|_| {
+            let request = client()
+                .get(proxy.url("/models/m/proxy/sleep/1500"))
+                .header("authorization", token.bearer());
+            tokio::spawn(async move { request.send().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("TERM");
+    for request in in_flight {
+        let response = request
+            .await
+            .unwrap()
+            .expect("an accepted request was dropped");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "done");
+    }
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the proxy did not exit after draining");
+    assert!(status.success(), "{status}");
+}

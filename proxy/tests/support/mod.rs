@@ -1,0 +1,386 @@
+//! Test fixtures: a scriptable HTTP/1.1 upstream on port 0, and the real `infergate-proxy`
+//! binary started on a config file written for the test.
+
+#![allow(dead_code)] // each test binary uses a different part of the fixtures
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crds::{Token, TokenRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An upstream whose behaviour is chosen by the request path:
+/// - `/sleep/<ms>`: answers `done` after the delay;
+/// - `/sse/<count>/<interval_ms>`: an SSE stream of `count` events, one per interval;
+/// - `/sse-then-silence`: one SSE event, then nothing for a minute;
+/// - anything else: 200 with a JSON echo of the target.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, log.clone()));
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
+    let mut buffer = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut request_line = lines.next().unwrap_or_default().split(' ');
+        let method = request_line.next().unwrap_or_default().to_owned();
+        let target = request_line.next().unwrap_or_default().to_owned();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let body_len: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        while buffer.len() < head_end + body_len {
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buffer.drain(..head_end + body_len);
+        let request = Seen {
+            method,
+            target: target.clone(),
+            headers,
+            body_len,
+        };
+        seen.lock().unwrap().push(request.clone());
+        if respond(&mut stream, &request).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, request: &Seen) -> std::io::Result<()> {
+    let path = request.target.split('?').next().unwrap_or_default();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["sleep", ms] => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            write_fixed(stream, "text/plain", b"done").await
+        }
+        ["sse", count, interval] => {
+            start_sse(stream).await?;
+            let interval = Duration::from_millis(interval.parse().unwrap_or(100));
+            for i in 0..count.parse::<u32>().unwrap_or(1) {
+                write_chunk(stream, format!("data: {i}\n\n").as_bytes()).await?;
+                tokio::time::sleep(interval).await;
+            }
+            stream.write_all(b"0\r\n\r\n").await
+        }
+        ["sse-then-silence"] => {
+            start_sse(stream).await?;
+            write_chunk(stream, b"data: first\n\n").await?;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            stream.write_all(b"0\r\n\r\n").await
+        }
+        _ => {
+            let echo = serde_json::json!({"method": request.method, "target": request.target, "body_len": request.body_len});
+            write_fixed(stream, "application/json", echo.to_string().as_bytes()).await
+        }
+    }
+}
+
+async fn write_fixed(
+    stream: &mut TcpStream,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await
+}
+
+async fn start_sse(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+}
+
+async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    stream
+        .write_all(format!("{:x}\r\n", data.len()).as_bytes())
+        .await?;
+    stream.write_all(data).await?;
+    stream.write_all(b"\r\n").await?;
+    stream.flush().await
+}
+
+/// A token and the record the proxy knows it by.
+#[derive(Debug, Clone)]
+pub struct TestToken {
+    pub token: Token,
+    pub record: TokenRecord,
+}
+
+impl TestToken {
+    pub fn new(id: &str, models: &[&str]) -> TestToken {
+        let token = Token::generate().unwrap();
+        let record = TokenRecord {
+            id: id.to_owned(),
+            name: format!("test/{id}"),
+            sha256: token.sha256_hex(),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            expires_at: None,
+            revoked: false,
+        };
+        TestToken { token, record }
+    }
+
+    pub fn secret(&self) -> &str {
+        self.token.expose_secret()
+    }
+
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.secret())
+    }
+}
+
+/// A model entry of the proxy config.
+#[derive(Debug, Clone)]
+pub struct TestModel {
+    pub id: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub extra: String,
+}
+
+impl TestModel {
+    pub fn new(id: &str, endpoints: &[SocketAddr]) -> TestModel {
+        TestModel {
+            id: id.to_owned(),
+            endpoints: endpoints.to_vec(),
+            extra: String::new(),
+        }
+    }
+
+    /// Adds YAML fields to the entry, e.g. `maxBodyBytes: 100`.
+    pub fn with(mut self, field: &str) -> TestModel {
+        self.extra.push_str(&format!(", {field}"));
+        self
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `infergate-proxy` binary, running on a config file of this test.
+#[derive(Debug)]
+pub struct Proxy {
+    child: Child,
+    pub url: String,
+    pub metrics_url: String,
+    pub config: PathBuf,
+    listen: String,
+    metrics: String,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Proxy {
+    pub async fn start(models: &[TestModel], tokens: &[&TestToken]) -> Proxy {
+        Proxy::start_with_args(models, tokens, &[]).await
+    }
+
+    pub async fn start_with_args(
+        models: &[TestModel],
+        tokens: &[&TestToken],
+        args: &[&str],
+    ) -> Proxy {
+        let dir = std::env::temp_dir().join(format!(
+            "infergate-proxy-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("proxy.yaml");
+        let mut proxy = Proxy {
+            child: Command::new("true").spawn().unwrap(),
+            url: format!("http://{listen}"),
+            metrics_url: format!("http://{metrics}/metrics"),
+            config,
+            listen,
+            metrics,
+            output: Arc::new(Mutex::new(Vec::new())),
+        };
+        proxy.write_config(models, tokens);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-proxy"))
+            .arg("--config")
+            .arg(&proxy.config)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = proxy.output.clone();
+            std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+        proxy.child = child;
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Rewrites the config file in one rename, as a deployment tool would.
+    pub fn write_config(&self, models: &[TestModel], tokens: &[&TestToken]) {
+        let models: String = models
+            .iter()
+            .map(|m| {
+                let endpoints: Vec<String> =
+                    m.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+                format!(
+                    "  - {{id: {}, endpoints: [{}]{}}}\n",
+                    m.id,
+                    endpoints.join(", "),
+                    m.extra
+                )
+            })
+            .collect();
+        let tokens: Vec<&TokenRecord> = tokens.iter().map(|t| &t.record).collect();
+        let text = format!(
+            "listen: {}\nmetrics: {}\nthreads: 1\nmodels:\n{models}tokens: {}\n",
+            self.listen,
+            self.metrics,
+            serde_json::to_string(&tokens).unwrap()
+        );
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    async fn wait_ready(&mut self) {
+        let started = Instant::now();
+        let client = reqwest::Client::new();
+        while started.elapsed() < Duration::from_secs(20) {
+            let response = client.get(format!("{}/readyz", self.url)).send().await;
+            if response.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("infergate-proxy exited with {status}:\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("infergate-proxy not ready after 20 s:\n{}", self.output());
+    }
+
+    /// Everything the process wrote to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
