@@ -27,6 +27,8 @@ pub enum Rejection {
     ModelNotFound { model: String },
     #[error(transparent)]
     InvalidTimeout(#[from] TimeoutHeaderError),
+    #[error("request headers exceed {max_count} fields or {max_bytes} bytes")]
+    HeadersTooLarge { max_bytes: usize, max_count: usize },
     #[error("request body exceeds this model's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("model {model:?} has no ready endpoint; retry shortly")]
@@ -51,6 +53,7 @@ impl Rejection {
             Rejection::ModelNotAllowed { .. } => 403,
             Rejection::InvalidTimeout(_) => 400,
             Rejection::BodyTooLarge { .. } => 413,
+            Rejection::HeadersTooLarge { .. } => 431,
             Rejection::NoReadyEndpoint { .. } | Rejection::UpstreamUnavailable => 503,
             Rejection::UpstreamFailed => 502,
             Rejection::Timeout { .. } => 504,
@@ -69,6 +72,7 @@ impl Rejection {
             Rejection::ModelNotFound { .. } => "model_not_found",
             Rejection::InvalidTimeout(_) => "invalid_timeout",
             Rejection::BodyTooLarge { .. } => "body_too_large",
+            Rejection::HeadersTooLarge { .. } => "headers_too_large",
             Rejection::NoReadyEndpoint { .. } => "no_ready_endpoint",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamFailed => "upstream_error",
@@ -82,7 +86,7 @@ impl Rejection {
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
-            400 | 413 => "invalid_request_error",
+            400 | 413 | 431 => "invalid_request_error",
             504 => "timeout_error",
             _ => "upstream_error",
         }
@@ -155,6 +159,14 @@ mod tests {
                 "timeout",
             ),
             (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                Rejection::HeadersTooLarge {
+                    max_bytes: 1,
+                    max_count: 1,
+                },
+                431,
+                "headers_too_large",
+            ),
         ];
         for (rejection, status, code) in table {
             assert_eq!(

@@ -36,11 +36,50 @@ const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const BEARER_HEADER: &str = "bearer";
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Limits on what a client may send, whatever the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// Request line and headers together, in bytes.
+    pub max_bytes: usize,
+    /// Number of header fields.
+    pub max_count: usize,
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        HeaderLimits {
+            max_bytes: 64 * 1024,
+            max_count: 100,
+        }
+    }
+}
+
+impl HeaderLimits {
+    fn check(&self, request: &RequestHeader) -> Result<(), Rejection> {
+        let count = request.headers.len();
+        // The size as sent on the wire: request line, then `name: value\r\n` per field.
+        let line = request.method.as_str().len() + request.uri.to_string().len() + 11;
+        let fields: usize = request
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if count > self.max_count || line + fields > self.max_bytes {
+            return Err(Rejection::HeadersTooLarge {
+                max_bytes: self.max_bytes,
+                max_count: self.max_count,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The data plane: one instance serves every request.
 #[derive(Debug)]
 pub struct Gateway {
     pub shared: Arc<Shared>,
     pub metrics: Metrics,
+    pub header_limits: HeaderLimits,
 }
 
 /// What a request carries from one filter to the next.
@@ -86,16 +125,24 @@ fn request_id(session: &Session) -> String {
         .map_or_else(new_request_id, str::to_owned)
 }
 
+/// A 32-hex-digit id: a random per-process prefix and a counter, unique without a system call
+/// per request.
 fn new_request_id() -> String {
-    let mut bytes = [0u8; 16];
-    // Request ids need uniqueness, not secrecy; a failing OS generator falls back to the clock.
-    if getrandom::fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        bytes = nanos.as_nanos().to_be_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // Request ids need uniqueness, not secrecy; without the OS generator the clock will do.
+        if getrandom::fill(&mut bytes).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            bytes = (nanos.as_nanos() as u64).to_be_bytes();
+        }
+        u64::from_be_bytes(bytes)
+    });
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix:016x}{count:016x}")
 }
 
 async fn write_json(
@@ -147,6 +194,7 @@ impl Gateway {
     /// The route, credential, deadline and body-size checks, in the contract's order.
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Rejection> {
         let request = session.req_header();
+        self.header_limits.check(request)?;
         let route = parse_model_path(request.uri.path()).ok_or(Rejection::RouteNotFound)?;
         let presented = presented_token(
             request

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
+// glibc malloc was a sixth of the proxy's profile under load (many small per-request buffers);
+// mimalloc's thread-local free lists remove most of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Authenticates clients with infergate tokens and streams their requests to model runtimes.
 #[derive(Debug, Parser)]
 #[command(name = "infergate-proxy", version)]
@@ -16,6 +21,14 @@ struct Args {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "INFERGATE_PROXY_GRACE_PERIOD", default_value_t = 30)]
     grace_period: u64,
+
+    /// Largest request line plus headers, in bytes; larger requests get 431.
+    #[arg(long, env = "INFERGATE_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+
+    /// Most header fields in a request; more get 431.
+    #[arg(long, env = "INFERGATE_PROXY_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
 
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
@@ -38,5 +51,9 @@ fn main() -> anyhow::Result<()> {
     proxy::server::serve(proxy::server::ServeOptions {
         config: args.config,
         grace_period: Duration::from_secs(args.grace_period),
+        header_limits: proxy::gateway::HeaderLimits {
+            max_bytes: args.max_header_bytes,
+            max_count: args.max_headers,
+        },
     })
 }

@@ -12,7 +12,7 @@ use pingora_core::services::background::{BackgroundService, background_service};
 use pingora_core::services::listening::Service;
 
 use crate::file_source::FileSource;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, HeaderLimits};
 use crate::metrics::{Metrics, MetricsApp};
 use crate::state::Shared;
 
@@ -22,6 +22,7 @@ pub struct ServeOptions {
     pub config: PathBuf,
     /// Longest time in-flight requests get to finish after SIGTERM.
     pub grace_period: Duration,
+    pub header_limits: HeaderLimits,
 }
 
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
@@ -42,6 +43,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let gateway = Gateway {
         shared: shared.clone(),
         metrics: metrics.clone(),
+        header_limits: options.header_limits,
     };
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -638,3 +638,39 @@ async fn sigterm_lets_accepted_requests_finish_then_exits() {
         .expect("the proxy did not exit after draining");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431_and_never_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    let url = proxy.url("/models/m/proxy/v1/x");
+
+    let mut many = client().post(&url).header("authorization", token.bearer());
+    for i in 0..100 {
+        many = many.header(format!("x-filler-{i}"), "1");
+    }
+    assert_eq!(
+        error_code(many.send().await.unwrap()).await,
+        (
+            StatusCode::from_u16(431).unwrap(),
+            "headers_too_large".into()
+        )
+    );
+
+    let big = client()
+        .post(&url)
+        .header("authorization", token.bearer())
+        .header("x-filler", "a".repeat(70 * 1024));
+    assert_eq!(
+        error_code(big.send().await.unwrap()).await.1,
+        "headers_too_large"
+    );
+
+    let within = client()
+        .post(&url)
+        .header("authorization", token.bearer())
+        .header("x-filler", "a".repeat(60 * 1024));
+    assert_eq!(within.send().await.unwrap().status(), 200);
+    assert_eq!(upstream.requests().len(), 1);
+}
