@@ -1,6 +1,13 @@
-//! infergate's model server on libtorch. This crate starts with the device choice every task
-//! shares; the HTTP server and the models are built on top in the runtime issues.
+//! infergate's model server on libtorch: one task per process, behind the HTTP contract of
+//! DESIGN.md (TEI- and OpenAI-shaped routes). Three layers, as in TEI: HTTP (`server`, `tasks`),
+//! core (`batching`, `tokenize`) and the models on their own thread (`models`).
 
-#![forbid(unsafe_code)]
-
+pub mod app;
+pub mod batching;
 pub mod device;
+pub mod error;
+pub mod metrics;
+pub mod models;
+pub mod server;
+pub mod tasks;
+pub mod tokenize;

@@ -1,0 +1,287 @@
+//! Admission and dynamic batching for encoder tasks. HTTP handlers submit tokenized sequences;
+//! one OS thread owns the model and runs padded batches of them. Admission is bounded by a
+//! semaphore (429 beyond it), never by an unbounded queue.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// One tokenized input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    pub ids: Vec<i64>,
+    pub type_ids: Vec<i64>,
+}
+
+/// Sequences padded to a rectangle, as the model consumes them.
+#[derive(Debug)]
+pub struct PaddedBatch {
+    pub input_ids: Vec<i64>,
+    pub type_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub rows: usize,
+    pub width: usize,
+}
+
+impl PaddedBatch {
+    /// Right-pads every sequence to the longest with `pad_id`.
+    pub fn new<'a>(
+        sequences: impl Iterator<Item = &'a Sequence> + Clone,
+        pad_id: i64,
+    ) -> PaddedBatch {
+        let width = sequences.clone().map(|s| s.ids.len()).max().unwrap_or(0);
+        let mut batch = PaddedBatch {
+            input_ids: Vec::new(),
+            type_ids: Vec::new(),
+            attention_mask: Vec::new(),
+            rows: 0,
+            width,
+        };
+        for sequence in sequences {
+            let pad = width - sequence.ids.len();
+            batch.input_ids.extend(
+                sequence
+                    .ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, pad)),
+            );
+            batch.type_ids.extend(
+                sequence
+                    .type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            batch.attention_mask.extend(
+                std::iter::repeat_n(1, sequence.ids.len()).chain(std::iter::repeat_n(0, pad)),
+            );
+            batch.rows += 1;
+        }
+        batch
+    }
+}
+
+/// What the model thread runs: one output vector per row of the batch.
+pub trait EncoderBackend {
+    fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String>;
+    fn pad_id(&self) -> i64;
+}
+
+/// Bounds of a batch and of admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Padded tokens (rows × longest row) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Sequences in one forward pass.
+    pub max_batch_sequences: usize,
+    /// Requests admitted at once (queued or running); beyond it, 429.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_batch_tokens: 16384,
+            max_batch_sequences: 64,
+            max_concurrent_requests: 512,
+        }
+    }
+}
+
+struct Job {
+    sequences: Vec<Sequence>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    enqueued: Instant,
+    /// Holds the admission slot until the job is answered or dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Job {
+    fn longest(&self) -> usize {
+        self.sequences
+            .iter()
+            .map(|s| s.ids.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn padded_tokens(&self) -> usize {
+        self.sequences.len() * self.longest()
+    }
+}
+
+/// The handle handlers submit work through.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    jobs: mpsc::UnboundedSender<Job>,
+    admission: Arc<Semaphore>,
+    limits: BatchLimits,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("sequences", &self.sequences.len())
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts the model thread. `load` runs on it (libtorch objects never leave that thread);
+    /// `ready` turns true once it has loaded. A failed load is returned by the join handle.
+    pub fn start<B, F>(
+        load: F,
+        limits: BatchLimits,
+        metrics: Metrics,
+        ready: watch::Sender<bool>,
+    ) -> (Batcher, JoinHandle<Result<(), String>>)
+    where
+        B: EncoderBackend,
+        F: FnOnce() -> Result<B, String> + Send + 'static,
+    {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("model".to_owned())
+            .spawn(move || {
+                let backend = load()?;
+                let _ = ready.send(true);
+                run_batches(backend, receiver, limits, &metrics);
+                Ok(())
+            })
+            .expect("spawning the model thread");
+        let admission = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+        (
+            Batcher {
+                jobs,
+                admission,
+                limits,
+            },
+            thread,
+        )
+    }
+
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// Runs `sequences` in the next batches; one output per sequence, in order.
+    pub async fn submit(&self, sequences: Vec<Sequence>) -> Result<Vec<Vec<f32>>, ApiError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            sequences,
+            reply,
+            enqueued: Instant::now(),
+            _permit: permit,
+        };
+        self.jobs.send(job).map_err(|_| ApiError::ShuttingDown)?;
+        match answer.await {
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(message)) => Err(ApiError::Inference(message)),
+            Err(_) => Err(ApiError::ShuttingDown),
+        }
+    }
+}
+
+/// The model thread's loop: take the oldest job, fill the batch with waiting jobs largest
+/// first while they fit, run it, answer. Jobs whose client went away are dropped unrun.
+fn run_batches<B: EncoderBackend>(
+    mut backend: B,
+    mut receiver: mpsc::UnboundedReceiver<Job>,
+    limits: BatchLimits,
+    metrics: &Metrics,
+) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match receiver.blocking_recv() {
+                Some(job) => waiting.push_back(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = receiver.try_recv() {
+            waiting.push_back(job);
+        }
+        waiting.retain(|job| {
+            let gone = job.reply.is_closed();
+            if gone {
+                metrics.dropped.inc();
+            }
+            !gone
+        });
+        let Some(oldest) = waiting.pop_front() else {
+            continue;
+        };
+
+        let mut rows = oldest.sequences.len();
+        let mut width = oldest.longest();
+        let mut order: Vec<usize> = (0..waiting.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(waiting[i].padded_tokens()));
+        let mut chosen = Vec::new();
+        for i in order {
+            let candidate = &waiting[i];
+            let (new_rows, new_width) = (
+                rows + candidate.sequences.len(),
+                width.max(candidate.longest()),
+            );
+            if new_rows <= limits.max_batch_sequences
+                && new_rows * new_width <= limits.max_batch_tokens
+            {
+                (rows, width) = (new_rows, new_width);
+                chosen.push(i);
+            }
+        }
+        // Remove from the back so that the remaining indices stay valid.
+        chosen.sort_unstable_by(|a, b| b.cmp(a));
+        let mut batch = vec![oldest];
+        batch.extend(chosen.into_iter().filter_map(|i| waiting.remove(i)));
+        run_one(&mut backend, batch, metrics);
+    }
+}
+
+fn run_one<B: EncoderBackend>(backend: &mut B, jobs: Vec<Job>, metrics: &Metrics) {
+    let now = Instant::now();
+    for job in &jobs {
+        metrics
+            .queue_seconds
+            .observe(now.duration_since(job.enqueued).as_secs_f64());
+    }
+    let padded = PaddedBatch::new(
+        jobs.iter().flat_map(|j| j.sequences.iter()),
+        backend.pad_id(),
+    );
+    metrics.batch_sequences.observe(padded.rows as f64);
+    metrics
+        .batch_tokens
+        .observe((padded.rows * padded.width) as f64);
+    let started = Instant::now();
+    let result = backend.run(&padded);
+    metrics
+        .inference_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(outputs) => {
+            let mut outputs = outputs.into_iter();
+            for job in jobs {
+                let mine: Vec<Vec<f32>> = outputs.by_ref().take(job.sequences.len()).collect();
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(message) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(message.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Every error a client can get from the runtime, mapped in one place to its status, `type`
+//! and `code`, in the error body shared with the proxy:
+//! `{"error":{"message","type","code"}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or not UTF-8.
+    #[error("{0}")]
+    MalformedBody(String),
+    /// The body is JSON but a field is wrong; the message names the field.
+    #[error("{0}")]
+    InvalidField(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error(
+        "input {index} has {tokens} tokens, more than this model's limit of {limit}; send `truncate: true` to cut it"
+    )]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        limit: usize,
+    },
+    #[error("{field} has {count} items, more than the limit of {limit}")]
+    TooManyInputs {
+        field: &'static str,
+        count: usize,
+        limit: usize,
+    },
+    #[error("the model is still loading")]
+    Loading,
+    #[error("too many requests in progress; retry shortly")]
+    Overloaded,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("no route {0}")]
+    NotFound(String),
+}
+
+impl ApiError {
+    /// Status, `type` and `code` of each error.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::MalformedBody(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+            ),
+            ApiError::InvalidField(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "invalid_field",
+            ),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+            ),
+            ApiError::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+            ),
+            ApiError::InputTooLong { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "input_too_long",
+            ),
+            ApiError::TooManyInputs { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "too_many_inputs",
+            ),
+            ApiError::Loading => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "model_loading",
+            ),
+            ApiError::Overloaded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded_error",
+                "overloaded",
+            ),
+            ApiError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "shutting_down",
+            ),
+            ApiError::Inference(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "inference_failed",
+            ),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = self.parts();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body =
+            serde_json::json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
+        let mut response = (status, axum::Json(body)).into_response();
+        if matches!(
+            self,
+            ApiError::Overloaded | ApiError::Loading | ApiError::ShuttingDown
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection as R;
+        match rejection {
+            // serde's message with the path of the field at fault, e.g. "inputs: invalid type".
+            R::JsonDataError(e) => ApiError::InvalidField(e.body_text().replace(
+                "Failed to deserialize the JSON body into the target type: ",
+                "",
+            )),
+            R::JsonSyntaxError(e) => ApiError::MalformedBody(e.body_text()),
+            R::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "send the body as JSON with `Content-Type: application/json`".to_owned(),
+            ),
+            R::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::BodyTooLarge {
+                    limit: crate::server::MAX_JSON_BODY_BYTES,
+                }
+            }
+            other => ApiError::MalformedBody(other.body_text()),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `infergate-runtime`: serves one model for one task over HTTP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use runtime::app::{Runtime, Settings, Task};
+use runtime::batching::BatchLimits;
+use tch::Kind;
+
+/// Serves a model from a local directory (Hugging Face layout) for one task.
+#[derive(Debug, Parser)]
+#[command(name = "infergate-runtime", version)]
+struct Args {
+    /// What the model does: embedding.
+    #[arg(long, env = "INFERGATE_TASK")]
+    task: Task,
+
+    /// Directory with config.json, model.safetensors and tokenizer.json.
+    #[arg(long, env = "INFERGATE_MODEL_DIR")]
+    model_dir: PathBuf,
+
+    /// Address to serve HTTP on.
+    #[arg(long, env = "INFERGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+
+    /// Name reported by /info and /v1/models; the directory's name when unset.
+    #[arg(long, env = "INFERGATE_MODEL_ID")]
+    model_id: Option<String>,
+
+    /// Padded tokens (sequences × longest sequence) in one forward pass.
+    #[arg(long, env = "INFERGATE_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    max_batch_tokens: usize,
+
+    /// Sequences in one forward pass.
+    #[arg(long, env = "INFERGATE_MAX_BATCH_REQUESTS", default_value_t = 64)]
+    max_batch_requests: usize,
+
+    /// Requests admitted at once; more get 429 with Retry-After.
+    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    max_concurrent_requests: usize,
+
+    /// Inputs in one request; more get 422.
+    #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
+    max_client_batch_size: usize,
+
+    /// Weight precision: float32, float16 or bfloat16 (half precision needs CUDA).
+    #[arg(long, env = "INFERGATE_DTYPE", default_value = "float32")]
+    dtype: String,
+
+    /// libtorch intra-op threads; libtorch's default (the machine's cores) when unset.
+    #[arg(long, env = "INFERGATE_TORCH_THREADS")]
+    torch_threads: Option<i32>,
+
+    /// Log lines as JSON objects instead of text.
+    #[arg(long, env = "INFERGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let device = runtime::device::inference_device();
+    let kind = match args.dtype.as_str() {
+        "float32" => Kind::Float,
+        "float16" if device.is_cuda() => Kind::Half,
+        "bfloat16" if device.is_cuda() => Kind::BFloat16,
+        "float16" | "bfloat16" => anyhow::bail!(
+            "--dtype {} needs a CUDA device; this machine has none",
+            args.dtype
+        ),
+        other => anyhow::bail!("--dtype {other:?}: expected float32, float16 or bfloat16"),
+    };
+    if let Some(threads) = args.torch_threads {
+        tch::set_num_threads(threads);
+    }
+    let settings = Settings {
+        task: args.task,
+        model_dir: args.model_dir,
+        listen: args.listen,
+        model_id: args.model_id,
+        limits: BatchLimits {
+            max_batch_tokens: args.max_batch_tokens,
+            max_batch_sequences: args.max_batch_requests,
+            max_concurrent_requests: args.max_concurrent_requests,
+        },
+        max_client_batch_size: args.max_client_batch_size,
+        device,
+        kind,
+    };
+    let listen = settings.listen;
+    let runtime = Runtime::build(settings, runtime::metrics::Metrics::new())?;
+    let model_thread = runtime.model_thread;
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    server.block_on(async move {
+        // A model that cannot load ends the process, so an orchestrator restarts it visibly.
+        let watcher = tokio::task::spawn_blocking(move || model_thread.join());
+        tokio::select! {
+            served = runtime::server::serve(listen, runtime.router) => served.map_err(anyhow::Error::from),
+            loaded = watcher => match loaded {
+                Ok(Ok(Err(message))) => Err(anyhow::anyhow!("loading the model failed: {message}")),
+                _ => Err(anyhow::anyhow!("the model thread stopped")),
+            },
+        }
+    })
+}

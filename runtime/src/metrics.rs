@@ -1,0 +1,109 @@
+//! Prometheus metrics of the runtime. Labels are bounded: routes come from the router, statuses
+//! are HTTP codes.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+const SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+/// The runtime's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub queue_seconds: Histogram,
+    pub inference_seconds: Histogram,
+    pub batch_sequences: Histogram,
+    pub batch_tokens: Histogram,
+    pub dropped: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("static metric definition")
+        };
+        let metrics = Metrics {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "infergate_runtime_requests_total",
+                    "Requests answered, by route and HTTP status.",
+                ),
+                &["endpoint", "status"],
+            )
+            .expect("static metric definition"),
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "infergate_runtime_request_duration_seconds",
+                    "Time to answer a request.",
+                )
+                .buckets(SECONDS.to_vec()),
+                &["endpoint"],
+            )
+            .expect("static metric definition"),
+            queue_seconds: histogram(
+                "infergate_runtime_queue_seconds",
+                "Time a request waited for a batch.",
+                SECONDS.to_vec(),
+            ),
+            inference_seconds: histogram(
+                "infergate_runtime_inference_seconds",
+                "Time of one forward pass.",
+                SECONDS.to_vec(),
+            ),
+            batch_sequences: histogram(
+                "infergate_runtime_batch_size",
+                "Sequences in a forward pass.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
+            batch_tokens: histogram(
+                "infergate_runtime_batch_tokens",
+                "Padded tokens in a forward pass.",
+                prometheus::exponential_buckets(16.0, 2.0, 12).expect("static buckets"),
+            ),
+            dropped: IntCounter::new(
+                "infergate_runtime_dropped_total",
+                "Requests dropped before batching because the client went away.",
+            )
+            .expect("static metric definition"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.requests.clone()),
+            Box::new(metrics.request_seconds.clone()),
+            Box::new(metrics.queue_seconds.clone()),
+            Box::new(metrics.inference_seconds.clone()),
+            Box::new(metrics.batch_sequences.clone()),
+            Box::new(metrics.batch_tokens.clone()),
+            Box::new(metrics.dropped.clone()),
+        ];
+        for collector in collectors {
+            metrics
+                .registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

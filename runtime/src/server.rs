@@ -1,0 +1,169 @@
+//! The HTTP server every task shares: health, info, model list, metrics, JSON errors, the
+//! body limit and graceful shutdown; the task's own routes are merged in.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// Largest JSON body accepted (DESIGN.md, limits).
+pub const MAX_JSON_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// `axum::Json` whose rejections are the runtime's JSON errors naming the field at fault.
+#[derive(Debug)]
+pub struct ValidJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ValidJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<T>::from_request(request, state).await?;
+        Ok(ValidJson(value))
+    }
+}
+
+/// What `/info` reports: TEI's fields, plus the task and the device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    pub model_id: String,
+    pub served_model_name: String,
+    pub task: &'static str,
+    pub device: String,
+    pub model_dtype: String,
+    pub model_type: serde_json::Value,
+    pub max_concurrent_requests: usize,
+    pub max_input_length: usize,
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: Option<usize>,
+    pub max_client_batch_size: usize,
+    pub auto_truncate: bool,
+    pub tokenization_workers: usize,
+    pub version: &'static str,
+}
+
+/// State of the shared routes.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub info: Arc<Info>,
+    pub ready: watch::Receiver<bool>,
+    pub metrics: Metrics,
+}
+
+async fn health(State(common): State<Common>) -> Response {
+    if *common.ready.borrow() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
+    } else {
+        ApiError::Loading.into_response()
+    }
+}
+
+async fn info(State(common): State<Common>) -> Json<Info> {
+    Json((*common.info).clone())
+}
+
+async fn models(State(common): State<Common>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": common.info.served_model_name, "object": "model", "created": 0, "owned_by": "infergate"}]
+    }))
+}
+
+async fn metrics(State(common): State<Common>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        common.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound(request.uri().path().to_owned())
+}
+
+/// Task routes refuse work until the model has loaded.
+async fn require_ready(State(common): State<Common>, request: Request, next: Next) -> Response {
+    if *common.ready.borrow() {
+        next.run(request).await
+    } else {
+        ApiError::Loading.into_response()
+    }
+}
+
+/// Counts and times every request by its route template (bounded) and status.
+async fn record(State(common): State<Common>, request: Request, next: Next) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    common
+        .metrics
+        .requests
+        .with_label_values(&[endpoint.as_str(), response.status().as_str()])
+        .inc();
+    common
+        .metrics
+        .request_seconds
+        .with_label_values(&[endpoint.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The whole router: shared routes, the task's routes (behind readiness), errors as JSON.
+pub fn router(common: Common, task_routes: Router) -> Router {
+    let task_routes = task_routes.route_layer(middleware::from_fn_with_state(
+        common.clone(),
+        require_ready,
+    ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .with_state(common.clone())
+        .merge(task_routes)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(common, record))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting and finishes the requests in progress.
+pub async fn serve(listen: SocketAddr, app: Router) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "infergate-runtime listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: finishing requests in progress");
+}

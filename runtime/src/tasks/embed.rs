@@ -1,0 +1,362 @@
+//! `embedding`: TEI's `/embed` and OpenAI's `/v1/embeddings` over a BERT-family encoder with
+//! sentence-transformers pooling.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence};
+use crate::error::ApiError;
+use crate::models::pooling::Pooling;
+use crate::models::{LoadError, LoadedEncoder};
+use crate::server::ValidJson;
+use crate::tokenize::TextEncoder;
+
+/// The model thread's half: encoder and pooling.
+#[derive(Debug)]
+pub struct EmbeddingBackend {
+    encoder: LoadedEncoder,
+    pooling: Pooling,
+    device: Device,
+}
+
+impl EmbeddingBackend {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        pooling: Pooling,
+    ) -> Result<EmbeddingBackend, LoadError> {
+        Ok(EmbeddingBackend {
+            encoder: LoadedEncoder::load(dir, device, kind)?,
+            pooling,
+            device,
+        })
+    }
+}
+
+impl EncoderBackend for EmbeddingBackend {
+    fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
+        let _guard = tch::no_grad_guard();
+        let shape = [batch.rows as i64, batch.width as i64];
+        let tensor = |values: &[i64]| {
+            Tensor::from_slice(values)
+                .view(shape)
+                .to_device(self.device)
+        };
+        let (ids, types, mask) = (
+            tensor(&batch.input_ids),
+            tensor(&batch.type_ids),
+            tensor(&batch.attention_mask),
+        );
+        let hidden = self.encoder.forward(&ids, &types, &mask);
+        let pooled = self
+            .pooling
+            .apply(&hidden, &mask)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let width = pooled.size()[1] as usize;
+        let flat = Vec::<f32>::try_from(pooled.flatten(0, -1))
+            .map_err(|e: tch::TchError| e.to_string())?;
+        Ok(flat.chunks(width).map(<[f32]>::to_vec).collect())
+    }
+
+    fn pad_id(&self) -> i64 {
+        self.encoder.config.pad_token_id
+    }
+}
+
+/// The HTTP half: tokenizer and the batcher in front of the model thread.
+#[derive(Debug, Clone)]
+pub struct EmbeddingTask {
+    pub batcher: Batcher,
+    pub encoder: Arc<TextEncoder>,
+    pub model_id: String,
+    pub max_client_batch_size: usize,
+}
+
+/// One input: text, or token ids a client tokenized itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InputItem {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// `inputs` / `input`: one item or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Inputs {
+    One(InputItem),
+    Many(Vec<InputItem>),
+}
+
+impl Inputs {
+    fn into_items(self) -> Vec<InputItem> {
+        match self {
+            Inputs::One(item) => vec![item],
+            Inputs::Many(items) => items,
+        }
+    }
+}
+
+/// TEI's embed request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedRequest {
+    pub inputs: Inputs,
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub truncation_direction: Option<TruncationDirection>,
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    #[serde(default)]
+    pub prompt_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum TruncationDirection {
+    Right,
+    Left,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// OpenAI's embeddings request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiEmbeddingsRequest {
+    pub input: Inputs,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenAiEmbeddingsResponse {
+    object: &'static str,
+    data: Vec<OpenAiEmbedding>,
+    model: String,
+    usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenAiEmbedding {
+    object: &'static str,
+    embedding: serde_json::Value,
+    index: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+pub fn routes() -> Router<Arc<EmbeddingTask>> {
+    Router::new()
+        .route("/embed", post(embed))
+        .route("/v1/embed", post(embed))
+        .route("/v1/embeddings", post(openai_embeddings))
+}
+
+impl EmbeddingTask {
+    /// Validates, tokenizes and embeds; returns the vectors and the number of tokens used.
+    async fn run(
+        &self,
+        field: &'static str,
+        inputs: Inputs,
+        truncate: bool,
+        left: bool,
+        dimensions: Option<usize>,
+        normalize: bool,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        let items = inputs.into_items();
+        if items.is_empty() {
+            return Err(ApiError::InvalidField(format!("{field} must not be empty")));
+        }
+        if items.len() > self.max_client_batch_size {
+            return Err(ApiError::TooManyInputs {
+                field,
+                count: items.len(),
+                limit: self.max_client_batch_size,
+            });
+        }
+        if left {
+            return Err(ApiError::InvalidField(
+                "truncation_direction: only Right is supported".to_owned(),
+            ));
+        }
+        let encoder = self.encoder.clone();
+        let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    InputItem::Text(text) => encoder.encode(i, text, truncate),
+                    InputItem::Ids(ids) => encoder.from_ids(i, ids, truncate),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
+        let tokens = sequences.iter().map(|s| s.ids.len()).sum();
+        let mut vectors = self.batcher.submit(sequences).await?;
+        if let Some(dimensions) = dimensions {
+            let width = vectors.first().map_or(0, Vec::len);
+            if dimensions == 0 || dimensions > width {
+                return Err(ApiError::InvalidField(format!(
+                    "dimensions must be between 1 and {width}"
+                )));
+            }
+            vectors.iter_mut().for_each(|v| v.truncate(dimensions));
+        }
+        if normalize {
+            vectors.iter_mut().for_each(|v| l2_normalize(v));
+        }
+        Ok((vectors, tokens))
+    }
+}
+
+fn l2_normalize(vector: &mut [f32]) {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    vector.iter_mut().for_each(|x| *x /= norm);
+}
+
+async fn embed(
+    State(task): State<Arc<EmbeddingTask>>,
+    ValidJson(request): ValidJson<EmbedRequest>,
+) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    if let Some(name) = request.prompt_name {
+        return Err(ApiError::InvalidField(format!(
+            "prompt_name: this model defines no prompt {name:?}"
+        )));
+    }
+    let left = request.truncation_direction == Some(TruncationDirection::Left);
+    let (vectors, _) = task
+        .run(
+            "inputs",
+            request.inputs,
+            request.truncate,
+            left,
+            request.dimensions,
+            request.normalize,
+        )
+        .await?;
+    Ok(Json(vectors))
+}
+
+async fn openai_embeddings(
+    State(task): State<Arc<EmbeddingTask>>,
+    ValidJson(request): ValidJson<OpenAiEmbeddingsRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (vectors, tokens) = task
+        .run(
+            "input",
+            request.input,
+            false,
+            false,
+            request.dimensions,
+            true,
+        )
+        .await?;
+    let base64 = request.encoding_format == Some(EncodingFormat::Base64);
+    let data = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| OpenAiEmbedding {
+            object: "embedding",
+            embedding: if base64 {
+                serde_json::Value::String(base64_f32(&vector))
+            } else {
+                serde_json::json!(vector)
+            },
+            index,
+        })
+        .collect();
+    let response = OpenAiEmbeddingsResponse {
+        object: "list",
+        data,
+        model: request.model.unwrap_or_else(|| task.model_id.clone()),
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    };
+    Ok(Json(
+        serde_json::to_value(response).expect("responses serialise"),
+    ))
+}
+
+/// Little-endian f32 bytes in standard base64, as OpenAI's `encoding_format: base64` returns.
+fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_encoding() {
+        // 1.0f32 little-endian is 00 00 80 3f; b"\0\0\x80?" in base64 is "AACAPw==".
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 2.0]), "AACAPwAAAEA=");
+    }
+
+    #[test]
+    fn normalised_vectors_have_unit_length() {
+        let mut v = vec![3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+    }
+
+    #[test]
+    fn inputs_accept_a_string_a_list_and_token_ids() {
+        let one: Inputs = serde_json::from_str(r#""hi""#).unwrap();
+        assert_eq!(one.into_items().len(), 1);
+        let many: Inputs = serde_json::from_str(r#"["a", [1, 2]]"#).unwrap();
+        assert!(matches!(
+            many.into_items().as_slice(),
+            [InputItem::Text(_), InputItem::Ids(_)]
+        ));
+        assert!(serde_json::from_str::<Inputs>("42").is_err());
+    }
+}

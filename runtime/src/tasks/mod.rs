@@ -1,0 +1,3 @@
+//! The tasks a runtime process can serve, each with its routes and its model backend.
+
+pub mod embed;

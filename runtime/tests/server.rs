@@ -1,0 +1,362 @@
+//! The runtime binary over HTTP, on the tiny BERT fixture: the shared routes, TEI's and
+//! OpenAI's embedding routes, bad input, overload and shutdown.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Runtime {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bert-mean")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Runtime {
+    async fn start(extra: &[&str]) -> Runtime {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_infergate-runtime"))
+            .args([
+                "--task",
+                "embedding",
+                "--listen",
+                &listen,
+                "--torch-threads",
+                "1",
+                "--model-dir",
+            ])
+            .arg(fixture_dir())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let runtime = Runtime {
+            child,
+            url: format!("http://{listen}"),
+        };
+        let started = Instant::now();
+        loop {
+            let response = reqwest::get(format!("{}/health", runtime.url)).await;
+            if response.is_ok_and(|r| r.status() == 200) {
+                return runtime;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "runtime not healthy after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let response = reqwest::get(format!("{}{path}", self.url)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
+        (status, body)
+    }
+}
+
+fn reference_embeddings() -> (Vec<String>, Vec<Vec<f32>>) {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let inputs = serde_json::from_value(reference["inputs"].clone()).unwrap();
+    let embeddings: Vec<Vec<f32>> =
+        serde_json::from_value(reference["embeddings"].clone()).unwrap();
+    let normalized = embeddings
+        .into_iter()
+        .map(|v| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    (inputs, normalized)
+}
+
+fn assert_close(actual: &Value, expected: &[f32]) {
+    let actual: Vec<f32> = serde_json::from_value(actual.clone()).unwrap();
+    let delta = actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0, f32::max);
+    assert_eq!(actual.len(), expected.len());
+    assert!(delta <= 1e-4, "max |Δ| {delta:e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embed_returns_the_reference_embeddings_normalised() {
+    let runtime = Runtime::start(&[]).await;
+    let (inputs, expected) = reference_embeddings();
+    let (status, body) = runtime
+        .post("/embed", &json!({"inputs": inputs}).to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (i, vector) in body.as_array().unwrap().iter().enumerate() {
+        assert_close(vector, &expected[i]);
+    }
+    let (status, single) = runtime
+        .post("/v1/embed", &json!({"inputs": inputs[2]}).to_string())
+        .await;
+    assert_eq!(status, 200);
+    assert_close(&single[0], &expected[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_embeddings_have_the_openai_shape() {
+    let runtime = Runtime::start(&["--model-id", "tiny-bert"]).await;
+    let (inputs, expected) = reference_embeddings();
+    let (status, body) = runtime
+        .post(
+            "/v1/embeddings",
+            &json!({"input": [inputs[0], inputs[1]], "model": "tiny-bert"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "tiny-bert");
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(body["data"][1]["object"], "embedding");
+    assert_close(&body["data"][1]["embedding"], &expected[1]);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let (_, encoded) = runtime
+        .post(
+            "/v1/embeddings",
+            &json!({"input": inputs[0], "encoding_format": "base64"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        encoded["data"][0]["embedding"].as_str().unwrap().len(),
+        (32 * 4usize).div_ceil(3) * 4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_routes_describe_the_model() {
+    let runtime = Runtime::start(&["--model-id", "tiny-bert"]).await;
+    let info = runtime.get_json("/info").await;
+    assert_eq!(info["task"], "embedding");
+    assert_eq!(info["device"], "cpu");
+    assert_eq!(info["model_dtype"], "float32");
+    assert_eq!(info["max_input_length"], 64);
+    assert_eq!(info["model_type"]["embedding"]["pooling"], "mean");
+    let models = runtime.get_json("/v1/models").await;
+    assert_eq!(models["data"][0]["id"], "tiny-bert");
+    runtime.post("/embed", r#"{"inputs":"hello"}"#).await;
+    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"infergate_runtime_requests_total{endpoint="/embed",status="200"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("infergate_runtime_batch_size_bucket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving() {
+    let runtime = Runtime::start(&["--max-client-batch-size", "4"]).await;
+    let long = "word ".repeat(200);
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("not json".into(), 400, "invalid_json"),
+        ("{\"inputs\": \"\u{0}".into(), 400, "invalid_json"),
+        (r#"{"inputs": 42}"#.into(), 422, "invalid_field"),
+        (r#"{"inputs": []}"#.into(), 422, "invalid_field"),
+        (r#"{"input": "hi"}"#.into(), 422, "invalid_field"),
+        (
+            r#"{"inputs": "hi", "normalize": "yes"}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            r#"{"inputs": ["a", "b", "c", "d", "e"]}"#.into(),
+            422,
+            "too_many_inputs",
+        ),
+        (json!({"inputs": long}).to_string(), 413, "input_too_long"),
+        (
+            r#"{"inputs": [[1, 2, 99999]]}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            r#"{"inputs": "hi", "dimensions": 0}"#.into(),
+            422,
+            "invalid_field",
+        ),
+        (
+            json!({"inputs": "x".repeat(3 * 1024 * 1024)}).to_string(),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (actual_status, response) = runtime.post("/embed", &body).await;
+        let shown = &body[..body.len().min(60)];
+        assert_eq!(
+            (
+                actual_status,
+                response["error"]["code"].as_str().unwrap_or("")
+            ),
+            (status, code),
+            "{shown}: {response}"
+        );
+        assert!(!response["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, named) = runtime
+        .post("/embed", r#"{"inputs": "hi", "normalize": "yes"}"#)
+        .await;
+    assert!(
+        named["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("normalize"),
+        "{named}"
+    );
+    let invalid_utf8 = reqwest::Client::new()
+        .post(format!("{}/embed", runtime.url))
+        .header("content-type", "application/json")
+        .body(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}'])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invalid_utf8.status(), 400);
+    let (status, _) = runtime
+        .post(
+            "/embed",
+            &json!({"inputs": long, "truncate": true}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "truncate: true cuts a long input");
+    let (status, _) = runtime
+        .post("/embed", r#"{"inputs": "still serving"}"#)
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
+    let runtime = Runtime::start(&["--max-concurrent-requests", "1"]).await;
+    let body = json!({"inputs": vec!["a long sentence to keep the model busy for a while"; 32]})
+        .to_string();
+    let client = reqwest::Client::new();
+    let requests: Vec<_> = (0..24)
+        .map(|_| {
+            client
+                .post(format!("{}/embed", runtime.url))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        })
+        .collect();
+    let responses = futures_join_all(requests).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for response in responses {
+        let response = response.unwrap();
+        if response.status() == 429 {
+            assert_eq!(response.headers()["retry-after"], "1");
+        }
+        *statuses.entry(response.status().as_u16()).or_insert(0) += 1;
+    }
+    assert!(statuses.get(&429).is_some_and(|&n| n > 0), "{statuses:?}");
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200, 429],
+        "{statuses:?}"
+    );
+}
+
+async fn futures_join_all<F>(futures: Vec<F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.unwrap());
+    }
+    outputs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_progress() {
+    let mut runtime = Runtime::start(&[]).await;
+    let sentence = "a long sentence about serving models behind tokens, repeated to fill the queue";
+    let body = json!({"inputs": vec![sentence; 32]}).to_string();
+    let client = reqwest::Client::new();
+    let handles: Vec<_> = (0..48)
+        .map(|_| {
+            let request = client
+                .post(format!("{}/embed", runtime.url))
+                .header("content-type", "application/json")
+                .body(body.clone());
+            tokio::spawn(async move {
+                let response = request.send().await;
+                (response, Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(runtime.child.id().to_string())
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    let mut finished_after_signal = 0;
+    for handle in handles {
+        let (response, finished) = handle.await.unwrap();
+        let response = response.expect("an accepted request was dropped");
+        assert_eq!(response.status(), 200);
+        finished_after_signal += usize::from(finished > signalled);
+    }
+    assert!(
+        finished_after_signal > 0,
+        "no request was still in progress at SIGTERM; the test proves nothing"
+    );
+    let started = Instant::now();
+    while runtime.child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "runtime did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
