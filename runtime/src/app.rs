@@ -14,6 +14,7 @@ use crate::models::bert::BertConfig;
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, read_json};
 use crate::server::{Common, Info};
+use crate::tasks::classify::{ClassifierBackend, ClassifierTask, Labels};
 use crate::tasks::embed::{EmbeddingBackend, EmbeddingTask};
 use crate::tokenize::TextEncoder;
 
@@ -21,18 +22,28 @@ use crate::tokenize::TextEncoder;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     Embedding,
+    TextClassification,
+    Rerank,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Embedding => "embedding",
+            Task::TextClassification => "text-classification",
+            Task::Rerank => "rerank",
+        }
+    }
 }
 
 impl std::str::FromStr for Task {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "embedding" => Ok(Task::Embedding),
-            other => Err(format!(
-                "task {other:?} is not served by this runtime build; it serves: embedding"
-            )),
-        }
+        let served = [Task::Embedding, Task::TextClassification, Task::Rerank];
+        served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank")
+        })
     }
 }
 
@@ -77,48 +88,86 @@ impl Runtime {
         let sentence_limit = read_json::<serde_json::Value>(&dir.join("sentence_bert_config.json"))
             .ok()
             .and_then(|c| c["max_seq_length"].as_u64());
-        let max_length = sentence_limit.map_or(config.max_input_length() as u64, |s| {
-            s.min(config.max_input_length() as u64)
-        }) as usize;
+        let model_limit = config.max_input_length() as u64;
+        let max_length = sentence_limit.map_or(model_limit, |s| s.min(model_limit)) as usize;
         let encoder = Arc::new(TextEncoder::load(&dir, max_length)?);
-        let pooling = Pooling::from_model_dir(&dir)?.unwrap_or(Pooling::Mean);
-
         let (ready_tx, ready) = watch::channel(false);
-        let (device, kind) = (settings.device, settings.kind);
-        let (batcher, model_thread) = Batcher::start(
-            move || EmbeddingBackend::load(&dir, device, kind, pooling).map_err(|e| e.to_string()),
-            settings.limits,
-            metrics.clone(),
-            ready_tx,
-        );
-        let info = Info {
+        let (device, kind, limits) = (settings.device, settings.kind, settings.limits);
+        let info = |model_type: serde_json::Value| Info {
             model_id: model_id.clone(),
             served_model_name: model_id.clone(),
-            task: "embedding",
+            task: settings.task.as_str(),
             device: crate::device::device_name(device),
             model_dtype: kind_name(kind).to_owned(),
-            model_type: serde_json::json!({"embedding": {"pooling": pooling.name()}}),
-            max_concurrent_requests: settings.limits.max_concurrent_requests,
+            model_type,
+            max_concurrent_requests: limits.max_concurrent_requests,
             max_input_length: max_length,
-            max_batch_tokens: settings.limits.max_batch_tokens,
-            max_batch_requests: Some(settings.limits.max_batch_sequences),
+            max_batch_tokens: limits.max_batch_tokens,
+            max_batch_requests: Some(limits.max_batch_sequences),
             max_client_batch_size: settings.max_client_batch_size,
             auto_truncate: false,
             tokenization_workers: 1,
             version: env!("CARGO_PKG_VERSION"),
+        };
+
+        let (info, routes, model_thread) = match settings.task {
+            Task::Embedding => {
+                let pooling = Pooling::from_model_dir(&dir)?.unwrap_or(Pooling::Mean);
+                let load = move || {
+                    EmbeddingBackend::load(&dir, device, kind, pooling).map_err(|e| e.to_string())
+                };
+                let (batcher, thread) = Batcher::start(load, limits, metrics.clone(), ready_tx);
+                let task = EmbeddingTask {
+                    batcher,
+                    encoder,
+                    model_id: model_id.clone(),
+                    max_client_batch_size: settings.max_client_batch_size,
+                };
+                let info = info(serde_json::json!({"embedding": {"pooling": pooling.name()}}));
+                (
+                    info,
+                    crate::tasks::embed::routes().with_state(Arc::new(task)),
+                    thread,
+                )
+            }
+            Task::TextClassification | Task::Rerank => {
+                let labels = Labels::from_model_dir(&dir)?;
+                let count = labels.names.len();
+                let load = move || {
+                    ClassifierBackend::load(&dir, device, kind, count).map_err(|e| e.to_string())
+                };
+                let (batcher, thread) = Batcher::start(load, limits, metrics.clone(), ready_tx);
+                let key = if settings.task == Task::Rerank {
+                    "reranker"
+                } else {
+                    "classifier"
+                };
+                let id2label: serde_json::Map<String, serde_json::Value> = labels
+                    .names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+                    .collect();
+                let info = info(serde_json::json!({ key: {"id2label": id2label} }));
+                let task = Arc::new(ClassifierTask {
+                    batcher,
+                    encoder,
+                    labels,
+                    max_client_batch_size: settings.max_client_batch_size,
+                });
+                let routes = if settings.task == Task::Rerank {
+                    crate::tasks::rerank::routes().with_state(task)
+                } else {
+                    crate::tasks::classify::routes().with_state(task)
+                };
+                (info, routes, thread)
+            }
         };
         let common = Common {
             info: Arc::new(info),
             ready,
             metrics,
         };
-        let task = Arc::new(EmbeddingTask {
-            batcher,
-            encoder,
-            model_id,
-            max_client_batch_size: settings.max_client_batch_size,
-        });
-        let routes = crate::tasks::embed::routes().with_state(task);
         Ok(Runtime {
             router: crate::server::router(common, routes),
             model_thread,

@@ -12,7 +12,7 @@ use tch::Kind;
 #[derive(Debug, Parser)]
 #[command(name = "infergate-runtime", version)]
 struct Args {
-    /// What the model does: embedding.
+    /// What the model does: embedding, text-classification or rerank.
     #[arg(long, env = "INFERGATE_TASK")]
     task: Task,
 

@@ -75,6 +75,41 @@ impl TextEncoder {
         })
     }
 
+    /// Tokenizes a pair (query and passage) as the model's template joins them; the type ids
+    /// mark the second text where the model uses them.
+    pub fn encode_pair(
+        &self,
+        index: usize,
+        first: &str,
+        second: &str,
+        truncate: bool,
+    ) -> Result<Sequence, ApiError> {
+        let failed = |e: tokenizers::Error| {
+            ApiError::InvalidField(format!("inputs[{index}] cannot be tokenized: {e}"))
+        };
+        let pair = || tokenizers::EncodeInput::Dual(first.into(), second.into());
+        let encoding = self.plain.encode(pair(), true).map_err(failed)?;
+        let encoding = if encoding.len() <= self.max_length {
+            encoding
+        } else if truncate {
+            self.truncating.encode(pair(), true).map_err(failed)?
+        } else {
+            return Err(ApiError::InputTooLong {
+                index,
+                tokens: encoding.len(),
+                limit: self.max_length,
+            });
+        };
+        Ok(Sequence {
+            ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
+            type_ids: encoding
+                .get_type_ids()
+                .iter()
+                .map(|&id| i64::from(id))
+                .collect(),
+        })
+    }
+
     /// Input already tokenized by the client: ids are checked against the vocabulary and the
     /// length limit, and taken as they are (special tokens included or not, as sent).
     pub fn from_ids(

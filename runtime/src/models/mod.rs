@@ -134,8 +134,61 @@ fn load_strict(vs: &mut nn::VarStore, files: &[PathBuf]) -> Result<(), LoadError
 pub struct LoadedEncoder {
     pub config: BertConfig,
     pub model: BertModel,
+    /// The sequence-classification head, when loaded with one.
+    pub head: Option<ClassifierHead>,
     /// Keeps the weights alive.
     _vs: nn::VarStore,
+}
+
+/// The head of `*ForSequenceClassification`, over the first token's hidden state.
+#[derive(Debug)]
+pub enum ClassifierHead {
+    /// BERT: the pooler (dense + tanh), then `classifier`.
+    Bert {
+        pooler: nn::Linear,
+        classifier: nn::Linear,
+    },
+    /// RoBERTa and XLM-RoBERTa (`RobertaClassificationHead`): dense + tanh, then `out_proj`.
+    Roberta {
+        dense: nn::Linear,
+        out_proj: nn::Linear,
+    },
+}
+
+impl ClassifierHead {
+    fn new(root: &nn::Path, prefix: Option<&str>, cfg: &BertConfig, labels: i64) -> ClassifierHead {
+        let h = cfg.hidden_size;
+        if cfg.is_roberta() {
+            let head = root / "classifier";
+            ClassifierHead::Roberta {
+                dense: nn::linear(&head / "dense", h, h, Default::default()),
+                out_proj: nn::linear(&head / "out_proj", h, labels, Default::default()),
+            }
+        } else {
+            let encoder = match prefix {
+                Some(prefix) => root / prefix,
+                None => root / "bert",
+            };
+            ClassifierHead::Bert {
+                pooler: nn::linear(&encoder / "pooler" / "dense", h, h, Default::default()),
+                classifier: nn::linear(root / "classifier", h, labels, Default::default()),
+            }
+        }
+    }
+
+    /// hidden: [batch, seq, hidden] → logits [batch, labels]
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        let first = hidden.select(1, 0);
+        match self {
+            ClassifierHead::Bert { pooler, classifier } => {
+                classifier.forward(&pooler.forward(&first).tanh())
+            }
+            ClassifierHead::Roberta { dense, out_proj } => {
+                out_proj.forward(&dense.forward(&first).tanh())
+            }
+        }
+    }
 }
 
 impl LoadedEncoder {
@@ -143,6 +196,25 @@ impl LoadedEncoder {
     /// (`BertForSequenceClassification`) prefix the encoder with `bert.` or `roberta.`; the prefix
     /// is found from the tensor names.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LoadedEncoder, LoadError> {
+        LoadedEncoder::load_with_head(dir, device, kind, None)
+    }
+
+    /// Loads the encoder and a classification head with `labels` outputs.
+    pub fn load_classifier(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        labels: usize,
+    ) -> Result<LoadedEncoder, LoadError> {
+        LoadedEncoder::load_with_head(dir, device, kind, Some(labels as i64))
+    }
+
+    fn load_with_head(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        labels: Option<i64>,
+    ) -> Result<LoadedEncoder, LoadError> {
         let ModelType { model_type } = read_json(&dir.join("config.json"))?;
         if !matches!(
             model_type.as_str(),
@@ -168,16 +240,17 @@ impl LoadedEncoder {
         });
 
         let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
         let model = match prefix {
-            Some(prefix) => BertModel::new(&root / prefix, &config),
-            None => BertModel::new(root, &config),
+            Some(prefix) => BertModel::new(&vs.root() / prefix, &config),
+            None => BertModel::new(vs.root(), &config),
         };
+        let head = labels.map(|labels| ClassifierHead::new(&vs.root(), prefix, &config, labels));
         load_strict(&mut vs, &files)?;
         vs.set_kind(kind);
         Ok(LoadedEncoder {
             config,
             model,
+            head,
             _vs: vs,
         })
     }

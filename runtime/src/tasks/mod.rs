@@ -1,3 +1,5 @@
 //! The tasks a runtime process can serve, each with its routes and its model backend.
 
+pub mod classify;
 pub mod embed;
+pub mod rerank;

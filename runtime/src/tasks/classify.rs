@@ -1,0 +1,345 @@
+//! `text-classification`: `/v1/classify` (every label, best first) and TEI's `/predict`, over a
+//! `*ForSequenceClassification` checkpoint. The classifier backend also serves `rerank`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence};
+use crate::error::ApiError;
+use crate::models::{LoadError, LoadedEncoder, read_json};
+use crate::server::ValidJson;
+use crate::tokenize::TextEncoder;
+
+/// Labels and scoring of a classifier, from its `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labels {
+    /// Label names, by output index.
+    pub names: Vec<String>,
+    /// Independent labels (sigmoid each) rather than one class (softmax over all).
+    pub multi_label: bool,
+}
+
+#[derive(Deserialize)]
+struct ClassifierConfig {
+    #[serde(default)]
+    id2label: BTreeMap<String, String>,
+    #[serde(default)]
+    num_labels: Option<usize>,
+    #[serde(default)]
+    problem_type: Option<String>,
+}
+
+impl Labels {
+    pub fn from_model_dir(dir: &Path) -> Result<Labels, LoadError> {
+        let path = dir.join("config.json");
+        let config: ClassifierConfig = read_json(&path)?;
+        let mut indexed: Vec<(usize, String)> = config
+            .id2label
+            .into_iter()
+            .map(|(id, label)| id.parse::<usize>().map(|id| (id, label)))
+            .collect::<Result<_, _>>()
+            .map_err(|_| LoadError::Invalid {
+                path: path.clone(),
+                message: "id2label keys must be integers".to_owned(),
+            })?;
+        indexed.sort();
+        let mut names: Vec<String> = indexed.into_iter().map(|(_, label)| label).collect();
+        if names.is_empty() {
+            names = (0..config.num_labels.unwrap_or(2))
+                .map(|i| format!("LABEL_{i}"))
+                .collect();
+        }
+        let multi_label = config.problem_type.as_deref() == Some("multi_label_classification");
+        Ok(Labels { names, multi_label })
+    }
+
+    /// Scores of one row of logits: softmax, or sigmoid per label when multi-label or when the
+    /// model has a single output (a cross-encoder's relevance). `raw` returns the logits.
+    pub fn scores(&self, logits: &[f32], raw: bool) -> Vec<f32> {
+        if raw {
+            logits.to_vec()
+        } else if self.multi_label || logits.len() == 1 {
+            logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
+        } else {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+            let sum: f32 = exps.iter().sum();
+            exps.into_iter().map(|e| e / sum).collect()
+        }
+    }
+}
+
+/// The model thread's half: encoder and classification head.
+#[derive(Debug)]
+pub struct ClassifierBackend {
+    model: LoadedEncoder,
+    device: Device,
+}
+
+impl ClassifierBackend {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        labels: usize,
+    ) -> Result<ClassifierBackend, LoadError> {
+        Ok(ClassifierBackend {
+            model: LoadedEncoder::load_classifier(dir, device, kind, labels)?,
+            device,
+        })
+    }
+}
+
+impl EncoderBackend for ClassifierBackend {
+    fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
+        let _guard = tch::no_grad_guard();
+        let shape = [batch.rows as i64, batch.width as i64];
+        let tensor = |values: &[i64]| {
+            Tensor::from_slice(values)
+                .view(shape)
+                .to_device(self.device)
+        };
+        let (ids, types, mask) = (
+            tensor(&batch.input_ids),
+            tensor(&batch.type_ids),
+            tensor(&batch.attention_mask),
+        );
+        let hidden = self.model.forward(&ids, &types, &mask);
+        let head = self
+            .model
+            .head
+            .as_ref()
+            .ok_or("the classifier was loaded without its head")?;
+        let logits = head
+            .forward(&hidden)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let width = logits.size()[1] as usize;
+        let flat = Vec::<f32>::try_from(logits.flatten(0, -1))
+            .map_err(|e: tch::TchError| e.to_string())?;
+        Ok(flat.chunks(width).map(<[f32]>::to_vec).collect())
+    }
+
+    fn pad_id(&self) -> i64 {
+        self.model.config.pad_token_id
+    }
+}
+
+/// The HTTP half of a classifier (text-classification or rerank).
+#[derive(Debug, Clone)]
+pub struct ClassifierTask {
+    pub batcher: Batcher,
+    pub encoder: Arc<TextEncoder>,
+    pub labels: Labels,
+    pub max_client_batch_size: usize,
+}
+
+impl ClassifierTask {
+    /// Tokenizes inputs (texts or text pairs), runs them and returns one row of logits each.
+    pub async fn logits(
+        &self,
+        field: &'static str,
+        inputs: Vec<Pair>,
+        truncate: bool,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
+        if inputs.is_empty() {
+            return Err(ApiError::InvalidField(format!("{field} must not be empty")));
+        }
+        if inputs.len() > self.max_client_batch_size {
+            return Err(ApiError::TooManyInputs {
+                field,
+                count: inputs.len(),
+                limit: self.max_client_batch_size,
+            });
+        }
+        let encoder = self.encoder.clone();
+        let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(i, pair)| match &pair.1 {
+                    None => encoder.encode(i, &pair.0, truncate),
+                    Some(second) => encoder.encode_pair(i, &pair.0, second, truncate),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
+        self.batcher.submit(sequences).await
+    }
+
+    /// Every label with its score, best first.
+    fn ranked(&self, logits: &[f32], raw: bool) -> Vec<LabelScore> {
+        let mut ranked: Vec<LabelScore> = self
+            .labels
+            .scores(logits, raw)
+            .into_iter()
+            .zip(&self.labels.names)
+            .map(|(score, label)| LabelScore {
+                label: label.clone(),
+                score,
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+        ranked
+    }
+}
+
+/// One text, or a pair of texts (a cross-encoder's query and passage).
+#[derive(Debug, Clone)]
+pub struct Pair(pub String, pub Option<String>);
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LabelScore {
+    pub label: String,
+    pub score: f32,
+}
+
+/// `{inputs: str or [str]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    pub inputs: TextOrTexts,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub raw_scores: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TextOrTexts {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// TEI's predict input: a text, a pair, or a list of either.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PredictInput {
+    One(PredictSequence),
+    Many(Vec<PredictSequence>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PredictSequence {
+    Text(String),
+    Pair((String, String)),
+}
+
+impl From<PredictSequence> for Pair {
+    fn from(sequence: PredictSequence) -> Pair {
+        match sequence {
+            PredictSequence::Text(text) => Pair(text, None),
+            PredictSequence::Pair((a, b)) => Pair(a, Some(b)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    pub inputs: PredictInput,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub raw_scores: bool,
+    #[serde(default)]
+    pub truncation_direction: Option<String>,
+}
+
+pub fn routes() -> Router<Arc<ClassifierTask>> {
+    Router::new()
+        .route("/v1/classify", post(classify))
+        .route("/classify", post(classify))
+        .route("/predict", post(predict))
+        .route("/v1/predict", post(predict))
+}
+
+async fn classify(
+    State(task): State<Arc<ClassifierTask>>,
+    ValidJson(request): ValidJson<ClassifyRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (texts, single) = match request.inputs {
+        TextOrTexts::One(text) => (vec![text], true),
+        TextOrTexts::Many(texts) => (texts, false),
+    };
+    let inputs = texts.into_iter().map(|t| Pair(t, None)).collect();
+    let logits = task.logits("inputs", inputs, request.truncate).await?;
+    let mut results: Vec<serde_json::Value> = logits
+        .iter()
+        .map(|row| serde_json::json!({"classification": task.ranked(row, request.raw_scores)}))
+        .collect();
+    Ok(Json(if single {
+        results.remove(0)
+    } else {
+        serde_json::Value::Array(results)
+    }))
+}
+
+async fn predict(
+    State(task): State<Arc<ClassifierTask>>,
+    ValidJson(request): ValidJson<PredictRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if request
+        .truncation_direction
+        .as_deref()
+        .is_some_and(|d| d != "Right")
+    {
+        return Err(ApiError::InvalidField(
+            "truncation_direction: only Right is supported".to_owned(),
+        ));
+    }
+    let (inputs, single): (Vec<Pair>, bool) = match request.inputs {
+        PredictInput::One(sequence) => (vec![sequence.into()], true),
+        PredictInput::Many(sequences) => (sequences.into_iter().map(Pair::from).collect(), false),
+    };
+    let logits = task.logits("inputs", inputs, request.truncate).await?;
+    let mut results: Vec<Vec<LabelScore>> = logits
+        .iter()
+        .map(|row| task.ranked(row, request.raw_scores))
+        .collect();
+    Ok(Json(if single {
+        serde_json::json!(results.remove(0))
+    } else {
+        serde_json::json!(results)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(n: usize, multi_label: bool) -> Labels {
+        Labels {
+            names: (0..n).map(|i| format!("L{i}")).collect(),
+            multi_label,
+        }
+    }
+
+    #[test]
+    fn single_label_scores_are_a_softmax() {
+        let scores = labels(3, false).scores(&[1.0, 2.0, 3.0], false);
+        assert!((scores.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((scores[2] - 0.665_240_9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn multi_label_and_single_output_scores_are_sigmoids() {
+        assert_eq!(labels(2, true).scores(&[0.0, 0.0], false), vec![0.5, 0.5]);
+        assert!((labels(1, false).scores(&[2.0], false)[0] - 0.880_797).abs() < 1e-6);
+    }
+
+    #[test]
+    fn raw_scores_are_the_logits() {
+        assert_eq!(labels(2, false).scores(&[-1.5, 4.0], true), vec![-1.5, 4.0]);
+    }
+}
