@@ -16,7 +16,9 @@ use crate::models::{LoadError, read_json};
 use crate::server::{Common, Info};
 use crate::tasks::classify::{ClassifierBackend, ClassifierTask, Labels};
 use crate::tasks::embed::{EmbeddingBackend, EmbeddingTask};
+use crate::tasks::tabular::{Signature, TabularModel, TabularTask};
 use crate::tokenize::TextEncoder;
+use crate::worker::ModelWorker;
 
 /// Tasks this runtime serves natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,7 @@ pub enum Task {
     Embedding,
     TextClassification,
     Rerank,
+    Tabular,
 }
 
 impl Task {
@@ -32,6 +35,7 @@ impl Task {
             Task::Embedding => "embedding",
             Task::TextClassification => "text-classification",
             Task::Rerank => "rerank",
+            Task::Tabular => "tabular",
         }
     }
 }
@@ -40,9 +44,14 @@ impl std::str::FromStr for Task {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let served = [Task::Embedding, Task::TextClassification, Task::Rerank];
+        let served = [
+            Task::Embedding,
+            Task::TextClassification,
+            Task::Rerank,
+            Task::Tabular,
+        ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular")
         })
     }
 }
@@ -84,16 +93,20 @@ impl Runtime {
             dir.file_name()
                 .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned())
         });
-        let config: BertConfig = read_json(&dir.join("config.json"))?;
-        let sentence_limit = read_json::<serde_json::Value>(&dir.join("sentence_bert_config.json"))
-            .ok()
-            .and_then(|c| c["max_seq_length"].as_u64());
-        let model_limit = config.max_input_length() as u64;
-        let max_length = sentence_limit.map_or(model_limit, |s| s.min(model_limit)) as usize;
-        let encoder = Arc::new(TextEncoder::load(&dir, max_length)?);
+        // Text tasks read the tokenizer and the input limit here; tabular models have neither.
+        let text = |dir: &std::path::Path| -> Result<(Arc<TextEncoder>, usize), LoadError> {
+            let config: BertConfig = read_json(&dir.join("config.json"))?;
+            let sentence_limit =
+                read_json::<serde_json::Value>(&dir.join("sentence_bert_config.json"))
+                    .ok()
+                    .and_then(|c| c["max_seq_length"].as_u64());
+            let model_limit = config.max_input_length() as u64;
+            let max_length = sentence_limit.map_or(model_limit, |s| s.min(model_limit)) as usize;
+            Ok((Arc::new(TextEncoder::load(dir, max_length)?), max_length))
+        };
         let (ready_tx, ready) = watch::channel(false);
         let (device, kind, limits) = (settings.device, settings.kind, settings.limits);
-        let info = |model_type: serde_json::Value| Info {
+        let info = |model_type: serde_json::Value, max_length: usize| Info {
             model_id: model_id.clone(),
             served_model_name: model_id.clone(),
             task: settings.task.as_str(),
@@ -112,6 +125,7 @@ impl Runtime {
 
         let (info, routes, model_thread) = match settings.task {
             Task::Embedding => {
+                let (encoder, max_length) = text(&dir)?;
                 let pooling = Pooling::from_model_dir(&dir)?.unwrap_or(Pooling::Mean);
                 let load = move || {
                     EmbeddingBackend::load(&dir, device, kind, pooling).map_err(|e| e.to_string())
@@ -123,7 +137,10 @@ impl Runtime {
                     model_id: model_id.clone(),
                     max_client_batch_size: settings.max_client_batch_size,
                 };
-                let info = info(serde_json::json!({"embedding": {"pooling": pooling.name()}}));
+                let info = info(
+                    serde_json::json!({"embedding": {"pooling": pooling.name()}}),
+                    max_length,
+                );
                 (
                     info,
                     crate::tasks::embed::routes().with_state(Arc::new(task)),
@@ -131,6 +148,7 @@ impl Runtime {
                 )
             }
             Task::TextClassification | Task::Rerank => {
+                let (encoder, max_length) = text(&dir)?;
                 let labels = Labels::from_model_dir(&dir)?;
                 let count = labels.names.len();
                 let load = move || {
@@ -148,7 +166,10 @@ impl Runtime {
                     .enumerate()
                     .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
                     .collect();
-                let info = info(serde_json::json!({ key: {"id2label": id2label} }));
+                let info = info(
+                    serde_json::json!({ key: {"id2label": id2label} }),
+                    max_length,
+                );
                 let task = Arc::new(ClassifierTask {
                     batcher,
                     encoder,
@@ -161,6 +182,28 @@ impl Runtime {
                     crate::tasks::classify::routes().with_state(task)
                 };
                 (info, routes, thread)
+            }
+            Task::Tabular => {
+                let signature = Arc::new(Signature::load(&dir)?);
+                let dtype = signature.input.dtype;
+                let load =
+                    move || TabularModel::load(&dir, device, dtype).map_err(|e| e.to_string());
+                let (worker, thread) = ModelWorker::start(
+                    load,
+                    TabularModel::predict,
+                    limits.max_concurrent_requests,
+                    ready_tx,
+                );
+                let info = info(
+                    serde_json::json!({"tabular": {"inputs": signature.input_schema}}),
+                    0,
+                );
+                let task = Arc::new(TabularTask { worker, signature });
+                (
+                    info,
+                    crate::tasks::tabular::routes().with_state(task),
+                    thread,
+                )
             }
         };
         let common = Common {

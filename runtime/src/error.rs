@@ -16,6 +16,9 @@ pub enum ApiError {
     InvalidField(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// Tabular input that does not fit the model's signature (shape or dtype).
+    #[error("{0}")]
+    SchemaMismatch(String),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error(
@@ -57,6 +60,11 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_request_error",
                 "invalid_field",
+            ),
+            ApiError::SchemaMismatch(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "schema_mismatch",
             ),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -110,7 +118,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
-        if status.is_server_error() {
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
         }
         let body =

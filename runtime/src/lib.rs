@@ -11,3 +11,4 @@ pub mod models;
 pub mod server;
 pub mod tasks;
 pub mod tokenize;
+pub mod worker;

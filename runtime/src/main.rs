@@ -12,11 +12,12 @@ use tch::Kind;
 #[derive(Debug, Parser)]
 #[command(name = "infergate-runtime", version)]
 struct Args {
-    /// What the model does: embedding, text-classification or rerank.
+    /// What the model does: embedding, text-classification, rerank or tabular.
     #[arg(long, env = "INFERGATE_TASK")]
     task: Task,
 
-    /// Directory with config.json, model.safetensors and tokenizer.json.
+    /// Directory with config.json, model.safetensors and tokenizer.json; for tabular, model.pt
+    /// (TorchScript) and signature.json (MLflow tensor spec).
     #[arg(long, env = "INFERGATE_MODEL_DIR")]
     model_dir: PathBuf,
 

@@ -493,3 +493,62 @@ async fn rerank_orders_passages_by_relevance_with_their_original_index() {
         .await;
     assert_eq!(status, 422);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabular_predict_takes_every_mlflow_form_and_validates_the_signature() {
+    let (dir, reference) = fixture("tabular-mlp");
+    let runtime = Runtime::start_task("tabular", &dir, &[]).await;
+    let rows = reference["rows"].clone();
+    let expected: Vec<Vec<f64>> = serde_json::from_value(reference["predictions"].clone()).unwrap();
+    let forms = [
+        rows.clone(),
+        json!({"inputs": rows}),
+        json!({"instances": rows}),
+        json!({"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": rows}}),
+    ];
+    for form in forms {
+        let (status, body) = runtime.post("/v1/predict", &form.to_string()).await;
+        assert_eq!(status, 200, "{form}: {body}");
+        let data: Vec<Vec<f64>> = serde_json::from_value(body["data"].clone()).unwrap();
+        for (row, want) in data.iter().zip(&expected) {
+            assert!(
+                row.iter().zip(want).all(|(a, b)| (a - b).abs() <= 1e-4),
+                "{row:?} vs {want:?}"
+            );
+        }
+        assert_eq!(
+            body["meta"]["input_schema"][0]["tensor-spec"]["shape"],
+            json!([-1, 4])
+        );
+        assert_eq!(
+            body["meta"]["output_schema"][0]["tensor-spec"]["shape"],
+            json!([-1, 2])
+        );
+    }
+    let (status, single) = runtime.post("/v1/predict", &rows[1].to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(single["data"].as_array().unwrap().len(), 1);
+
+    let bad = [
+        (
+            json!([[1.0, 2.0, 3.0]]),
+            400,
+            "row 0 has 3 values; the signature expects 4",
+        ),
+        (json!([[1.0, 2.0, 3.0, "four"]]), 400, "row 0 column 3"),
+        (json!({"inputs": []}), 400, "inputs is empty"),
+        (json!({"rows": [[1, 2, 3, 4]]}), 422, "dataframe_split"),
+        (json!("text"), 422, "expected"),
+    ];
+    for (body, status, message) in bad {
+        let (actual, error) = runtime.post("/v1/predict", &body.to_string()).await;
+        assert_eq!(actual, status, "{body}: {error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(message),
+            "{body}: {error}"
+        );
+    }
+}

@@ -3,3 +3,4 @@
 pub mod classify;
 pub mod embed;
 pub mod rerank;
+pub mod tabular;
