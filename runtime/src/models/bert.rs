@@ -162,6 +162,10 @@ struct Attention {
     layer_norm: nn::LayerNorm,
     heads: i64,
     head_dim: i64,
+    /// Query, key and value weights and biases stacked, for one matmul instead of three. Built
+    /// by [`BertModel::fuse`] after the weights are loaded: tensors derived before
+    /// `VarStore::load` would keep the initial values (tch-rs#838).
+    fused_qkv: Option<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -176,26 +180,54 @@ impl Attention {
             layer_norm: layer_norm(&p / "output" / "LayerNorm", cfg),
             heads: cfg.num_attention_heads,
             head_dim: cfg.hidden_size / cfg.num_attention_heads,
+            fused_qkv: None,
         }
+    }
+
+    fn fuse(&mut self) {
+        let linears = [&self.query, &self.key, &self.value];
+        let weight = Tensor::cat(&linears.map(|l| &l.ws), 0);
+        let bias = linears.map(|l| {
+            l.bs.as_ref()
+                .map_or_else(|| l.ws.zeros_like().select(1, 0), Tensor::shallow_clone)
+        });
+        self.fused_qkv = Some((weight, Tensor::cat(&bias, 0)));
     }
 
     /// x: [batch, seq, hidden]; mask_bias: [batch, 1, 1, seq] (0 or a large negative number)
     fn forward(&self, x: &Tensor, mask_bias: &Tensor) -> Tensor {
         let (batch, seq, hidden) = x.size3().expect("hidden states are 3-D");
+        let (q, k, v) = match &self.fused_qkv {
+            Some((weight, bias)) => {
+                let qkv = x.linear(weight, Some(bias)).chunk(3, -1);
+                (
+                    qkv[0].shallow_clone(),
+                    qkv[1].shallow_clone(),
+                    qkv[2].shallow_clone(),
+                )
+            }
+            None => (
+                self.query.forward(x),
+                self.key.forward(x),
+                self.value.forward(x),
+            ),
+        };
         let split = |t: Tensor| {
-            t.view([batch, seq, self.heads, self.head_dim])
+            t.reshape([batch, seq, self.heads, self.head_dim])
                 .transpose(1, 2)
         };
-        let q = split(self.query.forward(x));
-        let k = split(self.key.forward(x));
-        let v = split(self.value.forward(x));
-        let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt() + mask_bias;
-        let context = scores
-            .softmax(-1, scores.kind())
-            .matmul(&v)
-            .transpose(1, 2)
-            .contiguous()
-            .view([batch, seq, hidden]);
+        let context = Tensor::scaled_dot_product_attention(
+            &split(q),
+            &split(k),
+            &split(v),
+            Some(mask_bias),
+            0.0,
+            false,
+            None,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([batch, seq, hidden]);
         self.layer_norm
             .forward(&(self.output.forward(&context) + x))
     }
@@ -248,6 +280,14 @@ pub struct BertModel {
 }
 
 impl BertModel {
+    /// Stacks each layer's query, key and value projections; call once the weights are loaded
+    /// and converted to their final dtype.
+    pub fn fuse(&mut self) {
+        self.layers
+            .iter_mut()
+            .for_each(|layer| layer.attention.fuse());
+    }
+
     pub fn new(p: nn::Path, cfg: &BertConfig) -> BertModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(&p / "encoder" / "layer" / i, cfg))

@@ -240,13 +240,14 @@ impl LoadedEncoder {
         });
 
         let mut vs = nn::VarStore::new(device);
-        let model = match prefix {
+        let mut model = match prefix {
             Some(prefix) => BertModel::new(&vs.root() / prefix, &config),
             None => BertModel::new(vs.root(), &config),
         };
         let head = labels.map(|labels| ClassifierHead::new(&vs.root(), prefix, &config, labels));
         load_strict(&mut vs, &files)?;
         vs.set_kind(kind);
+        model.fuse();
         Ok(LoadedEncoder {
             config,
             model,
