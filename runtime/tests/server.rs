@@ -1,96 +1,14 @@
 //! The runtime binary over HTTP, on the tiny BERT fixture: the shared routes, TEI's and
 //! OpenAI's embedding routes, bad input, overload and shutdown.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-struct Runtime {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bert-mean")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Runtime {
-    async fn start(extra: &[&str]) -> Runtime {
-        Runtime::start_task("embedding", &fixture_dir(), extra).await
-    }
-
-    async fn start_task(task: &str, model_dir: &Path, extra: &[&str]) -> Runtime {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_infergate-runtime"))
-            .args([
-                "--task",
-                task,
-                "--listen",
-                &listen,
-                "--torch-threads",
-                "1",
-                "--model-dir",
-            ])
-            .arg(model_dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let runtime = Runtime {
-            child,
-            url: format!("http://{listen}"),
-        };
-        let started = Instant::now();
-        loop {
-            let response = reqwest::get(format!("{}/health", runtime.url)).await;
-            if response.is_ok_and(|r| r.status() == 200) {
-                return runtime;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "runtime not healthy after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn get_json(&self, path: &str) -> Value {
-        let response = reqwest::get(format!("{}{path}", self.url)).await.unwrap();
-        assert_eq!(response.status(), 200);
-        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
-    }
-
-    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
-        (status, body)
-    }
-}
+use support::{Runtime, fixture, fixture_dir};
 
 fn reference_embeddings() -> (Vec<String>, Vec<Vec<f32>>) {
     let reference: Value = serde_json::from_str(
@@ -371,16 +289,6 @@ async fn sigterm_finishes_requests_in_progress() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn fixture(name: &str) -> (PathBuf, Value) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
-    let reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    (dir, reference)
 }
 
 fn close(a: f64, b: f64) -> bool {
