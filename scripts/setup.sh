@@ -11,14 +11,14 @@ requirements="$repo/scripts/requirements.txt"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-apt_packages=(ca-certificates cmake pkg-config libssl-dev python3-venv)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+apt_packages=(ca-certificates cmake pkg-config libssl-dev python3-venv openssl curl)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   say "installing ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -28,6 +28,14 @@ command -v cargo >/dev/null || { say "cargo not found: install Rust (1.95 or new
 for component in rustfmt clippy; do
   cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
+
+# Go builds the cluster test bed's control plane; go.mod names the toolchain it needs, which
+# Go fetches through the module proxy when the installed one is older.
+if ! command -v go >/dev/null; then
+  say "installing Go"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq golang-go >/dev/null
+fi
 
 # The stamp holds the hash of the requirements the virtualenv was built from, so a changed pin
 # reinstalls and an unchanged one costs nothing.
@@ -47,4 +55,5 @@ fi
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
 python -c 'import torch; assert torch.__version__.startswith("2.11."), torch.__version__'
+bash "$repo/e2e/cluster/build.sh"
 say "ready; for a shell: . scripts/env.sh"

@@ -11,8 +11,17 @@ cd "$repo"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The CRD tests start the cluster test bed (e2e/cluster/up.sh) on first use; stop it afterwards
+# unless it was already running.
+cluster_pid="${INFERGATE_CLUSTER_DIR:-$HOME/.cache/infergate/cluster}/run/kube-apiserver.pid"
+cluster_was_up=false
+[ -f "$cluster_pid" ] && kill -0 "$(cat "$cluster_pid")" 2>/dev/null && cluster_was_up=true
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+cleanup() {
+  rm -f "$log"
+  [ "$cluster_was_up" = true ] || bash e2e/cluster/down.sh
+}
+trap cleanup EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Starts the cluster test bed on loopback: etcd, kube-apiserver (RBAC, service-account tokens,
+# the default admission plugins), kube-controller-manager and kube-scheduler, built from Go
+# modules by build.sh; applies infergate's CRDs; prints KUBECONFIG=<path>.
+# Idempotent: a running test bed is left as it is. e2e/cluster/down.sh stops it.
+#
+# Not here yet: the node agent that runs pods as local processes, and the Helm install of
+# infergate (see the README of this folder).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+state="${INFERGATE_CLUSTER_DIR:-$HOME/.cache/infergate/cluster}"
+bin="${INFERGATE_CLUSTER_BIN:-$state/bin}"
+run="$state/run"
+etcd_port="${INFERGATE_CLUSTER_ETCD_PORT:-12379}"
+api_port="${INFERGATE_CLUSTER_API_PORT:-16443}"
+kubeconfig="$run/admin.kubeconfig"
+say() { printf 'cluster: %s\n' "$*" >&2; }
+
+bash "$here/build.sh"
+mkdir -p "$run/pki" "$run/logs"
+kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
+
+alive() { [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
+
+start() {  # $1: name, $2...: command
+  local name="$1"; shift
+  if alive "$name"; then return; fi
+  say "starting $name"
+  setsid "$@" >"$run/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$run/$name.pid"
+}
+
+wait_for() {  # $1: what, $2...: probe command
+  local what="$1"; shift
+  for _ in $(seq 600); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  say "$what did not become ready; its log:"
+  tail -n 30 "$run/logs/$what.log" >&2 || true
+  exit 1
+}
+
+# Certificates: one CA for serving and client certs, and the service-account signing key.
+pki="$run/pki"
+if [ ! -f "$pki/ca.crt" ]; then
+  say "generating certificates"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=infergate-test-ca" \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  cert() {  # $1: name, $2: subject, $3: extensions file (optional)
+    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+      -days 3650 ${3:+-extfile "$3"} -out "$pki/$1.crt" 2>/dev/null
+  }
+  printf 'subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' > "$pki/apiserver.ext"
+  printf 'extendedKeyUsage=clientAuth\n' > "$pki/client.ext"
+  cert apiserver "/CN=kube-apiserver" "$pki/apiserver.ext"
+  cert admin "/O=system:masters/CN=infergate-admin" "$pki/client.ext"
+  cert controller-manager "/CN=system:kube-controller-manager" "$pki/client.ext"
+  cert scheduler "/CN=system:kube-scheduler" "$pki/client.ext"
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+fi
+
+write_kubeconfig() {  # $1: file, $2: client cert name
+  cat > "$1" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+  - name: infergate-test
+    cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$pki/ca.crt"}
+users:
+  - name: $2
+    user: {client-certificate: "$pki/$2.crt", client-key: "$pki/$2.key"}
+contexts:
+  - name: infergate-test
+    context: {cluster: infergate-test, user: $2}
+current-context: infergate-test
+KUBECONFIG
+}
+write_kubeconfig "$kubeconfig" admin
+write_kubeconfig "$run/controller-manager.kubeconfig" controller-manager
+write_kubeconfig "$run/scheduler.kubeconfig" scheduler
+
+start etcd "$bin/etcd" --name test --data-dir "$run/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$((etcd_port + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((etcd_port + 1))" \
+  --initial-cluster "test=http://127.0.0.1:$((etcd_port + 1))" --unsafe-no-fsync
+wait_for etcd curl -sf "http://127.0.0.1:$etcd_port/health"
+
+start kube-apiserver "$bin/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --service-cluster-ip-range 10.0.0.0/24 \
+  --authorization-mode RBAC \
+  --client-ca-file "$pki/ca.crt" \
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --service-account-issuer https://kubernetes.default.svc \
+  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+  --allow-privileged=true
+wait_for kube-apiserver "${kubectl[@]}" get --raw /readyz
+
+start kube-controller-manager "$bin/kube-controller-manager" \
+  --kubeconfig "$run/controller-manager.kubeconfig" \
+  --authentication-kubeconfig "$run/controller-manager.kubeconfig" \
+  --authorization-kubeconfig "$run/controller-manager.kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
+  --use-service-account-credentials=true \
+  --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+  --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
+  --controllers '*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle'
+start kube-scheduler "$bin/kube-scheduler" \
+  --kubeconfig "$run/scheduler.kubeconfig" \
+  --authentication-kubeconfig "$run/scheduler.kubeconfig" \
+  --authorization-kubeconfig "$run/scheduler.kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false
+
+# The controller manager creates each namespace's default ServiceAccount; its arrival shows
+# the controllers are running.
+wait_for kube-controller-manager "${kubectl[@]}" get serviceaccount default --namespace default
+"${kubectl[@]}" apply --server-side --field-manager infergate-test-bed -f "$repo/crds/manifests/" >/dev/null
+wait_for kube-apiserver "${kubectl[@]}" wait --for condition=Established --timeout 1s \
+  crd/modeldeployments.infergate.dev crd/accesstokens.infergate.dev
+echo "KUBECONFIG=$kubeconfig"
+echo "KUBECTL=$bin/kubectl"
