@@ -26,3 +26,9 @@ pub const REQUEST_TIMEOUT_HEADER: &str = "OICM-Request-Timeout";
 pub fn model_endpoint(model_version_id: &str) -> String {
     format!("/models/{model_version_id}/proxy/v1")
 }
+
+/// Name of the Service (and so of the EndpointSlices' `kubernetes.io/service-name` label) that
+/// the operator gives a ModelDeployment's runtime pods, in the ModelDeployment's namespace.
+pub fn runtime_service_name(model_deployment_name: &str) -> String {
+    model_deployment_name.to_owned()
+}

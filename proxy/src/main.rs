@@ -15,8 +15,38 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "infergate-proxy", version)]
 struct Args {
     /// YAML file with listen addresses, models and token records; re-read when it changes.
-    #[arg(long, env = "INFERGATE_PROXY_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_CONFIG",
+        required_unless_present = "source",
+        conflicts_with = "source"
+    )]
+    config: Option<PathBuf>,
+
+    /// `kubernetes`: watch token record Secrets in --namespace, ModelDeployments and
+    /// EndpointSlices through the cluster's API (in-cluster credentials or KUBECONFIG).
+    #[arg(long, env = "INFERGATE_PROXY_SOURCE", value_parser = ["kubernetes"])]
+    source: Option<String>,
+
+    /// Namespace of the token record Secrets (the gateway namespace), with --source kubernetes.
+    #[arg(long, env = "POD_NAMESPACE", default_value = crds::names::DEFAULT_GATEWAY_NAMESPACE)]
+    namespace: String,
+
+    /// Address of the proxy, with --source kubernetes (the config file says it otherwise).
+    #[arg(long, env = "INFERGATE_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+
+    /// Address of the Prometheus metrics, with --source kubernetes.
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    metrics_listen: std::net::SocketAddr,
+
+    /// Worker threads, with --source kubernetes; the machine's cores when unset.
+    #[arg(long, env = "INFERGATE_PROXY_THREADS")]
+    threads: Option<usize>,
 
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "INFERGATE_PROXY_GRACE_PERIOD", default_value_t = 30)]
@@ -48,8 +78,21 @@ fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
+    let source = match args.config {
+        Some(path) => proxy::server::SourceOptions::File(path),
+        None => proxy::server::SourceOptions::Kubernetes {
+            namespace: args.namespace,
+            listen: proxy::config::ListenConfig {
+                listen: args.listen,
+                metrics: args.metrics_listen,
+                threads: args
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+            },
+        },
+    };
     proxy::server::serve(proxy::server::ServeOptions {
-        config: args.config,
+        source,
         grace_period: Duration::from_secs(args.grace_period),
         header_limits: proxy::gateway::HeaderLimits {
             max_bytes: args.max_header_bytes,

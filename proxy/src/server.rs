@@ -8,18 +8,33 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownWatch};
+use pingora_core::services::ServiceWithDependents;
 use pingora_core::services::background::{BackgroundService, background_service};
 use pingora_core::services::listening::Service;
 
+use crate::config::ListenConfig;
 use crate::file_source::FileSource;
 use crate::gateway::{Gateway, HeaderLimits};
+use crate::kube_source::KubeSource;
 use crate::metrics::{Metrics, MetricsApp};
 use crate::state::Shared;
+
+/// Where the proxy learns its tokens, models and endpoints.
+#[derive(Debug, Clone)]
+pub enum SourceOptions {
+    /// The YAML file of DESIGN.md, which also says where to listen.
+    File(PathBuf),
+    /// The cluster's API: record Secrets of `namespace`, ModelDeployments, EndpointSlices.
+    Kubernetes {
+        namespace: String,
+        listen: ListenConfig,
+    },
+}
 
 /// How the proxy is started.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub config: PathBuf,
+    pub source: SourceOptions,
     /// Longest time in-flight requests get to finish after SIGTERM.
     pub grace_period: Duration,
     pub header_limits: HeaderLimits,
@@ -28,7 +43,22 @@ pub struct ServeOptions {
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
 pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
-    let (source, listen) = FileSource::start(options.config.clone(), shared.clone())?;
+    let (source, listen): (Box<dyn ServiceWithDependents>, ListenConfig) = match options.source {
+        SourceOptions::File(path) => {
+            let (source, listen) = FileSource::start(path, shared.clone())?;
+            (Box::new(background_service("file source", source)), listen)
+        }
+        SourceOptions::Kubernetes { namespace, listen } => {
+            let source = KubeSource {
+                shared: shared.clone(),
+                namespace,
+            };
+            (
+                Box::new(background_service("kubernetes source", source)),
+                listen,
+            )
+        }
+    };
     let metrics = Metrics::new();
 
     let conf = ServerConf {
@@ -56,7 +86,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
 
     server.add_service(proxy);
     server.add_service(metrics_service);
-    server.add_service(background_service("file source", source));
+    server.add_boxed_service(source);
     server.add_service(background_service("drain", Drain { shared }));
     tracing::info!(listen = %listen.listen, metrics = %listen.metrics, threads = listen.threads, "infergate-proxy started");
     server.run(RunArgs::default());
