@@ -674,3 +674,47 @@ async fn oversized_headers_get_431_and_never_reach_the_upstream() {
     assert_eq!(within.send().await.unwrap().status(), 200);
     assert_eq!(upstream.requests().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_passes_whole_when_within_the_models_limit() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["audio"]);
+    let model = TestModel::new("audio", &[upstream.addr]).with("maxBodyBytes: 67108864");
+    let proxy = Proxy::start(&[model], &[&token]).await;
+    let body = vec![b'x'; 40 * 1024 * 1024];
+    let response = client()
+        .post(proxy.url("/models/audio/proxy/v1/transcript"))
+        .header("authorization", token.bearer())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream.requests().pop().unwrap().body_len,
+        40 * 1024 * 1024
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_sse_stream_finish() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["chat"]);
+    let mut proxy = Proxy::start(&[TestModel::new("chat", &[upstream.addr])], &[&token]).await;
+    let mut response = client()
+        .get(proxy.url("/models/chat/proxy/sse/8/200"))
+        .header("authorization", token.bearer())
+        .send()
+        .await
+        .unwrap();
+    let first = response.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    proxy.signal("TERM");
+    let rest = read_stream(&mut response).await;
+    assert_eq!(rest.matches("data: ").count(), 7, "{rest}");
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the proxy did not exit after the stream");
+    assert!(status.success(), "{status}");
+}

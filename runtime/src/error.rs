@@ -35,6 +35,10 @@ pub enum ApiError {
         count: usize,
         limit: usize,
     },
+    #[error("OICM-Request-Timeout must be a positive number of seconds")]
+    InvalidTimeout,
+    #[error("the request did not complete within its OICM-Request-Timeout deadline")]
+    Timeout,
     #[error("the model is still loading")]
     Loading,
     #[error("too many requests in progress; retry shortly")]
@@ -86,6 +90,12 @@ impl ApiError {
                 "invalid_request_error",
                 "too_many_inputs",
             ),
+            ApiError::InvalidTimeout => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_timeout",
+            ),
+            ApiError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", "timeout"),
             ApiError::Loading => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",

@@ -104,6 +104,31 @@ async fn require_ready(State(common): State<Common>, request: Request, next: Nex
     }
 }
 
+/// Header carrying a request's deadline in seconds; the proxy forwards what is left of it.
+const REQUEST_TIMEOUT_HEADER: &str = "oicm-request-timeout";
+
+/// Ends a task request at its deadline with 504. Dropping the handler drops its place in the
+/// queue, so the model thread skips the work instead of computing an answer nobody reads.
+async fn enforce_deadline(request: Request, next: Next) -> Response {
+    let Some(value) = request.headers().get(REQUEST_TIMEOUT_HEADER) else {
+        return next.run(request).await;
+    };
+    let seconds = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0);
+    let Some(seconds) = seconds else {
+        return ApiError::InvalidTimeout.into_response();
+    };
+    // A day bounds what `Duration` must represent; no deadline the proxy forwards comes close.
+    let budget = std::time::Duration::from_secs_f64(seconds.min(86_400.0));
+    match tokio::time::timeout(budget, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
 /// Counts and times every request by its route template (bounded) and status.
 async fn record(State(common): State<Common>, request: Request, next: Next) -> Response {
     let endpoint = request
@@ -127,10 +152,12 @@ async fn record(State(common): State<Common>, request: Request, next: Next) -> R
 
 /// The whole router: shared routes, the task's routes (behind readiness), errors as JSON.
 pub fn router(common: Common, task_routes: Router) -> Router {
-    let task_routes = task_routes.route_layer(middleware::from_fn_with_state(
-        common.clone(),
-        require_ready,
-    ));
+    let task_routes = task_routes
+        .route_layer(middleware::from_fn(enforce_deadline))
+        .route_layer(middleware::from_fn_with_state(
+            common.clone(),
+            require_ready,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/info", get(info))

@@ -460,3 +460,24 @@ async fn tabular_predict_takes_every_mlflow_form_and_validates_the_signature() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarded_deadline_ends_a_request_with_504_and_a_bad_one_is_400() {
+    let runtime = Runtime::start(&[]).await;
+    let post = |timeout: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/embed", runtime.url))
+            .header("content-type", "application/json")
+            .header("oicm-request-timeout", timeout)
+            .body(json!({"inputs": vec!["a sentence to embed"; 32]}).to_string())
+            .send()
+    };
+    let late = post("0.0001").await.unwrap();
+    assert_eq!(late.status(), 504);
+    let body: Value = serde_json::from_slice(&late.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+    assert_eq!(post("30").await.unwrap().status(), 200);
+    for bad in ["soon", "-1", "0", "NaN"] {
+        assert_eq!(post(bad).await.unwrap().status(), 400, "{bad}");
+    }
+}
