@@ -1,8 +1,10 @@
 //! infergate's operator: reconciles ModelDeployments into runtime pods and AccessTokens into
-//! token records. It starts with the identity rules both controllers share; the controllers are
-//! built on top in the operator issue.
+//! token records. So far: the identity rule and the desired objects (`desired`), as pure
+//! functions; the controllers that apply them are built on top in the operator issue.
 
 #![forbid(unsafe_code)]
+
+pub mod desired;
 
 use crds::ModelDeployment;
 use kube::ResourceExt;

@@ -1,0 +1,445 @@
+//! The objects a ModelDeployment should become, as pure functions of its spec: a Deployment of
+//! runtime pods and the Service in front of them. The controller applies what these return;
+//! tests check them without a cluster.
+
+use std::collections::BTreeMap;
+
+use crds::names::runtime_service_name;
+use crds::{ModelDeployment, ModelUri, RequestTimeouts};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, HostPathVolumeSource,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+/// Port the builtin runtime listens on inside its pod.
+pub const RUNTIME_PORT: i32 = 8080;
+/// Where the model's files are mounted in the runtime container.
+pub const MODEL_MOUNT: &str = "/model";
+/// Seconds the pod gets after SIGTERM beyond the longest deadline (DESIGN.md: max deadline +
+/// preStop + 10 s; there is no preStop hook).
+const TERMINATION_SLACK_SECONDS: i64 = 10;
+/// A startup probe of 5 s × 360 gives a big model 30 minutes to load before the kubelet gives up.
+const STARTUP_PROBE_FAILURES: i32 = 360;
+
+/// Settings of the operator that shape every runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeDefaults {
+    /// Image of the builtin infergate runtime.
+    pub image: String,
+}
+
+/// Why a ModelDeployment cannot become runtime pods.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("spec.model.uri: {0}")]
+    ModelUri(#[from] crds::ModelUriError),
+    #[error(
+        "spec.model.uri: https:// sources need the runtime's downloader, which this build does not have yet"
+    )]
+    DownloadUnsupported,
+    #[error("spec.timeouts: {0}")]
+    Timeouts(#[from] crds::TimeoutsError),
+    #[error("the ModelDeployment has no name or namespace yet")]
+    Unnamed,
+}
+
+/// Labels of everything made for one ModelDeployment; the selector uses the last two.
+pub fn labels(model_deployment: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "infergate-runtime"),
+        ("app.kubernetes.io/managed-by", "infergate-operator"),
+        ("app.kubernetes.io/instance", model_deployment),
+        ("infergate.dev/model-deployment", model_deployment),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+fn selector(model_deployment: &str) -> BTreeMap<String, String> {
+    labels(model_deployment)
+        .into_iter()
+        .filter(|(k, _)| k != "app.kubernetes.io/managed-by" && k != "app.kubernetes.io/instance")
+        .collect()
+}
+
+fn owned_metadata(md: &ModelDeployment, name: String) -> Result<ObjectMeta, BuildError> {
+    let namespace = md.namespace().ok_or(BuildError::Unnamed)?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace),
+        labels: Some(labels(&md.name_any())),
+        owner_references: md.controller_owner_ref(&()).map(|owner| vec![owner]),
+        ..ObjectMeta::default()
+    })
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(port.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The model volume and its mount, by URI scheme.
+fn model_volume(uri: &ModelUri) -> Result<(Volume, VolumeMount), BuildError> {
+    let mount = |sub_path: Option<String>| VolumeMount {
+        name: "model".to_owned(),
+        mount_path: MODEL_MOUNT.to_owned(),
+        read_only: Some(true),
+        sub_path: sub_path.filter(|p| !p.is_empty()),
+        ..VolumeMount::default()
+    };
+    match uri {
+        ModelUri::Pvc { claim, path } => Ok((
+            Volume {
+                name: "model".to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            },
+            mount(Some(path.clone())),
+        )),
+        ModelUri::File { path } => Ok((
+            Volume {
+                name: "model".to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: path.clone(),
+                    type_: Some("Directory".to_owned()),
+                }),
+                ..Volume::default()
+            },
+            mount(None),
+        )),
+        ModelUri::Https { .. } => Err(BuildError::DownloadUnsupported),
+    }
+}
+
+fn resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
+    let spec = md.spec.resources.as_ref()?;
+    let mut amounts = BTreeMap::new();
+    if let Some(cpu) = &spec.cpu {
+        amounts.insert("cpu".to_owned(), cpu.clone());
+    }
+    if let Some(memory) = &spec.memory {
+        amounts.insert("memory".to_owned(), memory.clone());
+    }
+    let mut limits = amounts.clone();
+    if spec.gpus > 0 {
+        // GPUs are limits only: Kubernetes sets the request equal to the limit for extended resources.
+        limits.insert("nvidia.com/gpu".to_owned(), Quantity(spec.gpus.to_string()));
+    }
+    Some(ResourceRequirements {
+        requests: (!amounts.is_empty()).then_some(amounts),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+/// The Deployment of runtime pods for `md`.
+pub fn runtime_deployment(
+    md: &ModelDeployment,
+    defaults: &RuntimeDefaults,
+) -> Result<Deployment, BuildError> {
+    let name = md.name_any();
+    let timeouts: RequestTimeouts = md.spec.timeouts.clone().unwrap_or_default().resolve()?;
+    let (volume, mount) = model_volume(&md.spec.model.parsed_uri()?)?;
+    let custom = md.spec.runtime.as_ref().and_then(|r| r.container.as_ref());
+    let container = match custom {
+        Some(custom) => Container {
+            name: "runtime".to_owned(),
+            image: Some(custom.image.clone()),
+            command: custom.command.clone(),
+            args: custom.args.clone(),
+            env: custom.env.clone(),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: custom.port,
+                ..ContainerPort::default()
+            }]),
+            readiness_probe: Some(http_probe(&custom.health_path, "http", 5, 3)),
+            startup_probe: Some(http_probe(
+                &custom.health_path,
+                "http",
+                5,
+                STARTUP_PROBE_FAILURES,
+            )),
+            volume_mounts: Some(vec![mount]),
+            resources: resources(md),
+            ..Container::default()
+        },
+        None => Container {
+            name: "runtime".to_owned(),
+            image: Some(
+                md.spec
+                    .runtime
+                    .as_ref()
+                    .and_then(|r| r.image.clone())
+                    .unwrap_or_else(|| defaults.image.clone()),
+            ),
+            args: Some(
+                [
+                    "--task",
+                    md.spec.task.as_str(),
+                    "--model-dir",
+                    MODEL_MOUNT,
+                    "--listen",
+                ]
+                .into_iter()
+                .map(str::to_owned)
+                .chain([format!("0.0.0.0:{RUNTIME_PORT}")])
+                .collect(),
+            ),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: RUNTIME_PORT,
+                ..ContainerPort::default()
+            }]),
+            readiness_probe: Some(http_probe("/health", "http", 5, 3)),
+            startup_probe: Some(http_probe("/health", "http", 5, STARTUP_PROBE_FAILURES)),
+            volume_mounts: Some(vec![mount]),
+            resources: resources(md),
+            ..Container::default()
+        },
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        volumes: Some(vec![volume]),
+        node_selector: md.spec.node_selector.clone(),
+        tolerations: md.spec.tolerations.clone(),
+        termination_grace_period_seconds: Some(
+            timeouts.max.as_secs() as i64 + TERMINATION_SLACK_SECONDS,
+        ),
+        ..PodSpec::default()
+    };
+    Ok(Deployment {
+        metadata: owned_metadata(md, name.clone())?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(md.spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(&name)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    })
+}
+
+/// The Service whose EndpointSlices the proxy routes by (`kubernetes.io/service-name`).
+pub fn runtime_service(md: &ModelDeployment) -> Result<Service, BuildError> {
+    let name = md.name_any();
+    Ok(Service {
+        metadata: owned_metadata(md, runtime_service_name(&name))?,
+        spec: Some(ServiceSpec {
+            selector: Some(selector(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: RUNTIME_PORT,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crds::{ModelDeploymentSpec, Task};
+
+    use super::*;
+
+    pub(crate) fn deployment(spec: serde_json::Value) -> ModelDeployment {
+        let spec: ModelDeploymentSpec = serde_json::from_value(spec).unwrap();
+        let mut md = ModelDeployment::new("minilm", spec);
+        md.metadata.namespace = Some("demo".into());
+        md.metadata.uid = Some("0d9a".into());
+        md
+    }
+
+    fn defaults() -> RuntimeDefaults {
+        RuntimeDefaults {
+            image: "infergate/runtime:0.1.0".into(),
+        }
+    }
+
+    fn container(d: &Deployment) -> &Container {
+        &d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    #[test]
+    fn every_task_runs_the_builtin_runtime_with_its_task_flag() {
+        for task in Task::ALL {
+            let md = deployment(
+                serde_json::json!({"task": task.as_str(), "model": {"uri": "file:///models/m"}}),
+            );
+            let d = runtime_deployment(&md, &defaults()).unwrap();
+            let c = container(&d);
+            assert_eq!(c.image.as_deref(), Some("infergate/runtime:0.1.0"));
+            assert_eq!(
+                c.args.as_ref().unwrap()[..2],
+                ["--task".to_owned(), task.as_str().to_owned()]
+            );
+            assert_eq!(
+                c.readiness_probe
+                    .as_ref()
+                    .unwrap()
+                    .http_get
+                    .as_ref()
+                    .unwrap()
+                    .path
+                    .as_deref(),
+                Some("/health")
+            );
+        }
+    }
+
+    #[test]
+    fn a_pvc_source_mounts_the_claim_read_only_at_its_path() {
+        let md = deployment(
+            serde_json::json!({"task": "embedding", "model": {"uri": "pvc://models/llama/v1"}}),
+        );
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let claim = pod.volumes.as_ref().unwrap()[0]
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (claim.claim_name.as_str(), claim.read_only),
+            ("models", Some(true))
+        );
+        let mount = &container(&d).volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.sub_path.as_deref()),
+            ("/model", Some("llama/v1"))
+        );
+    }
+
+    #[test]
+    fn gpus_become_nvidia_limits_with_the_node_selector_and_tolerations() {
+        let md = deployment(serde_json::json!({
+            "task": "text-generation", "model": {"uri": "file:///m"},
+            "resources": {"gpus": 2, "cpu": "4", "memory": "16Gi"},
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        }));
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        let resources = container(&d).resources.as_ref().unwrap();
+        assert_eq!(
+            resources.limits.as_ref().unwrap()["nvidia.com/gpu"],
+            Quantity("2".into())
+        );
+        assert_eq!(
+            resources.requests.as_ref().unwrap()["memory"],
+            Quantity("16Gi".into())
+        );
+        assert!(
+            !resources
+                .requests
+                .as_ref()
+                .unwrap()
+                .contains_key("nvidia.com/gpu")
+        );
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.node_selector.as_ref().unwrap()["gpu"], "a100");
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_custom_container_keeps_its_image_port_and_health_path() {
+        let md = deployment(serde_json::json!({
+            "task": "rerank", "model": {"uri": "file:///m"},
+            "runtime": {"container": {"image": "ghcr.io/huggingface/tei:1.9", "args": ["--model-id", "/model"], "port": 80, "healthPath": "/health"}}
+        }));
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        let c = container(&d);
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/huggingface/tei:1.9"));
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 80);
+        assert_eq!(
+            c.args.as_deref(),
+            Some(&["--model-id".to_owned(), "/model".to_owned()][..])
+        );
+    }
+
+    #[test]
+    fn the_grace_period_outlasts_the_longest_deadline() {
+        let md = deployment(
+            serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}, "timeouts": {"max": "15m"}}),
+        );
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(910));
+    }
+
+    #[test]
+    fn https_sources_are_refused_until_the_downloader_exists() {
+        let md = deployment(
+            serde_json::json!({"task": "embedding", "model": {"uri": "https://example.com/m.tar"}}),
+        );
+        assert_eq!(
+            runtime_deployment(&md, &defaults()).unwrap_err(),
+            BuildError::DownloadUnsupported
+        );
+    }
+
+    #[test]
+    fn the_service_selects_the_pods_and_is_named_for_the_proxy() {
+        let md =
+            deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
+        let service = runtime_service(&md).unwrap();
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        assert_eq!(
+            service.metadata.name.as_deref(),
+            Some(runtime_service_name("minilm").as_str())
+        );
+        let selector = service.spec.as_ref().unwrap().selector.as_ref().unwrap();
+        let pod_labels = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        let owner = &service.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("ModelDeployment", Some(true))
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! Every kind of runtime object the operator generates is a valid Kubernetes object: checked
+//! with `kubernetes-validate --strict` and by the API server of the cluster test bed
+//! (`kubectl apply --dry-run=server`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crds::{ModelDeployment, ModelDeploymentSpec};
+use operator::desired::{RuntimeDefaults, runtime_deployment, runtime_service};
+
+fn deployment(name: &str, spec: serde_json::Value) -> ModelDeployment {
+    let spec: ModelDeploymentSpec = serde_json::from_value(spec).unwrap();
+    let mut md = ModelDeployment::new(name, spec);
+    md.metadata.namespace = Some("demo".into());
+    md.metadata.uid = Some("4c5e1e0a-8b53-4f7e-9d64-3f3a1c2b9d10".into());
+    md
+}
+
+/// One generated Deployment and Service per case of the table, as YAML files.
+fn generated(dir: &Path) -> Vec<PathBuf> {
+    let cases = [
+        (
+            "embedding-file",
+            serde_json::json!({"task": "embedding", "model": {"uri": "file:///models/minilm"}}),
+        ),
+        (
+            "chat-pvc-gpu",
+            serde_json::json!({
+                "task": "text-generation", "model": {"uri": "pvc://models/llama-3.2-1b"}, "replicas": 2,
+                "resources": {"gpus": 1, "cpu": "4", "memory": "16Gi"}, "nodeSelector": {"gpu": "true"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "timeouts": {"default": "120s", "max": "10m"}
+            }),
+        ),
+        (
+            "rerank-custom",
+            serde_json::json!({
+                "task": "rerank", "model": {"uri": "pvc://models"},
+                "runtime": {"container": {"image": "ghcr.io/huggingface/text-embeddings-inference:cpu-1.9",
+                            "args": ["--model-id", "/model"], "env": [{"name": "RUST_LOG", "value": "info"}], "port": 80}}
+            }),
+        ),
+        (
+            "tabular-image",
+            serde_json::json!({"task": "tabular", "model": {"uri": "file:///models/mlp"}, "runtime": {"image": "registry.example.com/runtime:dev"}}),
+        ),
+    ];
+    let defaults = RuntimeDefaults {
+        image: "infergate/runtime:0.1.0".into(),
+    };
+    let mut files = Vec::new();
+    for (name, spec) in cases {
+        let md = deployment(name, spec);
+        for (kind, yaml) in [
+            (
+                "deployment",
+                serde_yaml::to_string(&runtime_deployment(&md, &defaults).unwrap()).unwrap(),
+            ),
+            (
+                "service",
+                serde_yaml::to_string(&runtime_service(&md).unwrap()).unwrap(),
+            ),
+        ] {
+            let path = dir.join(format!("{name}-{kind}.yaml"));
+            let typed = match kind {
+                "deployment" => format!("apiVersion: apps/v1\nkind: Deployment\n{yaml}"),
+                _ => format!("apiVersion: v1\nkind: Service\n{yaml}"),
+            };
+            std::fs::write(&path, typed).unwrap();
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("infergate-desired-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn generated_objects_pass_kubernetes_validate_strict() {
+    let dir = temp_dir("validate");
+    let files = generated(&dir);
+    let output = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate from the set-up virtualenv (. scripts/env.sh)");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        files.len(),
+        "{report}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_api_server_accepts_the_generated_objects() {
+    let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cluster/up.sh");
+    let output = Command::new("bash").arg(&up).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "up.sh: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .to_owned()
+    };
+    let kubectl = |args: &[&str]| {
+        Command::new(value("KUBECTL"))
+            .arg("--kubeconfig")
+            .arg(value("KUBECONFIG"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let created = kubectl(&["create", "namespace", "demo"]);
+    assert!(
+        created.status.success()
+            || String::from_utf8_lossy(&created.stderr).contains("AlreadyExists")
+    );
+    let dir = temp_dir("apply");
+    for file in generated(&dir) {
+        let applied = kubectl(&["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
+        assert!(
+            applied.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn token_new_prints_a_token_and_its_digest_once() {
+    let output = Command::new(env!("CARGO_BIN_EXE_infergate"))
+        .args(["token", "new"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let token = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .unwrap()
+        .trim();
+    let digest = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tokenHash:"))
+        .unwrap()
+        .trim();
+    let parsed = crds::Token::parse(token).unwrap();
+    assert_eq!(digest, format!("sha256:{}", parsed.sha256_hex()));
+}
