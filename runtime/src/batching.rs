@@ -68,6 +68,32 @@ impl PaddedBatch {
     }
 }
 
+impl PaddedBatch {
+    /// `(input_ids, type_ids, attention_mask)`, each [rows, width], on `device`.
+    pub fn tensors(&self, device: tch::Device) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+        let shape = [self.rows as i64, self.width as i64];
+        let tensor = |values: &[i64]| {
+            tch::Tensor::from_slice(values)
+                .view(shape)
+                .to_device(device)
+        };
+        (
+            tensor(&self.input_ids),
+            tensor(&self.type_ids),
+            tensor(&self.attention_mask),
+        )
+    }
+}
+
+/// The rows of a [rows, width] output as `f32` vectors, whatever its dtype and device.
+pub fn tensor_rows(output: &tch::Tensor) -> Result<Vec<Vec<f32>>, String> {
+    let output = output.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
+    let width = output.size().get(1).copied().unwrap_or(1).max(1) as usize;
+    let flat =
+        Vec::<f32>::try_from(output.flatten(0, -1)).map_err(|e: tch::TchError| e.to_string())?;
+    Ok(flat.chunks(width).map(<[f32]>::to_vec).collect())
+}
+
 /// What the model thread runs: one output vector per row of the batch.
 pub trait EncoderBackend {
     fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String>;

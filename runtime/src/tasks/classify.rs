@@ -9,9 +9,9 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
-use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence};
+use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence, tensor_rows};
 use crate::error::ApiError;
 use crate::models::{LoadError, LoadedEncoder, read_json};
 use crate::server::ValidJson;
@@ -100,31 +100,14 @@ impl ClassifierBackend {
 impl EncoderBackend for ClassifierBackend {
     fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
         let _guard = tch::no_grad_guard();
-        let shape = [batch.rows as i64, batch.width as i64];
-        let tensor = |values: &[i64]| {
-            Tensor::from_slice(values)
-                .view(shape)
-                .to_device(self.device)
-        };
-        let (ids, types, mask) = (
-            tensor(&batch.input_ids),
-            tensor(&batch.type_ids),
-            tensor(&batch.attention_mask),
-        );
+        let (ids, types, mask) = batch.tensors(self.device);
         let hidden = self.model.forward(&ids, &types, &mask);
         let head = self
             .model
             .head
             .as_ref()
             .ok_or("the classifier was loaded without its head")?;
-        let logits = head
-            .forward(&hidden)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
-        let width = logits.size()[1] as usize;
-        let flat = Vec::<f32>::try_from(logits.flatten(0, -1))
-            .map_err(|e: tch::TchError| e.to_string())?;
-        Ok(flat.chunks(width).map(<[f32]>::to_vec).collect())
+        tensor_rows(&head.forward(&hidden))
     }
 
     fn pad_id(&self) -> i64 {

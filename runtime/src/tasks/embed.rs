@@ -8,9 +8,9 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
-use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence};
+use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence, tensor_rows};
 use crate::error::ApiError;
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, LoadedEncoder};
@@ -43,27 +43,9 @@ impl EmbeddingBackend {
 impl EncoderBackend for EmbeddingBackend {
     fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
         let _guard = tch::no_grad_guard();
-        let shape = [batch.rows as i64, batch.width as i64];
-        let tensor = |values: &[i64]| {
-            Tensor::from_slice(values)
-                .view(shape)
-                .to_device(self.device)
-        };
-        let (ids, types, mask) = (
-            tensor(&batch.input_ids),
-            tensor(&batch.type_ids),
-            tensor(&batch.attention_mask),
-        );
+        let (ids, types, mask) = batch.tensors(self.device);
         let hidden = self.encoder.forward(&ids, &types, &mask);
-        let pooled = self
-            .pooling
-            .apply(&hidden, &mask)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
-        let width = pooled.size()[1] as usize;
-        let flat = Vec::<f32>::try_from(pooled.flatten(0, -1))
-            .map_err(|e: tch::TchError| e.to_string())?;
-        Ok(flat.chunks(width).map(<[f32]>::to_vec).collect())
+        tensor_rows(&self.pooling.apply(&hidden, &mask))
     }
 
     fn pad_id(&self) -> i64 {

