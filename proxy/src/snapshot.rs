@@ -58,7 +58,7 @@ pub struct EndpointPool {
 }
 
 impl EndpointPool {
-    /// The endpoints for `addrs`, forgetting addresses no longer used by any model of `keep`.
+    /// The endpoint of each address, created on first use.
     fn resolve(&self, addrs: &[SocketAddr]) -> Vec<Arc<Endpoint>> {
         let mut endpoints = self
             .endpoints
@@ -80,6 +80,7 @@ impl EndpointPool {
             .collect()
     }
 
+    /// Forgets the endpoints of addresses no model uses any more.
     fn retain(&self, in_use: &[&SocketAddr]) {
         let mut endpoints = self
             .endpoints
