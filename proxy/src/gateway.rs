@@ -80,6 +80,9 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
     pub metrics: Metrics,
     pub header_limits: HeaderLimits,
+    /// Seconds an idle client connection is kept open between requests. pingora keeps HTTP/1.1
+    /// connections forever by default, which lets idle clients pile up.
+    pub keepalive_idle_secs: u64,
 }
 
 /// What a request carries from one filter to the next.
@@ -287,6 +290,15 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(session);
+        if let Some(current) = session.get_keepalive() {
+            // 0 is pingora's "forever"; a client's own shorter Keep-Alive timeout is kept.
+            let bounded = if current == 0 {
+                self.keepalive_idle_secs
+            } else {
+                current.min(self.keepalive_idle_secs)
+            };
+            session.set_keepalive(Some(bounded.max(1)));
+        }
         match session.req_header().uri.path() {
             "/healthz" => {
                 write_json(

@@ -60,6 +60,10 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_MAX_HEADERS", default_value_t = 100)]
     max_headers: usize,
 
+    /// Seconds an idle client connection stays open between requests.
+    #[arg(long, env = "INFERGATE_PROXY_KEEPALIVE_IDLE", default_value_t = 60)]
+    keepalive_idle: u64,
+
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -98,5 +102,6 @@ fn main() -> anyhow::Result<()> {
             max_bytes: args.max_header_bytes,
             max_count: args.max_headers,
         },
+        keepalive_idle_secs: args.keepalive_idle,
     })
 }

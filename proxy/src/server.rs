@@ -38,6 +38,7 @@ pub struct ServeOptions {
     /// Longest time in-flight requests get to finish after SIGTERM.
     pub grace_period: Duration,
     pub header_limits: HeaderLimits,
+    pub keepalive_idle_secs: u64,
 }
 
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
@@ -74,6 +75,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         shared: shared.clone(),
         metrics: metrics.clone(),
         header_limits: options.header_limits,
+        keepalive_idle_secs: options.keepalive_idle_secs,
     };
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,

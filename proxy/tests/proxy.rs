@@ -718,3 +718,38 @@ async fn sigterm_lets_a_running_sse_stream_finish() {
         .expect("the proxy did not exit after the stream");
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_connection_is_closed_after_the_keepalive_idle_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start_with_args(
+        &[TestModel::new("m", &[upstream.addr])],
+        &[&token],
+        &["--keepalive-idle", "1"],
+    )
+    .await;
+    let mut connection = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /models/m/proxy/v1/x HTTP/1.1\r\nHost: test\r\nAuthorization: {}\r\n\r\n",
+        token.bearer()
+    );
+    connection.write_all(request.as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 4096];
+    let n = connection.read(&mut response).await.unwrap();
+    assert!(String::from_utf8_lossy(&response[..n]).starts_with("HTTP/1.1 200"));
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection.read(&mut response)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection was not closed: {closed:?}"
+    );
+    let after = idle.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+}
