@@ -753,3 +753,71 @@ async fn an_idle_client_connection_is_closed_after_the_keepalive_idle_time() {
         "closed after {after:?}"
     );
 }
+
+/// Sends raw bytes on a fresh connection and returns everything the proxy answers until it
+/// closes the connection (or 3 s pass).
+async fn raw_exchange(proxy: &Proxy, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    connection.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), connection.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_or_malformed_content_length_is_refused_and_never_reaches_the_upstream() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    let head = format!(
+        "POST /models/m/proxy/v1/x HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n",
+        token.bearer()
+    );
+    for framing in [
+        "Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        "Content-Length: -4\r\n\r\nabcd",
+    ] {
+        let answer = raw_exchange(&proxy, &format!("{head}{framing}")).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{framing:?} was answered {answer:?}"
+        );
+    }
+    assert!(
+        upstream.requests().is_empty(),
+        "an ambiguous request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_read_as_chunked_once_and_the_connection_closes() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    // A smuggling attempt: by Content-Length the body is "0\r\n\r", by chunked it is empty and
+    // a second request follows. Read as chunked (RFC 9112 6.3), the second request must not be
+    // served on this connection, which closes after the first answer.
+    let second = format!(
+        "GET /models/m/proxy/smuggled HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\r\n",
+        token.bearer()
+    );
+    let request = format!(
+        "POST /models/m/proxy/v1/x HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{second}",
+        token.bearer()
+    );
+    let answer = raw_exchange(&proxy, &request).await;
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let seen = upstream.requests();
+    assert_eq!(
+        seen.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(),
+        ["/v1/x"]
+    );
+    assert_eq!(seen[0].body_len, 0, "read as chunked, the body is empty");
+}

@@ -84,19 +84,27 @@ async fn serve_connection(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
             .collect();
-        let body_len: usize = headers
+        let chunked = headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
-        while buffer.len() < head_end + body_len {
-            let mut chunk = [0u8; 65536];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+        buffer.drain(..head_end);
+        let body_len = if chunked {
+            match read_chunked(&mut stream, &mut buffer).await {
+                Some(len) => len,
+                None => return,
             }
-        }
-        buffer.drain(..head_end + body_len);
+        } else {
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            if !fill(&mut stream, &mut buffer, len).await {
+                return;
+            }
+            buffer.drain(..len);
+            len
+        };
         let request = Seen {
             method,
             target: target.clone(),
@@ -106,6 +114,44 @@ async fn serve_connection(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
         seen.lock().unwrap().push(request.clone());
         if respond(&mut stream, &request).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Reads until `buffer` holds at least `len` bytes; false when the connection ends first.
+async fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>, len: usize) -> bool {
+    while buffer.len() < len {
+        let mut chunk = [0u8; 65536];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
+/// Consumes a chunked body from the front of `buffer`; its decoded length, or `None` when the
+/// connection ends or the framing is broken.
+async fn read_chunked(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<usize> {
+    let mut total = 0;
+    loop {
+        let line_end = loop {
+            if let Some(end) = buffer.windows(2).position(|w| w == b"\r\n") {
+                break end;
+            }
+            if !fill(stream, buffer, buffer.len() + 1).await {
+                return None;
+            }
+        };
+        let size_text = String::from_utf8_lossy(&buffer[..line_end]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        if !fill(stream, buffer, line_end + 2 + size + 2).await {
+            return None;
+        }
+        buffer.drain(..line_end + 2 + size + 2);
+        total += size;
+        if size == 0 {
+            return Some(total);
         }
     }
 }
