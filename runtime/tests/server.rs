@@ -482,3 +482,50 @@ async fn the_forwarded_deadline_ends_a_request_with_504_and_a_bad_one_is_400() {
         assert_eq!(post(bad).await.unwrap().status(), 400, "{bad}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_their_deadline_are_dropped_before_batching() {
+    let runtime = Runtime::start_task("embedding", &support::minilm_dir(), &[]).await;
+    let body = json!({"inputs": vec!["a sentence long enough to take the model some time"; 32]})
+        .to_string();
+    let client = reqwest::Client::new();
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            client
+                .post(format!("{}/embed", runtime.url))
+                .header("content-type", "application/json")
+                .header("oicm-request-timeout", "0.3")
+                .body(body.clone())
+                .send()
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for response in futures_join_all(requests).await {
+        *statuses
+            .entry(response.unwrap().status().as_u16())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        statuses.keys().all(|s| [200, 504].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&504).is_some_and(|&n| n > 0), "{statuses:?}");
+    // The model thread notices a closed reply only when it next looks at the queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("infergate_runtime_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        dropped > 0.0,
+        "no queued request was dropped: {statuses:?}\n{metrics}"
+    );
+    eprintln!("{statuses:?}; dropped before batching: {dropped}");
+}
