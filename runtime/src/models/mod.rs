@@ -40,11 +40,6 @@ pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, 
     })
 }
 
-#[derive(Deserialize)]
-struct ModelType {
-    model_type: String,
-}
-
 /// The `*.safetensors` files of a directory: the shards an index names, or the single file.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
@@ -215,18 +210,23 @@ impl LoadedEncoder {
         kind: Kind,
         labels: Option<i64>,
     ) -> Result<LoadedEncoder, LoadError> {
-        let ModelType { model_type } = read_json(&dir.join("config.json"))?;
+        // One read of config.json: its model_type decides before the BERT fields are required.
+        let path = dir.join("config.json");
+        let raw: serde_json::Value = read_json(&path)?;
+        let model_type = raw["model_type"].as_str().unwrap_or_default().to_owned();
         if !matches!(
             model_type.as_str(),
             "bert" | "roberta" | "xlm-roberta" | "camembert"
         ) {
             return Err(LoadError::UnsupportedArchitecture(model_type));
         }
-        let config: BertConfig = read_json(&dir.join("config.json"))?;
-        config.validate().map_err(|message| LoadError::Invalid {
-            path: dir.join("config.json"),
-            message,
+        let config: BertConfig = serde_json::from_value(raw).map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
         })?;
+        config
+            .validate()
+            .map_err(|message| LoadError::Invalid { path, message })?;
         let files = weight_files(dir)?;
         let names = files
             .iter()

@@ -15,6 +15,7 @@ use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence, tensor_row
 use crate::error::ApiError;
 use crate::models::{LoadError, LoadedEncoder, read_json};
 use crate::server::ValidJson;
+use crate::tasks::{TruncationDirection, require_right_truncation};
 use crate::tokenize::TextEncoder;
 
 /// Labels and scoring of a classifier, from its `config.json`.
@@ -236,7 +237,7 @@ pub struct PredictRequest {
     #[serde(default)]
     pub raw_scores: bool,
     #[serde(default)]
-    pub truncation_direction: Option<String>,
+    pub truncation_direction: Option<TruncationDirection>,
 }
 
 pub fn routes() -> Router<Arc<ClassifierTask>> {
@@ -272,15 +273,7 @@ async fn predict(
     State(task): State<Arc<ClassifierTask>>,
     ValidJson(request): ValidJson<PredictRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if request
-        .truncation_direction
-        .as_deref()
-        .is_some_and(|d| d != "Right")
-    {
-        return Err(ApiError::InvalidField(
-            "truncation_direction: only Right is supported".to_owned(),
-        ));
-    }
+    require_right_truncation(request.truncation_direction)?;
     let (inputs, single): (Vec<Pair>, bool) = match request.inputs {
         PredictInput::One(sequence) => (vec![sequence.into()], true),
         PredictInput::Many(sequences) => (sequences.into_iter().map(Pair::from).collect(), false),

@@ -15,6 +15,7 @@ use crate::error::ApiError;
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, LoadedEncoder};
 use crate::server::ValidJson;
+use crate::tasks::{TruncationDirection, require_right_truncation};
 use crate::tokenize::TextEncoder;
 
 /// The model thread's half: encoder and pooling.
@@ -104,12 +105,6 @@ pub struct EmbedRequest {
     pub prompt_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-pub enum TruncationDirection {
-    Right,
-    Left,
-}
-
 fn default_true() -> bool {
     true
 }
@@ -171,7 +166,6 @@ impl EmbeddingTask {
         field: &'static str,
         inputs: Inputs,
         truncate: bool,
-        left: bool,
         dimensions: Option<usize>,
         normalize: bool,
     ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
@@ -185,11 +179,6 @@ impl EmbeddingTask {
                 count: items.len(),
                 limit: self.max_client_batch_size,
             });
-        }
-        if left {
-            return Err(ApiError::InvalidField(
-                "truncation_direction: only Right is supported".to_owned(),
-            ));
         }
         let encoder = self.encoder.clone();
         let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
@@ -236,13 +225,12 @@ async fn embed(
             "prompt_name: this model defines no prompt {name:?}"
         )));
     }
-    let left = request.truncation_direction == Some(TruncationDirection::Left);
+    require_right_truncation(request.truncation_direction)?;
     let (vectors, _) = task
         .run(
             "inputs",
             request.inputs,
             request.truncate,
-            left,
             request.dimensions,
             request.normalize,
         )
@@ -255,14 +243,7 @@ async fn openai_embeddings(
     ValidJson(request): ValidJson<OpenAiEmbeddingsRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (vectors, tokens) = task
-        .run(
-            "input",
-            request.input,
-            false,
-            false,
-            request.dimensions,
-            true,
-        )
+        .run("input", request.input, false, request.dimensions, true)
         .await?;
     let base64 = request.encoding_format == Some(EncodingFormat::Base64);
     let data = vectors

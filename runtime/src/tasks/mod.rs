@@ -4,3 +4,24 @@ pub mod classify;
 pub mod embed;
 pub mod rerank;
 pub mod tabular;
+
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// TEI's `truncation_direction`. Inputs are cut at the end only.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum TruncationDirection {
+    Right,
+    Left,
+}
+
+/// Refuses `Left`, the one direction TEI defines that this runtime does not cut.
+pub fn require_right_truncation(direction: Option<TruncationDirection>) -> Result<(), ApiError> {
+    match direction {
+        Some(TruncationDirection::Left) => Err(ApiError::InvalidField(
+            "truncation_direction: only Right is supported".to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}

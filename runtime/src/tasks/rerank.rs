@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::server::ValidJson;
 use crate::tasks::classify::{ClassifierTask, Pair};
+use crate::tasks::{TruncationDirection, require_right_truncation};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,7 +25,7 @@ pub struct RerankRequest {
     #[serde(default)]
     pub return_text: bool,
     #[serde(default)]
-    pub truncation_direction: Option<String>,
+    pub truncation_direction: Option<TruncationDirection>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -45,15 +46,7 @@ async fn rerank(
     State(task): State<Arc<ClassifierTask>>,
     ValidJson(request): ValidJson<RerankRequest>,
 ) -> Result<Json<Vec<Rank>>, ApiError> {
-    if request
-        .truncation_direction
-        .as_deref()
-        .is_some_and(|d| d != "Right")
-    {
-        return Err(ApiError::InvalidField(
-            "truncation_direction: only Right is supported".to_owned(),
-        ));
-    }
+    require_right_truncation(request.truncation_direction)?;
     if task.labels.names.len() != 1 {
         return Err(ApiError::InvalidField(format!(
             "this model has {} labels; rerank needs a cross-encoder with one",
