@@ -92,6 +92,17 @@ impl ModelDeployment {
         use kube::ResourceExt;
         self.spec.model_version_id.clone().or_else(|| self.uid())
     }
+
+    /// Who wins when two ModelDeployments claim the same model version id: the one created
+    /// first, then by namespace and name. The proxy routes only the winner and the operator marks
+    /// the others `Degraded/IdConflict`, so both must order by this one key.
+    pub fn id_claim_order(&self) -> (Option<jiff::Timestamp>, Option<String>, Option<String>) {
+        (
+            self.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            self.metadata.namespace.clone(),
+            self.metadata.name.clone(),
+        )
+    }
 }
 
 fn default_replicas() -> i32 {

@@ -8,7 +8,7 @@ use crds::names::runtime_service_name;
 use crds::{ModelDeployment, ModelUri, RequestTimeouts};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, HTTPGetAction, HostPathVolumeSource,
+    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, HostPathVolumeSource,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
@@ -39,10 +39,6 @@ pub struct RuntimeDefaults {
 pub enum BuildError {
     #[error("spec.model.uri: {0}")]
     ModelUri(#[from] crds::ModelUriError),
-    #[error(
-        "spec.model.uri: https:// sources need the runtime's downloader, which this build does not have yet"
-    )]
-    DownloadUnsupported,
     #[error("spec.timeouts: {0}")]
     Timeouts(#[from] crds::TimeoutsError),
     #[error("the ModelDeployment has no name or namespace yet")]
@@ -94,7 +90,7 @@ fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// The model volume and its mount, by URI scheme.
-fn model_volume(uri: &ModelUri) -> Result<(Volume, VolumeMount), BuildError> {
+fn model_volume(uri: &ModelUri) -> (Volume, VolumeMount) {
     let mount = |sub_path: Option<String>| VolumeMount {
         name: "model".to_owned(),
         mount_path: MODEL_MOUNT.to_owned(),
@@ -103,7 +99,7 @@ fn model_volume(uri: &ModelUri) -> Result<(Volume, VolumeMount), BuildError> {
         ..VolumeMount::default()
     };
     match uri {
-        ModelUri::Pvc { claim, path } => Ok((
+        ModelUri::Pvc { claim, path } => (
             Volume {
                 name: "model".to_owned(),
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -113,8 +109,8 @@ fn model_volume(uri: &ModelUri) -> Result<(Volume, VolumeMount), BuildError> {
                 ..Volume::default()
             },
             mount(Some(path.clone())),
-        )),
-        ModelUri::File { path } => Ok((
+        ),
+        ModelUri::File { path } => (
             Volume {
                 name: "model".to_owned(),
                 host_path: Some(HostPathVolumeSource {
@@ -124,9 +120,46 @@ fn model_volume(uri: &ModelUri) -> Result<(Volume, VolumeMount), BuildError> {
                 ..Volume::default()
             },
             mount(None),
-        )),
-        ModelUri::Https { .. } => Err(BuildError::DownloadUnsupported),
+        ),
+        // Filled by the download init container; lives as long as the pod.
+        ModelUri::Https { .. } => (
+            Volume {
+                name: "model".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+            mount(None),
+        ),
     }
+}
+
+/// For an https:// model, the init container that fetches it into the model volume: the
+/// builtin runtime image's `download` subcommand, so no other image is needed.
+fn download_container(md: &ModelDeployment, uri: &ModelUri, image: &str) -> Option<Container> {
+    let ModelUri::Https { url } = uri else {
+        return None;
+    };
+    let mut args = vec![
+        "download".to_owned(),
+        "--url".to_owned(),
+        url.clone(),
+        "--dest".to_owned(),
+        MODEL_MOUNT.to_owned(),
+    ];
+    if let Some(sha256) = &md.spec.model.sha256 {
+        args.extend(["--sha256".to_owned(), sha256.clone()]);
+    }
+    Some(Container {
+        name: "download".to_owned(),
+        image: Some(image.to_owned()),
+        args: Some(args),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "model".to_owned(),
+            mount_path: MODEL_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    })
 }
 
 fn resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
@@ -157,7 +190,14 @@ pub fn runtime_deployment(
 ) -> Result<Deployment, BuildError> {
     let name = md.name_any();
     let timeouts: RequestTimeouts = md.spec.timeouts.clone().unwrap_or_default().resolve()?;
-    let (volume, mount) = model_volume(&md.spec.model.parsed_uri()?)?;
+    let uri = md.spec.model.parsed_uri()?;
+    let (volume, mount) = model_volume(&uri);
+    let builtin_image = md
+        .spec
+        .runtime
+        .as_ref()
+        .and_then(|r| r.image.clone())
+        .unwrap_or_else(|| defaults.image.clone());
     let custom = md.spec.runtime.as_ref().and_then(|r| r.container.as_ref());
     let container = match custom {
         Some(custom) => Container {
@@ -184,13 +224,7 @@ pub fn runtime_deployment(
         },
         None => Container {
             name: "runtime".to_owned(),
-            image: Some(
-                md.spec
-                    .runtime
-                    .as_ref()
-                    .and_then(|r| r.image.clone())
-                    .unwrap_or_else(|| defaults.image.clone()),
-            ),
+            image: Some(builtin_image.clone()),
             args: Some(
                 [
                     "--task",
@@ -217,6 +251,7 @@ pub fn runtime_deployment(
         },
     };
     let pod = PodSpec {
+        init_containers: download_container(md, &uri, &builtin_image).map(|c| vec![c]),
         containers: vec![container],
         volumes: Some(vec![volume]),
         node_selector: md.spec.node_selector.clone(),
@@ -403,13 +438,49 @@ mod tests {
     }
 
     #[test]
-    fn https_sources_are_refused_until_the_downloader_exists() {
-        let md = deployment(
-            serde_json::json!({"task": "embedding", "model": {"uri": "https://example.com/m.tar"}}),
+    fn an_https_source_is_downloaded_by_an_init_container_into_an_empty_dir() {
+        let sha = "ab".repeat(32);
+        let md = deployment(serde_json::json!({
+            "task": "embedding",
+            "model": {"uri": "https://models.example.com/minilm.tar.gz", "sha256": sha},
+            "runtime": {"container": {"image": "ghcr.io/huggingface/tei:1.9", "port": 80, "healthPath": "/health"}}
+        }));
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert!(pod.volumes.as_ref().unwrap()[0].empty_dir.is_some());
+        let init = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            init.image.as_deref(),
+            Some("infergate/runtime:0.1.0"),
+            "the builtin image downloads, even for a custom server"
         );
         assert_eq!(
-            runtime_deployment(&md, &defaults()).unwrap_err(),
-            BuildError::DownloadUnsupported
+            init.args.as_ref().unwrap().join(" "),
+            format!(
+                "download --url https://models.example.com/minilm.tar.gz --dest /model --sha256 {sha}"
+            )
+        );
+        assert_eq!(init.volume_mounts.as_ref().unwrap()[0].read_only, None);
+        assert_eq!(
+            container(&d).volume_mounts.as_ref().unwrap()[0].read_only,
+            Some(true),
+            "the server only reads what was downloaded"
+        );
+    }
+
+    #[test]
+    fn local_sources_need_no_init_container() {
+        let md =
+            deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        assert!(
+            d.spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .init_containers
+                .is_none()
         );
     }
 

@@ -1,8 +1,18 @@
 //! infergate's operator: reconciles ModelDeployments into runtime pods and AccessTokens into
-//! token records. So far: the desired objects of a ModelDeployment (`desired`) and of an AccessToken (`tokens`), as pure functions; the controllers that apply
-//! them are built on top in the operator issue.
+//! token records.
+//!
+//! What the objects should be is written as pure functions (`desired`, `tokens`, `status`);
+//! the controllers (`controller`, `model_deployments`, `access_tokens`) read the cluster, call
+//! them and write the difference (`apply`). `lease` elects the one replica that writes.
 
 #![forbid(unsafe_code)]
 
+pub mod access_tokens;
+pub mod apply;
+pub mod controller;
 pub mod desired;
+pub mod lease;
+pub mod model_deployments;
+pub mod status;
+pub mod telemetry;
 pub mod tokens;

@@ -2,6 +2,7 @@
 //! the gateway namespace), the user's Secret with the plaintext (issued once), and the phase
 //! `kubectl get at` shows.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use crds::names::{
@@ -19,39 +20,58 @@ use kube::{Resource, ResourceExt};
 pub const ACCESS_TOKEN_NAMESPACE_LABEL: &str = "infergate.dev/access-token-namespace";
 pub const ACCESS_TOKEN_NAME_LABEL: &str = "infergate.dev/access-token-name";
 
-/// Why an AccessToken cannot be issued as written; shown in its `Invalid` condition.
+/// Why an AccessToken cannot be issued as written; shown in its conditions.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IssueError {
-    #[error("spec.models names ModelDeployments that do not exist in this namespace: {}", .0.join(", "))]
-    UnknownModels(Vec<String>),
     #[error("spec.tokenHash must be sha256: followed by 64 lower-case hex digits")]
     BadTokenHash,
+    #[error(
+        "Secret {0} already exists and does not belong to this AccessToken; set spec.secretName to a free name"
+    )]
+    SecretTaken(String),
     #[error("the AccessToken has no UID or namespace yet")]
     Unstored,
 }
 
+impl IssueError {
+    /// `reason` of the condition that reports this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IssueError::BadTokenHash => "InvalidTokenHash",
+            IssueError::SecretTaken(_) => "SecretTaken",
+            IssueError::Unstored => "NotStored",
+        }
+    }
+}
+
+/// What `spec.models` names, resolved in the token's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolvedModels {
+    /// Model version ids of the ModelDeployments that exist.
+    pub ids: Vec<String>,
+    /// Names with no ModelDeployment (yet): the token is issued without them, and gains them
+    /// when they appear.
+    pub unknown: Vec<String>,
+}
+
 /// The model version ids of the ModelDeployments `spec.models` names, in the token's namespace.
-pub fn resolve_models(
+pub fn resolve_models<D: Borrow<ModelDeployment>>(
     token: &AccessToken,
-    deployments: &[ModelDeployment],
-) -> Result<Vec<String>, IssueError> {
+    deployments: &[D],
+) -> ResolvedModels {
     let namespace = token.namespace();
-    let mut ids = Vec::new();
-    let mut unknown = Vec::new();
+    let mut resolved = ResolvedModels::default();
     for name in &token.spec.models {
         let found = deployments
             .iter()
+            .map(Borrow::borrow)
             .find(|d| d.namespace() == namespace && &d.name_any() == name);
         match found.and_then(ModelDeployment::model_version_id) {
-            Some(id) => ids.push(id),
-            None => unknown.push(name.clone()),
+            Some(id) => resolved.ids.push(id),
+            None => resolved.unknown.push(name.clone()),
         }
     }
-    if unknown.is_empty() {
-        Ok(ids)
-    } else {
-        Err(IssueError::UnknownModels(unknown))
-    }
+    resolved
 }
 
 /// The digest of a bring-your-own token (`spec.tokenHash`), as records store it.
@@ -73,12 +93,69 @@ pub fn own_token_digest(token: &AccessToken) -> Result<Option<String>, IssueErro
     }
 }
 
-/// The record of `token`, issued at `issued_at` for the resolved `models`.
+/// What issuing a token leaves that later reconciles need, kept as the record Secret's data and
+/// annotations so that the record alone says whether (and when) a token was issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issuance {
+    pub sha256: String,
+    /// `igt_` and four characters; none for a bring-your-own token, whose plaintext we never see.
+    pub prefix: Option<String>,
+    pub issued_at: Timestamp,
+}
+
+pub const ISSUED_AT_ANNOTATION: &str = "infergate.dev/issued-at";
+pub const TOKEN_PREFIX_ANNOTATION: &str = "infergate.dev/token-prefix";
+
+impl Issuance {
+    /// A freshly generated token.
+    pub fn of_token(token: &Token, issued_at: Timestamp) -> Issuance {
+        Issuance {
+            sha256: token.sha256_hex(),
+            prefix: Some(token.display_prefix().to_owned()),
+            issued_at: whole_second(issued_at),
+        }
+    }
+
+    /// A token brought by its owner, known only by its digest.
+    pub fn of_digest(sha256: String, issued_at: Timestamp) -> Issuance {
+        Issuance {
+            sha256,
+            prefix: None,
+            issued_at: whole_second(issued_at),
+        }
+    }
+
+    /// What an existing record Secret says was issued; `None` when it is not a complete record
+    /// (then the token is issued again from the user's Secret or `spec.tokenHash`).
+    pub fn from_record_secret(secret: &Secret) -> Option<Issuance> {
+        let data = secret.data.as_ref()?.get(TOKEN_RECORD_KEY)?;
+        let record = TokenRecord::from_json(&data.0).ok()?;
+        let annotations = secret.annotations();
+        Some(Issuance {
+            sha256: record.sha256,
+            prefix: annotations.get(TOKEN_PREFIX_ANNOTATION).cloned(),
+            issued_at: annotations.get(ISSUED_AT_ANNOTATION)?.parse().ok()?,
+        })
+    }
+}
+
+/// `issuedAt` (and so a ttl's `expiresAt`) in whole seconds: the precision of the status fields
+/// that show them, so the record, the annotation and the status always agree.
+fn whole_second(at: Timestamp) -> Timestamp {
+    Timestamp::from_second(at.as_second()).unwrap_or(at)
+}
+
+/// Name of the record Secret of the AccessToken with `uid`: by UID, so that tokens of the same
+/// name in two namespaces never collide.
+pub fn record_secret_name(uid: &str) -> String {
+    format!("token-record-{uid}")
+}
+
+/// The record of `token` as `issuance` issued it, for the resolved `models`.
 pub fn record(
     token: &AccessToken,
-    sha256: String,
+    issuance: &Issuance,
     models: Vec<String>,
-    issued_at: Timestamp,
 ) -> Result<TokenRecord, IssueError> {
     let (uid, namespace) = (
         token.uid().ok_or(IssueError::Unstored)?,
@@ -87,16 +164,20 @@ pub fn record(
     Ok(TokenRecord {
         id: uid,
         name: format!("{namespace}/{}", token.name_any()),
-        sha256,
+        sha256: issuance.sha256.clone(),
         models,
-        expires_at: token.spec.expiry(issued_at),
+        expires_at: token.spec.expiry(issuance.issued_at),
         revoked: token.spec.revoked,
     })
 }
 
-/// The Secret holding `record` in the gateway namespace, named after the token's UID so that
-/// tokens of the same name in two namespaces never collide.
-pub fn record_secret(token: &AccessToken, record: &TokenRecord, gateway_namespace: &str) -> Secret {
+/// The Secret holding `record` in the gateway namespace.
+pub fn record_secret(
+    token: &AccessToken,
+    record: &TokenRecord,
+    issuance: &Issuance,
+    gateway_namespace: &str,
+) -> Secret {
     let labels: BTreeMap<String, String> = [
         (TOKEN_RECORD_LABEL, TOKEN_RECORD_LABEL_VALUE.to_owned()),
         (
@@ -114,9 +195,23 @@ pub fn record_secret(token: &AccessToken, record: &TokenRecord, gateway_namespac
     .collect();
     Secret {
         metadata: ObjectMeta {
-            name: Some(format!("token-record-{}", record.id)),
+            name: Some(record_secret_name(&record.id)),
             namespace: Some(gateway_namespace.to_owned()),
             labels: Some(labels),
+            annotations: Some(
+                [(
+                    ISSUED_AT_ANNOTATION.to_owned(),
+                    issuance.issued_at.to_string(),
+                )]
+                .into_iter()
+                .chain(
+                    issuance
+                        .prefix
+                        .clone()
+                        .map(|p| (TOKEN_PREFIX_ANNOTATION.to_owned(), p)),
+                )
+                .collect(),
+            ),
             ..ObjectMeta::default()
         },
         data: Some(
@@ -213,11 +308,17 @@ mod tests {
         ];
         assert_eq!(
             resolve_models(&token, &deployments),
-            Ok(vec!["minilm-v1".into(), "uid-llama".into()])
+            ResolvedModels {
+                ids: vec!["minilm-v1".into(), "uid-llama".into()],
+                unknown: vec![]
+            }
         );
         assert_eq!(
             resolve_models(&token, &deployments[..1]),
-            Err(IssueError::UnknownModels(vec!["llama".into()]))
+            ResolvedModels {
+                ids: vec!["minilm-v1".into()],
+                unknown: vec!["llama".into()]
+            }
         );
     }
 
@@ -225,20 +326,24 @@ mod tests {
     fn the_record_carries_the_ids_expiry_from_ttl_and_revocation() {
         let token =
             access_token(serde_json::json!({"models": ["minilm"], "ttl": "24h", "revoked": true}));
-        let record = record(
-            &token,
-            "ab".repeat(32),
-            vec!["minilm-v1".into()],
-            at("2026-11-25T00:00:00Z"),
-        )
-        .unwrap();
+        let issuance = Issuance {
+            sha256: "ab".repeat(32),
+            prefix: Some("igt_AbCd".into()),
+            issued_at: at("2026-11-25T00:00:00Z"),
+        };
+        let record = record(&token, &issuance, vec!["minilm-v1".into()]).unwrap();
         assert_eq!(
             (record.id.as_str(), record.name.as_str()),
             ("7f1e", "demo/chat-app")
         );
         assert_eq!(record.expires_at, Some(at("2026-11-26T00:00:00Z")));
         assert!(record.revoked);
-        let secret = record_secret(&token, &record, "infergate-system");
+        let secret = record_secret(&token, &record, &issuance, "infergate-system");
+        assert_eq!(
+            Issuance::from_record_secret(&secret),
+            Some(issuance),
+            "a later reconcile reads back what was issued"
+        );
         assert_eq!(
             secret.metadata.namespace.as_deref(),
             Some("infergate-system")
@@ -295,13 +400,12 @@ mod tests {
     fn phases_follow_revocation_then_expiry() {
         let token =
             access_token(serde_json::json!({"models": ["m"], "expiresAt": "2027-01-01T00:00:00Z"}));
-        let issued = record(
-            &token,
-            "ab".repeat(32),
-            vec!["m".into()],
-            at("2026-11-25T00:00:00Z"),
-        )
-        .unwrap();
+        let issuance = Issuance {
+            sha256: "ab".repeat(32),
+            prefix: None,
+            issued_at: at("2026-11-25T00:00:00Z"),
+        };
+        let issued = record(&token, &issuance, vec!["m".into()]).unwrap();
         assert_eq!(
             phase(&token, Ok(&issued), at("2026-12-01T00:00:00Z")),
             AccessTokenPhase::Active

@@ -41,6 +41,11 @@ fn generated(dir: &Path) -> Vec<PathBuf> {
             }),
         ),
         (
+            "embedding-https",
+            serde_json::json!({"task": "embedding", "model": {"uri": "https://models.example.com/minilm.tar.gz",
+                               "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}}),
+        ),
+        (
             "tabular-image",
             serde_json::json!({"task": "tabular", "model": {"uri": "file:///models/mlp"}, "runtime": {"image": "registry.example.com/runtime:dev"}}),
         ),
@@ -79,10 +84,21 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The RBAC files the chart reuses: five objects each.
+fn rbac_files() -> (Vec<PathBuf>, usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/infergate/rbac");
+    (
+        vec![dir.join("operator.yaml"), dir.join("proxy.yaml")],
+        5 + 5,
+    )
+}
+
 #[test]
-fn generated_objects_pass_kubernetes_validate_strict() {
+fn generated_objects_and_rbac_pass_kubernetes_validate_strict() {
     let dir = temp_dir("validate");
-    let files = generated(&dir);
+    let mut files = generated(&dir);
+    let objects = files.len() + rbac_files().1;
+    files.extend(rbac_files().0);
     let output = Command::new("kubernetes-validate")
         .args(["--strict", "--kubernetes-version", "1.33.0"])
         .args(&files)
@@ -93,7 +109,7 @@ fn generated_objects_pass_kubernetes_validate_strict() {
     assert!(output.status.success(), "{report}");
     assert_eq!(
         report.matches(" passed for resource ").count(),
-        files.len(),
+        objects,
         "{report}"
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -215,12 +215,7 @@ pub fn model_specs(
         }
     }
     let mut ordered: Vec<&Arc<ModelDeployment>> = models.iter().collect();
-    ordered.sort_by_key(|m| {
-        (
-            m.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            m.name_any(),
-        )
-    });
+    ordered.sort_by_key(|m| m.id_claim_order());
     let mut ids = HashSet::new();
     let mut specs = Vec::new();
     for model in ordered {

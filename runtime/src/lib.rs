@@ -5,6 +5,7 @@
 pub mod app;
 pub mod batching;
 pub mod device;
+pub mod download;
 pub mod error;
 pub mod metrics;
 pub mod models;

@@ -3,23 +3,31 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use runtime::app::{Runtime, Settings, Task};
 use runtime::batching::BatchLimits;
 use tch::Kind;
 
 /// Serves a model from a local directory (Hugging Face layout) for one task.
 #[derive(Debug, Parser)]
-#[command(name = "infergate-runtime", version)]
+#[command(
+    name = "infergate-runtime",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// What the model does: embedding, text-classification, rerank or tabular.
-    #[arg(long, env = "INFERGATE_TASK")]
-    task: Task,
+    #[arg(long, env = "INFERGATE_TASK", required = true)]
+    task: Option<Task>,
 
     /// Directory with config.json, model.safetensors and tokenizer.json; for tabular, model.pt
     /// (TorchScript) and signature.json (MLflow tensor spec).
-    #[arg(long, env = "INFERGATE_MODEL_DIR")]
-    model_dir: PathBuf,
+    #[arg(long, env = "INFERGATE_MODEL_DIR", required = true)]
+    model_dir: Option<PathBuf>,
 
     /// Address to serve HTTP on.
     #[arg(long, env = "INFERGATE_LISTEN", default_value = "0.0.0.0:8080")]
@@ -58,6 +66,30 @@ struct Args {
     log_json: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch the model of an https:// ModelDeployment into DEST (the operator runs this as the
+    /// runtime pod's init container): checks --sha256, unpacks .tar/.tar.gz/.tgz archives.
+    Download {
+        #[arg(long)]
+        url: String,
+        /// Lower-case hex SHA-256 the downloaded body must have.
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        dest: PathBuf,
+    },
+}
+
+fn download(url: String, sha256: Option<String>, dest: PathBuf) -> anyhow::Result<()> {
+    let download = runtime::download::Download { url, sha256, dest };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(download.run())?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,6 +103,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
+    let (task, model_dir) = match (args.command, args.task, args.model_dir) {
+        (Some(Command::Download { url, sha256, dest }), _, _) => {
+            return download(url, sha256, dest);
+        }
+        (None, Some(task), Some(model_dir)) => (task, model_dir),
+        (None, _, _) => unreachable!("clap requires --task and --model-dir without a subcommand"),
+    };
     let device = runtime::device::inference_device();
     let kind = match args.dtype.as_str() {
         "float32" => Kind::Float,
@@ -86,8 +125,8 @@ fn main() -> anyhow::Result<()> {
         tch::set_num_threads(threads);
     }
     let settings = Settings {
-        task: args.task,
-        model_dir: args.model_dir,
+        task,
+        model_dir,
         listen: args.listen,
         model_id: args.model_id,
         limits: BatchLimits {

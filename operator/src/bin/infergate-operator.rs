@@ -1,0 +1,130 @@
+//! `infergate-operator`: reconciles ModelDeployments into runtime pods and AccessTokens into
+//! token records, as the leader of its replicas.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use futures::FutureExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use operator::controller::{self, Config};
+use operator::desired::RuntimeDefaults;
+use operator::lease::{LeaderLease, Timing};
+use operator::telemetry::{self, Health, Metrics};
+
+#[derive(Debug, Parser)]
+#[command(name = "infergate-operator", version, about)]
+struct Args {
+    /// Namespace of the proxy, where token records are written.
+    #[arg(long, env = "INFERGATE_GATEWAY_NAMESPACE", default_value = crds::names::DEFAULT_GATEWAY_NAMESPACE)]
+    gateway_namespace: String,
+    /// Reconcile only this namespace (a namespaced install); all namespaces when unset.
+    #[arg(long)]
+    watch_namespace: Option<String>,
+    /// Image of the builtin runtime, unless a ModelDeployment overrides it.
+    #[arg(long, env = "INFERGATE_RUNTIME_IMAGE", default_value = concat!("infergate/runtime:", env!("CARGO_PKG_VERSION")))]
+    runtime_image: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    metrics_listen: SocketAddr,
+    /// Elect a leader among replicas on a Lease; turn off only when one replica runs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(long, default_value = "infergate-operator")]
+    lease_name: String,
+    /// Namespace of the Lease: the operator's own (POD_NAMESPACE), else the gateway namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's name in the Lease and in Events (POD_NAME), else host name and pid.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log one JSON object per line.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn host_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+
+    let client = Client::try_default().await?;
+    let identity = args.identity.clone().unwrap_or_else(host_identity);
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let telemetry = tokio::spawn(telemetry::serve(
+        args.metrics_listen,
+        metrics.clone(),
+        health.clone(),
+    ));
+    let config = Config {
+        gateway_namespace: args.gateway_namespace.clone(),
+        watch_namespace: args.watch_namespace,
+        runtime: RuntimeDefaults {
+            image: args.runtime_image,
+        },
+        instance: identity.clone(),
+    };
+    let shutdown = terminated().shared();
+    let controllers = controller::run(
+        client.clone(),
+        config,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
+    tracing::info!(%identity, gateway_namespace = %args.gateway_namespace, "starting");
+
+    if !args.leader_election {
+        metrics.leader.set(1);
+        controllers.await;
+        return Ok(());
+    }
+    let lease_namespace = args.lease_namespace.unwrap_or(args.gateway_namespace);
+    let mut lease = LeaderLease::new(
+        Api::<Lease>::namespaced(client, &lease_namespace),
+        &args.lease_name,
+        &identity,
+        Timing::default(),
+    );
+    tokio::select! {
+        () = lease.acquire(|| health.set_ready(true)) => {}
+        () = shutdown.clone() => return Ok(()),
+        result = telemetry => return Err(anyhow::anyhow!("the metrics server stopped: {result:?}")),
+    }
+    tracing::info!(lease = %args.lease_name, "leading");
+    metrics.leader.set(1);
+    let led = lease.lead(controllers).await;
+    metrics.leader.set(0);
+    // A replica that lost the Lease exits: the controllers may hold state from its time as
+    // leader, and a fresh start as a standby is the simplest correct thing.
+    led.map_err(Into::into)
+}

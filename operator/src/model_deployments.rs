@@ -1,0 +1,116 @@
+//! Reconcile of a ModelDeployment: its runtime Deployment and Service, and its status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crds::{ModelDeployment, ModelDeploymentStatus};
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+
+use crate::apply::{FIELD_MANAGER, apply_if_changed};
+use crate::controller::{Context, Error};
+use crate::desired::{runtime_deployment, runtime_service};
+use crate::status::{Blocked, id_holder, model_deployment_status, stamp_transitions, transitions};
+
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = md.namespace().unwrap_or_default();
+    let name = md.name_any();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let mut blocked = confirmed_id_holder(&md, &ctx)
+        .await?
+        .map(|holder| Blocked::IdConflict {
+            id: md.model_version_id().unwrap_or_default(),
+            holder,
+        });
+    if blocked.is_none() {
+        let desired = runtime_deployment(&md, &ctx.config.runtime)
+            .and_then(|deployment| Ok((deployment, runtime_service(&md)?)));
+        match desired {
+            Ok((deployment, service)) => {
+                let (_, service_written) = apply_if_changed(&services, service).await?;
+                let (_, deployment_written) = apply_if_changed(&deployments, deployment).await?;
+                if service_written || deployment_written {
+                    ctx.event(
+                        md.as_ref(),
+                        false,
+                        "Applied",
+                        "ApplyRuntime",
+                        format!(
+                            "applied the runtime Deployment and Service for generation {}",
+                            md.metadata.generation.unwrap_or_default()
+                        ),
+                    )
+                    .await;
+                }
+            }
+            // A spec that cannot be built leaves the runtime as it was (like a Deployment whose
+            // new template fails admission): serving goes on while the person fixes the spec.
+            Err(error) => blocked = Some(Blocked::InvalidSpec(error.to_string())),
+        }
+    }
+
+    let deployment = deployments.get_opt(&name).await?;
+    let previous = md.status.clone().unwrap_or_default();
+    let mut status = model_deployment_status(&md, blocked.as_ref(), deployment.as_ref());
+    stamp_transitions(
+        &mut status.conditions,
+        &previous.conditions,
+        Timestamp::now(),
+    );
+    if md.status.as_ref() != Some(&status) {
+        write_status(&md, &status, &ctx).await?;
+        for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
+            ctx.event(md.as_ref(), warning, &reason, "Reconcile", message)
+                .await;
+        }
+    }
+    // Changes of the Deployment and Service trigger a reconcile (the controller owns them), and
+    // so does any change of a ModelDeployment claiming the same id; the periodic pass only
+    // repairs what a lost watch event might have hidden.
+    let period = if blocked.is_some() { 60 } else { 3600 };
+    Ok(Action::requeue(Duration::from_secs(period)))
+}
+
+/// `namespace/name` of the ModelDeployment that holds `md`'s id, if another one does. The cache
+/// may still hold a holder that was just deleted (its delete event and the one that triggered
+/// this reconcile race), so a holder found there is confirmed with a read.
+async fn confirmed_id_holder(md: &ModelDeployment, ctx: &Context) -> Result<Option<String>, Error> {
+    let mut candidates: Vec<Arc<ModelDeployment>> = ctx.models.state();
+    while let Some(holder) = id_holder(md, candidates.iter().map(Arc::as_ref)).cloned() {
+        let namespace = holder.namespace().unwrap_or_default();
+        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
+        let live = api.get_opt(&holder.name_any()).await?;
+        if live.is_some_and(|live| live.uid() == holder.uid()) {
+            return Ok(Some(format!("{namespace}/{}", holder.name_any())));
+        }
+        candidates.retain(|c| c.uid() != holder.uid());
+    }
+    Ok(None)
+}
+
+async fn write_status(
+    md: &ModelDeployment,
+    status: &ModelDeploymentStatus,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "infergate.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

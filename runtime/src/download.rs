@@ -1,0 +1,321 @@
+//! `infergate-runtime download`: fetches a model for an `https://` ModelDeployment into the
+//! pod's model directory before the runtime starts (the operator runs it as an init container
+//! of the same image).
+//!
+//! The body is streamed to disk while its SHA-256 is computed; a digest that differs from the
+//! expected one fails the pod and leaves nothing behind. A `.tar`, `.tar.gz` or `.tgz` is
+//! unpacked (regular files and directories only: a link or a path leaving the directory fails
+//! the download); anything else is stored under the last segment of the URL's path.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::{Component, Path, PathBuf};
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+
+/// What to fetch and where.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub url: String,
+    /// Lower-case hex SHA-256 the body must have.
+    pub sha256: Option<String>,
+    pub dest: PathBuf,
+}
+
+/// Why a download failed; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("GET {url}: {message}")]
+    Fetch { url: String, message: String },
+    #[error("GET {url}: the server answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("GET {url}: more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects { url: String },
+    #[error("sha256 mismatch for {url}: spec.model.sha256 is {expected}, the body has {actual}")]
+    Sha256Mismatch {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("the archive entry {0:?} is not a plain file or directory inside the model directory")]
+    UnsafeEntry(String),
+    #[error("the URL's path names no file: {0}")]
+    NoFileName(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DownloadError {
+    let context = context.into();
+    move |source| DownloadError::Io { context, source }
+}
+
+/// Redirects followed (hubs and object stores answer with one to a signed URL).
+const MAX_REDIRECTS: usize = 10;
+
+/// Why a request failed, with its causes: hyper's top-level errors ("client error (Connect)")
+/// say little without them.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Marker left in `dest` after a complete download; its content is the URL and digest, so a
+/// restarted init container of the same pod (same emptyDir) does not fetch again.
+const COMPLETE_MARKER: &str = ".infergate-download-complete";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Tar,
+    TarGz,
+    File,
+}
+
+fn layout(url_path: &str) -> Layout {
+    if url_path.ends_with(".tar.gz") || url_path.ends_with(".tgz") {
+        Layout::TarGz
+    } else if url_path.ends_with(".tar") {
+        Layout::Tar
+    } else {
+        Layout::File
+    }
+}
+
+impl Download {
+    fn marker(&self) -> String {
+        format!("{}\n{}\n", self.url, self.sha256.as_deref().unwrap_or("-"))
+    }
+
+    /// Fetches, checks and places the model; returns the SHA-256 of what was fetched.
+    pub async fn run(&self) -> Result<String, DownloadError> {
+        let marker = self.dest.join(COMPLETE_MARKER);
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == self.marker()) {
+            tracing::info!(dest = %self.dest.display(), "already downloaded");
+            return Ok(self.sha256.clone().unwrap_or_default());
+        }
+        std::fs::create_dir_all(&self.dest)
+            .map_err(io(format!("creating {}", self.dest.display())))?;
+        let partial = self.dest.join(".infergate-download.partial");
+        let result = self.fetch_and_place(&partial).await;
+        // Whatever happened, the partial body is of no further use.
+        let _ = std::fs::remove_file(&partial);
+        let digest = result?;
+        std::fs::write(&marker, self.marker()).map_err(io("writing the completion marker"))?;
+        Ok(digest)
+    }
+
+    async fn fetch_and_place(&self, partial: &Path) -> Result<String, DownloadError> {
+        let fetch = |url: &str, message: String| DownloadError::Fetch {
+            url: url.to_owned(),
+            message,
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map_err(io("loading the system's root certificates"))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client: Client<_, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(connector);
+        let mut url = self.url.clone();
+        let mut redirects = 0;
+        let mut response = loop {
+            let uri: http::Uri = url.parse().map_err(|e| fetch(&url, format!("{e}")))?;
+            let response = client
+                .get(uri.clone())
+                .await
+                .map_err(|e| fetch(&url, chain(&e)))?;
+            let status = response.status();
+            if !status.is_redirection() {
+                break response;
+            }
+            redirects += 1;
+            if redirects > MAX_REDIRECTS {
+                return Err(DownloadError::TooManyRedirects {
+                    url: self.url.clone(),
+                });
+            }
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .ok_or_else(|| fetch(&url, format!("{status} without a Location")))?;
+            url = resolve(&uri, location);
+        };
+        if !response.status().is_success() {
+            return Err(DownloadError::Status {
+                url,
+                status: response.status().as_u16(),
+            });
+        }
+        let url_path = url
+            .parse::<http::Uri>()
+            .map(|u| u.path().to_owned())
+            .unwrap_or_default();
+        let mut file = File::create(partial).map_err(io("creating the download file"))?;
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        let body = response.body_mut();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| fetch(&url, chain(&e)))?;
+            if let Ok(chunk) = frame.into_data() {
+                hasher.update(&chunk);
+                file.write_all(&chunk).map_err(io("writing the download"))?;
+                bytes += chunk.len() as u64;
+            }
+        }
+        file.sync_all().map_err(io("flushing the download"))?;
+        let actual: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if let Some(expected) = &self.sha256
+            && !expected.eq_ignore_ascii_case(&actual)
+        {
+            return Err(DownloadError::Sha256Mismatch {
+                url: self.url.clone(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        tracing::info!(url = %self.url, bytes, sha256 = %actual, "downloaded");
+        let dest = self.dest.clone();
+        let partial = partial.to_owned();
+        let placed = tokio::task::spawn_blocking(move || match layout(&url_path) {
+            Layout::Tar => unpack(File::open(&partial).map(BufReader::new), &dest),
+            Layout::TarGz => unpack(
+                File::open(&partial).map(|f| flate2::read::GzDecoder::new(BufReader::new(f))),
+                &dest,
+            ),
+            Layout::File => {
+                let name = url_path
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+                    .ok_or_else(|| DownloadError::NoFileName(url_path.clone()))?;
+                std::fs::rename(&partial, dest.join(name)).map_err(io(format!("placing {name}")))
+            }
+        })
+        .await
+        .map_err(|join| DownloadError::Io {
+            context: "unpacking".into(),
+            source: std::io::Error::other(join.to_string()),
+        })?;
+        placed?;
+        Ok(actual)
+    }
+}
+
+/// The absolute URL a `Location` header points to from `base`.
+fn resolve(base: &http::Uri, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_owned();
+    }
+    let origin = format!(
+        "{}://{}",
+        base.scheme_str().unwrap_or("https"),
+        base.authority().map(|a| a.as_str()).unwrap_or_default()
+    );
+    if location.starts_with('/') {
+        return format!("{origin}{location}");
+    }
+    let directory = base.path().rsplit_once('/').map_or("", |(dir, _)| dir);
+    format!("{origin}{directory}/{location}")
+}
+
+/// Unpacks a tar stream into `dest`, refusing links, devices and paths that leave `dest`. Every
+/// entry is checked before anything is written, so a refused archive leaves nothing.
+fn unpack<R: std::io::Read>(reader: std::io::Result<R>, dest: &Path) -> Result<(), DownloadError> {
+    let reader = reader.map_err(io("opening the download"))?;
+    let mut archive = tar::Archive::new(reader);
+    let staging = dest.join(".infergate-unpack");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io("creating the unpack directory"))?;
+    let result = (|| {
+        for entry in archive.entries().map_err(io("reading the archive"))? {
+            let mut entry = entry.map_err(io("reading the archive"))?;
+            let path = entry
+                .path()
+                .map_err(io("reading an entry's path"))?
+                .into_owned();
+            let shown = path.display().to_string();
+            let kind = entry.header().entry_type();
+            let inside = path
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if !inside || !(kind.is_file() || kind.is_dir()) {
+                return Err(DownloadError::UnsafeEntry(shown));
+            }
+            let target = staging.join(&path);
+            if kind.is_dir() {
+                std::fs::create_dir_all(&target).map_err(io(format!("creating {shown}")))?;
+            } else {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(io(format!("creating {shown}")))?;
+                }
+                let mut out = File::create(&target).map_err(io(format!("creating {shown}")))?;
+                std::io::copy(&mut entry, &mut out).map_err(io(format!("writing {shown}")))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(error) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(error);
+    }
+    for entry in std::fs::read_dir(&staging).map_err(io("listing the unpacked files"))? {
+        let entry = entry.map_err(io("listing the unpacked files"))?;
+        std::fs::rename(entry.path(), dest.join(entry.file_name()))
+            .map_err(io("moving the unpacked files into place"))?;
+    }
+    std::fs::remove_dir(&staging).map_err(io("removing the unpack directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_absolute_rooted_and_relative_locations() {
+        let base: http::Uri = "https://hub.example.com/org/model/resolve/main/m.tar"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            resolve(&base, "https://cdn.example.net/x?sig=1"),
+            "https://cdn.example.net/x?sig=1"
+        );
+        assert_eq!(
+            resolve(&base, "/api/m.tar"),
+            "https://hub.example.com/api/m.tar"
+        );
+        assert_eq!(
+            resolve(&base, "v2.tar"),
+            "https://hub.example.com/org/model/resolve/main/v2.tar"
+        );
+    }
+
+    #[test]
+    fn archives_are_recognised_by_their_extension() {
+        assert_eq!(layout("/models/minilm.tar.gz"), Layout::TarGz);
+        assert_eq!(layout("/m.tgz"), Layout::TarGz);
+        assert_eq!(layout("/m.tar"), Layout::Tar);
+        assert_eq!(layout("/m/model.safetensors"), Layout::File);
+    }
+}
