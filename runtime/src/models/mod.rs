@@ -1,6 +1,7 @@
 //! Model architectures on tch, and loading them from a Hugging Face model directory.
 
 pub mod bert;
+pub mod llama;
 pub mod pooling;
 
 use std::collections::BTreeSet;

@@ -1,0 +1,132 @@
+//! The native Llama-family decoders against Hugging Face transformers on the tiny trained
+//! fixtures (`runtime/fixtures/make_decoder_fixtures.py`): logits of every position of a prompt
+//! within 1e-4, and the same 64 greedy tokens per prompt, one sequence at a time and with all
+//! prompts decoded together in one batch.
+
+use std::path::PathBuf;
+
+use runtime::models::llama::{LlamaModel, Placement};
+use tch::{Device, Kind, Tensor};
+
+fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (dir, reference)
+}
+
+fn ids(value: &serde_json::Value) -> Vec<i64> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect()
+}
+
+fn argmax(logits: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap()
+}
+
+/// Greedy continuations of `prompts`, prefilled one by one into their own slots and then
+/// decoded together, one token per sequence per step.
+fn greedy_batch(model: &LlamaModel, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
+    let mut cache = model.new_cache(prompts.len() as i64 + 1, 256);
+    let mut next = Vec::new();
+    for (slot, prompt) in prompts.iter().enumerate() {
+        // Slot 0 stays unused, so that slot numbers and batch rows differ.
+        let placement = Placement {
+            slot: slot as i64 + 1,
+            start: 0,
+        };
+        let logits = model.forward(
+            &Tensor::from_slice(prompt).unsqueeze(0),
+            &[placement],
+            &mut cache,
+            false,
+        );
+        next.push(argmax(&logits)[0]);
+    }
+    let mut generated: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
+    for _ in 1..steps {
+        let placements: Vec<Placement> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Placement {
+                slot: i as i64 + 1,
+                start: (p.len() + generated[i].len() - 1) as i64,
+            })
+            .collect();
+        let last: Vec<i64> = generated.iter().map(|g| *g.last().unwrap()).collect();
+        let logits = model.forward(
+            &Tensor::from_slice(&last).unsqueeze(1),
+            &placements,
+            &mut cache,
+            false,
+        );
+        for (row, token) in argmax(&logits).into_iter().enumerate() {
+            generated[row].push(token);
+        }
+    }
+    generated
+}
+
+fn check(name: &str) {
+    let (dir, reference) = fixture(name);
+    let model = LlamaModel::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        let prompt = ids(&reference["logits_prompt"]);
+        let mut cache = model.new_cache(1, 64);
+        let logits = model.forward(
+            &Tensor::from_slice(&prompt).unsqueeze(0),
+            &[Placement { slot: 0, start: 0 }],
+            &mut cache,
+            true,
+        );
+        let expected: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+        let expected = Tensor::from_slice2(&expected).unsqueeze(0);
+        let delta = f64::try_from((logits - expected).abs().max()).unwrap();
+        assert!(delta <= 1e-4, "{name}: max |Δlogits| = {delta:e}");
+        eprintln!("{name}: max |Δlogits| = {delta:e}");
+
+        let prompts: Vec<Vec<i64>> = reference["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        let greedy: Vec<Vec<i64>> = reference["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        for (prompt, expected) in prompts.iter().zip(&greedy) {
+            let alone = greedy_batch(&model, std::slice::from_ref(prompt), 64);
+            assert_eq!(&alone[0], expected, "{name}: greedy tokens of one sequence");
+        }
+        assert_eq!(
+            greedy_batch(&model, &prompts, 64),
+            greedy,
+            "{name}: greedy tokens in one batch"
+        );
+    });
+}
+
+#[test]
+fn llama_with_grouped_query_attention_and_llama3_rope_scaling_matches_transformers() {
+    check("llama");
+}
+
+#[test]
+fn mistral_with_tied_embeddings_matches_transformers() {
+    check("mistral");
+}
+
+#[test]
+fn qwen2_with_qkv_biases_and_one_kv_head_matches_transformers() {
+    check("qwen2");
+}
