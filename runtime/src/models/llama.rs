@@ -600,7 +600,7 @@ impl LlamaModel {
             )
             .transpose(1, 2)
             .reshape([rows, seq, attention.heads * attention.head_dim]);
-            hidden = hidden + attention.o_proj.forward(&context);
+            hidden += attention.o_proj.forward(&context);
             let normed = layer.post_attention_layernorm.forward(&hidden);
             hidden = &hidden + layer.mlp.forward(&normed);
         }
