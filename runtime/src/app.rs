@@ -9,13 +9,17 @@ use tch::{Device, Kind};
 use tokio::sync::watch;
 
 use crate::batching::{BatchLimits, Batcher};
+use crate::generate::engine::{Engine, EngineLimits};
+use crate::generate::template::ChatTemplates;
 use crate::metrics::Metrics;
 use crate::models::bert::BertConfig;
+use crate::models::llama::{LlamaConfig, LlamaModel};
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, read_json};
 use crate::server::{Common, Info};
 use crate::tasks::classify::{ClassifierBackend, ClassifierTask, Labels};
 use crate::tasks::embed::{EmbeddingBackend, EmbeddingTask};
+use crate::tasks::generation::{GenerationDefaults, GenerationTask, eos_token_ids};
 use crate::tasks::tabular::{Signature, TabularModel, TabularTask};
 use crate::tokenize::TextEncoder;
 use crate::worker::ModelWorker;
@@ -27,6 +31,7 @@ pub enum Task {
     TextClassification,
     Rerank,
     Tabular,
+    TextGeneration,
 }
 
 impl Task {
@@ -36,6 +41,7 @@ impl Task {
             Task::TextClassification => "text-classification",
             Task::Rerank => "rerank",
             Task::Tabular => "tabular",
+            Task::TextGeneration => "text-generation",
         }
     }
 }
@@ -49,9 +55,10 @@ impl std::str::FromStr for Task {
             Task::TextClassification,
             Task::Rerank,
             Task::Tabular,
+            Task::TextGeneration,
         ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation")
         })
     }
 }
@@ -67,6 +74,30 @@ pub struct Settings {
     pub max_client_batch_size: usize,
     pub device: Device,
     pub kind: Kind,
+    pub generation: GenerationSettings,
+}
+
+/// Sizes and defaults of text generation.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationSettings {
+    /// Sequences decoded together (KV cache slots).
+    pub max_running: usize,
+    /// Prompt plus output tokens of one sequence; the model's `max_position_embeddings` when
+    /// unset (capped at it when set).
+    pub max_sequence_tokens: Option<usize>,
+    pub max_prefill_tokens_per_step: usize,
+    pub defaults: GenerationDefaults,
+}
+
+impl Default for GenerationSettings {
+    fn default() -> Self {
+        GenerationSettings {
+            max_running: 32,
+            max_sequence_tokens: Some(4096),
+            max_prefill_tokens_per_step: 4096,
+            defaults: GenerationDefaults::default(),
+        }
+    }
 }
 
 /// A runtime ready to serve: its router and the model thread's handle.
@@ -182,6 +213,53 @@ impl Runtime {
                     crate::tasks::classify::routes().with_state(task)
                 };
                 (info, routes, thread)
+            }
+            Task::TextGeneration => {
+                let config = LlamaConfig::load(&dir)?;
+                let invalid = |message: String| LoadError::Invalid {
+                    path: dir.clone(),
+                    message,
+                };
+                let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+                    .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+                let templates = ChatTemplates::from_model_dir(&dir).map_err(invalid)?;
+                let eos = eos_token_ids(&dir)?;
+                let generation = settings.generation;
+                let model_limit = config.max_position_embeddings as usize;
+                let engine_limits = EngineLimits {
+                    max_running: generation.max_running,
+                    max_sequence_tokens: generation
+                        .max_sequence_tokens
+                        .map_or(model_limit, |n| n.min(model_limit)),
+                    max_queued: limits.max_concurrent_requests,
+                    max_prefill_tokens_per_step: generation.max_prefill_tokens_per_step,
+                };
+                let load = move || LlamaModel::load(&dir, device, kind).map_err(|e| e.to_string());
+                let (engine, thread) =
+                    Engine::start(load, engine_limits, metrics.clone(), ready_tx);
+                let info = info(
+                    serde_json::json!({"text-generation": {
+                        "architecture": config.model_type,
+                        "max_running_sequences": engine_limits.max_running,
+                        "max_sequence_tokens": engine_limits.max_sequence_tokens,
+                        "chat_template": templates.has_model_template(),
+                    }}),
+                    engine_limits.max_sequence_tokens - 1,
+                );
+                let task = Arc::new(GenerationTask {
+                    engine,
+                    tokenizer: Arc::new(tokenizer),
+                    templates: Arc::new(templates),
+                    model_id: model_id.clone(),
+                    eos_token_ids: eos,
+                    defaults: generation.defaults,
+                    template_renders: Arc::new(tokio::sync::Semaphore::new(2)),
+                });
+                (
+                    info,
+                    crate::tasks::generation::routes().with_state(task),
+                    thread,
+                )
             }
             Task::Tabular => {
                 let signature = Arc::new(Signature::load(&dir)?);

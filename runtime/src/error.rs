@@ -35,6 +35,9 @@ pub enum ApiError {
         count: usize,
         limit: usize,
     },
+    /// A chat template that cannot render this chat (the model's or the request's).
+    #[error("{0}")]
+    Template(String),
     #[error("OICM-Request-Timeout must be a positive number of seconds")]
     InvalidTimeout,
     #[error("the request did not complete within its OICM-Request-Timeout deadline")]
@@ -90,6 +93,11 @@ impl ApiError {
                 "invalid_request_error",
                 "too_many_inputs",
             ),
+            ApiError::Template(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_chat_template",
+            ),
             ApiError::InvalidTimeout => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -122,6 +130,12 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         self.parts().0
+    }
+
+    /// `type` and `code` of the error body (also used by the `event: error` of streams).
+    pub fn kind_and_code(&self) -> (&'static str, &'static str) {
+        let (_, kind, code) = self.parts();
+        (kind, code)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod batching;
 pub mod device;
 pub mod download;
 pub mod error;
+pub mod generate;
 pub mod metrics;
 pub mod models;
 pub mod server;

@@ -20,7 +20,7 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// What the model does: embedding, text-classification, rerank or tabular.
+    /// What the model does: embedding, text-classification, rerank, tabular or text-generation.
     #[arg(long, env = "INFERGATE_TASK", required = true)]
     task: Option<Task>,
 
@@ -60,6 +60,27 @@ struct Args {
     /// libtorch intra-op threads; libtorch's default (the machine's cores) when unset.
     #[arg(long, env = "INFERGATE_TORCH_THREADS")]
     torch_threads: Option<i32>,
+
+    /// text-generation: sequences decoded together (the KV cache's slots, allocated at start).
+    #[arg(long, env = "INFERGATE_MAX_RUNNING_SEQUENCES", default_value_t = 32)]
+    max_running_sequences: usize,
+
+    /// text-generation: prompt plus generated tokens of one sequence (at most the model's
+    /// max_position_embeddings).
+    #[arg(long, env = "INFERGATE_MAX_SEQUENCE_TOKENS", default_value_t = 4096)]
+    max_sequence_tokens: usize,
+
+    /// text-generation: prompt tokens prefilled between two decode steps of the running batch.
+    #[arg(long, env = "INFERGATE_MAX_PREFILL_TOKENS", default_value_t = 4096)]
+    max_prefill_tokens: usize,
+
+    /// text-generation: sampling defaults for requests that set none.
+    #[arg(long, env = "INFERGATE_DEFAULT_TEMPERATURE", default_value_t = 0.7)]
+    default_temperature: f32,
+    #[arg(long, env = "INFERGATE_DEFAULT_TOP_P", default_value_t = 0.9)]
+    default_top_p: f32,
+    #[arg(long, env = "INFERGATE_DEFAULT_MAX_NEW_TOKENS", default_value_t = 1024)]
+    default_max_new_tokens: usize,
 
     /// Log lines as JSON objects instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
@@ -137,6 +158,16 @@ fn main() -> anyhow::Result<()> {
         max_client_batch_size: args.max_client_batch_size,
         device,
         kind,
+        generation: runtime::app::GenerationSettings {
+            max_running: args.max_running_sequences,
+            max_sequence_tokens: Some(args.max_sequence_tokens),
+            max_prefill_tokens_per_step: args.max_prefill_tokens,
+            defaults: runtime::tasks::generation::GenerationDefaults {
+                temperature: args.default_temperature,
+                top_p: args.default_top_p,
+                max_new_tokens: args.default_max_new_tokens,
+            },
+        },
     };
     let listen = settings.listen;
     let runtime = Runtime::build(settings, runtime::metrics::Metrics::new())?;

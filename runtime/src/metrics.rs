@@ -2,8 +2,8 @@
 //! are HTTP codes.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 const SECONDS: &[f64] = &[
@@ -22,6 +22,14 @@ pub struct Metrics {
     pub batch_sequences: Histogram,
     pub batch_tokens: Histogram,
     pub dropped: IntCounter,
+    /// Text generation: time to first token, time per output token, tokens in and out, and the
+    /// scheduler's queues under the names endpoint pickers read.
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
 }
 
 impl Metrics {
@@ -74,6 +82,36 @@ impl Metrics {
                 "Requests dropped before batching because the client went away.",
             )
             .expect("static metric definition"),
+            time_to_first_token: histogram(
+                "infergate_runtime_time_to_first_token_seconds",
+                "Time from a generation request's arrival to its first token.",
+                SECONDS.to_vec(),
+            ),
+            time_per_output_token: histogram(
+                "infergate_runtime_time_per_output_token_seconds",
+                "Time between consecutive generated tokens of a sequence.",
+                SECONDS.to_vec(),
+            ),
+            prompt_tokens: IntCounter::new(
+                "infergate_runtime_prompt_tokens_total",
+                "Prompt tokens prefilled.",
+            )
+            .expect("static metric definition"),
+            generated_tokens: IntCounter::new(
+                "infergate_runtime_generated_tokens_total",
+                "Tokens generated.",
+            )
+            .expect("static metric definition"),
+            running: IntGauge::new(
+                "infergate_runtime_num_requests_running",
+                "Sequences in the running batch.",
+            )
+            .expect("static metric definition"),
+            waiting: IntGauge::new(
+                "infergate_runtime_num_requests_waiting",
+                "Sequences admitted and waiting for a place in the running batch.",
+            )
+            .expect("static metric definition"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -83,6 +121,12 @@ impl Metrics {
             Box::new(metrics.batch_sequences.clone()),
             Box::new(metrics.batch_tokens.clone()),
             Box::new(metrics.dropped.clone()),
+            Box::new(metrics.time_to_first_token.clone()),
+            Box::new(metrics.time_per_output_token.clone()),
+            Box::new(metrics.prompt_tokens.clone()),
+            Box::new(metrics.generated_tokens.clone()),
+            Box::new(metrics.running.clone()),
+            Box::new(metrics.waiting.clone()),
         ];
         for collector in collectors {
             metrics

@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod embed;
+pub mod generation;
 pub mod rerank;
 pub mod tabular;
 

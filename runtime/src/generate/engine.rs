@@ -1,0 +1,440 @@
+//! The continuous-batching scheduler: one model thread owns the decoder and its KV cache and
+//! loops over steps. Between steps, new sequences are admitted (prefilled into a free cache
+//! slot, up to a budget of prompt tokens per step so decoding never stalls behind long
+//! prompts) and finished ones leave; each step decodes one token for every running sequence in
+//! a single batch. A sequence whose client went away (its event receiver dropped) or whose
+//! deadline passed is stopped before the next step, so no token is computed for it after that.
+//!
+//! Memory for keys and values is fixed at start: `max_running` slots of `max_sequence_tokens`
+//! positions. When every slot is taken, new sequences wait; beyond `max_queued` in flight,
+//! submission is refused (429).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use super::sampling::{SamplingParams, SeededRng, sample};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::models::llama::{KvCache, LlamaModel, Placement};
+
+/// Sizes of the scheduler.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Sequences decoded together (KV cache slots).
+    pub max_running: usize,
+    /// Prompt plus generated tokens of one sequence (positions per slot).
+    pub max_sequence_tokens: usize,
+    /// Sequences admitted at once, running or waiting; more get 429.
+    pub max_queued: usize,
+    /// Prompt tokens prefilled per step before the running batch decodes again.
+    pub max_prefill_tokens_per_step: usize,
+}
+
+/// When a sequence stops, besides its client leaving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopRule {
+    pub max_new_tokens: usize,
+    /// Token ids that end the sequence (EOS unless ignored, plus the request's).
+    pub stop_token_ids: Vec<i64>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token (not included in the output).
+    StopToken,
+    /// `max_new_tokens`, or the slot is full.
+    Length,
+    /// The request's deadline passed.
+    Deadline,
+}
+
+/// What the engine sends a request, in order: tokens, then one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Token(i64),
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// One sequence to generate.
+#[derive(Debug)]
+pub struct Submission {
+    pub prompt: Vec<i64>,
+    pub sampling: SamplingParams,
+    pub stop: StopRule,
+    pub deadline: Option<Instant>,
+}
+
+struct Queued {
+    submission: Submission,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Running {
+    slot: i64,
+    tokens: Vec<i64>,
+    prompt_len: usize,
+    sampling: SamplingParams,
+    rng: SeededRng,
+    stop: StopRule,
+    deadline: Option<Instant>,
+    events: mpsc::UnboundedSender<Event>,
+    last_token_at: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Running {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// The async side: submits sequences to the model thread.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    submissions: std_mpsc::Sender<QueuedHandle>,
+    admission: Arc<Semaphore>,
+    pub limits: EngineLimits,
+}
+
+/// `Queued` without its `Debug`-less parts exposed; what crosses the channel.
+struct QueuedHandle(Queued);
+
+impl std::fmt::Debug for QueuedHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Queued")
+    }
+}
+
+impl Engine {
+    /// Starts the model thread: `load` builds the decoder there; `/health` turns ready after.
+    pub fn start<L>(
+        load: L,
+        limits: EngineLimits,
+        metrics: Metrics,
+        ready: watch::Sender<bool>,
+    ) -> (Engine, JoinHandle<Result<(), String>>)
+    where
+        L: FnOnce() -> Result<LlamaModel, String> + Send + 'static,
+    {
+        let (submissions, receiver) = std_mpsc::channel::<QueuedHandle>();
+        let thread = std::thread::Builder::new()
+            .name("model".to_owned())
+            .spawn(move || {
+                let model = load()?;
+                let cache =
+                    model.new_cache(limits.max_running as i64, limits.max_sequence_tokens as i64);
+                let _ = ready.send(true);
+                tch::no_grad(|| Scheduler::new(model, cache, limits, metrics).run(receiver));
+                Ok(())
+            })
+            .expect("spawning the model thread");
+        let engine = Engine {
+            submissions,
+            admission: Arc::new(Semaphore::new(limits.max_queued)),
+            limits,
+        };
+        (engine, thread)
+    }
+
+    /// Queues `submission`; its events arrive on the returned receiver. Dropping the receiver
+    /// stops the sequence at the next step.
+    pub fn submit(
+        &self,
+        submission: Submission,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let queued = Queued {
+            submission,
+            events,
+            submitted: Instant::now(),
+            _permit: permit,
+        };
+        self.submissions
+            .send(QueuedHandle(queued))
+            .map_err(|_| ApiError::ShuttingDown)?;
+        Ok(receiver)
+    }
+}
+
+struct Scheduler {
+    model: LlamaModel,
+    cache: KvCache,
+    limits: EngineLimits,
+    metrics: Metrics,
+    free_slots: Vec<i64>,
+    waiting: VecDeque<Queued>,
+    running: Vec<Running>,
+}
+
+impl Scheduler {
+    fn new(model: LlamaModel, cache: KvCache, limits: EngineLimits, metrics: Metrics) -> Scheduler {
+        Scheduler {
+            model,
+            cache,
+            metrics,
+            free_slots: (0..limits.max_running as i64).rev().collect(),
+            limits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn run(mut self, receiver: std_mpsc::Receiver<QueuedHandle>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match receiver.recv() {
+                    Ok(QueuedHandle(queued)) => self.waiting.push_back(queued),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(QueuedHandle(queued)) = receiver.try_recv() {
+                self.waiting.push_back(queued);
+            }
+            self.drop_abandoned();
+            self.admit();
+            self.decode();
+            self.metrics.running.set(self.running.len() as i64);
+            self.metrics.waiting.set(self.waiting.len() as i64);
+        }
+    }
+
+    /// Ends sequences nobody waits for, or whose deadline passed, before spending a step on them.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| d <= now);
+        self.waiting.retain(|queued| {
+            if queued.events.is_closed() {
+                return false;
+            }
+            if expired(queued.submission.deadline) {
+                let _ = queued.events.send(Event::Finished {
+                    reason: FinishReason::Deadline,
+                    prompt_tokens: queued.submission.prompt.len(),
+                    generated_tokens: 0,
+                });
+                return false;
+            }
+            true
+        });
+        let mut index = 0;
+        while index < self.running.len() {
+            let sequence = &self.running[index];
+            if sequence.events.is_closed() {
+                self.free(index, None);
+            } else if expired(sequence.deadline) {
+                self.free(index, Some(FinishReason::Deadline));
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Removes running sequence `index`, telling its client why when there is one to tell.
+    fn free(&mut self, index: usize, reason: Option<FinishReason>) {
+        let sequence = self.running.swap_remove(index);
+        if let Some(reason) = reason {
+            let _ = sequence.events.send(Event::Finished {
+                reason,
+                prompt_tokens: sequence.prompt_len,
+                generated_tokens: sequence.generated(),
+            });
+        }
+        self.free_slots.push(sequence.slot);
+    }
+
+    /// Prefills waiting sequences into free slots, within the per-step budget of prompt tokens
+    /// (always at least one, so a prompt longer than the budget still runs).
+    fn admit(&mut self) {
+        let mut budget = self.limits.max_prefill_tokens_per_step;
+        let mut admitted_any = false;
+        while let Some(queued) = self.waiting.front() {
+            let prompt_len = queued.submission.prompt.len();
+            if self.free_slots.is_empty() || (admitted_any && prompt_len > budget) {
+                break;
+            }
+            let queued = self.waiting.pop_front().expect("front exists");
+            let slot = self.free_slots.pop().expect("a free slot");
+            admitted_any = true;
+            budget = budget.saturating_sub(prompt_len);
+            self.metrics
+                .queue_seconds
+                .observe(queued.submitted.elapsed().as_secs_f64());
+            self.prefill(queued, slot);
+        }
+    }
+
+    fn prefill(&mut self, queued: Queued, slot: i64) {
+        let Queued {
+            submission,
+            events,
+            submitted,
+            _permit,
+        } = queued;
+        let started = Instant::now();
+        let tokens = Tensor::from_slice(&submission.prompt)
+            .to_device(self.model.device())
+            .unsqueeze(0);
+        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model.forward(
+                &tokens,
+                &[Placement { slot, start: 0 }],
+                &mut self.cache,
+                false,
+            )
+        }));
+        let logits = match forward {
+            Ok(logits) => logits,
+            Err(panic) => {
+                let _ = events.send(Event::Failed(panic_message(&panic)));
+                self.free_slots.push(slot);
+                return;
+            }
+        };
+        self.metrics
+            .inference_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .prompt_tokens
+            .inc_by(submission.prompt.len() as u64);
+        let mut sequence = Running {
+            slot,
+            prompt_len: submission.prompt.len(),
+            tokens: submission.prompt,
+            rng: SeededRng::new(submission.sampling.seed),
+            sampling: submission.sampling,
+            stop: submission.stop,
+            deadline: submission.deadline,
+            events,
+            last_token_at: Instant::now(),
+            _permit,
+        };
+        let token = choose(&logits, std::slice::from_mut(&mut sequence))[0];
+        self.metrics
+            .time_to_first_token
+            .observe(submitted.elapsed().as_secs_f64());
+        self.running.push(sequence);
+        let index = self.running.len() - 1;
+        self.accept(index, token);
+    }
+
+    /// One decode step of every running sequence.
+    fn decode(&mut self) {
+        // Sequences admitted this step already have their first token; all decode together.
+        if self.running.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let last: Vec<i64> = self
+            .running
+            .iter()
+            .map(|s| *s.tokens.last().expect("a token"))
+            .collect();
+        let placements: Vec<Placement> = self
+            .running
+            .iter()
+            .map(|s| Placement {
+                slot: s.slot,
+                start: s.tokens.len() as i64 - 1,
+            })
+            .collect();
+        let tokens = Tensor::from_slice(&last)
+            .to_device(self.model.device())
+            .unsqueeze(1);
+        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model
+                .forward(&tokens, &placements, &mut self.cache, false)
+        }));
+        let logits = match forward {
+            Ok(logits) => logits,
+            Err(panic) => {
+                let message = panic_message(&panic);
+                for sequence in self.running.drain(..) {
+                    let _ = sequence.events.send(Event::Failed(message.clone()));
+                    self.free_slots.push(sequence.slot);
+                }
+                return;
+            }
+        };
+        self.metrics
+            .inference_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .batch_sequences
+            .observe(self.running.len() as f64);
+        let chosen = choose(&logits, &mut self.running);
+        // Backwards, so that freeing (swap_remove) never moves a sequence not yet visited.
+        for index in (0..self.running.len()).rev() {
+            self.accept(index, chosen[index]);
+        }
+    }
+
+    /// Appends `token` to running sequence `index` and sends it, or ends the sequence.
+    fn accept(&mut self, index: usize, token: i64) {
+        let sequence = &mut self.running[index];
+        let now = Instant::now();
+        if sequence.generated() > 0 {
+            self.metrics
+                .time_per_output_token
+                .observe(now.duration_since(sequence.last_token_at).as_secs_f64());
+        }
+        sequence.last_token_at = now;
+        if sequence.stop.stop_token_ids.contains(&token) {
+            self.free(index, Some(FinishReason::StopToken));
+            return;
+        }
+        sequence.tokens.push(token);
+        self.metrics.generated_tokens.inc();
+        let _ = sequence.events.send(Event::Token(token));
+        let full = sequence.tokens.len() >= self.limits.max_sequence_tokens;
+        if sequence.generated() >= sequence.stop.max_new_tokens || full {
+            self.free(index, Some(FinishReason::Length));
+        }
+    }
+}
+
+/// The next token of each sequence from its row of `logits` [rows, vocab].
+fn choose(logits: &Tensor, sequences: &mut [Running]) -> Vec<i64> {
+    if sequences.iter().all(|s| s.sampling.is_plain_argmax()) {
+        return Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))
+            .expect("argmax is a vector of ids");
+    }
+    let (rows, vocab) = logits.size2().expect("logits are [rows, vocab]");
+    let mut host = vec![0f32; (rows * vocab) as usize];
+    logits
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .contiguous()
+        .copy_data(&mut host, (rows * vocab) as usize);
+    sequences
+        .iter_mut()
+        .zip(host.chunks_mut(vocab as usize))
+        .map(|(sequence, row)| sample(row, &sequence.sampling, &sequence.tokens, &mut sequence.rng))
+        .collect()
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "the model failed".to_owned())
+}

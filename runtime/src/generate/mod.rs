@@ -1,0 +1,8 @@
+//! Text generation: the continuous-batching scheduler (`engine`), token choice (`sampling`),
+//! streamed text and stop strings (`text`) and chat templates (`template`). The HTTP routes are
+//! in `tasks::generation`.
+
+pub mod engine;
+pub mod sampling;
+pub mod template;
+pub mod text;
