@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use runtime::models::llama::{LlamaModel, Placement};
+use runtime::models::llama::{LlamaModel, Logits, Placement};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
@@ -31,25 +31,35 @@ fn argmax(logits: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap()
 }
 
-/// Greedy continuations of `prompts`, prefilled one by one into their own slots and then
+/// Greedy continuations of `prompts`, prefilled together into their own slots and then
 /// decoded together, one token per sequence per step.
 fn greedy_batch(model: &LlamaModel, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
     let mut cache = model.new_cache(prompts.len() as i64 + 1, 256);
-    let mut next = Vec::new();
-    for (slot, prompt) in prompts.iter().enumerate() {
-        // Slot 0 stays unused, so that slot numbers and batch rows differ.
-        let placement = Placement {
-            slot: slot as i64 + 1,
+    // One prefill for all prompts, right-padded to the longest (as the engine batches them);
+    // slot 0 stays unused, so that slot numbers and batch rows differ.
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let padded: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| {
+            p.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, longest - p.len()))
+        })
+        .collect();
+    let placements: Vec<Placement> = (0..prompts.len())
+        .map(|i| Placement {
+            slot: i as i64 + 1,
             start: 0,
-        };
-        let logits = model.forward(
-            &Tensor::from_slice(prompt).unsqueeze(0),
-            &[placement],
-            &mut cache,
-            false,
-        );
-        next.push(argmax(&logits)[0]);
-    }
+        })
+        .collect();
+    let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
+    let logits = model.forward(
+        &Tensor::from_slice(&padded).view([prompts.len() as i64, longest as i64]),
+        &placements,
+        &mut cache,
+        Logits::At(&last),
+    );
+    let next = argmax(&logits);
     let mut generated: Vec<Vec<i64>> = next.iter().map(|&t| vec![t]).collect();
     for _ in 1..steps {
         let placements: Vec<Placement> = prompts
@@ -65,7 +75,7 @@ fn greedy_batch(model: &LlamaModel, prompts: &[Vec<i64>], steps: usize) -> Vec<V
             &Tensor::from_slice(&last).unsqueeze(1),
             &placements,
             &mut cache,
-            false,
+            Logits::Last,
         );
         for (row, token) in argmax(&logits).into_iter().enumerate() {
             generated[row].push(token);
@@ -84,7 +94,7 @@ fn check(name: &str) {
             &Tensor::from_slice(&prompt).unsqueeze(0),
             &[Placement { slot: 0, start: 0 }],
             &mut cache,
-            true,
+            Logits::All,
         );
         let expected: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
         let expected = Tensor::from_slice2(&expected).unsqueeze(0);

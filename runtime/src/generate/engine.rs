@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::sampling::{SamplingParams, SeededRng, sample};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::models::llama::{KvCache, LlamaModel, Placement};
+use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 
 /// Sizes of the scheduler.
 #[derive(Debug, Clone, Copy)]
@@ -261,79 +261,115 @@ impl Scheduler {
         self.free_slots.push(sequence.slot);
     }
 
-    /// Prefills waiting sequences into free slots, within the per-step budget of prompt tokens
-    /// (always at least one, so a prompt longer than the budget still runs).
+    /// Prefills waiting sequences into free slots in one forward pass, within the per-step
+    /// budget of (padded) prompt tokens; always at least one, so a prompt longer than the
+    /// budget still runs.
     fn admit(&mut self) {
-        let mut budget = self.limits.max_prefill_tokens_per_step;
-        let mut admitted_any = false;
+        let budget = self.limits.max_prefill_tokens_per_step;
+        let mut chosen: Vec<Queued> = Vec::new();
+        let mut longest = 0;
         while let Some(queued) = self.waiting.front() {
-            let prompt_len = queued.submission.prompt.len();
-            if self.free_slots.is_empty() || (admitted_any && prompt_len > budget) {
+            let len = queued.submission.prompt.len();
+            let padded = (chosen.len() + 1) * longest.max(len);
+            if chosen.len() == self.free_slots.len() || (!chosen.is_empty() && padded > budget) {
                 break;
             }
-            let queued = self.waiting.pop_front().expect("front exists");
-            let slot = self.free_slots.pop().expect("a free slot");
-            admitted_any = true;
-            budget = budget.saturating_sub(prompt_len);
-            self.metrics
-                .queue_seconds
-                .observe(queued.submitted.elapsed().as_secs_f64());
-            self.prefill(queued, slot);
+            longest = longest.max(len);
+            chosen.push(self.waiting.pop_front().expect("front exists"));
+        }
+        if !chosen.is_empty() {
+            self.prefill(chosen, longest);
         }
     }
 
-    fn prefill(&mut self, queued: Queued, slot: i64) {
-        let Queued {
-            submission,
-            events,
-            submitted,
-            _permit,
-        } = queued;
+    fn prefill(&mut self, batch: Vec<Queued>, longest: usize) {
+        let slots: Vec<i64> = batch
+            .iter()
+            .map(|_| self.free_slots.pop().expect("a free slot per sequence"))
+            .collect();
+        for queued in &batch {
+            self.metrics
+                .queue_seconds
+                .observe(queued.submitted.elapsed().as_secs_f64());
+        }
+        let padded: Vec<i64> = batch
+            .iter()
+            .flat_map(|q| {
+                let prompt = &q.submission.prompt;
+                prompt
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, longest - prompt.len()))
+            })
+            .collect();
+        let last: Vec<i64> = batch
+            .iter()
+            .map(|q| q.submission.prompt.len() as i64 - 1)
+            .collect();
+        let placements: Vec<Placement> = slots
+            .iter()
+            .map(|&slot| Placement { slot, start: 0 })
+            .collect();
         let started = Instant::now();
-        let tokens = Tensor::from_slice(&submission.prompt)
-            .to_device(self.model.device())
-            .unsqueeze(0);
+        let tokens = Tensor::from_slice(&padded)
+            .view([batch.len() as i64, longest as i64])
+            .to_device(self.model.device());
         let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model.forward(
-                &tokens,
-                &[Placement { slot, start: 0 }],
-                &mut self.cache,
-                false,
-            )
+            self.model
+                .forward(&tokens, &placements, &mut self.cache, Logits::At(&last))
         }));
         let logits = match forward {
             Ok(logits) => logits,
             Err(panic) => {
-                let _ = events.send(Event::Failed(panic_message(&panic)));
-                self.free_slots.push(slot);
+                let message = panic_message(&panic);
+                for queued in batch {
+                    let _ = queued.events.send(Event::Failed(message.clone()));
+                }
+                self.free_slots.extend(slots);
                 return;
             }
         };
         self.metrics
             .inference_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .prompt_tokens
-            .inc_by(submission.prompt.len() as u64);
-        let mut sequence = Running {
-            slot,
-            prompt_len: submission.prompt.len(),
-            tokens: submission.prompt,
-            rng: SeededRng::new(submission.sampling.seed),
-            sampling: submission.sampling,
-            stop: submission.stop,
-            deadline: submission.deadline,
-            events,
-            last_token_at: Instant::now(),
-            _permit,
-        };
-        let token = choose(&logits, std::slice::from_mut(&mut sequence))[0];
-        self.metrics
-            .time_to_first_token
-            .observe(submitted.elapsed().as_secs_f64());
-        self.running.push(sequence);
-        let index = self.running.len() - 1;
-        self.accept(index, token);
+        self.metrics.batch_tokens.observe(padded.len() as f64);
+        let mut sequences = Vec::with_capacity(batch.len());
+        let mut submitted_at = Vec::with_capacity(batch.len());
+        for (queued, slot) in batch.into_iter().zip(slots) {
+            let Queued {
+                submission,
+                events,
+                submitted,
+                _permit,
+            } = queued;
+            self.metrics
+                .prompt_tokens
+                .inc_by(submission.prompt.len() as u64);
+            submitted_at.push(submitted);
+            sequences.push(Running {
+                slot,
+                prompt_len: submission.prompt.len(),
+                tokens: submission.prompt,
+                rng: SeededRng::new(submission.sampling.seed),
+                sampling: submission.sampling,
+                stop: submission.stop,
+                deadline: submission.deadline,
+                events,
+                last_token_at: Instant::now(),
+                _permit,
+            });
+        }
+        let first_tokens = choose(&logits, &mut sequences);
+        for ((sequence, token), submitted) in
+            sequences.into_iter().zip(first_tokens).zip(submitted_at)
+        {
+            self.metrics
+                .time_to_first_token
+                .observe(submitted.elapsed().as_secs_f64());
+            self.running.push(sequence);
+            let index = self.running.len() - 1;
+            self.accept(index, token);
+        }
     }
 
     /// One decode step of every running sequence.
@@ -361,7 +397,7 @@ impl Scheduler {
             .unsqueeze(1);
         let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.model
-                .forward(&tokens, &placements, &mut self.cache, false)
+                .forward(&tokens, &placements, &mut self.cache, Logits::Last)
         }));
         let logits = match forward {
             Ok(logits) => logits,

@@ -408,6 +408,17 @@ pub struct Placement {
     pub start: i64,
 }
 
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy)]
+pub enum Logits<'a> {
+    /// Every position: [rows, seq, vocab].
+    All,
+    /// The last position of each row: [rows, vocab].
+    Last,
+    /// Position `at[i]` of row `i` (the last real token of a padded row): [rows, vocab].
+    At(&'a [i64]),
+}
+
 /// A Llama-family causal language model with its weights loaded.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -519,13 +530,17 @@ impl LlamaModel {
     /// `placements[i].slot` from position `placements[i].start` (rows of a prefill have one
     /// sequence each; a decode step has one token per row). Keys and values are written to the
     /// cache; each row attends to its own slot's positions up to itself. Returns float32 logits
-    /// [rows, seq, vocab] when `all_positions`, else of the last position only [rows, vocab].
+    /// of the positions `logits` asks for.
+    ///
+    /// Rows of a prefill may be right-padded to a common length: the padding's keys and values
+    /// land in positions of the slot that the sequence's next token overwrites before any query
+    /// can see them.
     pub fn forward(
         &self,
         tokens: &Tensor,
         placements: &[Placement],
         cache: &mut KvCache,
-        all_positions: bool,
+        logits: Logits<'_>,
     ) -> Tensor {
         let (rows, seq) = tokens.size2().expect("tokens are [rows, seq]");
         let device = self.device;
@@ -584,10 +599,11 @@ impl LlamaModel {
             ];
             let _ = cache.keys[index].index_put_(&indices, &flat(&k), false);
             let _ = cache.values[index].index_put_(&indices, &flat(&v), false);
-            let keys = cache.keys[index].index_select(0, &slots).narrow(2, 0, span);
+            // Narrow before gathering: only the visible positions are copied.
+            let keys = cache.keys[index].narrow(2, 0, span).index_select(0, &slots);
             let values = cache.values[index]
-                .index_select(0, &slots)
-                .narrow(2, 0, span);
+                .narrow(2, 0, span)
+                .index_select(0, &slots);
             let context = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,
@@ -604,21 +620,28 @@ impl LlamaModel {
             let normed = layer.post_attention_layernorm.forward(&hidden);
             hidden = &hidden + layer.mlp.forward(&normed);
         }
-        let hidden = if all_positions {
-            hidden
-        } else {
-            hidden.narrow(1, seq - 1, 1)
+        // Only the positions asked for go through the norm and the (vocabulary-wide) head.
+        let hidden = match logits {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(1, seq - 1, 1),
+            Logits::At(positions) => {
+                let width = hidden.size()[2];
+                let index = Tensor::from_slice(positions)
+                    .to_device(device)
+                    .view([rows, 1, 1])
+                    .expand([rows, 1, width], false);
+                hidden.gather(1, &index, false)
+            }
         };
         let hidden = self.norm.forward(&hidden);
-        let logits = match &self.lm_head {
+        let output = match &self.lm_head {
             Some(head) => head.forward(&hidden),
             None => hidden.linear::<&Tensor>(&self.embed_tokens.ws, None),
         }
         .to_kind(Kind::Float);
-        if all_positions {
-            logits
-        } else {
-            logits.squeeze_dim(1)
+        match logits {
+            Logits::All => output,
+            Logits::Last | Logits::At(_) => output.squeeze_dim(1),
         }
     }
 }
