@@ -140,3 +140,55 @@ fn mistral_with_tied_embeddings_matches_transformers() {
 fn qwen2_with_qkv_biases_and_one_kv_head_matches_transformers() {
     check("qwen2");
 }
+
+#[test]
+fn a_checkpoint_sharded_with_an_index_loads_the_same_weights() {
+    let (dir, reference) = fixture("llama");
+    let sharded =
+        std::env::temp_dir().join(format!("infergate-sharded-llama-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&sharded);
+    std::fs::create_dir_all(&sharded).unwrap();
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    // Two shards and the index transformers writes for them.
+    let split = r#"
+import json, sys
+from safetensors.torch import load_file, save_file
+source, out = sys.argv[1], sys.argv[2]
+tensors = load_file(f"{source}/model.safetensors")
+names = sorted(tensors)
+halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+weight_map = {}
+for i, part in enumerate(halves):
+    file = f"model-{i + 1:05d}-of-00002.safetensors"
+    save_file({n: tensors[n] for n in part}, f"{out}/{file}", metadata={"format": "pt"})
+    weight_map.update({n: file for n in part})
+json.dump({"metadata": {}, "weight_map": weight_map}, open(f"{out}/model.safetensors.index.json", "w"))
+"#;
+    let status = std::process::Command::new("python")
+        .args(["-c", split])
+        .arg(&dir)
+        .arg(&sharded)
+        .status()
+        .expect("python from the set-up virtualenv");
+    assert!(status.success());
+    let model = LlamaModel::load(&sharded, Device::Cpu, Kind::Float).unwrap();
+    let prompt = ids(&reference["logits_prompt"]);
+    let mut cache = model.new_cache(1, 64);
+    let logits = tch::no_grad(|| {
+        model.forward(
+            &Tensor::from_slice(&prompt).unsqueeze(0),
+            &[Placement { slot: 0, start: 0 }],
+            &mut cache,
+            Logits::All,
+        )
+    });
+    let expected: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    let delta = f64::try_from(
+        (logits - Tensor::from_slice2(&expected).unsqueeze(0))
+            .abs()
+            .max(),
+    )
+    .unwrap();
+    assert!(delta <= 1e-4, "max |Δlogits| = {delta:e}");
+    std::fs::remove_dir_all(sharded).unwrap();
+}

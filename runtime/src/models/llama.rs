@@ -645,3 +645,70 @@ impl LlamaModel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Result<(), String> {
+        let mut value = serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2
+        });
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<LlamaConfig>(value)
+            .unwrap()
+            .validate()
+    }
+
+    #[test]
+    fn unsupported_checkpoints_are_refused_by_name() {
+        assert!(config(serde_json::json!({})).is_ok());
+        assert!(
+            config(serde_json::json!({"model_type": "gpt2"}))
+                .unwrap_err()
+                .contains("supported: llama, mistral, qwen2")
+        );
+        assert!(
+            config(serde_json::json!({"hidden_act": "gelu"}))
+                .unwrap_err()
+                .contains("silu")
+        );
+        assert!(
+            config(serde_json::json!({"num_key_value_heads": 3}))
+                .unwrap_err()
+                .contains("multiple")
+        );
+        assert!(
+            config(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+                .unwrap_err()
+                .contains("yarn")
+        );
+        assert!(
+            config(serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}))
+                .unwrap_err()
+                .contains("low_freq_factor")
+        );
+        assert!(
+            config(serde_json::json!({"model_type": "qwen2", "use_sliding_window": true}))
+                .unwrap_err()
+                .contains("sliding")
+        );
+    }
+
+    #[test]
+    fn legacy_rope_fields_are_read_like_rope_parameters() {
+        let legacy: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+            "rope_scaling": {"type": "linear", "factor": 2.0}
+        }))
+        .unwrap();
+        let rope = legacy.rope();
+        assert_eq!(rope.rope_theta, Some(500000.0));
+        assert_eq!(rope.rope_type.as_deref(), Some("linear"));
+    }
+}
