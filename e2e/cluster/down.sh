@@ -6,7 +6,7 @@ set -euo pipefail
 state="${INFERGATE_CLUSTER_DIR:-$HOME/.cache/infergate/cluster}"
 run="$state/run"
 [ -d "$run" ] || exit 0
-for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+for name in node-agent kube-scheduler kube-controller-manager kube-apiserver etcd; do
   pid_file="$run/$name.pid"
   [ -f "$pid_file" ] || continue
   pid="$(cat "$pid_file")"
@@ -15,5 +15,14 @@ for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
+done
+# Pods of the node agent: their processes went with its process group; their namespaces and
+# host-side links stay unless removed.
+for ns in $(ip netns list 2>/dev/null | awk '/^igpod-/ {print $1}'); do
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+  ip netns del "$ns" 2>/dev/null || true
+done
+for link in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^igp/ {sub(/@.*/, "", $2); print $2}'); do
+  ip link del "$link" 2>/dev/null || true
 done
 rm -rf "$run"

@@ -4,8 +4,8 @@
 # modules by build.sh; applies infergate's CRDs; prints KUBECONFIG=<path>.
 # Idempotent: a running test bed is left as it is. e2e/cluster/down.sh stops it.
 #
-# Not here yet: the node agent that runs pods as local processes, and the Helm install of
-# infergate (see the README of this folder).
+# With INFERGATE_NODE_AGENT_BIN and INFERGATE_RUNTIME_BIN set, also starts the node agent that
+# runs pods as local processes (README). Not here yet: the Helm install of infergate.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -123,5 +123,13 @@ wait_for kube-controller-manager "${kubectl[@]}" get serviceaccount default --na
 "${kubectl[@]}" apply --server-side --field-manager infergate-test-bed -f "$repo/crds/manifests/" >/dev/null
 wait_for kube-apiserver "${kubectl[@]}" wait --for condition=Established --timeout 1s \
   crd/modeldeployments.infergate.dev crd/accesstokens.infergate.dev
+# The node agent (a stand-in kubelet running pods as local processes), when the caller built it
+# and names the binaries it maps images to.
+if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
+  start node-agent env KUBECONFIG="$kubeconfig" INFERGATE_NODE_AGENT_CA="$pki/ca.crt" \
+    "$INFERGATE_NODE_AGENT_BIN" --node infergate-node --state-dir "$run/node" \
+    --image "infergate/runtime=${INFERGATE_RUNTIME_BIN:?INFERGATE_RUNTIME_BIN names the runtime binary}"
+  wait_for node-agent "${kubectl[@]}" wait --for condition=Ready --timeout 1s node/infergate-node
+fi
 echo "KUBECONFIG=$kubeconfig"
 echo "KUBECTL=$bin/kubectl"

