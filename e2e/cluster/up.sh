@@ -18,6 +18,10 @@ api_port="${INFERGATE_CLUSTER_API_PORT:-16443}"
 kubeconfig="$run/admin.kubeconfig"
 say() { printf 'cluster: %s\n' "$*" >&2; }
 
+mkdir -p "$state"
+# One up.sh at a time: test binaries and their threads may all ask for the test bed at once.
+exec 9>"$state/up.lock"
+flock 9
 bash "$here/build.sh"
 mkdir -p "$run/pki" "$run/logs"
 kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
@@ -28,7 +32,7 @@ start() {  # $1: name, $2...: command
   local name="$1"; shift
   if alive "$name"; then return; fi
   say "starting $name"
-  setsid "$@" >"$run/logs/$name.log" 2>&1 < /dev/null &
+  setsid "$@" >"$run/logs/$name.log" 2>&1 < /dev/null 9>&- &
   echo $! > "$run/$name.pid"
 }
 

@@ -36,8 +36,13 @@ struct Cluster {
     kubectl: String,
 }
 
-/// The test bed with its node agent, started (idempotently) by `up.sh`.
-fn cluster() -> Cluster {
+/// The test bed with its node agent, started (idempotently) by `up.sh`, once per test binary.
+fn cluster() -> &'static Cluster {
+    static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(start_cluster)
+}
+
+fn start_cluster() -> Cluster {
     let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up.sh");
     let output = Command::new("bash")
         .arg(&up)
@@ -308,6 +313,34 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     .await;
     assert_eq!(status, 200, "{chat}");
     assert_eq!(chat["usage"]["completion_tokens"], 8);
+    // Streamed through the proxy: SSE chunks as the runtime sends them, then [DONE].
+    let streamed = reqwest::Client::new()
+        .post(format!("{proxy_url}/models/chat-{suffix}/proxy/v1/chat/completions"))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0, "stream": true}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    assert_eq!(streamed.headers()["content-type"], "text/event-stream");
+    let body = streamed.text().await.unwrap();
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        text,
+        chat["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     let pods = cluster.ok(&[
         "get",
         "pods",
