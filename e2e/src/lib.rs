@@ -1,6 +1,111 @@
 //! Whole-system tests of infergate, black box: HTTP, kubectl and the binaries, against local
-//! mode, the control plane built in `e2e/cluster/` and kind. It may use `crds` and nothing else
-//! of ours. The tests live in `tests/`: the CRDs on a real API server, and the whole system on
-//! the cluster test bed. `src/bin/infergate-node-agent.rs` is the test bed's stand-in kubelet.
+//! mode, the control plane built in `e2e/cluster/` and kind. The tests live in `tests/`: the
+//! CRDs on a real API server, and the whole system on the cluster test bed.
+//! `src/bin/infergate-node-agent.rs` is the test bed's stand-in kubelet.
+//!
+//! This library is the one way every test of the workspace reaches a cluster: [`test_bed`].
 
 #![forbid(unsafe_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// A cluster to test against: its kubeconfig and a kubectl of its version.
+#[derive(Debug)]
+pub struct TestBed {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+/// The cluster named by `INFERGATE_TEST_KUBECONFIG` (e.g. kind, with `KUBECTL` or kubectl on
+/// PATH), else the test bed of `e2e/cluster/`, started once per test binary by `up.sh`.
+pub fn test_bed() -> &'static TestBed {
+    static BED: OnceLock<TestBed> = OnceLock::new();
+    BED.get_or_init(|| external().unwrap_or_else(|| up::<&str>(&[])))
+}
+
+/// The test bed with its node agent running pods, the agent mapping `infergate/runtime` images
+/// to `runtime` (a cluster named by `INFERGATE_TEST_KUBECONFIG` runs pods itself).
+pub fn test_bed_with_pods(agent: &Path, runtime: &Path) -> &'static TestBed {
+    static BED: OnceLock<TestBed> = OnceLock::new();
+    BED.get_or_init(|| {
+        external().unwrap_or_else(|| {
+            up(&[
+                ("INFERGATE_NODE_AGENT_BIN", agent.as_os_str()),
+                ("INFERGATE_RUNTIME_BIN", runtime.as_os_str()),
+            ])
+        })
+    })
+}
+
+fn external() -> Option<TestBed> {
+    let kubeconfig = std::env::var_os("INFERGATE_TEST_KUBECONFIG")?;
+    Some(TestBed {
+        kubeconfig: kubeconfig.into(),
+        kubectl: std::env::var_os("KUBECTL")
+            .unwrap_or("kubectl".into())
+            .into(),
+    })
+}
+
+fn up<S: AsRef<OsStr>>(env: &[(&str, S)]) -> TestBed {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
+        .output()
+        .expect("running e2e/cluster/up.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "e2e/cluster/up.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value = |key: &str| -> PathBuf {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("up.sh printed no {key}= line:\n{stdout}"))
+            .into()
+    };
+    TestBed {
+        kubeconfig: value("KUBECONFIG"),
+        kubectl: value("KUBECTL"),
+    }
+}
+
+impl TestBed {
+    /// `kubectl ARGS` against this cluster, with `stdin` fed to it when given.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        let mut input = child.stdin.take().expect("piped stdin");
+        if let Some(text) = stdin {
+            std::io::Write::write_all(&mut input, text.as_bytes())
+                .expect("writing kubectl's stdin");
+        }
+        drop(input);
+        child.wait_with_output().expect("waiting for kubectl")
+    }
+
+    /// `kubectl ARGS`, which must succeed; its standard output.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args, None);
+        assert!(
+            output.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}

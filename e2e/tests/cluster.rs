@@ -9,9 +9,10 @@
 //! steps run against kind with another KUBECONFIG and proxy URL.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::TestBed;
 use serde_json::{Value, json};
 
 /// A binary of this workspace, built next to this test.
@@ -31,67 +32,12 @@ fn built(name: &str) -> PathBuf {
     path
 }
 
-struct Cluster {
-    kubeconfig: String,
-    kubectl: String,
-}
-
-/// The test bed with its node agent, started (idempotently) by `up.sh`, once per test binary.
-fn cluster() -> &'static Cluster {
-    static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
-    CLUSTER.get_or_init(start_cluster)
-}
-
-fn start_cluster() -> Cluster {
-    let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up.sh");
-    let output = Command::new("bash")
-        .arg(&up)
-        .env(
-            "INFERGATE_NODE_AGENT_BIN",
-            env!("CARGO_BIN_EXE_infergate-node-agent"),
-        )
-        .env("INFERGATE_RUNTIME_BIN", built("infergate-runtime"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "up.sh: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let value = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("up.sh printed no {key}="))
-            .to_owned()
-    };
-    Cluster {
-        kubeconfig: value("KUBECONFIG"),
-        kubectl: value("KUBECTL"),
-    }
-}
-
-impl Cluster {
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.kubectl(args);
-        assert!(
-            output.status.success(),
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
+/// The test bed with its node agent running the runtime pods.
+fn cluster() -> &'static TestBed {
+    e2e::test_bed_with_pods(
+        Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
+        &built("infergate-runtime"),
+    )
 }
 
 /// A process killed when the test ends, whatever happens.

@@ -3,43 +3,10 @@
 //! server, with the message of the rule it breaks.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-/// `KUBECONFIG` and `kubectl` of the test bed, started (idempotently) on first use.
-fn cluster() -> &'static (PathBuf, PathBuf) {
-    static CLUSTER: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/up.sh");
-        let output = Command::new("bash")
-            .arg(&up)
-            .output()
-            .expect("running e2e/cluster/up.sh");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "e2e/cluster/up.sh failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let value = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("{key}=")))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("up.sh printed no {key}= line:\n{stdout}"))
-        };
-        (value("KUBECONFIG"), value("KUBECTL"))
-    })
-}
+use std::process::Output;
 
 fn kubectl(args: &[&str]) -> Output {
-    let (kubeconfig, kubectl) = cluster();
-    Command::new(kubectl)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .unwrap()
+    e2e::test_bed().kubectl(args, None)
 }
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {

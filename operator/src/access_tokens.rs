@@ -9,12 +9,12 @@ use crds::{AccessToken, AccessTokenPhase, AccessTokenStatus, Token};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Api, ResourceExt};
 
-use crate::apply::{FIELD_MANAGER, apply_if_changed};
+use crate::apply::{FIELD_MANAGER, apply_if_changed, apply_status};
 use crate::controller::{Context, Error};
 use crate::status::{access_token_ready, stamp_transitions, transitions};
 use crate::tokens::{
@@ -93,7 +93,7 @@ async fn issue(token: Arc<AccessToken>, ctx: &Context) -> Result<Action, Error> 
         conditions,
     };
     if token.status.as_ref() != Some(&status) {
-        write_status(&token, &status, ctx).await?;
+        apply_status(token.as_ref(), &status, &ctx.client).await?;
         for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
             ctx.event(token.as_ref(), warning, &reason, "Reconcile", message)
                 .await;
@@ -170,27 +170,6 @@ async fn first_issue(
     )
     .await;
     Ok(Ok(issuance))
-}
-
-async fn write_status(
-    token: &AccessToken,
-    status: &AccessTokenStatus,
-    ctx: &Context,
-) -> Result<(), kube::Error> {
-    let api: Api<AccessToken> =
-        Api::namespaced(ctx.client.clone(), &token.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "infergate.dev/v1alpha1",
-        "kind": "AccessToken",
-        "status": status,
-    });
-    api.patch_status(
-        &token.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }
 
 /// The AccessToken is being deleted: its record goes first, so the proxy stops accepting the

@@ -72,6 +72,33 @@ where
     Ok((live, true))
 }
 
+/// Writes `status` to the status subresource of `object` with server-side apply (the same field
+/// manager as every other write).
+pub async fn apply_status<K, S>(
+    object: &K,
+    status: &S,
+    client: &kube::Client,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    K: Clone + Debug + DeserializeOwned,
+    S: Serialize,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::Service;

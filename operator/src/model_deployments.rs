@@ -3,15 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crds::{ModelDeployment, ModelDeploymentStatus};
+use crds::ModelDeployment;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
-use crate::apply::{FIELD_MANAGER, apply_if_changed};
+use crate::apply::{apply_if_changed, apply_status};
 use crate::controller::{Context, Error};
 use crate::desired::{runtime_deployment, runtime_service};
 use crate::status::{Blocked, id_holder, model_deployment_status, stamp_transitions, transitions};
@@ -64,7 +63,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Timestamp::now(),
     );
     if md.status.as_ref() != Some(&status) {
-        write_status(&md, &status, &ctx).await?;
+        apply_status(md.as_ref(), &status, &ctx.client).await?;
         for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
             ctx.event(md.as_ref(), warning, &reason, "Reconcile", message)
                 .await;
@@ -92,25 +91,4 @@ async fn confirmed_id_holder(md: &ModelDeployment, ctx: &Context) -> Result<Opti
         candidates.retain(|c| c.uid() != holder.uid());
     }
     Ok(None)
-}
-
-async fn write_status(
-    md: &ModelDeployment,
-    status: &ModelDeploymentStatus,
-    ctx: &Context,
-) -> Result<(), kube::Error> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "infergate.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "status": status,
-    });
-    api.patch_status(
-        &md.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,51 +26,12 @@ use operator::lease::{LeaderLease, Timing};
 use operator::telemetry::{Health, Metrics};
 use tokio::sync::oneshot;
 
-struct Cluster {
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
-}
-
-/// The cluster under test, started once per test binary.
-fn cluster() -> &'static Cluster {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        if let Ok(kubeconfig) = std::env::var("INFERGATE_TEST_KUBECONFIG") {
-            return Cluster {
-                kubeconfig: kubeconfig.into(),
-                kubectl: std::env::var("KUBECTL").unwrap_or("kubectl".into()).into(),
-            };
-        }
-        let up = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/cluster/up.sh");
-        let output = Command::new("bash").arg(up).output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "up.sh: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let value = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("up.sh printed no {key}: {stdout}"))
-                .into()
-        };
-        Cluster {
-            kubeconfig: value("KUBECONFIG"),
-            kubectl: value("KUBECTL"),
-        }
-    })
+fn cluster() -> &'static e2e::TestBed {
+    e2e::test_bed()
 }
 
 fn kubectl(args: &[&str]) -> std::process::Output {
-    let cluster = cluster();
-    Command::new(&cluster.kubectl)
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .args(args)
-        .output()
-        .unwrap()
+    cluster().kubectl(args, None)
 }
 
 /// Counts the requests that change something: every method but GET (lists and watches are GETs).

@@ -117,29 +117,8 @@ fn generated_objects_and_rbac_pass_kubernetes_validate_strict() {
 
 #[test]
 fn the_api_server_accepts_the_generated_objects() {
-    let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cluster/up.sh");
-    let output = Command::new("bash").arg(&up).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "up.sh: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let value = |key: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap()
-            .to_owned()
-    };
-    let kubectl = |args: &[&str]| {
-        Command::new(value("KUBECTL"))
-            .arg("--kubeconfig")
-            .arg(value("KUBECONFIG"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let bed = e2e::test_bed();
+    let kubectl = |args: &[&str]| bed.kubectl(args, None);
     let created = kubectl(&["create", "namespace", "demo"]);
     assert!(
         created.status.success()

@@ -4,59 +4,21 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::TestBed;
 use support::{TestToken, free_port};
 
-struct Cluster {
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
+/// `kubectl` that must succeed, and `kubectl apply -f -`, on the test bed.
+trait Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output;
+    fn apply(&self, manifest: &str);
 }
 
-impl Cluster {
-    fn up() -> Cluster {
-        let up = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cluster/up.sh");
-        let output = Command::new("bash")
-            .arg(&up)
-            .output()
-            .expect("running e2e/cluster/up.sh");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "up.sh failed:\n{stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let value = |key: &str| {
-            PathBuf::from(
-                stdout
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                    .expect(key),
-            )
-        };
-        Cluster {
-            kubeconfig: value("KUBECONFIG"),
-            kubectl: value("KUBECTL"),
-        }
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(input) = stdin {
-            std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
-        }
-        drop(child.stdin.take());
-        let output = child.wait_with_output().unwrap();
+impl Kubectl for TestBed {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let output = self.kubectl(args, stdin);
         assert!(
             output.status.success(),
             "kubectl {args:?}: {}",
@@ -66,7 +28,7 @@ impl Cluster {
     }
 
     fn apply(&self, manifest: &str) {
-        self.kubectl(&["apply", "-f", "-"], Some(manifest));
+        self.run(&["apply", "-f", "-"], Some(manifest));
     }
 }
 
@@ -201,14 +163,14 @@ async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_source_routes_models_and_enforces_revocation_within_a_second() {
-    let cluster = Cluster::up();
+    let cluster = e2e::test_bed();
     // Ids are unique per run: the test bed outlives a test, and the older of two ModelDeployments
     // claiming one id keeps it.
     let namespace = format!("proxy-source-{}", std::process::id());
     let model = format!("kube-m-{}", std::process::id());
-    cluster.kubectl(&["create", "namespace", &namespace], None);
+    cluster.run(&["create", "namespace", &namespace], None);
     let _cleanup = NamespaceGuard {
-        cluster: &cluster,
+        cluster,
         namespace: namespace.clone(),
     };
     let port = free_port();
@@ -276,7 +238,7 @@ async fn the_kubernetes_source_routes_models_and_enforces_revocation_within_a_se
     token.record.revoked = true;
     let patch = serde_json::json!({"stringData": {"record.json": serde_json::to_string(&token.record).unwrap()}}).to_string();
     let secret = format!("record-{}", token.record.id);
-    cluster.kubectl(
+    cluster.run(
         &[
             "patch",
             "secret",
@@ -310,7 +272,7 @@ async fn the_kubernetes_source_routes_models_and_enforces_revocation_within_a_se
     .await;
 
     // A deleted record is an unknown token.
-    cluster.kubectl(
+    cluster.run(
         &["delete", "secret", &secret, "--namespace", &namespace],
         None,
     );
@@ -321,7 +283,7 @@ async fn the_kubernetes_source_routes_models_and_enforces_revocation_within_a_se
 }
 
 struct NamespaceGuard<'a> {
-    cluster: &'a Cluster,
+    cluster: &'a TestBed,
     namespace: String,
 }
 

@@ -835,31 +835,50 @@ async fn chat(
         }
     };
     let plan = task.plan(prompt, knobs, None, &headers)?;
+    let include_usage = request.stream_options.unwrap_or_default().include_usage;
+    answer_openai(&task, plan, true, request.stream, include_usage).await
+}
+
+/// Runs `plan` and answers in OpenAI's shape: a chat or a text completion, streamed or whole.
+async fn answer_openai(
+    task: &Arc<GenerationTask>,
+    plan: Plan,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
     let run = Run::start(task.clone(), plan, false)?;
-    let (id, created) = (completion_id("chatcmpl"), unix_now());
-    if request.stream {
+    let id = completion_id(if chat { "chatcmpl" } else { "cmpl" });
+    let created = unix_now();
+    if stream {
         return Ok(openai_stream(OpenAiStream {
             run,
             id,
             created,
             model: task.model_id.clone(),
-            chat: true,
-            include_usage: request.stream_options.unwrap_or_default().include_usage,
+            chat,
+            include_usage,
             state: StreamState::Opening,
         }));
     }
     let (text, _, finish, run) = run.collect().await?;
+    let (object, choice) = if chat {
+        (
+            "chat.completion",
+            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish.openai()}),
+        )
+    } else {
+        (
+            "text_completion",
+            serde_json::json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish.openai()}),
+        )
+    };
     Ok(Json(serde_json::json!({
         "id": id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": task.model_id,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": null,
-            "finish_reason": finish.openai(),
-        }],
+        "choices": [choice],
         "usage": run.usage(),
     }))
     .into_response())
@@ -907,29 +926,8 @@ async fn completions(
         Some(16),
         &headers,
     )?;
-    let run = Run::start(task.clone(), plan, false)?;
-    let (id, created) = (completion_id("cmpl"), unix_now());
-    if request.stream {
-        return Ok(openai_stream(OpenAiStream {
-            run,
-            id,
-            created,
-            model: task.model_id.clone(),
-            chat: false,
-            include_usage: request.stream_options.unwrap_or_default().include_usage,
-            state: StreamState::Opening,
-        }));
-    }
-    let (text, _, finish, run) = run.collect().await?;
-    Ok(Json(serde_json::json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": task.model_id,
-        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish.openai()}],
-        "usage": run.usage(),
-    }))
-    .into_response())
+    let include_usage = request.stream_options.unwrap_or_default().include_usage;
+    answer_openai(&task, plan, false, request.stream, include_usage).await
 }
 
 fn tgi_plan(
