@@ -45,9 +45,10 @@ struct Args {
     #[arg(long, env = "INFERGATE_MAX_BATCH_REQUESTS", default_value_t = 64)]
     max_batch_requests: usize,
 
-    /// Requests admitted at once; more get 429 with Retry-After.
-    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
-    max_concurrent_requests: usize,
+    /// Requests admitted at once; more get 429 with Retry-After. Default (DESIGN.md limits):
+    /// 128 for text-generation, 512 for the encoder and tabular tasks.
+    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
 
     /// Inputs in one request; more get 422.
     #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
@@ -153,7 +154,9 @@ fn main() -> anyhow::Result<()> {
         limits: BatchLimits {
             max_batch_tokens: args.max_batch_tokens,
             max_batch_sequences: args.max_batch_requests,
-            max_concurrent_requests: args.max_concurrent_requests,
+            max_concurrent_requests: args.max_concurrent_requests.unwrap_or(
+                if task == Task::TextGeneration { 128 } else { 512 },
+            ),
         },
         max_client_batch_size: args.max_client_batch_size,
         device,

@@ -15,13 +15,14 @@ use std::sync::{Arc, Mutex};
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
-/// Fuel of one render: a chat of a few hundred messages through a real template uses a few
-/// tens of thousands; this bounds a hostile template to well under a second of CPU.
-pub const RENDER_FUEL: u64 = 2_000_000;
+/// Fuel of one render (DESIGN.md limits): a chat of a few hundred messages through a real
+/// template uses a few tens of thousands; this bounds a hostile template to a fraction of a
+/// second of CPU.
+pub const RENDER_FUEL: u64 = 500_000;
 /// Largest template a request may bring.
 pub const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
-/// Largest rendered prompt, in bytes.
-pub const MAX_RENDERED_BYTES: usize = 4 * 1024 * 1024;
+/// Largest rendered prompt, in bytes (DESIGN.md limits).
+pub const MAX_RENDERED_BYTES: usize = 1024 * 1024;
 /// Compiled request templates kept.
 const CACHED_TEMPLATES: usize = 64;
 
@@ -313,7 +314,7 @@ mod tests {
     #[test]
     fn an_exploding_output_is_refused() {
         let t = templates("{{ bos_token }}");
-        let big = "{{ 'x' * 5000000 }}";
+        let big = "{{ 'x' * 2000000 }}";
         assert_eq!(
             t.render(&chat(&[]), true, Some(big)),
             Err(TemplateError::OutputTooLarge)
