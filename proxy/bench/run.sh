@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proxy benchmark: wrk against (a) the upstream directly, (b) nginx proxy_pass with upstream
-# keep-alive, (c) infergate-proxy with a valid token; same upstream, same worker count, one run.
-# Prints requests/s, p50 and p99 per target and the ratios. Not a CI test: run it by hand.
+# keep-alive, (c) bare pingora (examples/bare_pingora.rs: pingora with no filter of ours, the
+# framework's floor) and (d) infergate-proxy with a valid token; same upstream, same worker
+# count, one run. Prints requests/s, p50 and p99 per target and the ratios. Not a CI test.
 #
 #   proxy/bench/run.sh [--duration 10s] [--connections 64] [--workers 1]
 set -euo pipefail
@@ -23,7 +24,7 @@ for tool in wrk nginx; do
 done
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
-cargo build --release --locked -q -p proxy --bin infergate-proxy
+cargo build --release --locked -q -p proxy --bin infergate-proxy --example bare_pingora
 target="${CARGO_TARGET_DIR:-$repo/target}"
 
 work="$(mktemp -d)"
@@ -32,7 +33,7 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; r
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-upstream_port=$(port) nginx_port=$(port) proxy_port=$(port) metrics_port=$(port)
+upstream_port=$(port) nginx_port=$(port) proxy_port=$(port) metrics_port=$(port) bare_port=$(port)
 
 nginx_conf() {  # $1: worker count, $2: server block
   cat <<CONF
@@ -71,6 +72,7 @@ models:
 tokens: [$record]
 YAML
 RUST_LOG=warn "$target/release/infergate-proxy" --config "$work/proxy.yaml" 2>"$work/proxy.log" & pids+=($!)
+"$target/release/examples/bare_pingora" "127.0.0.1:$bare_port" "127.0.0.1:$upstream_port" "$workers" 2>"$work/bare.log" & pids+=($!)
 
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$proxy_port/readyz" >/dev/null && curl -sf "http://127.0.0.1:$nginx_port/models/bench/proxy/" >/dev/null && break
@@ -90,6 +92,7 @@ results="$(
   for conns in "$connections" 1; do
     run direct    "$conns" "http://127.0.0.1:$upstream_port/v1/embed"
     run nginx     "$conns" "http://127.0.0.1:$nginx_port/models/bench/proxy/v1/embed"
+    run pingora   "$conns" "http://127.0.0.1:$bare_port/v1/embed"
     run infergate "$conns" "http://127.0.0.1:$proxy_port/models/bench/proxy/v1/embed" -H "Authorization: Bearer $token"
   done
 )"
@@ -105,7 +108,9 @@ for (label, conns), r in rows.items():
 sat, one = sorted({c for _, c in rows}, key=lambda c: -int(c[1:]))
 ratio = rows[("infergate", sat)]["rps"] / rows[("nginx", sat)]["rps"]
 print(f"throughput at {sat}, infergate/nginx: {ratio:.2f}x")
+floor = rows[("pingora", sat)]["rps"]
+print(f"throughput at {sat}, bare pingora/nginx: {floor / rows[('nginx', sat)]['rps']:.2f}x; infergate/bare pingora: {rows[('infergate', sat)]['rps'] / floor:.2f}x")
 for pct in ("p50_us", "p99_us"):
-    added = {t: rows[(t, one)][pct] - rows[("direct", one)][pct] for t in ("infergate", "nginx")}
-    print(f"{pct[:3]} added over direct at c1: infergate {added['infergate']:.0f} µs, nginx {added['nginx']:.0f} µs")
+    added = {t: rows[(t, one)][pct] - rows[("direct", one)][pct] for t in ("infergate", "pingora", "nginx")}
+    print(f"{pct[:3]} added over direct at c1: infergate {added['infergate']:.0f} µs, bare pingora {added['pingora']:.0f} µs, nginx {added['nginx']:.0f} µs")
 PY
