@@ -129,3 +129,24 @@ fn kubectl_get_shows_the_printer_columns_under_the_short_names() {
     }
     kubectl(&["delete", "-f", path.to_str().unwrap(), "--wait=false"]);
 }
+
+#[test]
+fn the_kubernetes_examples_are_accepted_by_the_api_server() {
+    ensure_namespace();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s");
+    let applied = kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "--namespace",
+        "demo",
+        "-f",
+        examples.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    assert!(
+        applied.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(stdout.matches("(server dry run)").count(), 3, "{stdout}");
+}

@@ -155,7 +155,11 @@ fn main() -> anyhow::Result<()> {
             max_batch_tokens: args.max_batch_tokens,
             max_batch_sequences: args.max_batch_requests,
             max_concurrent_requests: args.max_concurrent_requests.unwrap_or(
-                if task == Task::TextGeneration { 128 } else { 512 },
+                if task == Task::TextGeneration {
+                    128
+                } else {
+                    512
+                },
             ),
         },
         max_client_batch_size: args.max_client_batch_size,
