@@ -32,6 +32,7 @@ pub enum Task {
     Rerank,
     Tabular,
     TextGeneration,
+    Translation,
 }
 
 impl Task {
@@ -42,6 +43,7 @@ impl Task {
             Task::Rerank => "rerank",
             Task::Tabular => "tabular",
             Task::TextGeneration => "text-generation",
+            Task::Translation => "translation",
         }
     }
 }
@@ -56,9 +58,10 @@ impl std::str::FromStr for Task {
             Task::Rerank,
             Task::Tabular,
             Task::TextGeneration,
+            Task::Translation,
         ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation")
         })
     }
 }
@@ -258,6 +261,43 @@ impl Runtime {
                 (
                     info,
                     crate::tasks::generation::routes().with_state(task),
+                    thread,
+                )
+            }
+            Task::Translation => {
+                let config = crate::models::marian::MarianConfig::load(&dir)?;
+                let tokenizer = Arc::new(crate::tasks::translate::MarianTokenizer::load(&dir)?);
+                // Beams and the length limit from generation_config.json, as `generate` reads them.
+                let generation: serde_json::Value =
+                    read_json(&dir.join("generation_config.json")).unwrap_or_default();
+                let default_beams =
+                    generation["num_beams"].as_u64().unwrap_or(1).clamp(1, 8) as usize;
+                let max_length = (generation["max_length"].as_u64().unwrap_or(512) as usize)
+                    .min(config.max_position_embeddings as usize);
+                let load = move || {
+                    crate::tasks::translate::TranslationModel::load(&dir, device, kind)
+                        .map_err(|e| e.to_string())
+                };
+                let (worker, thread) = ModelWorker::start(
+                    load,
+                    crate::tasks::translate::TranslationModel::run,
+                    limits.max_concurrent_requests,
+                    ready_tx,
+                );
+                let info = info(
+                    serde_json::json!({"translation": {"num_beams": default_beams, "max_length": max_length}}),
+                    max_length,
+                );
+                let task = Arc::new(crate::tasks::translate::TranslationTask {
+                    worker,
+                    tokenizer,
+                    default_beams,
+                    max_length,
+                    max_client_batch_size: settings.max_client_batch_size,
+                });
+                (
+                    info,
+                    crate::tasks::translate::routes().with_state(task),
                     thread,
                 )
             }

@@ -20,7 +20,8 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// What the model does: embedding, text-classification, rerank, tabular or text-generation.
+    /// What the model does: embedding, text-classification, rerank, tabular, text-generation or
+    /// translation.
     #[arg(long, env = "INFERGATE_TASK", required = true)]
     task: Option<Task>,
 

@@ -2,7 +2,9 @@
 
 pub mod bert;
 pub mod llama;
+pub mod marian;
 pub mod pooling;
+pub mod sentencepiece;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

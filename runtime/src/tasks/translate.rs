@@ -1,0 +1,452 @@
+//! `translation`: `POST /v1/translate` over a MarianMT model, with greedy and beam search as
+//! transformers' `generate` runs them for Marian (the pad token never generated, EOS forced at
+//! the length limit).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::error::ApiError;
+use crate::models::marian::{DecoderCache, MarianModel};
+use crate::models::{LoadError, read_json, sentencepiece};
+use crate::server::ValidJson;
+use crate::worker::ModelWorker;
+
+/// Marian's tokenization: SentencePiece pieces of the source model mapped through the shared
+/// `vocab.json`, EOS appended; decoding joins target pieces.
+#[derive(Debug)]
+pub struct MarianTokenizer {
+    source: Tokenizer,
+    vocab: HashMap<String, i64>,
+    pieces: HashMap<i64, String>,
+    eos: i64,
+    pad: i64,
+    unk: i64,
+}
+
+impl MarianTokenizer {
+    pub fn load(dir: &Path) -> Result<MarianTokenizer, LoadError> {
+        let invalid = |message: String| LoadError::Invalid {
+            path: dir.to_owned(),
+            message,
+        };
+        let source =
+            sentencepiece::load(&dir.join("source.spm")).map_err(|e| invalid(e.to_string()))?;
+        let vocab: HashMap<String, i64> = read_json(&dir.join("vocab.json"))?;
+        let id = |piece: &str| {
+            vocab
+                .get(piece)
+                .copied()
+                .ok_or_else(|| invalid(format!("vocab.json has no {piece}")))
+        };
+        let (eos, pad, unk) = (id("</s>")?, id("<pad>")?, id("<unk>")?);
+        let pieces = vocab.iter().map(|(p, i)| (*i, p.clone())).collect();
+        Ok(MarianTokenizer {
+            source,
+            vocab,
+            pieces,
+            eos,
+            pad,
+            unk,
+        })
+    }
+
+    /// Ids of `text`, a leading `>>lang<<` (multi-target models) kept as its own token.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, ApiError> {
+        let mut ids = Vec::new();
+        let mut rest = text;
+        if let Some(code) = text.strip_prefix(">>").and_then(|t| t.split_once("<<"))
+            && let Some(&id) = self.vocab.get(&format!(">>{}<<", code.0))
+        {
+            ids.push(id);
+            rest = code.1;
+        }
+        let encoding = self
+            .source
+            .encode(rest, false)
+            .map_err(|e| ApiError::InvalidField(format!("text cannot be tokenized: {e}")))?;
+        ids.extend(
+            encoding
+                .get_tokens()
+                .iter()
+                .map(|piece| self.vocab.get(piece).copied().unwrap_or(self.unk)),
+        );
+        ids.push(self.eos);
+        Ok(ids)
+    }
+
+    /// Text of generated `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let text: String = ids
+            .iter()
+            .filter(|&&id| id != self.eos && id != self.pad && id != self.unk)
+            .filter_map(|id| self.pieces.get(id).map(String::as_str))
+            .collect();
+        text.replace('▁', " ").trim().to_owned()
+    }
+
+    /// The `>>lang<<` token of `target_lang`, when the vocabulary has one.
+    pub fn language_token(&self, lang: &str) -> Option<String> {
+        let token = format!(">>{lang}<<");
+        self.vocab.contains_key(&token).then_some(token)
+    }
+}
+
+/// How to search: beams (1 is greedy) and the longest output, counting the start token.
+#[derive(Debug, Clone, Copy)]
+pub struct Search {
+    pub beams: usize,
+    pub max_length: usize,
+}
+
+/// Next-token log-probabilities as Marian's generation config shapes them: the pad token is
+/// never chosen, and at the last position only EOS may be.
+fn shaped_log_probs(
+    logits: &Tensor,
+    model: &MarianModel,
+    length: usize,
+    max_length: usize,
+) -> Tensor {
+    let mut scores = logits.log_softmax(-1, Kind::Float);
+    let pad = model.config.pad_token_id;
+    let _ = scores.narrow(1, pad, 1).fill_(f64::NEG_INFINITY);
+    if length + 1 >= max_length {
+        let eos = model
+            .config
+            .forced_eos_token_id
+            .unwrap_or(model.config.eos_token_id);
+        let _ = scores.fill_(f64::NEG_INFINITY);
+        let _ = scores.narrow(1, eos, 1).fill_(0.0);
+    }
+    scores
+}
+
+/// Translations of `sources` (token ids, EOS-terminated), as generated ids without the start
+/// token, one batch: greedy when `search.beams` is 1, else beam search.
+pub fn translate(model: &MarianModel, sources: &[Vec<i64>], search: Search) -> Vec<Vec<i64>> {
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let longest = sources.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = model.config.pad_token_id;
+    let eos = model.config.eos_token_id;
+    let padded: Vec<i64> = sources
+        .iter()
+        .flat_map(|s| {
+            s.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, longest - s.len()))
+        })
+        .collect();
+    let mask: Vec<i64> = sources
+        .iter()
+        .flat_map(|s| {
+            std::iter::repeat_n(1, s.len()).chain(std::iter::repeat_n(0, longest - s.len()))
+        })
+        .collect();
+    let shape = [sources.len() as i64, longest as i64];
+    let ids = Tensor::from_slice(&padded).view(shape).to_device(device);
+    let attention = Tensor::from_slice(&mask).view(shape).to_device(device);
+    let encoded = model.encode(&ids, &attention);
+    if search.beams <= 1 {
+        return greedy(model, &encoded, sources.len(), search.max_length, eos);
+    }
+    (0..sources.len())
+        .map(|row| {
+            let rows = Tensor::from_slice(&vec![row as i64; search.beams]).to_device(device);
+            beam(model, &encoded.select(&rows), search, eos)
+        })
+        .collect()
+}
+
+fn greedy(
+    model: &MarianModel,
+    encoded: &crate::models::marian::Encoded,
+    rows: usize,
+    max_length: usize,
+    eos: i64,
+) -> Vec<Vec<i64>> {
+    let device = model.device();
+    let start = model.config.decoder_start_token_id;
+    let mut outputs = vec![Vec::new(); rows];
+    let mut finished = vec![false; rows];
+    let mut cache = DecoderCache::default();
+    let mut last = vec![start; rows];
+    for length in 1..max_length {
+        let input = Tensor::from_slice(&last).to_device(device).unsqueeze(1);
+        let logits = model.decode(&input, encoded, &mut cache, false);
+        let scores = shaped_log_probs(&logits, model, length, max_length);
+        let chosen =
+            Vec::<i64>::try_from(scores.argmax(-1, false).to_device(Device::Cpu)).expect("ids");
+        for (row, token) in chosen.into_iter().enumerate() {
+            if finished[row] {
+                last[row] = model.config.pad_token_id;
+                continue;
+            }
+            outputs[row].push(token);
+            last[row] = token;
+            finished[row] = token == eos;
+        }
+        if finished.iter().all(|f| *f) {
+            break;
+        }
+    }
+    outputs
+}
+
+/// Beam search for one source (its encoding repeated `beams` times), as transformers runs it
+/// with `length_penalty` 1 and `early_stopping` off: each step keeps the best `beams`
+/// continuations that do not end; one ending among the best `beams` candidates becomes a
+/// finished hypothesis scored by its sum of log-probabilities over its length. The search ends
+/// when no running beam can beat the worst of `beams` finished ones, or at the length limit.
+fn beam(
+    model: &MarianModel,
+    encoded: &crate::models::marian::Encoded,
+    search: Search,
+    eos: i64,
+) -> Vec<i64> {
+    let device = model.device();
+    let beams = search.beams;
+    let start = model.config.decoder_start_token_id;
+    let mut cache = DecoderCache::default();
+    let mut sequences: Vec<Vec<i64>> = vec![Vec::new(); beams];
+    // Only the first beam is live at the start, so that the beams do not all pick alike.
+    let mut scores: Vec<f64> = (0..beams)
+        .map(|b| if b == 0 { 0.0 } else { -1e9 })
+        .collect();
+    let mut finished: Vec<(f64, Vec<i64>)> = Vec::new();
+    for length in 1..search.max_length {
+        let last: Vec<i64> = sequences
+            .iter()
+            .map(|s| *s.last().unwrap_or(&start))
+            .collect();
+        let input = Tensor::from_slice(&last).to_device(device).unsqueeze(1);
+        let logits = model.decode(&input, encoded, &mut cache, false);
+        let log_probs = shaped_log_probs(&logits, model, length, search.max_length);
+        let totals = log_probs
+            + Tensor::from_slice(&scores)
+                .to_kind(Kind::Float)
+                .to_device(device)
+                .unsqueeze(1);
+        let vocab = totals.size()[1];
+        let (top_scores, top_ids) = totals.view([-1]).topk(2 * beams as i64, -1, true, true);
+        let top_scores = Vec::<f32>::try_from(top_scores.to_device(Device::Cpu)).expect("scores");
+        let top_ids = Vec::<i64>::try_from(top_ids.to_device(Device::Cpu)).expect("ids");
+        let mut next: Vec<(f64, usize, i64)> = Vec::new();
+        for (rank, (&score, &flat)) in top_scores.iter().zip(&top_ids).enumerate() {
+            let (from, token) = ((flat / vocab) as usize, flat % vocab);
+            if token == eos {
+                if rank < beams {
+                    let mut hypothesis = sequences[from].clone();
+                    hypothesis.push(token);
+                    // transformers normalises by the tokens generated, this one included.
+                    let normalised = f64::from(score) / length as f64;
+                    finished.push((normalised, hypothesis));
+                }
+            } else {
+                next.push((f64::from(score), from, token));
+            }
+            if next.len() == beams {
+                break;
+            }
+        }
+        finished.sort_by(|a, b| b.0.total_cmp(&a.0));
+        finished.truncate(beams);
+        let origins = Tensor::from_slice(
+            &next
+                .iter()
+                .map(|(_, from, _)| *from as i64)
+                .collect::<Vec<_>>(),
+        )
+        .to_device(device);
+        cache = cache.select(&origins);
+        sequences = next
+            .iter()
+            .map(|(_, from, token)| {
+                let mut s = sequences[*from].clone();
+                s.push(*token);
+                s
+            })
+            .collect();
+        scores = next.iter().map(|(score, _, _)| *score).collect();
+        if finished.len() == beams {
+            let best_running =
+                scores.iter().copied().fold(f64::NEG_INFINITY, f64::max) / length as f64;
+            let worst_finished = finished.last().map_or(f64::NEG_INFINITY, |f| f.0);
+            if best_running <= worst_finished {
+                break;
+            }
+        }
+    }
+    if finished.is_empty() {
+        let best = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        return sequences[best].clone();
+    }
+    finished.swap_remove(0).1
+}
+
+/// A batch of sources (token ids) and how to search their translations.
+pub type Job = (Vec<Vec<i64>>, Search);
+
+/// The model thread's half.
+#[derive(Debug)]
+pub struct TranslationModel {
+    model: MarianModel,
+}
+
+impl TranslationModel {
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<TranslationModel, LoadError> {
+        Ok(TranslationModel {
+            model: MarianModel::load(dir, device, kind)?,
+        })
+    }
+
+    pub fn run(
+        &mut self,
+        (sources, search): (Vec<Vec<i64>>, Search),
+    ) -> Result<Vec<Vec<i64>>, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            translate(&self.model, &sources, search)
+        }))
+        .map_err(|_| "the model failed".to_owned())
+    }
+}
+
+/// The HTTP half.
+#[derive(Debug)]
+pub struct TranslationTask {
+    pub worker: ModelWorker<Job, Vec<Vec<i64>>>,
+    pub tokenizer: Arc<MarianTokenizer>,
+    pub default_beams: usize,
+    pub max_length: usize,
+    pub max_client_batch_size: usize,
+}
+
+/// `text`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TextField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The seed's translation request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranslateRequest {
+    pub text: TextField,
+    #[serde(default)]
+    pub source_lang: Option<String>,
+    #[serde(default)]
+    pub target_lang: Option<String>,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    #[serde(default)]
+    pub num_beams: Option<usize>,
+}
+
+pub fn routes() -> Router<Arc<TranslationTask>> {
+    Router::new()
+        .route("/v1/translate", post(translate_route))
+        .route("/translate", post(translate_route))
+}
+
+async fn translate_route(
+    State(task): State<Arc<TranslationTask>>,
+    ValidJson(request): ValidJson<TranslateRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (texts, one) = match request.text {
+        TextField::One(text) => (vec![text], true),
+        TextField::Many(texts) => (texts, false),
+    };
+    if texts.is_empty() {
+        return Err(ApiError::InvalidField(
+            "text: at least one text is required".to_owned(),
+        ));
+    }
+    if texts.len() > task.max_client_batch_size {
+        return Err(ApiError::TooManyInputs {
+            field: "text",
+            count: texts.len(),
+            limit: task.max_client_batch_size,
+        });
+    }
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::InvalidField(format!("text[{i}]: empty")));
+    }
+    let beams = request.num_beams.unwrap_or(task.default_beams);
+    if !(1..=8).contains(&beams) {
+        return Err(ApiError::InvalidField(
+            "num_beams: must be between 1 and 8".to_owned(),
+        ));
+    }
+    let max_length = request.max_length.unwrap_or(task.max_length);
+    if !(2..=task.max_length).contains(&max_length) {
+        return Err(ApiError::InvalidField(format!(
+            "max_length: must be between 2 and {}",
+            task.max_length
+        )));
+    }
+    let prefix = match &request.target_lang {
+        Some(lang) => task.tokenizer.language_token(lang),
+        None => None,
+    };
+    let mut sources = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let text = match &prefix {
+            Some(token) => format!("{token} {text}"),
+            None => text.clone(),
+        };
+        let ids = task.tokenizer.encode(&text)?;
+        if ids.len() > task.max_length {
+            return Err(ApiError::InputTooLong {
+                index: i,
+                tokens: ids.len(),
+                limit: task.max_length,
+            });
+        }
+        sources.push(ids);
+    }
+    let outputs = task
+        .worker
+        .submit((sources, Search { beams, max_length }))
+        .await?;
+    let translations: Vec<String> = outputs
+        .iter()
+        .map(|ids| task.tokenizer.decode(ids))
+        .collect();
+    Ok(Json(if one {
+        serde_json::json!({"translation": translations[0]})
+    } else {
+        serde_json::json!({"translation": translations})
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_language_token_leads_the_source_ids() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/marian");
+        let mut tokenizer = MarianTokenizer::load(&dir).unwrap();
+        let id = tokenizer.vocab.len() as i64;
+        tokenizer.vocab.insert(">>fra<<".to_owned(), id);
+        assert_eq!(tokenizer.language_token("fra").as_deref(), Some(">>fra<<"));
+        assert_eq!(tokenizer.language_token("deu"), None);
+        let plain = tokenizer.encode("the cat").unwrap();
+        let prefixed = tokenizer.encode(">>fra<< the cat").unwrap();
+        assert_eq!(prefixed[0], id);
+        assert_eq!(&prefixed[1..], &plain[..]);
+    }
+}
