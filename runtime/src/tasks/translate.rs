@@ -157,12 +157,25 @@ pub fn translate(model: &MarianModel, sources: &[Vec<i64>], search: Search) -> V
     if search.beams <= 1 {
         return greedy(model, &encoded, sources.len(), search.max_length, eos);
     }
-    (0..sources.len())
-        .map(|row| {
-            let rows = Tensor::from_slice(&vec![row as i64; search.beams]).to_device(device);
-            beam(model, &encoded.select(&rows), search, eos)
-        })
-        .collect()
+    // Every source's beams decode together: rows [source 0 beam 0, source 0 beam 1, ...].
+    let rows: Vec<i64> = (0..sources.len() as i64)
+        .flat_map(|s| std::iter::repeat_n(s, search.beams))
+        .collect();
+    beam(
+        model,
+        &encoded.select(&Tensor::from_slice(&rows).to_device(device)),
+        sources.len(),
+        search,
+        eos,
+    )
+}
+
+/// One source's beam search state.
+struct Beams {
+    sequences: Vec<Vec<i64>>,
+    scores: Vec<f64>,
+    finished: Vec<(f64, Vec<i64>)>,
+    done: bool,
 }
 
 fn greedy(
@@ -200,99 +213,132 @@ fn greedy(
     outputs
 }
 
-/// Beam search for one source (its encoding repeated `beams` times), as transformers runs it
-/// with `length_penalty` 1 and `early_stopping` off: each step keeps the best `beams`
-/// continuations that do not end; one ending among the best `beams` candidates becomes a
-/// finished hypothesis scored by its sum of log-probabilities over its length. The search ends
-/// when no running beam can beat the worst of `beams` finished ones, or at the length limit.
+/// Beam search for `sources` sources (their encodings repeated `beams` times each), as
+/// transformers runs it with `length_penalty` 1 and `early_stopping` off: each step keeps a
+/// source's best `beams` continuations that do not end; one ending among its best `beams`
+/// candidates becomes a finished hypothesis scored by its sum of log-probabilities over the
+/// tokens generated. A source is done when no running beam can beat the worst of `beams`
+/// finished ones, or at the length limit. All sources decode in the same forward passes.
 fn beam(
     model: &MarianModel,
     encoded: &crate::models::marian::Encoded,
+    sources: usize,
     search: Search,
     eos: i64,
-) -> Vec<i64> {
+) -> Vec<Vec<i64>> {
     let device = model.device();
-    let beams = search.beams;
+    let width = search.beams;
     let start = model.config.decoder_start_token_id;
     let mut cache = DecoderCache::default();
-    let mut sequences: Vec<Vec<i64>> = vec![Vec::new(); beams];
-    // Only the first beam is live at the start, so that the beams do not all pick alike.
-    let mut scores: Vec<f64> = (0..beams)
-        .map(|b| if b == 0 { 0.0 } else { -1e9 })
+    // Only the first beam of each source is live at the start, so that its beams differ.
+    let mut states: Vec<Beams> = (0..sources)
+        .map(|_| Beams {
+            sequences: vec![Vec::new(); width],
+            scores: (0..width)
+                .map(|b| if b == 0 { 0.0 } else { -1e9 })
+                .collect(),
+            finished: Vec::new(),
+            done: false,
+        })
         .collect();
-    let mut finished: Vec<(f64, Vec<i64>)> = Vec::new();
     for length in 1..search.max_length {
-        let last: Vec<i64> = sequences
+        let last: Vec<i64> = states
             .iter()
-            .map(|s| *s.last().unwrap_or(&start))
+            .flat_map(|state| state.sequences.iter().map(|s| *s.last().unwrap_or(&start)))
+            .collect();
+        let scores: Vec<f32> = states
+            .iter()
+            .flat_map(|state| state.scores.iter().map(|&s| s as f32))
             .collect();
         let input = Tensor::from_slice(&last).to_device(device).unsqueeze(1);
         let logits = model.decode(&input, encoded, &mut cache, false);
         let log_probs = shaped_log_probs(&logits, model, length, search.max_length);
-        let totals = log_probs
-            + Tensor::from_slice(&scores)
-                .to_kind(Kind::Float)
-                .to_device(device)
-                .unsqueeze(1);
+        let totals = log_probs + Tensor::from_slice(&scores).to_device(device).unsqueeze(1);
         let vocab = totals.size()[1];
-        let (top_scores, top_ids) = totals.view([-1]).topk(2 * beams as i64, -1, true, true);
-        let top_scores = Vec::<f32>::try_from(top_scores.to_device(Device::Cpu)).expect("scores");
-        let top_ids = Vec::<i64>::try_from(top_ids.to_device(Device::Cpu)).expect("ids");
-        let mut next: Vec<(f64, usize, i64)> = Vec::new();
-        for (rank, (&score, &flat)) in top_scores.iter().zip(&top_ids).enumerate() {
-            let (from, token) = ((flat / vocab) as usize, flat % vocab);
-            if token == eos {
-                if rank < beams {
-                    let mut hypothesis = sequences[from].clone();
-                    hypothesis.push(token);
-                    // transformers normalises by the tokens generated, this one included.
-                    let normalised = f64::from(score) / length as f64;
-                    finished.push((normalised, hypothesis));
+        let (top_scores, top_ids) =
+            totals
+                .view([sources as i64, -1])
+                .topk(2 * width as i64, -1, true, true);
+        let top_scores =
+            Vec::<f32>::try_from(top_scores.reshape([-1]).to_device(Device::Cpu)).expect("scores");
+        let top_ids =
+            Vec::<i64>::try_from(top_ids.reshape([-1]).to_device(Device::Cpu)).expect("ids");
+        let mut origins = Vec::with_capacity(sources * width);
+        for (source, state) in states.iter_mut().enumerate() {
+            let base = source * width;
+            if state.done {
+                origins.extend((0..width).map(|b| (base + b) as i64));
+                continue;
+            }
+            let candidates = (0..2 * width).map(|rank| {
+                let at = source * 2 * width + rank;
+                let flat = top_ids[at];
+                (
+                    rank,
+                    f64::from(top_scores[at]),
+                    (flat / vocab) as usize,
+                    flat % vocab,
+                )
+            });
+            let mut next: Vec<(f64, usize, i64)> = Vec::with_capacity(width);
+            for (rank, score, from, token) in candidates {
+                if token == eos {
+                    if rank < width {
+                        let mut hypothesis = state.sequences[from].clone();
+                        hypothesis.push(token);
+                        // transformers normalises by the tokens generated, this one included.
+                        state.finished.push((score / length as f64, hypothesis));
+                    }
+                } else {
+                    next.push((score, from, token));
                 }
-            } else {
-                next.push((f64::from(score), from, token));
+                if next.len() == width {
+                    break;
+                }
             }
-            if next.len() == beams {
-                break;
-            }
-        }
-        finished.sort_by(|a, b| b.0.total_cmp(&a.0));
-        finished.truncate(beams);
-        let origins = Tensor::from_slice(
-            &next
+            state.finished.sort_by(|a, b| b.0.total_cmp(&a.0));
+            state.finished.truncate(width);
+            origins.extend(next.iter().map(|(_, from, _)| (base + from) as i64));
+            state.sequences = next
                 .iter()
-                .map(|(_, from, _)| *from as i64)
-                .collect::<Vec<_>>(),
-        )
-        .to_device(device);
-        cache = cache.select(&origins);
-        sequences = next
-            .iter()
-            .map(|(_, from, token)| {
-                let mut s = sequences[*from].clone();
-                s.push(*token);
-                s
-            })
-            .collect();
-        scores = next.iter().map(|(score, _, _)| *score).collect();
-        if finished.len() == beams {
-            let best_running =
-                scores.iter().copied().fold(f64::NEG_INFINITY, f64::max) / length as f64;
-            let worst_finished = finished.last().map_or(f64::NEG_INFINITY, |f| f.0);
-            if best_running <= worst_finished {
-                break;
+                .map(|(_, from, token)| {
+                    let mut s = state.sequences[*from].clone();
+                    s.push(*token);
+                    s
+                })
+                .collect();
+            state.scores = next.iter().map(|(score, _, _)| *score).collect();
+            if state.finished.len() == width {
+                let best_running = state
+                    .scores
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max)
+                    / length as f64;
+                let worst_finished = state.finished.last().map_or(f64::NEG_INFINITY, |f| f.0);
+                state.done = best_running <= worst_finished;
             }
         }
+        if states.iter().all(|s| s.done) {
+            break;
+        }
+        cache = cache.select(&Tensor::from_slice(&origins).to_device(device));
     }
-    if finished.is_empty() {
-        let best = scores
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
-        return sequences[best].clone();
-    }
-    finished.swap_remove(0).1
+    states
+        .into_iter()
+        .map(|mut state| {
+            if state.finished.is_empty() {
+                let best = state
+                    .scores
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
+                return state.sequences.swap_remove(best);
+            }
+            state.finished.swap_remove(0).1
+        })
+        .collect()
 }
 
 /// A batch of sources (token ids) and how to search their translations.
