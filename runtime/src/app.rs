@@ -278,9 +278,11 @@ impl Runtime {
                     crate::tasks::translate::TranslationModel::load(&dir, device, kind)
                         .map_err(|e| e.to_string())
                 };
-                let (worker, thread) = ModelWorker::start(
+                // Requests queued while a batch runs are translated together next.
+                let (worker, thread) = ModelWorker::start_batched(
                     load,
-                    crate::tasks::translate::TranslationModel::run,
+                    crate::tasks::translate::TranslationModel::run_batch,
+                    limits.max_batch_sequences,
                     limits.max_concurrent_requests,
                     ready_tx,
                 );

@@ -1,6 +1,7 @@
-//! A model thread for tasks that run one request at a time (no batching across requests):
-//! the same admission rule as the batcher (429 beyond `max_concurrent_requests`), and libtorch
-//! objects that never leave their thread.
+//! A model thread for tasks without a token-level batcher: jobs run one at a time, or (with
+//! `start_batched`) every job queued while the model was busy runs in one call; the same
+//! admission rule as the batcher (429 beyond `max_concurrent_requests`), and libtorch objects
+//! that never leave their thread.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,6 +40,28 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
         L: FnOnce() -> Result<M, String> + Send + 'static,
         R: FnMut(&mut M, I) -> Result<O, String> + Send + 'static,
     {
+        Self::start_batched(
+            load,
+            move |model, inputs| inputs.into_iter().map(|input| run(model, input)).collect(),
+            1,
+            max_concurrent_requests,
+            ready,
+        )
+    }
+
+    /// Starts the thread: `load` builds the model there, then `run` serves the jobs queued
+    /// meanwhile together (up to `max_jobs`), one answer per job, in order.
+    pub fn start_batched<M, L, R>(
+        load: L,
+        mut run: R,
+        max_jobs: usize,
+        max_concurrent_requests: usize,
+        ready: watch::Sender<bool>,
+    ) -> (Self, JoinHandle<Result<(), String>>)
+    where
+        L: FnOnce() -> Result<M, String> + Send + 'static,
+        R: FnMut(&mut M, Vec<I>) -> Vec<Result<O, String>> + Send + 'static,
+    {
         let (jobs, mut receiver) =
             mpsc::unbounded_channel::<(I, Reply<O>, tokio::sync::OwnedSemaphorePermit)>();
         let thread = std::thread::Builder::new()
@@ -46,9 +69,26 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
             .spawn(move || {
                 let mut model = load()?;
                 let _ = ready.send(true);
-                while let Some((input, reply, _permit)) = receiver.blocking_recv() {
-                    if !reply.is_closed() {
-                        let _ = reply.send(run(&mut model, input));
+                while let Some(first) = receiver.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < max_jobs.max(1)
+                        && let Ok(next) = receiver.try_recv()
+                    {
+                        batch.push(next);
+                    }
+                    // A job whose client left is dropped, not computed.
+                    batch.retain(|(_, reply, _)| !reply.is_closed());
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let (inputs, replies): (Vec<I>, Vec<(Reply<O>, _)>) = batch
+                        .into_iter()
+                        .map(|(input, reply, permit)| (input, (reply, permit)))
+                        .unzip();
+                    for (output, (reply, _permit)) in
+                        run(&mut model, inputs).into_iter().zip(replies)
+                    {
+                        let _ = reply.send(output);
                     }
                 }
                 Ok(())

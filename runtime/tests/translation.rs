@@ -55,3 +55,26 @@ async fn bad_translation_requests_name_the_field() {
         assert!(message.contains(needle), "{body} → {message}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_requests_are_translated_together_each_as_alone() {
+    let (dir, reference) = fixture("marian");
+    let runtime = Runtime::start_task("translation", &dir, &[]).await;
+    let inputs: Vec<String> = serde_json::from_value(reference["inputs"].clone()).unwrap();
+    // Greedy and beam requests side by side: those that search alike share a batch.
+    let requests = (0..12).map(|i| {
+        let beams = if i % 2 == 0 { 1 } else { 3 };
+        let body = json!({"text": inputs[i % 3], "num_beams": beams}).to_string();
+        let runtime = &runtime;
+        async move { (i, beams, runtime.post("/v1/translate", &body).await) }
+    });
+    for (i, beams, (status, answer)) in futures::future::join_all(requests).await {
+        assert_eq!(status, 200, "{answer}");
+        let key = if beams == 1 {
+            "greedy_text"
+        } else {
+            "beam_text"
+        };
+        assert_eq!(answer["translation"], reference[key][i % 3], "request {i}");
+    }
+}

@@ -357,14 +357,42 @@ impl TranslationModel {
         })
     }
 
-    pub fn run(
-        &mut self,
-        (sources, search): (Vec<Vec<i64>>, Search),
-    ) -> Result<Vec<Vec<i64>>, String> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            translate(&self.model, &sources, search)
-        }))
-        .map_err(|_| "the model failed".to_owned())
+    /// Translates the jobs queued together: jobs that search alike run as one batch.
+    pub fn run_batch(&mut self, jobs: Vec<Job>) -> Vec<Result<Vec<Vec<i64>>, String>> {
+        let mut answers: Vec<Option<Result<Vec<Vec<i64>>, String>>> =
+            jobs.iter().map(|_| None).collect();
+        let mut groups: Vec<(Search, Vec<usize>)> = Vec::new();
+        for (index, (_, search)) in jobs.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|(s, _)| s.beams == search.beams && s.max_length == search.max_length)
+            {
+                Some((_, members)) => members.push(index),
+                None => groups.push((*search, vec![index])),
+            }
+        }
+        for (search, members) in groups {
+            let sources: Vec<Vec<i64>> = members.iter().flat_map(|&i| jobs[i].0.clone()).collect();
+            let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                translate(&self.model, &sources, search)
+            }));
+            let mut outputs = match outputs {
+                Ok(outputs) => outputs.into_iter(),
+                Err(_) => {
+                    for &i in &members {
+                        answers[i] = Some(Err("the model failed".to_owned()));
+                    }
+                    continue;
+                }
+            };
+            for &i in &members {
+                answers[i] = Some(Ok(outputs.by_ref().take(jobs[i].0.len()).collect()));
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err("not translated".to_owned())))
+            .collect()
     }
 }
 
