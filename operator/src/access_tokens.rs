@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::{Api, ResourceExt};
 
-use crate::apply::{FIELD_MANAGER, apply_if_changed, apply_status};
+use crate::apply::{FIELD_MANAGER, apply_over, apply_status};
 use crate::controller::{Context, Error};
 use crate::status::{access_token_ready, stamp_transitions, transitions};
 use crate::tokens::{
@@ -60,7 +60,7 @@ async fn issue(token: Arc<AccessToken>, ctx: &Context) -> Result<Action, Error> 
                 Ok(record) => {
                     let secret =
                         record_secret(&token, &record, issuance, &ctx.config.gateway_namespace);
-                    apply_if_changed(&records, secret).await?;
+                    apply_over(&records, secret, existing).await?;
                     (
                         phase(&token, Ok(&record), now),
                         Some((issuance, record)),

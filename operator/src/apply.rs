@@ -48,13 +48,26 @@ pub fn is_current<K: Resource>(live: &K, digest: &str) -> bool {
 
 /// Applies `desired` unless the live object already is it. Returns the live object and whether
 /// a write was made.
-pub async fn apply_if_changed<K>(api: &Api<K>, mut desired: K) -> Result<(K, bool), kube::Error>
+pub async fn apply_if_changed<K>(api: &Api<K>, desired: K) -> Result<(K, bool), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let live = api.get_opt(&desired.name_any()).await?;
+    apply_over(api, desired, live).await
+}
+
+/// [`apply_if_changed`] for a caller that has just read the live object itself.
+pub async fn apply_over<K>(
+    api: &Api<K>,
+    mut desired: K,
+    live: Option<K>,
+) -> Result<(K, bool), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
     let digest = stamp(&mut desired);
     let name = desired.name_any();
-    if let Some(live) = api.get_opt(&name).await?
+    if let Some(live) = live
         && is_current(&live, &digest)
     {
         return Ok((live, false));

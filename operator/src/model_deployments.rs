@@ -27,13 +27,16 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             id: md.model_version_id().unwrap_or_default(),
             holder,
         });
+    // The Deployment as the API server has it: from the apply, else read for the status.
+    let mut applied = None;
     if blocked.is_none() {
         let desired = runtime_deployment(&md, &ctx.config.runtime)
             .and_then(|deployment| Ok((deployment, runtime_service(&md)?)));
         match desired {
             Ok((deployment, service)) => {
                 let (_, service_written) = apply_if_changed(&services, service).await?;
-                let (_, deployment_written) = apply_if_changed(&deployments, deployment).await?;
+                let (live, deployment_written) = apply_if_changed(&deployments, deployment).await?;
+                applied = Some(live);
                 if service_written || deployment_written {
                     ctx.event(
                         md.as_ref(),
@@ -54,7 +57,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
     }
 
-    let deployment = deployments.get_opt(&name).await?;
+    let deployment = match applied {
+        Some(live) => Some(live),
+        None => deployments.get_opt(&name).await?,
+    };
     let previous = md.status.clone().unwrap_or_default();
     let mut status = model_deployment_status(&md, blocked.as_ref(), deployment.as_ref());
     stamp_transitions(

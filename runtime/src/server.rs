@@ -104,6 +104,10 @@ async fn require_ready(State(common): State<Common>, request: Request, next: Nex
     }
 }
 
+/// The instant a request's `OICM-Request-Timeout` ends, as the deadline middleware parsed it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub Instant);
+
 /// Header carrying a request's deadline in seconds; the proxy forwards what is left of it.
 const REQUEST_TIMEOUT_HEADER: &str = "oicm-request-timeout";
 
@@ -123,6 +127,11 @@ async fn enforce_deadline(request: Request, next: Next) -> Response {
     };
     // A day bounds what `Duration` must represent; no deadline the proxy forwards comes close.
     let budget = std::time::Duration::from_secs_f64(seconds.min(86_400.0));
+    // Handlers whose work outlives their response (streams) read the deadline from here.
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(RequestDeadline(Instant::now() + budget));
     match tokio::time::timeout(budget, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),

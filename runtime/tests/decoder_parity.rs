@@ -3,29 +3,11 @@
 //! within 1e-4, and the same 64 greedy tokens per prompt, one sequence at a time and with all
 //! prompts decoded together in one batch.
 
-use std::path::PathBuf;
+mod support;
 
 use runtime::models::llama::{LlamaModel, Logits, Placement};
+use support::{fixture, ids};
 use tch::{Device, Kind, Tensor};
-
-fn fixture(name: &str) -> (PathBuf, serde_json::Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
-    let reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    (dir, reference)
-}
-
-fn ids(value: &serde_json::Value) -> Vec<i64> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect()
-}
 
 fn argmax(logits: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap()

@@ -21,6 +21,18 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
+/// Waits until something listens on `port` (10 s at most).
+fn wait_for_port(port: u16, what: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 struct FileServer {
     child: Child,
     url: String,
@@ -61,14 +73,7 @@ impl FileServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "the file server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the file server");
         FileServer {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -288,14 +293,7 @@ fn https_is_spoken_and_an_untrusted_certificate_is_refused() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the TLS server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, "the TLS server");
     let failed = download(
         &format!("https://127.0.0.1:{port}/model.safetensors"),
         None,

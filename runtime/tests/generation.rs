@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Runtime, fixture};
+use support::{Runtime, fixture, ids};
 
 async fn llama(extra: &[&str]) -> (Runtime, Value) {
     let (dir, reference) = fixture("llama");
@@ -14,15 +14,6 @@ async fn llama(extra: &[&str]) -> (Runtime, Value) {
         Runtime::start_task("text-generation", &dir, extra).await,
         reference,
     )
-}
-
-fn ids(value: &Value) -> Vec<i64> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect()
 }
 
 /// Token ids TGI's `/generate` reports with `details`.

@@ -1,32 +1,16 @@
 //! The native MarianMT against Hugging Face transformers on the tiny trained fixture
 //! (`runtime/fixtures/make_translation_fixtures.py`): teacher-forced logits within 1e-4.
 
-use std::path::PathBuf;
+mod support;
 
 use runtime::models::marian::{DecoderCache, MarianModel};
 use runtime::tasks::translate::{MarianTokenizer, Search, translate};
+use support::ids;
 use tch::{Device, Kind, Tensor};
-
-fn fixture() -> (PathBuf, serde_json::Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/marian");
-    let reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    (dir, reference)
-}
-
-fn ids(value: &serde_json::Value) -> Vec<i64> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect()
-}
 
 #[test]
 fn teacher_forced_logits_match_transformers() {
-    let (dir, reference) = fixture();
+    let (dir, reference) = support::fixture("marian");
     let model = MarianModel::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let source = ids(&reference["input_ids"][0]);
     let target = ids(&reference["decoder_input_ids"]);
@@ -54,7 +38,7 @@ fn teacher_forced_logits_match_transformers() {
 
 #[test]
 fn the_spm_tokenizer_gives_transformers_ids_and_decodes_its_outputs() {
-    let (dir, reference) = fixture();
+    let (dir, reference) = support::fixture("marian");
     let tokenizer = MarianTokenizer::load(&dir).unwrap();
     let inputs: Vec<String> = serde_json::from_value(reference["inputs"].clone()).unwrap();
     for (i, text) in inputs.iter().enumerate() {
@@ -72,7 +56,7 @@ fn the_spm_tokenizer_gives_transformers_ids_and_decodes_its_outputs() {
 
 #[test]
 fn greedy_and_beam_search_match_transformers_generate() {
-    let (dir, reference) = fixture();
+    let (dir, reference) = support::fixture("marian");
     let model = MarianModel::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let sources: Vec<Vec<i64>> = reference["input_ids"]
         .as_array()

@@ -11,10 +11,11 @@ use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use axum::Extension;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -30,7 +31,7 @@ use crate::generate::sampling::SamplingParams;
 use crate::generate::template::{ChatTemplates, Message, TemplateError};
 use crate::generate::text::{IncrementalDecoder, StopStrings};
 use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
+use crate::server::{RequestDeadline, ValidJson};
 
 /// Sampling defaults when a request sets none (DESIGN.md: the seed's defaults).
 #[derive(Debug, Clone, Copy)]
@@ -213,17 +214,11 @@ fn fresh_seed() -> u64 {
     hasher.finish()
 }
 
-/// The request's deadline from `OICM-Request-Timeout` (validated by the deadline middleware).
-fn deadline(headers: &HeaderMap) -> Option<Instant> {
-    let seconds: f64 = headers
-        .get("oicm-request-timeout")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (seconds.is_finite() && seconds > 0.0)
-        .then(|| Instant::now() + Duration::from_secs_f64(seconds.min(86_400.0)))
+/// The request's deadline, when it sent one (parsed once, by the deadline middleware).
+type Deadline = Option<Extension<RequestDeadline>>;
+
+fn instant(deadline: Deadline) -> Option<Instant> {
+    deadline.map(|Extension(RequestDeadline(at))| at)
 }
 
 impl GenerationTask {
@@ -232,7 +227,7 @@ impl GenerationTask {
         prompt: Vec<i64>,
         knobs: Knobs,
         default_max_tokens: Option<usize>,
-        headers: &HeaderMap,
+        deadline: Option<Instant>,
     ) -> Result<Plan, ApiError> {
         if knobs.n.is_some_and(|n| n != 1) {
             return Err(invalid("n: only 1 choice per request is supported"));
@@ -342,7 +337,7 @@ impl GenerationTask {
                 stop_token_ids,
             },
             stop_strings,
-            deadline: deadline(headers),
+            deadline,
         })
     }
 
@@ -799,7 +794,7 @@ fn openai_stream(stream: OpenAiStream) -> Response {
 
 async fn chat(
     State(task): State<Arc<GenerationTask>>,
-    headers: HeaderMap,
+    deadline: Deadline,
     ValidJson(request): ValidJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let (prompt, knobs) = match (request.messages, request.inputs) {
@@ -834,7 +829,7 @@ async fn chat(
             ));
         }
     };
-    let plan = task.plan(prompt, knobs, None, &headers)?;
+    let plan = task.plan(prompt, knobs, None, instant(deadline))?;
     let include_usage = request.stream_options.unwrap_or_default().include_usage;
     answer_openai(&task, plan, true, request.stream, include_usage).await
 }
@@ -908,7 +903,7 @@ fn merge(nested: Knobs, top: Knobs) -> Knobs {
 
 async fn completions(
     State(task): State<Arc<GenerationTask>>,
-    headers: HeaderMap,
+    deadline: Deadline,
     ValidJson(request): ValidJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let prompt = match request.prompt {
@@ -924,7 +919,7 @@ async fn completions(
         task.tokenize(&prompt, true)?,
         request.knobs,
         Some(16),
-        &headers,
+        instant(deadline),
     )?;
     let include_usage = request.stream_options.unwrap_or_default().include_usage;
     answer_openai(&task, plan, false, request.stream, include_usage).await
@@ -933,7 +928,7 @@ async fn completions(
 fn tgi_plan(
     task: &GenerationTask,
     request: GenerateRequest,
-    headers: &HeaderMap,
+    deadline: Option<Instant>,
 ) -> Result<(Plan, bool, Option<u64>), ApiError> {
     let parameters = request.parameters.unwrap_or_default();
     let seed = parameters.knobs.seed;
@@ -943,7 +938,7 @@ fn tgi_plan(
         let implied = knobs.temperature.is_some() || knobs.top_k.is_some() || knobs.top_p.is_some();
         knobs.do_sample = Some(implied);
     }
-    let plan = task.plan(task.tokenize(&request.inputs, true)?, knobs, None, headers)?;
+    let plan = task.plan(task.tokenize(&request.inputs, true)?, knobs, None, deadline)?;
     Ok((plan, parameters.details, seed))
 }
 
@@ -957,13 +952,13 @@ fn token_json(task: &GenerationTask, id: i64, text: &str) -> serde_json::Value {
 
 async fn generate(
     State(task): State<Arc<GenerationTask>>,
-    headers: HeaderMap,
+    deadline: Deadline,
     ValidJson(request): ValidJson<GenerateRequest>,
 ) -> Result<Response, ApiError> {
     if request.stream {
-        return generate_stream(State(task), headers, ValidJson(request)).await;
+        return generate_stream(State(task), deadline, ValidJson(request)).await;
     }
-    let (plan, details, seed) = tgi_plan(&task, request, &headers)?;
+    let (plan, details, seed) = tgi_plan(&task, request, instant(deadline))?;
     let run = Run::start(task.clone(), plan, true)?;
     let (text, tokens, finish, run) = run.collect().await?;
     let mut body = serde_json::json!({"generated_text": text});
@@ -981,10 +976,10 @@ async fn generate(
 
 async fn generate_stream(
     State(task): State<Arc<GenerationTask>>,
-    headers: HeaderMap,
+    deadline: Deadline,
     ValidJson(request): ValidJson<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let (plan, _, seed) = tgi_plan(&task, request, &headers)?;
+    let (plan, _, seed) = tgi_plan(&task, request, instant(deadline))?;
     let run = Run::start(task.clone(), plan, true)?;
     struct TgiStream {
         run: Run,

