@@ -39,6 +39,7 @@ fn main() {
     };
     let conf = ServerConf {
         threads: threads.parse().expect("THREADS is a number"),
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

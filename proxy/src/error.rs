@@ -27,6 +27,8 @@ pub enum Rejection {
     ModelNotFound { model: String },
     #[error(transparent)]
     InvalidTimeout(#[from] TimeoutHeaderError),
+    #[error("the request states both Content-Length and Transfer-Encoding; send one")]
+    ConflictingFraming,
     #[error("request headers exceed {max_count} fields or {max_bytes} bytes")]
     HeadersTooLarge { max_bytes: usize, max_count: usize },
     #[error("request body exceeds this model's limit of {limit} bytes")]
@@ -51,7 +53,7 @@ impl Rejection {
             | Rejection::TokenExpired
             | Rejection::TokenRevoked => 401,
             Rejection::ModelNotAllowed { .. } => 403,
-            Rejection::InvalidTimeout(_) => 400,
+            Rejection::InvalidTimeout(_) | Rejection::ConflictingFraming => 400,
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::HeadersTooLarge { .. } => 431,
             Rejection::NoReadyEndpoint { .. } | Rejection::UpstreamUnavailable => 503,
@@ -71,6 +73,7 @@ impl Rejection {
             Rejection::ModelNotAllowed { .. } => "model_not_allowed",
             Rejection::ModelNotFound { .. } => "model_not_found",
             Rejection::InvalidTimeout(_) => "invalid_timeout",
+            Rejection::ConflictingFraming => "conflicting_framing",
             Rejection::BodyTooLarge { .. } => "body_too_large",
             Rejection::HeadersTooLarge { .. } => "headers_too_large",
             Rejection::NoReadyEndpoint { .. } => "no_ready_endpoint",
@@ -78,6 +81,14 @@ impl Rejection {
             Rejection::UpstreamFailed => "upstream_error",
             Rejection::Timeout { .. } => "timeout",
         }
+    }
+
+    /// Reason phrase of the status line, for responses written below pingora.
+    pub fn reason(&self) -> &'static str {
+        http::StatusCode::from_u16(self.status())
+            .ok()
+            .and_then(|status| status.canonical_reason())
+            .unwrap_or("Error")
     }
 
     /// Broad class of the error, the `type` of the error body.
@@ -159,6 +170,7 @@ mod tests {
                 "timeout",
             ),
             (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (Rejection::ConflictingFraming, 400, "conflicting_framing"),
             (
                 Rejection::HeadersTooLarge {
                     max_bytes: 1,

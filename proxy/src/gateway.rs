@@ -554,6 +554,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.watchdog = None;
+        crate::header_guard::expect_next_head(session.as_downstream().stream());
         let status = match (&ctx.rejection, session.response_written()) {
             // A stream cut by the deadline went out as 200 but ended as a timeout.
             (Some(rejection), _) => rejection.status(),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod file_source;
 pub mod gateway;
+pub mod header_guard;
 pub mod kube_source;
 pub mod metrics;
 pub mod request;

@@ -64,6 +64,14 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_KEEPALIVE_IDLE", default_value_t = 60)]
     keepalive_idle: u64,
 
+    /// Seconds a request's line and headers may take to arrive; slower clients are disconnected.
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_HEADER_READ_TIMEOUT",
+        default_value_t = 10
+    )]
+    header_read_timeout: u64,
+
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -103,5 +111,6 @@ fn main() -> anyhow::Result<()> {
             max_count: args.max_headers,
         },
         keepalive_idle_secs: args.keepalive_idle,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
     })
 }

@@ -15,6 +15,7 @@ use pingora_core::services::listening::Service;
 use crate::config::ListenConfig;
 use crate::file_source::FileSource;
 use crate::gateway::{Gateway, HeaderLimits};
+use crate::header_guard::{GuardedProxy, HeadLimits};
 use crate::kube_source::KubeSource;
 use crate::metrics::{Metrics, MetricsApp};
 use crate::state::Shared;
@@ -39,6 +40,8 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     pub header_limits: HeaderLimits,
     pub keepalive_idle_secs: u64,
+    /// Longest time a request head may take to arrive (slowloris).
+    pub header_read_timeout: Duration,
 }
 
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
@@ -64,6 +67,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
 
     let conf = ServerConf {
         threads: listen.threads,
+        work_stealing: false,
         grace_period_seconds: Some(options.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
@@ -77,11 +81,14 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         header_limits: options.header_limits,
         keepalive_idle_secs: options.keepalive_idle_secs,
     };
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "infergate-proxy",
-    );
+    let guarded = GuardedProxy {
+        inner: Arc::new(pingora_proxy::http_proxy(&server.configuration, gateway)),
+        limits: HeadLimits {
+            read_timeout: options.header_read_timeout,
+            max_bytes: options.header_limits.max_bytes,
+        },
+    };
+    let mut proxy = Service::new("infergate-proxy".to_owned(), guarded);
     proxy.add_tcp(&listen.listen.to_string());
     let mut metrics_service = Service::new("metrics".to_owned(), MetricsApp(metrics));
     metrics_service.add_tcp(&listen.metrics.to_string());

@@ -793,13 +793,12 @@ async fn a_repeated_or_malformed_content_length_is_refused_and_never_reaches_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn content_length_with_transfer_encoding_is_read_as_chunked_once_and_the_connection_closes() {
+async fn content_length_with_transfer_encoding_gets_400_and_a_closed_connection() {
     let upstream = Upstream::start().await;
     let token = TestToken::new("t", &["m"]);
     let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
     // A smuggling attempt: by Content-Length the body is "0\r\n\r", by chunked it is empty and
-    // a second request follows. Read as chunked (RFC 9112 6.3), the second request must not be
-    // served on this connection, which closes after the first answer.
+    // a second request follows. Neither reading may be served.
     let second = format!(
         "GET /models/m/proxy/smuggled HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\r\n",
         token.bearer()
@@ -809,15 +808,124 @@ async fn content_length_with_transfer_encoding_is_read_as_chunked_once_and_the_c
         token.bearer()
     );
     let answer = raw_exchange(&proxy, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
     assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
+        answer.contains(r#""code":"conflicting_framing""#),
         "{answer}"
     );
-    let seen = upstream.requests();
-    assert_eq!(
-        seen.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(),
-        ["/v1/x"]
+    assert!(
+        upstream.requests().is_empty(),
+        "the request reached the upstream"
     );
-    assert_eq!(seen[0].body_len, 0, "read as chunked, the body is empty");
+    assert!(!proxy.output().contains(token.secret()));
+}
+
+async fn connect(proxy: &Proxy) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
+        .await
+        .unwrap()
+}
+
+/// Writes `bytes` one at a time, `pause` apart, and returns how long after the first byte the
+/// proxy closed the connection (None if it was still open when the bytes ran out).
+async fn trickle(
+    connection: &mut tokio::net::TcpStream,
+    bytes: &[u8],
+    pause: Duration,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    for byte in bytes {
+        if connection.write_all(&[*byte]).await.is_err() {
+            return Some(started.elapsed());
+        }
+        let mut answer = [0u8; 256];
+        match tokio::time::timeout(pause, connection.read(&mut answer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => panic!("the proxy answered a request head it never fully received"),
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_trickling_in_is_cut_off_at_the_header_read_timeout() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start_with_args(
+        &[TestModel::new("m", &[upstream.addr])],
+        &[&token],
+        &["--header-read-timeout", "1"],
+    )
+    .await;
+    // One byte every 200 ms: each read is quick, the head as a whole is not.
+    let head = format!(
+        "GET /models/m/proxy/v1/x HTTP/1.1\r\nHost: test\r\nAuthorization: {}\r\n\r\n",
+        token.bearer()
+    );
+    let closed = trickle(
+        &mut connect(&proxy).await,
+        head.as_bytes(),
+        Duration::from_millis(200),
+    )
+    .await
+    .expect("the connection stayed open while the head trickled in");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_millis(2500),
+        "closed after {closed:?}"
+    );
+    // A connection that sends nothing at all is closed on the same clock.
+    let silent = trickle(&mut connect(&proxy).await, b"G", Duration::from_secs(4)).await;
+    assert!(
+        silent.is_some_and(|after| after < Duration::from_millis(2500)),
+        "{silent:?}"
+    );
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timer_restarts_for_each_request_on_a_kept_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start_with_args(
+        &[TestModel::new("m", &[upstream.addr])],
+        &[&token],
+        &["--header-read-timeout", "1"],
+    )
+    .await;
+    let mut connection = connect(&proxy).await;
+    let request = format!(
+        "GET /models/m/proxy/v1/x HTTP/1.1\r\nHost: test\r\nAuthorization: {}\r\n\r\n",
+        token.bearer()
+    );
+    // Idle between requests longer than the header timeout: only the keep-alive idle time
+    // (60 s) governs there, and each head arriving promptly is served.
+    for _ in 0..3 {
+        connection.write_all(request.as_bytes()).await.unwrap();
+        let mut response = vec![0u8; 4096];
+        let n = connection.read(&mut response).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&response[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&response[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_eq!(upstream.requests().len(), 3);
+    // The fourth head trickles in: its own clock, started by its first byte, cuts it off.
+    let closed = trickle(
+        &mut connection,
+        request.as_bytes(),
+        Duration::from_millis(200),
+    )
+    .await
+    .expect("a trickling head on a kept-alive connection was not cut off");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_millis(2500),
+        "closed after {closed:?}"
+    );
 }
