@@ -186,7 +186,9 @@ impl Attention {
 
     fn fuse(&mut self) {
         let linears = [&self.query, &self.key, &self.value];
-        let weight = Tensor::cat(&linears.map(|l| &l.ws), 0);
+        let mut weight = Tensor::cat(&linears.map(|l| &l.ws), 0);
+        super::favour_few_rows(&mut weight);
+        super::favour_few_rows(&mut self.output.ws);
         let bias = linears.map(|l| {
             l.bs.as_ref()
                 .map_or_else(|| l.ws.zeros_like().select(1, 0), Tensor::shallow_clone)
@@ -280,12 +282,15 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    /// Stacks each layer's query, key and value projections; call once the weights are loaded
-    /// and converted to their final dtype.
+    /// Stacks each layer's query, key and value projections and lays the weights out for
+    /// [`super::favour_few_rows`]; call once the weights are loaded and converted to their final
+    /// dtype.
     pub fn fuse(&mut self) {
-        self.layers
-            .iter_mut()
-            .for_each(|layer| layer.attention.fuse());
+        for layer in &mut self.layers {
+            layer.attention.fuse();
+            super::favour_few_rows(&mut layer.intermediate.ws);
+            super::favour_few_rows(&mut layer.output.ws);
+        }
     }
 
     pub fn new(p: nn::Path, cfg: &BertConfig) -> BertModel {

@@ -278,7 +278,9 @@ impl Attention {
 
     fn fuse(&mut self) {
         let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let weight = Tensor::cat(&parts.map(|l| &l.ws), 0);
+        let mut weight = Tensor::cat(&parts.map(|l| &l.ws), 0);
+        super::favour_few_rows(&mut weight);
+        super::favour_few_rows(&mut self.o_proj.ws);
         let bias = self.q_proj.bs.is_some().then(|| {
             Tensor::cat(
                 &parts.map(|l| l.bs.as_ref().expect("all three have biases")),
@@ -493,9 +495,15 @@ impl LlamaModel {
             for layer in &mut model.layers {
                 layer.self_attn.fuse();
                 let mlp = &mut layer.mlp;
-                if !model.config.mlp_bias {
-                    mlp.fused = Some(Tensor::cat(&[&mlp.gate_proj.ws, &mlp.up_proj.ws], 0));
+                if model.config.mlp_bias {
+                    super::favour_few_rows(&mut mlp.gate_proj.ws);
+                    super::favour_few_rows(&mut mlp.up_proj.ws);
+                } else {
+                    let mut fused = Tensor::cat(&[&mlp.gate_proj.ws, &mlp.up_proj.ws], 0);
+                    super::favour_few_rows(&mut fused);
+                    mlp.fused = Some(fused);
                 }
+                super::favour_few_rows(&mut mlp.down_proj.ws);
             }
         });
         Ok(model)

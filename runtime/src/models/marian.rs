@@ -124,6 +124,17 @@ impl Attention {
         }
     }
 
+    fn favour_few_rows(&mut self) {
+        for linear in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ] {
+            super::favour_few_rows(&mut linear.ws);
+        }
+    }
+
     /// [batch, seq, dim] → [batch, heads, seq, head_dim]
     fn split(&self, x: &Tensor) -> Tensor {
         let (batch, seq, dim) = x.size3().expect("hidden states are 3-D");
@@ -171,6 +182,23 @@ struct DecoderLayer {
     fc1: nn::Linear,
     fc2: nn::Linear,
     final_layer_norm: nn::LayerNorm,
+}
+
+impl EncoderLayer {
+    fn favour_few_rows(&mut self) {
+        self.self_attn.favour_few_rows();
+        super::favour_few_rows(&mut self.fc1.ws);
+        super::favour_few_rows(&mut self.fc2.ws);
+    }
+}
+
+impl DecoderLayer {
+    fn favour_few_rows(&mut self) {
+        self.self_attn.favour_few_rows();
+        self.encoder_attn.favour_few_rows();
+        super::favour_few_rows(&mut self.fc1.ws);
+        super::favour_few_rows(&mut self.fc2.ws);
+    }
 }
 
 /// The encoder's output for a batch, and each decoder layer's keys and values of it.
@@ -243,7 +271,7 @@ impl MarianModel {
             Default::default(),
         );
         let final_logits_bias = root.zeros("final_logits_bias", &[1, config.vocab_size]);
-        let encoder = (0..config.encoder_layers)
+        let mut encoder: Vec<EncoderLayer> = (0..config.encoder_layers)
             .map(|i| {
                 let p = &model / "encoder" / "layers" / i;
                 EncoderLayer {
@@ -259,7 +287,7 @@ impl MarianModel {
                 }
             })
             .collect();
-        let decoder = (0..config.decoder_layers)
+        let mut decoder: Vec<DecoderLayer> = (0..config.decoder_layers)
             .map(|i| {
                 let p = &model / "decoder" / "layers" / i;
                 DecoderLayer {
@@ -284,6 +312,12 @@ impl MarianModel {
         load_strict(&mut vs, &weight_files(dir)?)?;
         vs.set_kind(kind);
         vs.freeze();
+        for layer in &mut encoder {
+            layer.favour_few_rows();
+        }
+        for layer in &mut decoder {
+            layer.favour_few_rows();
+        }
         let positions = sinusoidal_positions(config.max_position_embeddings, dim)
             .to_kind(kind)
             .to_device(device);
