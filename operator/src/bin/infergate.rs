@@ -1,5 +1,10 @@
-//! `infergate`: the command line of infergate. `infergate token new` prints a fresh token and
-//! the digest to put in an AccessToken's `spec.tokenHash`; nothing is stored anywhere.
+//! `infergate`: the command line of infergate. `infergate up -f DIR` runs ModelDeployments and
+//! AccessTokens on this machine (local mode); `infergate token new` prints a fresh token and the
+//! digest to put in an AccessToken's `spec.tokenHash`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +17,32 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serves the ModelDeployments and AccessTokens of YAML files on this machine, without a
+    /// cluster: one runtime per model, the proxy in front, tokens printed once.
+    Up {
+        /// A YAML file, or a directory of them (the files one would `kubectl apply`).
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+        /// Where clients reach the proxy.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The proxy's Prometheus metrics listener.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        metrics_listen: SocketAddr,
+        /// Issued tokens' digests, the proxy's config and logs; default `.infergate/` beside
+        /// the files.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The runtime binary; default: next to this one, then PATH.
+        #[arg(long, env = "INFERGATE_RUNTIME_BIN")]
+        runtime_bin: Option<PathBuf>,
+        /// The proxy binary; default: next to this one, then PATH.
+        #[arg(long, env = "INFERGATE_PROXY_BIN")]
+        proxy_bin: Option<PathBuf>,
+        /// libtorch threads of each runtime.
+        #[arg(long)]
+        torch_threads: Option<usize>,
+    },
     /// Tokens.
     Token {
         #[command(subcommand)]
@@ -25,8 +56,56 @@ enum TokenCommand {
     New,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// `name` beside this executable (a cargo build or an unpacked release), else on PATH.
+fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up {
+            path,
+            listen,
+            metrics_listen,
+            state_dir,
+            runtime_bin,
+            proxy_bin,
+            torch_threads,
+        } => {
+            let path = std::path::absolute(&path)?;
+            let beside = if path.is_dir() {
+                path.clone()
+            } else {
+                path.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_owned)
+            };
+            let options = operator::local::UpOptions {
+                state_dir: state_dir.unwrap_or_else(|| beside.join(".infergate")),
+                path,
+                listen,
+                metrics_listen,
+                runtime_bin: runtime_bin.unwrap_or_else(|| sibling_binary("infergate-runtime")),
+                proxy_bin: proxy_bin.unwrap_or_else(|| sibling_binary("infergate-proxy")),
+                torch_threads,
+                poll: Duration::from_millis(250),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(operator::local::up(options))?;
+        }
         Command::Token {
             command: TokenCommand::New,
         } => {

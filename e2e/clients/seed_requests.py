@@ -1,0 +1,103 @@
+"""The seed document's way of calling infergate: Python `requests`, one snippet per task, with
+its placeholders filled in. Prints one JSON object: per task, the HTTP status and what came back.
+
+    python e2e/clients/seed_requests.py '{"url": "http://127.0.0.1:8080", "token": "igt_...",
+                                          "models": {"embedding": "minilm", ...}}'
+
+Tasks absent from "models" are skipped. The classification and chat snippets send the seed's
+`Bearer:` header; the others send `Authorization: Bearer`.
+"""
+
+import json
+import sys
+
+import requests
+
+
+def embedding(base, token):
+    response = requests.post(
+        f"{base}/v1/embeddings",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"input": ["A man is eating food.", "A man is eating a piece of bread."]},
+        timeout=60,
+    )
+    vectors = [item["embedding"] for item in response.json()["data"]]
+    dot = sum(a * b for a, b in zip(*vectors))
+    return response.status_code, {"dims": len(vectors[0]), "cosine": dot}
+
+
+def text_classification(base, token):
+    response = requests.post(
+        f"{base}/v1/classify",
+        headers={"Bearer": token},
+        json={"inputs": "I love this product"},
+        timeout=60,
+    )
+    return response.status_code, response.json()
+
+
+def rerank(base, token):
+    response = requests.post(
+        f"{base}/v1/rerank",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"query": "What is Deep Learning?", "texts": ["Deep Learning is not...", "Deep learning is..."]},
+        timeout=60,
+    )
+    return response.status_code, response.json()
+
+
+def tabular(base, token):
+    response = requests.post(
+        f"{base}/v1/predict",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[0.1, 0.2, 0.3, 0.4]]}},
+        timeout=60,
+    )
+    return response.status_code, response.json()
+
+
+def text_generation(base, token):
+    # The seed's TGI-style body, streamed, with its `Bearer:` header.
+    response = requests.post(
+        f"{base}/v1/chat/completions",
+        headers={"Bearer": token},
+        json={"inputs": "What is Deep Learning?", "max_new_tokens": 16, "do_sample": False, "stream": True},
+        stream=True,
+        timeout=60,
+    )
+    events = [line for line in response.iter_lines(decode_unicode=True) if line.startswith("data:")]
+    return response.status_code, {"events": len(events), "last": events[-1] if events else None}
+
+
+def translation(base, token):
+    response = requests.post(
+        f"{base}/v1/translate",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"text": "Hello, world"},
+        timeout=60,
+    )
+    return response.status_code, response.json()
+
+
+SNIPPETS = {
+    "embedding": embedding,
+    "text-classification": text_classification,
+    "rerank": rerank,
+    "tabular": tabular,
+    "text-generation": text_generation,
+    "translation": translation,
+}
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    results = {}
+    for task, model in spec["models"].items():
+        base = f"{spec['url']}/models/{model}/proxy"
+        status, body = SNIPPETS[task](base, spec["token"])
+        results[task] = {"status": status, "body": body}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

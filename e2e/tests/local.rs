@@ -1,0 +1,504 @@
+//! The whole system in local mode, black box: `infergate up` on the YAML files one would
+//! `kubectl apply`, the real all-MiniLM-L6-v2 and the tiny fixture models of every other task
+//! that exists, called through the proxy by real clients (Python `requests` as the seed document
+//! writes it, the `openai` client, curl), with tokens read from the console.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use e2e::local::LocalMode;
+use e2e::{built, minilm_dir, python_client};
+use serde_json::{Value, json};
+
+const READY_LIMIT: Duration = Duration::from_secs(180);
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../runtime/fixtures")
+        .join(name)
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        .display()
+        .to_string()
+}
+
+fn infergate() -> PathBuf {
+    built("infergate")
+}
+
+/// A ModelDeployment served under its name.
+fn model(name: &str, task: &str, dir: &str) -> String {
+    format!(
+        "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}}}\nspec:\n  task: {task}\n  model: {{uri: 'file://{dir}'}}\n---\n"
+    )
+}
+
+fn token(name: &str, models: &[&str], extra: &str) -> String {
+    format!(
+        "apiVersion: infergate.dev/v1alpha1\nkind: AccessToken\nmetadata: {{name: {name}}}\nspec:\n  models: [{}]\n{extra}---\n",
+        models.join(", ")
+    )
+}
+
+/// Every task the runtime implements, each under the name of its task.
+fn every_task() -> String {
+    [
+        model("embedding", "embedding", &minilm_dir()),
+        model(
+            "text-classification",
+            "text-classification",
+            &fixture("bert-classifier"),
+        ),
+        model("rerank", "rerank", &fixture("xlm-roberta-reranker")),
+        model("tabular", "tabular", &fixture("tabular-mlp")),
+        model("text-generation", "text-generation", &fixture("llama")),
+        model("translation", "translation", &fixture("marian")),
+    ]
+    .concat()
+}
+
+const TASKS: [&str; 6] = [
+    "embedding",
+    "text-classification",
+    "rerank",
+    "tabular",
+    "text-generation",
+    "translation",
+];
+
+async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("the proxy answers");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_answers_real_clients_through_local_mode() {
+    let yaml = every_task() + &token("app", &TASKS, "");
+    let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_ready(&TASKS, READY_LIMIT);
+    let token = local.token("app");
+
+    // The seed document's snippets, Python `requests`, `Bearer:` header and TGI-style body
+    // included.
+    let models: serde_json::Map<String, Value> =
+        TASKS.iter().map(|t| (t.to_string(), json!(t))).collect();
+    let seed = python_client(
+        "seed_requests.py",
+        &[&json!({"url": local.url, "token": token, "models": models}).to_string()],
+    );
+    for task in TASKS {
+        assert_eq!(seed[task]["status"], 200, "{task}: {}", seed[task]);
+    }
+    assert_eq!(seed["embedding"]["body"]["dims"], 384);
+    let cosine = seed["embedding"]["body"]["cosine"].as_f64().unwrap();
+    assert!(
+        cosine > 0.6,
+        "two sentences about eating are similar: {cosine}"
+    );
+    let labels = seed["text-classification"]["body"]["classification"]
+        .as_array()
+        .unwrap();
+    assert_eq!(labels.len(), 3, "every label, best first");
+    assert!(labels[0]["score"].as_f64() >= labels[1]["score"].as_f64());
+    assert_eq!(seed["rerank"]["body"].as_array().unwrap().len(), 2);
+    assert_eq!(seed["tabular"]["body"]["data"].as_array().unwrap().len(), 1);
+    assert!(seed["text-generation"]["body"]["events"].as_u64() >= Some(2));
+    assert_eq!(seed["text-generation"]["body"]["last"], "data: [DONE]");
+    assert!(seed["translation"]["body"]["translation"].is_string());
+
+    // The openai client, unmodified: a streamed chat and base64 embeddings.
+    let openai = python_client(
+        "openai_client.py",
+        &[&local.url, &token, "text-generation", "embedding"],
+    );
+    assert!(
+        openai["chat"]["chunks"].as_u64() >= Some(2),
+        "{}",
+        openai["chat"]
+    );
+    assert_eq!(openai["embeddings"]["count"], 2);
+    assert_eq!(openai["embeddings"]["dims"], 384);
+    let norm = openai["embeddings"]["norm"].as_f64().unwrap();
+    assert!((norm - 1.0).abs() < 1e-4, "normalized embeddings: {norm}");
+
+    // curl, as the console's sample line shows it.
+    let curl = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/models/embedding/proxy/v1/embed", local.url))
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "Content-Type: application/json"])
+        .args(["-d", r#"{"inputs": "curl works too"}"#])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+
+    // Ten concurrent clients per model, three requests each: no errors.
+    let bodies = [
+        ("embedding", "/v1/embed", json!({"inputs": "concurrent"})),
+        (
+            "text-classification",
+            "/v1/classify",
+            json!({"inputs": "concurrent"}),
+        ),
+        (
+            "rerank",
+            "/v1/rerank",
+            json!({"query": "q", "texts": ["a", "b"]}),
+        ),
+        ("tabular", "/v1/predict", json!([[0.1, 0.2, 0.3, 0.4]])),
+        (
+            "text-generation",
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 8}),
+        ),
+        ("translation", "/v1/translate", json!({"text": "Hello"})),
+    ];
+    let auth = bearer(&token);
+    let mut clients = Vec::new();
+    for (model, path, body) in &bodies {
+        for _ in 0..10 {
+            let url = format!("{}/models/{model}/proxy{path}", local.url);
+            let (body, auth) = (body.clone(), auth.clone());
+            clients.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..3 {
+                    statuses.push(post(&url, &[("Authorization", &auth)], &body).await.0);
+                }
+                (url, statuses)
+            }));
+        }
+    }
+    for client in clients {
+        let (url, statuses) = client.await.unwrap();
+        assert_eq!(statuses, [200, 200, 200], "{url}");
+    }
+    assert!(
+        !local.console().contains("exited"),
+        "no runtime died:\n{}",
+        local.console()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_credential_and_deadline_failure_has_its_status_and_code() {
+    let yaml = [
+        model("embedding", "embedding", &minilm_dir()),
+        model("chat", "text-generation", &fixture("llama")),
+        token("app", &["embedding", "chat"], ""),
+        token("scoped", &["chat"], ""),
+        token(
+            "expired",
+            &["embedding"],
+            "  expiresAt: '2020-01-01T00:00:00Z'\n",
+        ),
+        token("revoked", &["embedding"], "  revoked: true\n"),
+    ]
+    .concat();
+    let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_ready(&["embedding", "chat"], READY_LIMIT);
+    let embed = format!("{}/models/embedding/proxy/v1/embed", local.url);
+    let body = json!({"inputs": "hello"});
+    let code = |answer: &(u16, Value)| {
+        (
+            answer.0,
+            answer.1["error"]["code"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let app = bearer(&local.token("app"));
+    type Headers = Vec<(&'static str, String)>;
+    let cases: Vec<(Headers, u16, &str)> = vec![
+        (vec![], 401, "missing_token"),
+        (
+            vec![("Authorization", bearer("igt_not_a_token"))],
+            401,
+            "invalid_token",
+        ),
+        (
+            vec![("Authorization", bearer(&local.token("expired")))],
+            401,
+            "token_expired",
+        ),
+        (
+            vec![("Authorization", bearer(&local.token("revoked")))],
+            401,
+            "token_revoked",
+        ),
+        (
+            vec![("Authorization", bearer(&local.token("scoped")))],
+            403,
+            "model_not_allowed",
+        ),
+        (
+            vec![
+                ("Authorization", app.clone()),
+                ("OICM-Request-Timeout", "soon".to_owned()),
+            ],
+            400,
+            "invalid_timeout",
+        ),
+    ];
+    for (headers, status, expected) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let answer = post(&embed, &headers, &body).await;
+        assert_eq!(code(&answer), (status, expected.to_owned()), "{headers:?}");
+    }
+    // Scope is checked before existence (the contract's order): a model id the token does not
+    // name is 403 whether or not it exists, so a token cannot probe for model ids.
+    let unknown = post(
+        &format!("{}/models/nope/proxy/v1/embed", local.url),
+        &[("Authorization", &app)],
+        &body,
+    )
+    .await;
+    assert_eq!(code(&unknown), (403, "model_not_allowed".to_owned()));
+
+    // A generation far longer than its deadline: 504 at the deadline, not when it would end.
+    let long = json!({"prompt": "Once", "max_tokens": 4000, "ignore_eos": true});
+    let completions = format!("{}/models/chat/proxy/v1/completions", local.url);
+    let started = Instant::now();
+    let late = post(
+        &completions,
+        &[("Authorization", &app), ("OICM-Request-Timeout", "0.5")],
+        &long,
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(code(&late), (504, "timeout".to_owned()));
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // SSE arrives as it is produced: the first event long before the last.
+    let stream = json!({"prompt": "Once", "max_tokens": 300, "ignore_eos": true, "stream": true});
+    let mut response = reqwest::Client::new()
+        .post(&completions)
+        .header("Authorization", &app)
+        .header("content-type", "application/json")
+        .body(stream.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-accel-buffering")
+            .map(|v| v.as_bytes()),
+        Some(&b"no"[..])
+    );
+    let started = Instant::now();
+    let (mut first, mut text) = (None, String::new());
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        first.get_or_insert_with(|| started.elapsed());
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let (first, total) = (first.unwrap(), started.elapsed());
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(text.matches("data: ").count() > 100);
+    assert!(
+        first * 4 < total,
+        "the first event came at {first:?} of a {total:?} stream"
+    );
+
+    // No token reached a log of the proxy or a runtime, whatever was refused.
+    let logs = local.dir.join(".infergate/logs");
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let path = entry.unwrap().path();
+        let log = std::fs::read_to_string(&path).unwrap();
+        for name in ["app", "scoped", "expired", "revoked"] {
+            assert!(
+                !log.contains(&local.token(name)),
+                "{} holds the token of {name}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_to_the_files_apply_while_it_runs() {
+    let base = model("embedding", "embedding", &minilm_dir());
+    let tokens = |extra_for_app: &str, scope: &[&str], brief_expiry: &str| {
+        token("app", scope, extra_for_app)
+            + &token(
+                "brief",
+                &["embedding"],
+                &format!("  expiresAt: '{brief_expiry}'\n"),
+            )
+    };
+    let far = "2099-01-01T00:00:00Z";
+    let local = LocalMode::start(
+        &infergate(),
+        &[
+            ("models.yaml", &base),
+            ("tokens.yaml", &tokens("", &["embedding"], far)),
+        ],
+    );
+    local.wait_ready(&["embedding"], READY_LIMIT);
+    let (app, brief) = (bearer(&local.token("app")), bearer(&local.token("brief")));
+    let call = |model: &str, auth: &str| {
+        let url = format!("{}/models/{model}/proxy/v1/embed", local.url);
+        let auth = auth.to_owned();
+        async move {
+            let answer = post(&url, &[("Authorization", &auth)], &json!({"inputs": "x"})).await;
+            (
+                answer.0,
+                answer.1["error"]["code"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    assert_eq!(call("embedding", &app).await.0, 200);
+
+    // A new model, and the token's scope grown to it, in one edit.
+    local.write(
+        "models.yaml",
+        &(base.clone() + &model("bert", "embedding", &fixture("bert-mean"))),
+    );
+    local.write("tokens.yaml", &tokens("", &["embedding", "bert"], far));
+    local.wait_for("bert: ready", 1, READY_LIMIT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while call("bert", &app).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the new model is not served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A broken edit is reported and the last valid files keep serving.
+    local.write(
+        "models.yaml",
+        &base.replace("task: embedding", "task: nonsense"),
+    );
+    local.wait_for(
+        "still serving the last valid ones",
+        1,
+        Duration::from_secs(5),
+    );
+    assert!(
+        local
+            .console()
+            .contains("models.yaml (document 1): spec.task")
+    );
+    assert_eq!(call("bert", &app).await.0, 200);
+
+    // An expiry moved to two seconds from now takes effect then.
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(2);
+    local.write(
+        "models.yaml",
+        &(base.clone() + &model("bert", "embedding", &fixture("bert-mean"))),
+    );
+    local.write(
+        "tokens.yaml",
+        &tokens("", &["embedding", "bert"], &soon.to_string()),
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(call("embedding", &brief).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        call("embedding", &brief).await,
+        (401, "token_expired".to_owned())
+    );
+
+    // Revocation by editing the file: refused within a second.
+    local.write(
+        "tokens.yaml",
+        &tokens("  revoked: true\n", &["embedding", "bert"], far),
+    );
+    let edited = Instant::now();
+    while call("embedding", &app).await != (401, "token_revoked".to_owned()) {
+        assert!(
+            edited.elapsed() < Duration::from_secs(1),
+            "still accepted {:?} after the edit",
+            edited.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !local.console().contains("exited"),
+        "no runtime restarted:\n{}",
+        local.console()
+    );
+}
+
+/// Child processes of `pid`, by their command line.
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let listed = std::process::Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .map(|child: u32| {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            (child, String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_dies_is_restarted_and_sigterm_stops_everything() {
+    let yaml = model("embedding", "embedding", &minilm_dir()) + &token("app", &["embedding"], "");
+    let mut local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_ready(&["embedding"], READY_LIMIT);
+    let app = bearer(&local.token("app"));
+    let embed = format!("{}/models/embedding/proxy/v1/embed", local.url);
+    let processes = children(local.pid());
+    let runtime = processes
+        .iter()
+        .find(|(_, cmd)| cmd.contains("infergate-runtime"))
+        .unwrap_or_else(|| panic!("no runtime among {processes:?}"))
+        .0;
+    assert!(
+        processes
+            .iter()
+            .any(|(_, cmd)| cmd.contains("infergate-proxy"))
+    );
+
+    std::process::Command::new("kill")
+        .args(["-KILL", &runtime.to_string()])
+        .status()
+        .unwrap();
+    local.wait_for("embedding: exited", 1, Duration::from_secs(5));
+    local.wait_for("embedding: ready", 2, READY_LIMIT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while post(&embed, &[("Authorization", &app)], &json!({"inputs": "x"}))
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted runtime is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let survivors = children(local.pid());
+    let status = local.stop(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "infergate up did not exit cleanly: {status:?}"
+    );
+    for (pid, cmd) in survivors {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{cmd} outlived infergate up"
+        );
+    }
+}

@@ -1,0 +1,39 @@
+//! Local mode: `infergate up -f DIR|FILE` runs the resources one would `kubectl apply` on this
+//! machine, with the binaries a cluster runs: one `infergate-runtime` per ModelDeployment, and
+//! `infergate-proxy` on a file source kept in sync with the files, the runtimes' readiness and
+//! the tokens issued (DESIGN.md, Local mode).
+//!
+//! The supervisor polls: the files for edits, each runtime for readiness and exit. A runtime
+//! that dies is restarted with back-off; the proxy only routes to runtimes that answer
+//! `/health`. State that must outlive a restart of `infergate up` (when each token was issued
+//! and its digest, never its plaintext) lives in the state directory.
+
+pub mod manifests;
+pub mod schema;
+mod supervisor;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use supervisor::up;
+
+/// How `infergate up` runs.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// A YAML file or a directory of them.
+    pub path: PathBuf,
+    /// Where clients reach the proxy.
+    pub listen: SocketAddr,
+    /// The proxy's metrics listener.
+    pub metrics_listen: SocketAddr,
+    /// Issued tokens' digests, the proxy's config and the runtimes' logs.
+    pub state_dir: PathBuf,
+    pub runtime_bin: PathBuf,
+    pub proxy_bin: PathBuf,
+    /// `--torch-threads` of every runtime; libtorch's default when unset.
+    pub torch_threads: Option<usize>,
+    /// How often files, runtimes and the proxy are checked.
+    pub poll: Duration,
+}

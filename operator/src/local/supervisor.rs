@@ -1,0 +1,550 @@
+//! The processes of local mode and the loop that keeps them in line with the files.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use crds::{ModelDeployment, Task, TokenRecord};
+use kube::ResourceExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use super::UpOptions;
+use super::manifests::{self, Manifests, Problem};
+use super::tokens::{Issued, NewToken};
+
+/// Longest a child gets between SIGTERM and SIGKILL when local mode stops.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// How often a model that is still loading is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The proxy re-reads its file every 200 ms: "ready" is said once a runtime healthy now is
+/// also routed, so a request sent on reading it is served.
+const PROXY_RELOAD: Duration = Duration::from_millis(300);
+
+/// Runs local mode until SIGINT or SIGTERM.
+pub async fn up(options: UpOptions) -> anyhow::Result<()> {
+    let mut current = manifests::load(&options.path).map_err(|problems| {
+        report_problems(&problems);
+        anyhow::anyhow!(
+            "{} problem(s) in {}; nothing started",
+            problems.len(),
+            options.path.display()
+        )
+    })?;
+    let logs = options.state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut issued = Issued::open(&options.state_dir.join("tokens.json"))?;
+    let config_path = options.state_dir.join("proxy.yaml");
+
+    let mut runtimes = BTreeMap::new();
+    sync_runtimes(&mut runtimes, &current, &options, &logs);
+    let (mut records, fresh) = issued.records(&current.tokens, &current.models)?;
+    let mut written = write_proxy_config(&config_path, &options, &runtimes, &records)?;
+    let mut proxy = Supervised::new(
+        "proxy".to_owned(),
+        options.proxy_bin.clone(),
+        vec!["--config".to_owned(), config_path.display().to_string()],
+        logs.join("proxy.log"),
+        (options.listen.to_string(), "/readyz"),
+    );
+    proxy.start();
+    println!(
+        "infergate up: proxy on http://{} (metrics on {}), state in {}",
+        options.listen,
+        options.metrics_listen,
+        options.state_dir.display()
+    );
+    announce(&fresh, &current, options.listen);
+
+    let mut fingerprint = fingerprint(&options.path);
+    let mut ticker = tokio::time::interval(options.poll);
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+        }
+        let seen = fingerprint_changed(&options.path, &mut fingerprint);
+        if seen {
+            match manifests::load(&options.path) {
+                Ok(next) => {
+                    println!("files changed: applying");
+                    current = next;
+                    sync_runtimes(&mut runtimes, &current, &options, &logs);
+                    let (next_records, fresh) = issued.records(&current.tokens, &current.models)?;
+                    records = next_records;
+                    announce(&fresh, &current, options.listen);
+                }
+                Err(problems) => {
+                    report_problems(&problems);
+                    println!("files changed but are invalid: still serving the last valid ones");
+                }
+            }
+        }
+        for runtime in runtimes.values_mut() {
+            runtime.poll().await;
+        }
+        proxy.poll().await;
+        let config = proxy_config(&options, &runtimes, &records);
+        if config != written {
+            write_atomically(&config_path, &config)?;
+            written = config;
+        }
+    }
+
+    println!("stopping");
+    let mut children: Vec<&mut Supervised> =
+        runtimes.values_mut().map(|r| &mut r.process).collect();
+    children.push(&mut proxy);
+    stop_all(children).await;
+    println!("stopped");
+    Ok(())
+}
+
+fn report_problems(problems: &[Problem]) {
+    for problem in problems {
+        eprintln!("error: {problem}");
+    }
+}
+
+/// A model's runtime process, and the arguments it was started with (a change restarts it).
+#[derive(Debug)]
+struct ModelRuntime {
+    id: String,
+    task: Task,
+    timeouts: crds::Timeouts,
+    port: u16,
+    process: Supervised,
+}
+
+impl ModelRuntime {
+    async fn poll(&mut self) {
+        self.process.poll().await;
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        matches!(self.process.phase, Phase::Healthy { .. } | Phase::Ready)
+            .then(|| format!("127.0.0.1:{}", self.port))
+    }
+}
+
+fn runtime_args(md: &ModelDeployment, options: &UpOptions, port: u16) -> Vec<String> {
+    let dir = manifests::model_dir(md).unwrap_or_default();
+    let mut args = vec![
+        "--task".to_owned(),
+        md.spec.task.as_str().to_owned(),
+        "--model-dir".to_owned(),
+        dir.display().to_string(),
+        "--model-id".to_owned(),
+        md.model_version_id().unwrap_or_default(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+    ];
+    if let Some(generation) = &md.spec.generation {
+        if let Some(t) = generation.temperature {
+            args.extend(["--default-temperature".to_owned(), t.to_string()]);
+        }
+        if let Some(p) = generation.top_p {
+            args.extend(["--default-top-p".to_owned(), p.to_string()]);
+        }
+        if let Some(n) = generation.max_new_tokens {
+            args.extend(["--default-max-new-tokens".to_owned(), n.to_string()]);
+        }
+    }
+    if let Some(threads) = options.torch_threads {
+        args.extend(["--torch-threads".to_owned(), threads.to_string()]);
+    }
+    args
+}
+
+/// Starts runtimes of new models, restarts those whose spec changed, stops removed ones.
+fn sync_runtimes(
+    runtimes: &mut BTreeMap<String, ModelRuntime>,
+    manifests: &Manifests,
+    options: &UpOptions,
+    logs: &Path,
+) {
+    let wanted: BTreeMap<String, &ModelDeployment> = manifests
+        .models
+        .iter()
+        .map(|md| (md.model_version_id().unwrap_or_default(), md))
+        .collect();
+    runtimes.retain(|id, runtime| {
+        let keep = wanted.contains_key(id);
+        if !keep {
+            println!("{id}: removed from the files; stopping its runtime");
+            runtime.process.stop_now();
+        }
+        keep
+    });
+    for (id, md) in wanted {
+        let timeouts = md.spec.timeouts.clone().unwrap_or_default();
+        if let Some(running) = runtimes.get_mut(&id) {
+            let args = runtime_args(md, options, running.port);
+            running.timeouts = timeouts;
+            if running.process.args != args {
+                println!("{id}: spec changed; restarting its runtime");
+                running.process.stop_now();
+                running.task = md.spec.task;
+                running.process.args = args;
+                running.process.start();
+            }
+            continue;
+        }
+        let port = free_port();
+        let mut process = Supervised::new(
+            id.clone(),
+            options.runtime_bin.clone(),
+            runtime_args(md, options, port),
+            logs.join(format!("{id}.log")),
+            (format!("127.0.0.1:{port}"), "/health"),
+        );
+        process.start();
+        println!(
+            "{id}: starting {} runtime for {}",
+            md.spec.task,
+            md.name_any()
+        );
+        runtimes.insert(
+            id.clone(),
+            ModelRuntime {
+                id,
+                task: md.spec.task,
+                timeouts,
+                port,
+                process,
+            },
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Started; waiting for its health endpoint.
+    Starting {
+        since: Instant,
+        reported: Instant,
+    },
+    /// Healthy; said to be ready once the proxy has had time to route to it.
+    Healthy {
+        since: Instant,
+        at: Instant,
+    },
+    Ready,
+    /// Exited; started again at `at`.
+    Waiting {
+        at: Instant,
+    },
+}
+
+/// A child process restarted with back-off when it exits; ready once `/health` (runtimes) or
+/// `/readyz` (the proxy) answers 200.
+#[derive(Debug)]
+struct Supervised {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    /// Address and path that answer 200 once the process is ready.
+    health: (String, &'static str),
+    child: Option<Child>,
+    phase: Phase,
+    delay: Duration,
+}
+
+impl Supervised {
+    fn new(
+        name: String,
+        program: PathBuf,
+        args: Vec<String>,
+        log: PathBuf,
+        health: (String, &'static str),
+    ) -> Supervised {
+        Supervised {
+            name,
+            program,
+            args,
+            log,
+            health,
+            child: None,
+            phase: Phase::Waiting { at: Instant::now() },
+            delay: FIRST_RESTART_DELAY,
+        }
+    }
+
+    fn start(&mut self) {
+        let log = File::options().create(true).append(true).open(&self.log);
+        let (stdout, stderr) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((out, err)) => (Stdio::from(out), Stdio::from(err)),
+            Err(_) => (Stdio::null(), Stdio::null()),
+        };
+        let spawned = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own process group: Ctrl-C reaches local mode, which stops children in order.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn();
+        let now = Instant::now();
+        match spawned {
+            Ok(child) => {
+                self.child = Some(child);
+                self.phase = Phase::Starting {
+                    since: now,
+                    reported: now,
+                };
+            }
+            Err(e) => {
+                println!(
+                    "{}: cannot start {}: {e}; retrying in {:?}",
+                    self.name,
+                    self.program.display(),
+                    self.delay
+                );
+                self.phase = Phase::Waiting {
+                    at: now + self.delay,
+                };
+                self.delay = (self.delay * 2).min(MAX_RESTART_DELAY);
+            }
+        }
+    }
+
+    async fn poll(&mut self) {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.child = None;
+            println!(
+                "{}: exited ({status}); restarting in {:?} — log: {}",
+                self.name,
+                self.delay,
+                self.log.display()
+            );
+            self.phase = Phase::Waiting {
+                at: Instant::now() + self.delay,
+            };
+            self.delay = (self.delay * 2).min(MAX_RESTART_DELAY);
+            return;
+        }
+        match self.phase {
+            Phase::Waiting { at } if Instant::now() >= at => self.start(),
+            Phase::Starting { since, reported } => {
+                let ready = answers_200(&self.health.0, self.health.1).await;
+                if ready {
+                    self.phase = Phase::Healthy {
+                        since,
+                        at: Instant::now(),
+                    };
+                    self.delay = FIRST_RESTART_DELAY;
+                } else if reported.elapsed() >= PROGRESS_EVERY {
+                    println!(
+                        "{}: loading… {:.0} s",
+                        self.name,
+                        since.elapsed().as_secs_f64()
+                    );
+                    self.phase = Phase::Starting {
+                        since,
+                        reported: Instant::now(),
+                    };
+                }
+            }
+            Phase::Healthy { since, at } if at.elapsed() >= PROXY_RELOAD => {
+                println!(
+                    "{}: ready in {:.1} s",
+                    self.name,
+                    since.elapsed().as_secs_f64()
+                );
+                self.phase = Phase::Ready;
+            }
+            _ => {}
+        }
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(child) = &mut self.child {
+            terminate(child);
+        }
+        self.child = None;
+        self.phase = Phase::Waiting {
+            at: Instant::now() + MAX_RESTART_DELAY,
+        };
+    }
+}
+
+/// SIGTERM, the signal every infergate binary drains on.
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+}
+
+async fn stop_all(children: Vec<&mut Supervised>) {
+    let mut running: Vec<Child> = children
+        .into_iter()
+        .filter_map(|c| c.child.take())
+        .collect();
+    for child in &running {
+        terminate(child);
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    for child in &mut running {
+        if tokio::time::timeout_at(deadline, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Whether `GET path` on `address` answers 200, within a short time.
+async fn answers_200(address: &str, path: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(&head[9..12] == b"200")
+    };
+    tokio::time::timeout(Duration::from_millis(500), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// The proxy's file source: every model (endpoints only while its runtime is ready) and every
+/// token record.
+fn proxy_config(
+    options: &UpOptions,
+    runtimes: &BTreeMap<String, ModelRuntime>,
+    records: &[TokenRecord],
+) -> String {
+    let models: Vec<serde_json::Value> = runtimes
+        .values()
+        .map(|runtime| {
+            serde_json::json!({
+                "id": runtime.id,
+                "endpoints": runtime.endpoint().into_iter().collect::<Vec<_>>(),
+                "timeouts": runtime.timeouts,
+            })
+        })
+        .collect();
+    let config = serde_json::json!({
+        "listen": options.listen.to_string(),
+        "metrics": options.metrics_listen.to_string(),
+        "models": models,
+        "tokens": records,
+    });
+    serde_yaml::to_string(&config).unwrap_or_default()
+}
+
+fn write_proxy_config(
+    path: &Path,
+    options: &UpOptions,
+    runtimes: &BTreeMap<String, ModelRuntime>,
+    records: &[TokenRecord],
+) -> anyhow::Result<String> {
+    let config = proxy_config(options, runtimes, records);
+    write_atomically(path, &config)?;
+    Ok(config)
+}
+
+/// Replaces `path` whole, so the proxy never reads half a file.
+fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let staged = path.with_extension("yaml.tmp");
+    std::fs::write(&staged, contents)?;
+    std::fs::rename(&staged, path)?;
+    Ok(())
+}
+
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    manifests::files_of(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(&file).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map_or(0, |m| m.len());
+            (file, modified, len)
+        })
+        .collect()
+}
+
+fn fingerprint_changed(path: &Path, last: &mut Fingerprint) -> bool {
+    let now = fingerprint(path);
+    let changed = now != *last;
+    *last = now;
+    changed
+}
+
+/// Prints each new token once, with a request per model it may call.
+fn announce(fresh: &[NewToken], manifests: &Manifests, listen: SocketAddr) {
+    for new in fresh {
+        println!();
+        println!(
+            "AccessToken {}: new token (shown once; store it now):",
+            new.access_token
+        );
+        println!("    {}", new.token.expose_secret());
+        match new.record.expires_at {
+            Some(at) => println!("    expires {at}"),
+            None => println!("    never expires"),
+        }
+        for id in &new.record.models {
+            let task = manifests
+                .models
+                .iter()
+                .find(|m| m.model_version_id().as_deref() == Some(id))
+                .map(|m| m.spec.task);
+            if let Some((path, body)) = task.and_then(sample_request) {
+                println!(
+                    "    curl -s http://{listen}/models/{id}/proxy{path} -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{body}'",
+                    new.token.expose_secret()
+                );
+            }
+        }
+        println!();
+    }
+}
+
+/// A request that shows what a model of `task` does.
+fn sample_request(task: Task) -> Option<(&'static str, &'static str)> {
+    Some(match task {
+        Task::Embedding => ("/v1/embeddings", r#"{"input": "infergate runs locally"}"#),
+        Task::TextClassification => ("/v1/classify", r#"{"inputs": "What a lovely day"}"#),
+        Task::Rerank => (
+            "/v1/rerank",
+            r#"{"query": "what is infergate?", "texts": ["a model gateway", "a garden gate"]}"#,
+        ),
+        Task::TextGeneration => (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}"#,
+        ),
+        Task::Translation => ("/v1/translate", r#"{"text": "Hello, world"}"#),
+        Task::Tabular => ("/v1/predict", r#"{"inputs": [[0.0]]}"#),
+        Task::SpeechRecognition | Task::TextToSpeech | Task::TextToImage => return None,
+    })
+}
