@@ -131,22 +131,31 @@ fn kubectl_get_shows_the_printer_columns_under_the_short_names() {
 }
 
 #[test]
-fn the_kubernetes_examples_are_accepted_by_the_api_server() {
+fn the_kubernetes_and_local_examples_are_accepted_by_the_api_server() {
     ensure_namespace();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s");
-    let applied = kubectl(&[
-        "apply",
-        "--dry-run=server",
-        "--namespace",
-        "demo",
-        "-f",
-        examples.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&applied.stdout);
-    assert!(
-        applied.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
-    assert_eq!(stdout.matches("(server dry run)").count(), 3, "{stdout}");
+    // Local mode serves the same files one would `kubectl apply`: both sets must pass.
+    for (dir, resources) in [("k8s", 3), ("local", 7)] {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(dir);
+        let applied = kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "--namespace",
+            "demo",
+            "-f",
+            examples.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&applied.stdout);
+        assert!(
+            applied.status.success(),
+            "examples/{dir}: {stdout}{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        assert_eq!(
+            stdout.matches("(server dry run)").count(),
+            resources,
+            "examples/{dir}: {stdout}"
+        );
+    }
 }

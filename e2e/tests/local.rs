@@ -148,6 +148,22 @@ async fn every_task_answers_real_clients_through_local_mode() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
 
+    // Every sample line the console printed with the token works as printed.
+    let samples: Vec<String> = local
+        .console()
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("curl ").map(str::to_owned))
+        .collect();
+    assert_eq!(samples.len(), TASKS.len(), "{}", local.console());
+    for sample in samples {
+        let answered = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("curl {sample} -o /dev/null -w '%{{http_code}}'"))
+            .output()
+            .expect("bash");
+        assert_eq!(String::from_utf8_lossy(&answered.stdout), "200", "{sample}");
+    }
+
     // Ten concurrent clients per model, three requests each: no errors.
     let bodies = [
         ("embedding", "/v1/embed", json!({"inputs": "concurrent"})),
@@ -199,7 +215,8 @@ async fn every_task_answers_real_clients_through_local_mode() {
 async fn each_credential_and_deadline_failure_has_its_status_and_code() {
     let yaml = [
         model("embedding", "embedding", &minilm_dir()),
-        model("chat", "text-generation", &fixture("llama")),
+        model("chat", "text-generation", &fixture("llama"))
+            .replace("---\n", "  generation: {maxNewTokens: 7}\n---\n"),
         token("app", &["embedding", "chat"], ""),
         token("scoped", &["chat"], ""),
         token(
@@ -268,9 +285,23 @@ async fn each_credential_and_deadline_failure_has_its_status_and_code() {
     .await;
     assert_eq!(code(&unknown), (403, "model_not_allowed".to_owned()));
 
+    // The model's generation defaults reach its runtime.
+    let completions = format!("{}/models/chat/proxy/v1/completions", local.url);
+    let defaulted = post(
+        &format!("{}/models/chat/proxy/v1/chat/completions", local.url),
+        &[("Authorization", &app)],
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(defaulted.0, 200, "{}", defaulted.1);
+    assert_eq!(
+        defaulted.1["usage"]["completion_tokens"], 7,
+        "{}",
+        defaulted.1
+    );
+
     // A generation far longer than its deadline: 504 at the deadline, not when it would end.
     let long = json!({"prompt": "Once", "max_tokens": 4000, "ignore_eos": true});
-    let completions = format!("{}/models/chat/proxy/v1/completions", local.url);
     let started = Instant::now();
     let late = post(
         &completions,

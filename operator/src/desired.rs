@@ -183,6 +183,40 @@ fn resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
     })
 }
 
+/// The builtin runtime's command line for `md`: its task, model, id and generation defaults.
+/// Local mode starts the same command, so both run a model the same way.
+pub fn runtime_args(md: &ModelDeployment, model_dir: &str, listen: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--task",
+        md.spec.task.as_str(),
+        "--model-dir",
+        model_dir,
+        "--listen",
+        listen,
+    ]
+    .map(str::to_owned)
+    .into();
+    if let Some(id) = md.model_version_id() {
+        args.extend(["--model-id".to_owned(), id]);
+    }
+    if let Some(generation) = &md.spec.generation {
+        let defaults = [
+            ("--default-temperature", generation.temperature),
+            ("--default-top-p", generation.top_p),
+            (
+                "--default-max-new-tokens",
+                generation.max_new_tokens.map(f64::from),
+            ),
+        ];
+        for (flag, value) in defaults {
+            if let Some(value) = value {
+                args.extend([flag.to_owned(), value.to_string()]);
+            }
+        }
+    }
+    args
+}
+
 /// The Deployment of runtime pods for `md`.
 pub fn runtime_deployment(
     md: &ModelDeployment,
@@ -225,19 +259,11 @@ pub fn runtime_deployment(
         None => Container {
             name: "runtime".to_owned(),
             image: Some(builtin_image.clone()),
-            args: Some(
-                [
-                    "--task",
-                    md.spec.task.as_str(),
-                    "--model-dir",
-                    MODEL_MOUNT,
-                    "--listen",
-                ]
-                .into_iter()
-                .map(str::to_owned)
-                .chain([format!("0.0.0.0:{RUNTIME_PORT}")])
-                .collect(),
-            ),
+            args: Some(runtime_args(
+                md,
+                MODEL_MOUNT,
+                &format!("0.0.0.0:{RUNTIME_PORT}"),
+            )),
             ports: Some(vec![ContainerPort {
                 name: Some("http".to_owned()),
                 container_port: RUNTIME_PORT,
@@ -357,6 +383,21 @@ mod tests {
                 Some("/health")
             );
         }
+    }
+
+    #[test]
+    fn the_runtime_is_told_its_model_id_and_the_generation_defaults() {
+        let md = deployment(serde_json::json!({
+            "task": "text-generation", "modelVersionId": "chat-v1",
+            "model": {"uri": "file:///models/m"},
+            "generation": {"temperature": 0.2, "maxNewTokens": 256},
+        }));
+        let d = runtime_deployment(&md, &defaults()).unwrap();
+        assert_eq!(
+            container(&d).args.as_ref().unwrap().join(" "),
+            "--task text-generation --model-dir /model --listen 0.0.0.0:8080 --model-id chat-v1 \
+             --default-temperature 0.2 --default-max-new-tokens 256"
+        );
     }
 
     #[test]

@@ -137,27 +137,8 @@ impl ModelRuntime {
 
 fn runtime_args(md: &ModelDeployment, options: &UpOptions, port: u16) -> Vec<String> {
     let dir = manifests::model_dir(md).unwrap_or_default();
-    let mut args = vec![
-        "--task".to_owned(),
-        md.spec.task.as_str().to_owned(),
-        "--model-dir".to_owned(),
-        dir.display().to_string(),
-        "--model-id".to_owned(),
-        md.model_version_id().unwrap_or_default(),
-        "--listen".to_owned(),
-        format!("127.0.0.1:{port}"),
-    ];
-    if let Some(generation) = &md.spec.generation {
-        if let Some(t) = generation.temperature {
-            args.extend(["--default-temperature".to_owned(), t.to_string()]);
-        }
-        if let Some(p) = generation.top_p {
-            args.extend(["--default-top-p".to_owned(), p.to_string()]);
-        }
-        if let Some(n) = generation.max_new_tokens {
-            args.extend(["--default-max-new-tokens".to_owned(), n.to_string()]);
-        }
-    }
+    let mut args =
+        crate::desired::runtime_args(md, &dir.display().to_string(), &format!("127.0.0.1:{port}"));
     if let Some(threads) = options.torch_threads {
         args.extend(["--torch-threads".to_owned(), threads.to_string()]);
     }
@@ -514,12 +495,11 @@ fn announce(fresh: &[NewToken], manifests: &Manifests, listen: SocketAddr) {
             None => println!("    never expires"),
         }
         for id in &new.record.models {
-            let task = manifests
+            let model = manifests
                 .models
                 .iter()
-                .find(|m| m.model_version_id().as_deref() == Some(id))
-                .map(|m| m.spec.task);
-            if let Some((path, body)) = task.and_then(sample_request) {
+                .find(|m| m.model_version_id().as_deref() == Some(id));
+            if let Some((path, body)) = model.and_then(sample_request) {
                 println!(
                     "    curl -s http://{listen}/models/{id}/proxy{path} -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{body}'",
                     new.token.expose_secret()
@@ -530,9 +510,9 @@ fn announce(fresh: &[NewToken], manifests: &Manifests, listen: SocketAddr) {
     }
 }
 
-/// A request that shows what a model of `task` does.
-fn sample_request(task: Task) -> Option<(&'static str, &'static str)> {
-    Some(match task {
+/// A request that shows what `model` does.
+fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
+    let (path, body) = match model.spec.task {
         Task::Embedding => ("/v1/embeddings", r#"{"input": "infergate runs locally"}"#),
         Task::TextClassification => ("/v1/classify", r#"{"inputs": "What a lovely day"}"#),
         Task::Rerank => (
@@ -544,7 +524,22 @@ fn sample_request(task: Task) -> Option<(&'static str, &'static str)> {
             r#"{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}"#,
         ),
         Task::Translation => ("/v1/translate", r#"{"text": "Hello, world"}"#),
-        Task::Tabular => ("/v1/predict", r#"{"inputs": [[0.0]]}"#),
+        Task::Tabular => return Some(("/v1/predict", tabular_row(model))),
         Task::SpeechRecognition | Task::TextToSpeech | Task::TextToImage => return None,
-    })
+    };
+    Some((path, body.to_owned()))
+}
+
+/// A row of zeros as wide as the model's signature says its input is.
+fn tabular_row(model: &ModelDeployment) -> String {
+    let signature: Option<serde_json::Value> = manifests::model_dir(model)
+        .ok()
+        .and_then(|dir| std::fs::read(dir.join("signature.json")).ok())
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let width = signature
+        .as_ref()
+        .and_then(|s| s["inputs"][0]["tensor-spec"]["shape"].get(1))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1) as usize;
+    serde_json::json!([vec![0.0; width]]).to_string()
 }
