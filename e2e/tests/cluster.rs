@@ -57,17 +57,15 @@ async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_collection() {
-    let cluster = cluster();
-    let suffix = format!("{}", std::process::id());
-    let (namespace, gateway) = (format!("e2e-{suffix}"), format!("e2e-{suffix}-gw"));
-    for ns in [&namespace, &gateway] {
-        cluster.ok(&["create", "namespace", ns]);
-    }
+/// The operator (watching `namespace`, records in `gateway`) and the proxy (Kubernetes source)
+/// as processes beside the test bed; the proxy's URL.
+fn operator_and_proxy(
+    cluster: &TestBed,
+    namespace: &str,
+    gateway: &str,
+    log_dir: &Path,
+) -> (String, Vec<Process>) {
     let proxy_port = free_port();
-    let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
-    std::fs::create_dir_all(&log_dir).unwrap();
     let spawn = |binary: &str, args: &[&str], log: &str| {
         Process(
             Command::new(built(binary))
@@ -79,13 +77,13 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
                 .unwrap(),
         )
     };
-    let _operator = spawn(
+    let operator = spawn(
         "infergate-operator",
         &[
             "--gateway-namespace",
-            &gateway,
+            gateway,
             "--watch-namespace",
-            &namespace,
+            namespace,
             "--leader-election",
             "false",
             "--runtime-image",
@@ -95,13 +93,13 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         ],
         "operator.log",
     );
-    let _proxy = spawn(
+    let proxy = spawn(
         "infergate-proxy",
         &[
             "--source",
             "kubernetes",
             "--namespace",
-            &gateway,
+            gateway,
             "--listen",
             &format!("127.0.0.1:{proxy_port}"),
             "--metrics-listen",
@@ -109,21 +107,65 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         ],
         "proxy.log",
     );
-    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    (
+        format!("http://127.0.0.1:{proxy_port}"),
+        vec![operator, proxy],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_collection() {
+    let cluster = cluster();
+    let suffix = format!("{}", std::process::id());
+    let installed_proxy = std::env::var("PROXY_URL").ok();
+    let namespace = format!("e2e-{suffix}");
+    // Token records land in the gateway namespace: the chart's release namespace when
+    // infergate is installed, else one of this test's own.
+    let gateway = match installed_proxy {
+        Some(_) => std::env::var("INFERGATE_TEST_GATEWAY_NAMESPACE")
+            .unwrap_or_else(|_| "infergate-system".to_owned()),
+        None => format!("e2e-{suffix}-gw"),
+    };
+    let own_namespaces: Vec<&String> = match installed_proxy {
+        Some(_) => vec![&namespace],
+        None => vec![&namespace, &gateway],
+    };
+    for ns in &own_namespaces {
+        cluster.ok(&["create", "namespace", ns]);
+    }
+    let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    // A cluster with infergate installed by the chart (kind, `e2e/kind.sh`) names its proxy in
+    // PROXY_URL; on the test bed the operator and the proxy run here, beside the control plane.
+    let (proxy_url, _processes) = match installed_proxy.clone() {
+        Some(url) => (url, Vec::new()),
+        None => {
+            let (url, processes) = operator_and_proxy(cluster, &namespace, &gateway, &log_dir);
+            (url, processes)
+        }
+    };
 
     // What a platform engineer applies: the shape of examples/k8s/, with this machine's paths.
     let manifests = log_dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    let llama = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../runtime/fixtures/llama")
-        .canonicalize()
-        .unwrap();
+    // Model files: this machine's, or those a kind cluster mounts at INFERGATE_TEST_MODELS_DIR.
+    let (minilm, llama) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
+        Ok(dir) => (format!("{dir}/all-MiniLM-L6-v2"), format!("{dir}/chat")),
+        Err(_) => (
+            minilm_dir(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../runtime/fixtures/llama")
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string(),
+        ),
+    };
     std::fs::write(
         manifests.join("models.yaml"),
         format!(
             "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: minilm}}\nspec:\n  task: embedding\n  modelVersionId: minilm-{suffix}\n  model: {{uri: \"file://{}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: chat}}\nspec:\n  task: text-generation\n  modelVersionId: chat-{suffix}\n  model: {{uri: \"file://{}\"}}\n",
-            minilm_dir(),
-            llama.display()
+            minilm, llama
         ),
     )
     .unwrap();
@@ -323,7 +365,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     });
     let (status, _) = call(&embed_url, &token, json!({"inputs": "x"})).await;
     assert_eq!(status, 401, "a deleted token stays refused");
-    for ns in [&namespace, &gateway] {
+    for ns in &own_namespaces {
         cluster.ok(&["delete", "namespace", ns, "--wait=false"]);
     }
     let _ = std::fs::remove_dir_all(log_dir);
