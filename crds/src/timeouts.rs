@@ -57,9 +57,18 @@ pub enum TimeoutsError {
 }
 
 impl Timeouts {
-    /// Fills in what is unset. An unset maximum is never below the default, and an unset default
-    /// never above the maximum, so that setting only one of them is always valid.
+    /// Fills in what is unset from the contract's defaults (120 s, at most 600 s).
     pub fn resolve(&self) -> Result<RequestTimeouts, TimeoutsError> {
+        self.resolve_with(RequestTimeouts::default())
+    }
+
+    /// Fills in what is unset from `fallback` (an installation's defaults). An unset maximum is
+    /// never below the default, and an unset default never above the maximum, so that setting
+    /// only one of them is always valid.
+    pub fn resolve_with(
+        &self,
+        fallback: RequestTimeouts,
+    ) -> Result<RequestTimeouts, TimeoutsError> {
         let positive = |value: Option<Duration>, field| match value {
             None => Ok(None),
             Some(d) if d.is_negative() || StdDuration::from(d).is_zero() => {
@@ -73,13 +82,13 @@ impl Timeouts {
             (Some(default), Some(max)) => RequestTimeouts { default, max },
             (Some(default), None) => RequestTimeouts {
                 default,
-                max: default.max(DEFAULT_MAX_TIMEOUT),
+                max: default.max(fallback.max),
             },
             (None, Some(max)) => RequestTimeouts {
-                default: max.min(DEFAULT_TIMEOUT),
+                default: max.min(fallback.default),
                 max,
             },
-            (None, None) => RequestTimeouts::default(),
+            (None, None) => fallback,
         };
         if resolved.default > resolved.max {
             return Err(TimeoutsError::DefaultAboveMax {
@@ -104,6 +113,33 @@ mod tests {
 
     fn secs(s: u64) -> StdDuration {
         StdDuration::from_secs(s)
+    }
+
+    #[test]
+    fn an_installations_defaults_fill_in_what_the_model_leaves_unset() {
+        let fallback = RequestTimeouts {
+            default: secs(30),
+            max: secs(90),
+        };
+        let resolve = |d, m| timeouts(d, m).resolve_with(fallback).unwrap();
+        assert_eq!(resolve(None, None), fallback);
+        assert_eq!(
+            (
+                resolve(Some("10s"), None).default,
+                resolve(Some("10s"), None).max
+            ),
+            (secs(10), secs(90))
+        );
+        assert_eq!(
+            resolve(None, Some("20s")).default,
+            secs(20),
+            "never above the model's max"
+        );
+        assert_eq!(
+            resolve(Some("200s"), None).max,
+            secs(200),
+            "never below the model's default"
+        );
     }
 
     #[test]

@@ -277,6 +277,12 @@ fn default_values_install_a_cluster_internal_proxy_with_a_disruption_budget() {
         5
     );
     assert!(args(objects, "infergate-proxy").contains(&"--grace-period=600".to_owned()));
+    assert!(
+        !args(objects, "infergate-operator")
+            .iter()
+            .any(|a| a.starts_with("--runtime-cpu") || a.starts_with("--runtime-memory")),
+        "no default runtime resources unless asked"
+    );
     assert_eq!(
         container(objects, "infergate-operator")["image"],
         "ghcr.io/infergate/operator:0.1.0"
@@ -312,7 +318,26 @@ fn gpu_and_ingress_values_reach_the_objects_they_describe() {
     assert!(operator.contains(
         &"--runtime-image=registry.example.com/infergate/runtime-cuda:0.1.0-rc1".to_owned()
     ));
-    assert!(args(objects, "infergate-proxy").contains(&"--threads=4".to_owned()));
+    let proxy = args(objects, "infergate-proxy");
+    for flag in [
+        "--threads=4",
+        "--default-timeout=60",
+        "--max-timeout=900",
+        "--grace-period=900",
+    ] {
+        assert!(proxy.contains(&flag.to_owned()), "{flag} in {proxy:?}");
+    }
+    for flag in [
+        "--runtime-cpu=4",
+        "--runtime-memory=16Gi",
+        "--default-timeout=60",
+        "--max-timeout=900",
+    ] {
+        assert!(
+            operator.contains(&flag.to_owned()),
+            "{flag} in {operator:?}"
+        );
+    }
     let proxy_pod = &get(objects, "Deployment", "infergate-proxy")["spec"]["template"]["spec"];
     assert_eq!(proxy_pod["imagePullSecrets"][0]["name"], "regcred");
     assert_eq!(
@@ -349,6 +374,12 @@ fn bad_values_are_refused_at_install_time_naming_the_value() {
         (
             "service monitor interval",
             "/metrics/serviceMonitor/interval",
+        ),
+        ("zero default timeout", "/timeouts/defaultSeconds"),
+        ("runtime memory", "/runtime/defaultResources/memory"),
+        (
+            "grace shorter than the longest deadline",
+            "proxy.gracePeriodSeconds (60) must be at least timeouts.maxSeconds (600)",
         ),
     ];
     let refused = report()["refused"].as_object().unwrap();

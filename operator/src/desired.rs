@@ -28,10 +28,15 @@ const TERMINATION_SLACK_SECONDS: i64 = 10;
 const STARTUP_PROBE_FAILURES: i32 = 360;
 
 /// Settings of the operator that shape every runtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RuntimeDefaults {
     /// Image of the builtin infergate runtime.
     pub image: String,
+    /// CPU and memory of a runtime pod whose ModelDeployment sets none (requests and limits).
+    pub cpu: Option<Quantity>,
+    pub memory: Option<Quantity>,
+    /// Deadlines of models that set none: the longest one sizes the pods' grace period.
+    pub timeouts: RequestTimeouts,
 }
 
 /// Why a ModelDeployment cannot become runtime pods.
@@ -162,19 +167,22 @@ fn download_container(md: &ModelDeployment, uri: &ModelUri, image: &str) -> Opti
     })
 }
 
-fn resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
-    let spec = md.spec.resources.as_ref()?;
+fn resources(md: &ModelDeployment, defaults: &RuntimeDefaults) -> Option<ResourceRequirements> {
+    let spec = md.spec.resources.clone().unwrap_or_default();
     let mut amounts = BTreeMap::new();
-    if let Some(cpu) = &spec.cpu {
-        amounts.insert("cpu".to_owned(), cpu.clone());
+    if let Some(cpu) = spec.cpu.or_else(|| defaults.cpu.clone()) {
+        amounts.insert("cpu".to_owned(), cpu);
     }
-    if let Some(memory) = &spec.memory {
-        amounts.insert("memory".to_owned(), memory.clone());
+    if let Some(memory) = spec.memory.or_else(|| defaults.memory.clone()) {
+        amounts.insert("memory".to_owned(), memory);
     }
     let mut limits = amounts.clone();
     if spec.gpus > 0 {
         // GPUs are limits only: Kubernetes sets the request equal to the limit for extended resources.
         limits.insert("nvidia.com/gpu".to_owned(), Quantity(spec.gpus.to_string()));
+    }
+    if amounts.is_empty() && limits.is_empty() {
+        return None;
     }
     Some(ResourceRequirements {
         requests: (!amounts.is_empty()).then_some(amounts),
@@ -223,7 +231,12 @@ pub fn runtime_deployment(
     defaults: &RuntimeDefaults,
 ) -> Result<Deployment, BuildError> {
     let name = md.name_any();
-    let timeouts: RequestTimeouts = md.spec.timeouts.clone().unwrap_or_default().resolve()?;
+    let timeouts: RequestTimeouts = md
+        .spec
+        .timeouts
+        .clone()
+        .unwrap_or_default()
+        .resolve_with(defaults.timeouts)?;
     let uri = md.spec.model.parsed_uri()?;
     let (volume, mount) = model_volume(&uri);
     let builtin_image = md
@@ -253,7 +266,7 @@ pub fn runtime_deployment(
                 STARTUP_PROBE_FAILURES,
             )),
             volume_mounts: Some(vec![mount]),
-            resources: resources(md),
+            resources: resources(md, defaults),
             ..Container::default()
         },
         None => Container {
@@ -272,7 +285,7 @@ pub fn runtime_deployment(
             readiness_probe: Some(http_probe("/health", "http", 5, 3)),
             startup_probe: Some(http_probe("/health", "http", 5, STARTUP_PROBE_FAILURES)),
             volume_mounts: Some(vec![mount]),
-            resources: resources(md),
+            resources: resources(md, defaults),
             ..Container::default()
         },
     };
@@ -344,6 +357,7 @@ mod tests {
     fn defaults() -> RuntimeDefaults {
         RuntimeDefaults {
             image: "infergate/runtime:0.1.0".into(),
+            ..RuntimeDefaults::default()
         }
     }
 
@@ -398,6 +412,61 @@ mod tests {
             "--task text-generation --model-dir /model --listen 0.0.0.0:8080 --model-id chat-v1 \
              --default-temperature 0.2 --default-max-new-tokens 256"
         );
+    }
+
+    #[test]
+    fn installation_defaults_fill_the_resources_and_deadlines_a_model_leaves_unset() {
+        let defaults = RuntimeDefaults {
+            image: "infergate/runtime:0.1.0".into(),
+            cpu: Some(Quantity("2".into())),
+            memory: Some(Quantity("4Gi".into())),
+            timeouts: RequestTimeouts {
+                default: std::time::Duration::from_secs(30),
+                max: std::time::Duration::from_secs(50),
+            },
+        };
+        let bare =
+            deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
+        let d = runtime_deployment(&bare, &defaults).unwrap();
+        let resources = container(&d).resources.clone().unwrap();
+        assert_eq!(
+            resources.requests.unwrap()["memory"],
+            Quantity("4Gi".into())
+        );
+        assert_eq!(resources.limits.unwrap()["cpu"], Quantity("2".into()));
+        let grace = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .termination_grace_period_seconds;
+        assert_eq!(grace, Some(50 + TERMINATION_SLACK_SECONDS));
+        let own = deployment(serde_json::json!({
+            "task": "embedding", "model": {"uri": "file:///m"},
+            "resources": {"cpu": "8", "gpus": 1}, "timeouts": {"max": "900s"},
+        }));
+        let d = runtime_deployment(&own, &defaults).unwrap();
+        let limits = container(&d).resources.clone().unwrap().limits.unwrap();
+        assert_eq!(
+            limits["cpu"],
+            Quantity("8".into()),
+            "the model's own value wins"
+        );
+        assert_eq!(limits["memory"], Quantity("4Gi".into()));
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+        let grace = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .termination_grace_period_seconds;
+        assert_eq!(grace, Some(900 + TERMINATION_SLACK_SECONDS));
     }
 
     #[test]

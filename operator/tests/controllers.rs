@@ -140,6 +140,7 @@ impl Operator {
             watch_namespace: Some(namespace.to_owned()),
             runtime: RuntimeDefaults {
                 image: "infergate/runtime:test".into(),
+                ..RuntimeDefaults::default()
             },
             instance: "test".into(),
         };

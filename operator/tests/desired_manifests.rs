@@ -52,6 +52,7 @@ fn generated(dir: &Path) -> Vec<PathBuf> {
     ];
     let defaults = RuntimeDefaults {
         image: "infergate/runtime:0.1.0".into(),
+        ..RuntimeDefaults::default()
     };
     let mut files = Vec::new();
     for (name, spec) in cases {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use crds::names::{
     TOKEN_RECORD_KEY, TOKEN_RECORD_LABEL, TOKEN_RECORD_LABEL_VALUE, runtime_service_name,
 };
-use crds::{ModelDeployment, TokenRecord};
+use crds::{ModelDeployment, RequestTimeouts, TokenRecord};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -33,6 +33,8 @@ pub struct KubeSource {
     pub shared: Arc<Shared>,
     /// The gateway namespace, where the token record Secrets live.
     pub namespace: String,
+    /// Deadlines of models whose ModelDeployment sets none.
+    pub default_timeouts: RequestTimeouts,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,7 +123,8 @@ impl KubeSource {
                     synced[watched as usize] |= init_done;
                     if synced.iter().all(|s| *s) {
                         let tokens = token_records(&secrets.state());
-                        let models = model_specs(&models.state(), &slices.state());
+                        let models =
+                            model_specs(&models.state(), &slices.state(), self.default_timeouts);
                         tracing::debug!(
                             models = models.len(),
                             tokens = tokens.len(),
@@ -204,6 +207,7 @@ fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSlice>) -> Vec<S
 pub fn model_specs(
     models: &[Arc<ModelDeployment>],
     slices: &[Arc<EndpointSlice>],
+    default_timeouts: RequestTimeouts,
 ) -> Vec<ModelSpec> {
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -228,7 +232,13 @@ pub fn model_specs(
             tracing::warn!(model = %id, deployment = %format!("{namespace}/{name}"), "model version id already in use; ignored");
             continue;
         }
-        let timeouts = match model.spec.timeouts.clone().unwrap_or_default().resolve() {
+        let timeouts = match model
+            .spec
+            .timeouts
+            .clone()
+            .unwrap_or_default()
+            .resolve_with(default_timeouts)
+        {
             Ok(timeouts) => timeouts,
             Err(error) => {
                 tracing::warn!(model = %id, %error, "unusable timeouts; model not routed");
@@ -356,6 +366,24 @@ mod tests {
     }
 
     #[test]
+    fn the_installations_default_deadlines_fill_what_a_model_leaves_unset() {
+        let models = [deployment("minilm", None, None, "2026-01-01T00:00:00Z")];
+        let fallback = RequestTimeouts {
+            default: std::time::Duration::from_secs(45),
+            max: std::time::Duration::from_secs(900),
+        };
+        let specs = model_specs(&models, &[], fallback);
+        assert_eq!(
+            (specs[0].timeouts.default, specs[0].timeouts.max),
+            (
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs(900)
+            ),
+            "the model's own default, the installation's max"
+        );
+    }
+
+    #[test]
     fn models_are_routed_to_the_ready_endpoints_of_their_service() {
         let models = [deployment(
             "minilm",
@@ -375,7 +403,7 @@ mod tests {
             ),
             slice("other", "http", &[("10.0.0.9", Some(true))]),
         ];
-        let specs = model_specs(&models, &slices);
+        let specs = model_specs(&models, &slices, RequestTimeouts::default());
         assert_eq!(specs.len(), 1);
         assert_eq!(specs[0].id, "minilm-v1");
         assert_eq!(
@@ -406,7 +434,7 @@ mod tests {
             slice("a", "http", &[("10.0.0.1", Some(true))]),
             slice("b", "http", &[("10.0.0.2", Some(true))]),
         ];
-        let specs = model_specs(&models, &slices);
+        let specs = model_specs(&models, &slices, RequestTimeouts::default());
         let mut ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
         ids.sort();
         assert_eq!(ids, ["shared", "status-id", "uid-d"]);

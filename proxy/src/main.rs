@@ -64,6 +64,16 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_KEEPALIVE_IDLE", default_value_t = 60)]
     keepalive_idle: u64,
 
+    /// Deadline, in seconds, of requests to models whose ModelDeployment sets no
+    /// `timeouts.default` (Kubernetes source; the file source reads each model's own).
+    #[arg(long, env = "INFERGATE_PROXY_DEFAULT_TIMEOUT", default_value_t = 120)]
+    default_timeout: u64,
+
+    /// Largest `OICM-Request-Timeout`, in seconds, for models whose ModelDeployment sets no
+    /// `timeouts.max` (Kubernetes source).
+    #[arg(long, env = "INFERGATE_PROXY_MAX_TIMEOUT", default_value_t = 600)]
+    max_timeout: u64,
+
     /// Seconds a request's line and headers may take to arrive; slower clients are disconnected.
     #[arg(
         long,
@@ -75,6 +85,17 @@ struct Args {
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
+}
+
+fn default_timeouts(default: u64, max: u64) -> anyhow::Result<crds::RequestTimeouts> {
+    anyhow::ensure!(
+        default > 0 && default <= max,
+        "--default-timeout ({default}) must be positive and at most --max-timeout ({max})"
+    );
+    Ok(crds::RequestTimeouts {
+        default: Duration::from_secs(default),
+        max: Duration::from_secs(max),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => proxy::server::SourceOptions::File(path),
         None => proxy::server::SourceOptions::Kubernetes {
             namespace: args.namespace,
+            default_timeouts: default_timeouts(args.default_timeout, args.max_timeout)?,
             listen: proxy::config::ListenConfig {
                 listen: args.listen,
                 metrics: args.metrics_listen,

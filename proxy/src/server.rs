@@ -29,6 +29,8 @@ pub enum SourceOptions {
     Kubernetes {
         namespace: String,
         listen: ListenConfig,
+        /// Deadlines of models whose ModelDeployment sets none.
+        default_timeouts: crds::RequestTimeouts,
     },
 }
 
@@ -52,10 +54,15 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
             let (source, listen) = FileSource::start(path, shared.clone())?;
             (Box::new(background_service("file source", source)), listen)
         }
-        SourceOptions::Kubernetes { namespace, listen } => {
+        SourceOptions::Kubernetes {
+            namespace,
+            listen,
+            default_timeouts,
+        } => {
             let source = KubeSource {
                 shared: shared.clone(),
                 namespace,
+                default_timeouts,
             };
             (
                 Box::new(background_service("kubernetes source", source)),

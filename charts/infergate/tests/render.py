@@ -28,6 +28,13 @@ BAD_VALUES = {
     "memory quantity": {"proxy": {"resources": {"limits": {"memory": "lots"}}}},
     "tls without host": {"proxy": {"ingress": {"enabled": True, "tlsSecretName": "cert"}}},
     "service monitor interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},
+    "zero default timeout": {"timeouts": {"defaultSeconds": 0, "maxSeconds": 600}},
+    "runtime memory": {"runtime": {"defaultResources": {"memory": "a lot"}}},
+}
+
+# Valid by the schema, refused by the templates.
+BAD_RENDERS = {
+    "grace shorter than the longest deadline": {"proxy": {"gracePeriodSeconds": 60}},
 }
 
 
@@ -54,6 +61,12 @@ def main():
     for case, values in BAD_VALUES.items():
         try:
             chart.validate_schema(chart.merge_values(values))
+            report["refused"][case] = None
+        except helm.HelmError as error:
+            report["refused"][case] = str(error)
+    for case, values in BAD_RENDERS.items():
+        try:
+            chart.render(values, name="infergate", namespace=namespace, is_install=True)
             report["refused"][case] = None
         except helm.HelmError as error:
             report["refused"][case] = str(error)

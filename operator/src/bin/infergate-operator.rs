@@ -3,10 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use crds::RequestTimeouts;
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 use operator::controller::{self, Config};
 use operator::desired::RuntimeDefaults;
@@ -25,6 +28,19 @@ struct Args {
     /// Image of the builtin runtime, unless a ModelDeployment overrides it.
     #[arg(long, env = "INFERGATE_RUNTIME_IMAGE", default_value = concat!("infergate/runtime:", env!("CARGO_PKG_VERSION")))]
     runtime_image: String,
+    /// CPU of a runtime pod whose ModelDeployment sets none (request and limit), e.g. `2`.
+    #[arg(long, env = "INFERGATE_RUNTIME_CPU")]
+    runtime_cpu: Option<String>,
+    /// Memory of a runtime pod whose ModelDeployment sets none (request and limit), e.g. `4Gi`.
+    #[arg(long, env = "INFERGATE_RUNTIME_MEMORY")]
+    runtime_memory: Option<String>,
+    /// Deadline in seconds of models that set no `timeouts.default`; give the proxy the same.
+    #[arg(long, default_value_t = 120)]
+    default_timeout: u64,
+    /// Largest deadline in seconds of models that set no `timeouts.max`; it sizes the runtime
+    /// pods' termination grace period. Give the proxy the same.
+    #[arg(long, default_value_t = 600)]
+    max_timeout: u64,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -85,11 +101,23 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         health.clone(),
     ));
+    anyhow::ensure!(
+        args.default_timeout > 0 && args.default_timeout <= args.max_timeout,
+        "--default-timeout ({}) must be positive and at most --max-timeout ({})",
+        args.default_timeout,
+        args.max_timeout
+    );
     let config = Config {
         gateway_namespace: args.gateway_namespace.clone(),
         watch_namespace: args.watch_namespace,
         runtime: RuntimeDefaults {
             image: args.runtime_image,
+            cpu: args.runtime_cpu.map(Quantity),
+            memory: args.runtime_memory.map(Quantity),
+            timeouts: RequestTimeouts {
+                default: Duration::from_secs(args.default_timeout),
+                max: Duration::from_secs(args.max_timeout),
+            },
         },
         instance: identity.clone(),
     };
