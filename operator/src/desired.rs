@@ -361,6 +361,15 @@ mod tests {
         }
     }
 
+    fn grace_period(d: &Deployment) -> Option<i64> {
+        d.spec
+            .as_ref()?
+            .template
+            .spec
+            .as_ref()?
+            .termination_grace_period_seconds
+    }
+
     fn container(d: &Deployment) -> &Container {
         &d.spec
             .as_ref()
@@ -434,15 +443,7 @@ mod tests {
             Quantity("4Gi".into())
         );
         assert_eq!(resources.limits.unwrap()["cpu"], Quantity("2".into()));
-        let grace = d
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .termination_grace_period_seconds;
+        let grace = grace_period(&d);
         assert_eq!(grace, Some(50 + TERMINATION_SLACK_SECONDS));
         let own = deployment(serde_json::json!({
             "task": "embedding", "model": {"uri": "file:///m"},
@@ -457,15 +458,7 @@ mod tests {
         );
         assert_eq!(limits["memory"], Quantity("4Gi".into()));
         assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
-        let grace = d
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .termination_grace_period_seconds;
+        let grace = grace_period(&d);
         assert_eq!(grace, Some(900 + TERMINATION_SLACK_SECONDS));
     }
 

@@ -730,9 +730,7 @@ async fn an_idle_client_connection_is_closed_after_the_keepalive_idle_time() {
         &["--keepalive-idle", "1"],
     )
     .await;
-    let mut connection = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
-        .await
-        .unwrap();
+    let mut connection = connect(&proxy).await;
     let request = format!(
         "GET /models/m/proxy/v1/x HTTP/1.1\r\nHost: test\r\nAuthorization: {}\r\n\r\n",
         token.bearer()
@@ -758,9 +756,7 @@ async fn an_idle_client_connection_is_closed_after_the_keepalive_idle_time() {
 /// closes the connection (or 3 s pass).
 async fn raw_exchange(proxy: &Proxy, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut connection = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
-        .await
-        .unwrap();
+    let mut connection = connect(proxy).await;
     connection.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), connection.read_to_end(&mut answer)).await;

@@ -16,16 +16,6 @@ use super::schema;
 const API_VERSION: &str = "infergate.dev/v1alpha1";
 const DEFAULT_NAMESPACE: &str = "default";
 
-/// Tasks `infergate-runtime` implements today; the others are refused with a clear message.
-pub const SERVED_TASKS: [Task; 6] = [
-    Task::Embedding,
-    Task::TextClassification,
-    Task::Rerank,
-    Task::Tabular,
-    Task::TextGeneration,
-    Task::Translation,
-];
-
 /// One thing wrong with the files, located well enough to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -282,7 +272,7 @@ fn accept_model(
     // its name.
     md.meta_mut().uid = Some(md.name_any());
     let before = problems.len();
-    if !SERVED_TASKS.contains(&md.spec.task) {
+    if !Task::SERVED_BY_BUILTIN_RUNTIME.contains(&md.spec.task) {
         problems.push(origin.problem(
             Some("spec.task"),
             format!(
