@@ -8,15 +8,24 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin="${INFERGATE_CLUSTER_BIN:-$HOME/.cache/infergate/cluster/bin}"
 mkdir -p "$bin"
 stamp="$bin/.components"
-wanted="$(cat "$here/components/go.mod" "$here/components/go.sum" "$here/components/cmd/etcd/main.go" | sha256sum | cut -d' ' -f1)"
+wanted="$(cat "$here/build.sh" "$here/components/go.mod" "$here/components/go.sum" "$here/components/cmd/etcd/main.go" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
   exit 0
 fi
 cd "$here/components"
 export CGO_ENABLED=0 GOFLAGS=-trimpath
+# The version Kubernetes' own build stamps in (clients such as Helm check it against a chart's
+# kubeVersion); a plain `go build` would report v0.0.0-master.
+version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' go.mod)"
+minor="$(echo "$version" | cut -d. -f2)"
+stamp_version=""
+for package in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  stamp_version+=" -X $package.gitVersion=$version -X $package.gitMajor=1 -X $package.gitMinor=$minor"
+  stamp_version+=" -X $package.gitTreeState=clean -X $package.buildDate=1970-01-01T00:00:00Z"
+done
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   echo "cluster: building $cmd" >&2
-  go build -ldflags=-s -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+  go build -ldflags="-s $stamp_version" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
 done
 echo "cluster: building etcd" >&2
 go build -ldflags=-s -o "$bin/etcd" ./cmd/etcd

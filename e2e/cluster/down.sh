@@ -25,4 +25,11 @@ done
 for link in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^igp/ {sub(/@.*/, "", $2); print $2}'); do
   ip link del "$link" 2>/dev/null || true
 done
+# What up.sh changed on the host for the node agent's pods.
+if [ -f "$run/api-address-added" ]; then
+  ip addr del 10.0.0.1/32 dev lo 2>/dev/null || true
+fi
+if [ -f "$run/ip_forward.saved" ]; then
+  sysctl -qw net.ipv4.ip_forward="$(cat "$run/ip_forward.saved")" || true
+fi
 rm -rf "$run"

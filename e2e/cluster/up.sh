@@ -5,7 +5,8 @@
 # Idempotent: a running test bed is left as it is. e2e/cluster/down.sh stops it.
 #
 # With INFERGATE_NODE_AGENT_BIN and INFERGATE_RUNTIME_BIN set, also starts the node agent that
-# runs pods as local processes (README). Not here yet: the Helm install of infergate.
+# runs pods as local processes (README); with INFERGATE_OPERATOR_BIN and INFERGATE_PROXY_BIN
+# too, installs infergate with its Helm chart and prints PROXY_URL=<url>.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -128,12 +129,50 @@ wait_for kube-controller-manager "${kubectl[@]}" get serviceaccount default --na
 wait_for kube-apiserver "${kubectl[@]}" wait --for condition=Established --timeout 1s \
   crd/modeldeployments.infergate.dev crd/accesstokens.infergate.dev
 # The node agent (a stand-in kubelet running pods as local processes), when the caller built it
-# and names the binaries it maps images to.
+# and names the binaries it maps images to. Pods reach the API server at 10.0.0.1:443, the
+# address of the `kubernetes` Service (in the serving certificate), which the agent relays to
+# the API server as kube-proxy would; pods reach each other through the host, which routes
+# between their networks while the test bed runs.
 if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
+  if ! ip -4 addr show dev lo | grep -q ' 10\.0\.0\.1/'; then
+    ip addr add 10.0.0.1/32 dev lo
+    touch "$run/api-address-added"
+  fi
+  if [ ! -f "$run/ip_forward.saved" ]; then
+    sysctl -n net.ipv4.ip_forward > "$run/ip_forward.saved"
+    sysctl -qw net.ipv4.ip_forward=1
+  fi
+  images=(--image "infergate/runtime=${INFERGATE_RUNTIME_BIN:?INFERGATE_RUNTIME_BIN names the runtime binary}")
+  [ -n "${INFERGATE_OPERATOR_BIN:-}" ] && images+=(--image "infergate/operator=$INFERGATE_OPERATOR_BIN")
+  [ -n "${INFERGATE_PROXY_BIN:-}" ] && images+=(--image "infergate/proxy=$INFERGATE_PROXY_BIN")
   start node-agent env KUBECONFIG="$kubeconfig" INFERGATE_NODE_AGENT_CA="$pki/ca.crt" \
     "$INFERGATE_NODE_AGENT_BIN" --node infergate-node --state-dir "$run/node" \
-    --image "infergate/runtime=${INFERGATE_RUNTIME_BIN:?INFERGATE_RUNTIME_BIN names the runtime binary}"
+    --api-relay "10.0.0.1:443=127.0.0.1:$api_port" "${images[@]}"
   wait_for node-agent "${kubectl[@]}" wait --for condition=Ready --timeout 1s node/infergate-node
+fi
+# infergate itself, installed with its Helm chart (real Helm v4 from the set-up virtualenv) when
+# the caller also names the operator and proxy binaries: the operator watches namespace
+# infergate-e2e, the gateway namespace is infergate-system, and PROXY_URL is the proxy pod.
+if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ] && [ -n "${INFERGATE_OPERATOR_BIN:-}" ] && [ -n "${INFERGATE_PROXY_BIN:-}" ]; then
+  if ! "${kubectl[@]}" -n infergate-system get deployment infergate-proxy >/dev/null 2>&1; then
+    say "installing infergate with its Helm chart"
+    "${kubectl[@]}" create namespace infergate-system >/dev/null 2>&1 || true
+    "${INFERGATE_PYTHON:-python}" - "$kubeconfig" "$repo/charts/infergate" <<'PY' >&2
+import sys
+import helm_python as helm
+kubeconfig, chart = sys.argv[1:3]
+values = {"images": {"registry": "infergate", "tag": "test-bed", "pullPolicy": "Never"},
+          "operator": {"watchNamespace": "infergate-e2e", "logJson": False},
+          "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False}}
+helm.Config(kubeconfig_path=kubeconfig).install(
+    helm.Chart.load(chart), "infergate", values, namespace="infergate-system")
+PY
+  fi
+  wait_for node-agent "${kubectl[@]}" -n infergate-system wait --for condition=Available --timeout 1s \
+    deployment/infergate-operator deployment/infergate-proxy
+  proxy_ip="$("${kubectl[@]}" -n infergate-system get pods -l app.kubernetes.io/name=infergate-proxy \
+    -o jsonpath='{.items[?(@.status.phase=="Running")].status.podIP}' | awk '{print $1}')"
+  echo "PROXY_URL=http://$proxy_ip:8080"
 fi
 echo "KUBECONFIG=$kubeconfig"
 echo "KUBECTL=$bin/kubectl"

@@ -16,11 +16,22 @@ use std::time::{Duration, Instant};
 
 pub mod local;
 
-/// A cluster to test against: its kubeconfig and a kubectl of its version.
+/// A cluster to test against: its kubeconfig, a kubectl of its version and, when infergate is
+/// installed on it, its proxy.
 #[derive(Debug)]
 pub struct TestBed {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
+    pub proxy_url: Option<String>,
+}
+
+/// The binaries the test bed runs as pods: the node agent maps infergate's images to them.
+#[derive(Debug)]
+pub struct PodBinaries<'a> {
+    pub agent: &'a Path,
+    pub runtime: &'a Path,
+    pub operator: &'a Path,
+    pub proxy: &'a Path,
 }
 
 /// The cluster named by `INFERGATE_TEST_KUBECONFIG` (e.g. kind, with `KUBECTL` or kubectl on
@@ -30,15 +41,19 @@ pub fn test_bed() -> &'static TestBed {
     BED.get_or_init(|| external().unwrap_or_else(|| up::<&str>(&[])))
 }
 
-/// The test bed with its node agent running pods, the agent mapping `infergate/runtime` images
-/// to `runtime` (a cluster named by `INFERGATE_TEST_KUBECONFIG` runs pods itself).
-pub fn test_bed_with_pods(agent: &Path, runtime: &Path) -> &'static TestBed {
+/// The test bed with its node agent running pods and infergate installed by its Helm chart
+/// (operator watching namespace `infergate-e2e`, gateway namespace `infergate-system`); a
+/// cluster named by `INFERGATE_TEST_KUBECONFIG` has it installed already and names its proxy in
+/// `PROXY_URL`.
+pub fn test_bed_with_infergate(binaries: &PodBinaries<'_>) -> &'static TestBed {
     static BED: OnceLock<TestBed> = OnceLock::new();
     BED.get_or_init(|| {
         external().unwrap_or_else(|| {
             up(&[
-                ("INFERGATE_NODE_AGENT_BIN", agent.as_os_str()),
-                ("INFERGATE_RUNTIME_BIN", runtime.as_os_str()),
+                ("INFERGATE_NODE_AGENT_BIN", binaries.agent.as_os_str()),
+                ("INFERGATE_RUNTIME_BIN", binaries.runtime.as_os_str()),
+                ("INFERGATE_OPERATOR_BIN", binaries.operator.as_os_str()),
+                ("INFERGATE_PROXY_BIN", binaries.proxy.as_os_str()),
             ])
         })
     })
@@ -51,6 +66,7 @@ fn external() -> Option<TestBed> {
         kubectl: std::env::var_os("KUBECTL")
             .unwrap_or("kubectl".into())
             .into(),
+        proxy_url: std::env::var("PROXY_URL").ok(),
     })
 }
 
@@ -77,6 +93,10 @@ fn up<S: AsRef<OsStr>>(env: &[(&str, S)]) -> TestBed {
     TestBed {
         kubeconfig: value("KUBECONFIG"),
         kubectl: value("KUBECTL"),
+        proxy_url: stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("PROXY_URL="))
+            .map(str::to_owned),
     }
 }
 

@@ -4,41 +4,25 @@
 //! and the proxy (Kubernetes source) routes a client holding the token read with kubectl. Then
 //! revocation answers 401 and deletion takes everything away.
 //!
-//! The operator and the proxy run as processes next to the control plane (their pods come with
-//! the Helm chart). Everything is driven through kubectl, HTTP and the binaries, so the same
-//! steps run against kind with another KUBECONFIG and proxy URL.
+//! infergate is installed by its Helm chart: on the test bed by `e2e/cluster/up.sh` (the operator
+//! and proxy pods run by the node agent), on kind by `e2e/kind.sh`. Everything is driven through
+//! kubectl and HTTP, so the same steps run against both; only KUBECONFIG and PROXY_URL differ.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::{TestBed, built, eventually, minilm_dir};
 use serde_json::{Value, json};
 
-/// The test bed with its node agent running the runtime pods.
+/// The test bed with infergate installed by its chart, its pods run by the node agent.
 fn cluster() -> &'static TestBed {
-    e2e::test_bed_with_pods(
-        Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
-        &built("infergate-runtime"),
-    )
-}
-
-/// A process killed when the test ends, whatever happens.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    e2e::test_bed_with_infergate(&e2e::PodBinaries {
+        agent: Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
+        runtime: &built("infergate-runtime"),
+        operator: &built("infergate-operator"),
+        proxy: &built("infergate-proxy"),
+    })
 }
 
 async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
@@ -57,93 +41,29 @@ async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
     )
 }
 
-/// The operator (watching `namespace`, records in `gateway`) and the proxy (Kubernetes source)
-/// as processes beside the test bed; the proxy's URL.
-fn operator_and_proxy(
-    cluster: &TestBed,
-    namespace: &str,
-    gateway: &str,
-    log_dir: &Path,
-) -> (String, Vec<Process>) {
-    let proxy_port = free_port();
-    let spawn = |binary: &str, args: &[&str], log: &str| {
-        Process(
-            Command::new(built(binary))
-                .env("KUBECONFIG", &cluster.kubeconfig)
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log_dir.join(log)).unwrap())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let operator = spawn(
-        "infergate-operator",
-        &[
-            "--gateway-namespace",
-            gateway,
-            "--watch-namespace",
-            namespace,
-            "--leader-election",
-            "false",
-            "--runtime-image",
-            "infergate/runtime:e2e",
-            "--metrics-listen",
-            &format!("127.0.0.1:{}", free_port()),
-        ],
-        "operator.log",
-    );
-    let proxy = spawn(
-        "infergate-proxy",
-        &[
-            "--source",
-            "kubernetes",
-            "--namespace",
-            gateway,
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{}", free_port()),
-        ],
-        "proxy.log",
-    );
-    (
-        format!("http://127.0.0.1:{proxy_port}"),
-        vec![operator, proxy],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_collection() {
     let cluster = cluster();
     let suffix = format!("{}", std::process::id());
-    let installed_proxy = std::env::var("PROXY_URL").ok();
-    let namespace = format!("e2e-{suffix}");
-    // Token records land in the gateway namespace: the chart's release namespace when
-    // infergate is installed, else one of this test's own.
-    let gateway = match installed_proxy {
-        Some(_) => std::env::var("INFERGATE_TEST_GATEWAY_NAMESPACE")
-            .unwrap_or_else(|_| "infergate-system".to_owned()),
-        None => format!("e2e-{suffix}-gw"),
-    };
-    let own_namespaces: Vec<&String> = match installed_proxy {
-        Some(_) => vec![&namespace],
-        None => vec![&namespace, &gateway],
-    };
-    for ns in &own_namespaces {
-        cluster.ok(&["create", "namespace", ns]);
-    }
+    // The namespace the installed operator watches (the chart's watchNamespace on the test
+    // bed), and the gateway namespace where its token records live.
+    let namespace =
+        std::env::var("INFERGATE_TEST_NAMESPACE").unwrap_or_else(|_| "infergate-e2e".to_owned());
+    let gateway = std::env::var("INFERGATE_TEST_GATEWAY_NAMESPACE")
+        .unwrap_or_else(|_| "infergate-system".to_owned());
+    let proxy_url = cluster
+        .proxy_url
+        .clone()
+        .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
+    let created = cluster.kubectl(&["create", "namespace", &namespace], None);
+    assert!(
+        created.status.success()
+            || String::from_utf8_lossy(&created.stderr).contains("AlreadyExists"),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
     std::fs::create_dir_all(&log_dir).unwrap();
-    // A cluster with infergate installed by the chart (kind, `e2e/kind.sh`) names its proxy in
-    // PROXY_URL; on the test bed the operator and the proxy run here, beside the control plane.
-    let (proxy_url, _processes) = match installed_proxy.clone() {
-        Some(url) => (url, Vec::new()),
-        None => {
-            let (url, processes) = operator_and_proxy(cluster, &namespace, &gateway, &log_dir);
-            (url, processes)
-        }
-    };
 
     // What a platform engineer applies: the shape of examples/k8s/, with this machine's paths.
     let manifests = log_dir.join("manifests");
@@ -365,9 +285,8 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     });
     let (status, _) = call(&embed_url, &token, json!({"inputs": "x"})).await;
     assert_eq!(status, 401, "a deleted token stays refused");
-    for ns in &own_namespaces {
-        cluster.ok(&["delete", "namespace", ns, "--wait=false"]);
-    }
+    // Waited for: the next run creates the same namespace.
+    cluster.ok(&["delete", "namespace", &namespace, "--timeout=120s"]);
     let _ = std::fs::remove_dir_all(log_dir);
 }
 

@@ -39,6 +39,23 @@ struct Args {
     /// Where pod logs, volumes and service-account files live.
     #[arg(long)]
     state_dir: PathBuf,
+    /// The API server as pods reach it, `LISTEN=UPSTREAM` (e.g.
+    /// `10.0.0.1:443=127.0.0.1:16443`): the agent relays LISTEN to UPSTREAM, as kube-proxy does
+    /// for the `kubernetes` Service, and gives containers KUBERNETES_SERVICE_HOST/PORT of LISTEN.
+    #[arg(long, value_parser = parse_relay)]
+    api_relay: Option<(std::net::SocketAddr, String)>,
+    /// Where mapped binaries are copied for pods that run as another user ("pulled" images);
+    /// readable by every user.
+    #[arg(long, default_value = "/var/tmp/infergate-node/images")]
+    image_dir: PathBuf,
+}
+
+fn parse_relay(text: &str) -> Result<(std::net::SocketAddr, String), String> {
+    let (listen, upstream) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected LISTEN=UPSTREAM"))?;
+    let listen = listen.parse().map_err(|e| format!("{listen:?}: {e}"))?;
+    Ok((listen, upstream.to_owned()))
 }
 
 fn parse_image(text: &str) -> Result<(String, PathBuf), String> {
@@ -62,6 +79,9 @@ struct Agent {
     node: String,
     images: Vec<(String, PathBuf)>,
     state_dir: PathBuf,
+    image_dir: PathBuf,
+    /// KUBERNETES_SERVICE_HOST and _PORT for containers, when the API is relayed to pods.
+    api_service: Option<std::net::SocketAddr>,
     networks: Networks,
     /// Running pods by UID: the sender stops them.
     pods: Mutex<HashMap<String, watch::Sender<bool>>>,
@@ -167,6 +187,10 @@ struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     mounts: Vec<(PathBuf, String)>,
+    /// `runAsUser` and `runAsGroup`, when the process is not to run as root.
+    user: Option<(i64, i64)>,
+    /// `preStop: {sleep: {seconds}}`: the wait between the stop and SIGTERM.
+    pre_stop_sleep: Option<Duration>,
 }
 
 impl Agent {
@@ -191,6 +215,23 @@ impl Agent {
             } else if volume.empty_dir.is_some() {
                 let path = dir.join("volumes").join(&volume.name);
                 let _ = std::fs::create_dir_all(&path);
+                let fs_group = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref())
+                    .and_then(|c| c.fs_group);
+                if let Some(group) = fs_group {
+                    // fsGroup: the pod's group owns its emptyDir volumes and may write them.
+                    use std::os::unix::fs::PermissionsExt;
+                    std::os::unix::fs::chown(&path, None, Some(group as u32))
+                        .and_then(|()| {
+                            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o2775))
+                        })
+                        .map_err(|e| Refusal {
+                            reason: "VolumeSetupFailed",
+                            message: format!("emptyDir {:?}: {e}", volume.name),
+                        })?;
+                }
                 path
             } else if volume.projected.is_some() {
                 // The service-account token volume the admission plugin adds.
@@ -244,6 +285,8 @@ impl Agent {
 
     fn launch(
         &self,
+        pod: &Pod,
+        pod_ip: &str,
         container: &Container,
         volumes: &HashMap<String, PathBuf>,
     ) -> Result<Launch, Refusal> {
@@ -267,17 +310,28 @@ impl Agent {
             });
         }
         let mut env = Vec::new();
+        if let Some(api) = self.api_service {
+            env.push(("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()));
+            env.push(("KUBERNETES_SERVICE_PORT".to_owned(), api.port().to_string()));
+        }
         for var in container.env.clone().unwrap_or_default() {
-            if var.value_from.is_some() {
-                return Err(Refusal {
-                    reason: "EnvFromNotSupported",
-                    message: format!(
-                        "env {}: valueFrom is not supported by the node agent",
-                        var.name
-                    ),
-                });
-            }
-            env.push((var.name, var.value.unwrap_or_default()));
+            let value = match &var.value_from {
+                None => var.value.unwrap_or_default(),
+                Some(from) => {
+                    let field = from
+                        .field_ref
+                        .as_ref()
+                        .and_then(|f| field_value(pod, pod_ip, &f.field_path));
+                    field.ok_or_else(|| Refusal {
+                        reason: "EnvFromNotSupported",
+                        message: format!(
+                            "env {}: the node agent resolves valueFrom.fieldRef of metadata.name, metadata.namespace, metadata.uid, spec.nodeName, spec.serviceAccountName and status.podIP only",
+                            var.name
+                        ),
+                    })?
+                }
+            };
+            env.push((var.name, value));
         }
         let mut mounts = Vec::new();
         for mount in container.volume_mounts.clone().unwrap_or_default() {
@@ -291,12 +345,48 @@ impl Agent {
             };
             mounts.push((host, mount.mount_path.clone()));
         }
+        let pre_stop_sleep = match container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+        {
+            None => None,
+            Some(handler)
+                if handler.exec.is_none()
+                    && handler.http_get.is_none()
+                    && handler.tcp_socket.is_none() =>
+            {
+                handler
+                    .sleep
+                    .as_ref()
+                    .map(|s| Duration::from_secs(s.seconds.max(0) as u64))
+            }
+            Some(_) => {
+                return Err(Refusal {
+                    reason: "PreStopNotSupported",
+                    message: "the node agent honours a preStop sleep only".to_owned(),
+                });
+            }
+        };
+        let user = run_as(pod, container);
+        let binary = match user {
+            Some(_) => self.pull(&binary).map_err(|e| Refusal {
+                reason: "ErrImagePull",
+                message: format!(
+                    "cannot make {} runnable by another user: {e}",
+                    binary.display()
+                ),
+            })?,
+            None => binary,
+        };
         Ok(Launch {
             name: container.name.clone(),
             binary,
             args: container.args.clone().unwrap_or_default(),
             env,
             mounts,
+            user,
+            pre_stop_sleep,
         })
     }
 
@@ -309,7 +399,13 @@ impl Agent {
                 "mkdir -p \"$M{i}\" && mount --bind \"$H{i}\" \"$M{i}\"\n"
             ));
         }
-        script.push_str("exec \"$@\"\n");
+        match launch.user {
+            // After the mounts, which need root: the process itself runs as the pod asks.
+            Some((user, group)) => script.push_str(&format!(
+                "exec setpriv --reuid={user} --regid={group} --clear-groups -- \"$@\"\n"
+            )),
+            None => script.push_str("exec \"$@\"\n"),
+        }
         let log = std::fs::File::create(dir.join(format!("{}.log", launch.name)))?;
         let mut command = Command::new("ip");
         command
@@ -339,6 +435,69 @@ impl Agent {
                 .env(format!("M{i}"), target);
         }
         Ok(command.spawn()?)
+    }
+}
+
+/// The value of a `fieldRef` the kubelet resolves from the pod, or None when unsupported.
+fn field_value(pod: &Pod, pod_ip: &str, path: &str) -> Option<String> {
+    let spec = pod.spec.as_ref();
+    match path {
+        "metadata.name" => Some(pod.name_any()),
+        "metadata.namespace" => pod.namespace(),
+        "metadata.uid" => pod.uid(),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
+        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
+        "status.podIP" => Some(pod_ip.to_owned()),
+        _ => None,
+    }
+}
+
+/// The user and group a container runs as (its own securityContext over the pod's); None
+/// for root.
+fn run_as(pod: &Pod, container: &Container) -> Option<(i64, i64)> {
+    let pod_context = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let own = container.security_context.as_ref();
+    let user = own
+        .and_then(|c| c.run_as_user)
+        .or_else(|| pod_context.and_then(|c| c.run_as_user))?;
+    let group = own
+        .and_then(|c| c.run_as_group)
+        .or_else(|| pod_context.and_then(|c| c.run_as_group))
+        .unwrap_or(user);
+    (user != 0).then_some((user, group))
+}
+
+impl Agent {
+    /// Copies a mapped binary where any user may run it, as pulling an image would place it.
+    fn pull(&self, binary: &Path) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.image_dir)?;
+        std::fs::set_permissions(&self.image_dir, std::fs::Permissions::from_mode(0o755))?;
+        let name = binary.file_name().unwrap_or_default();
+        let pulled = self.image_dir.join(name);
+        let staged = self
+            .image_dir
+            .join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::copy(binary, &staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&staged, &pulled)?;
+        Ok(pulled)
+    }
+
+    /// Relays connections to `listen` (an address pods reach) to the API server at `upstream`.
+    async fn relay_api(listen: std::net::SocketAddr, upstream: String) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("the API relay cannot listen on {listen}"))?;
+        loop {
+            let (mut inbound, _) = listener.accept().await?;
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
     }
 }
 
@@ -482,7 +641,10 @@ impl Agent {
             .iter()
             .flatten()
             .chain(&spec.containers)
-            .map(|c| self.launch(c, &volumes).map(|l| (c.clone(), l)))
+            .map(|c| {
+                self.launch(&pod, &network.pod_ip, c, &volumes)
+                    .map(|l| (c.clone(), l))
+            })
             .collect();
         let launches = match launches {
             Ok(launches) => launches,
@@ -660,9 +822,17 @@ impl Agent {
                 _ = stopped(&mut stop) => break,
             }
         }
-        // Termination: SIGTERM, the grace period, then SIGKILL.
+        // Termination: the preStop sleep, SIGTERM, the rest of the grace period, then SIGKILL.
         let grace =
             Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+        let stopping = Instant::now();
+        let pre_stop = running
+            .iter()
+            .filter_map(|c| c.launch.pre_stop_sleep)
+            .max()
+            .unwrap_or_default()
+            .min(grace);
+        tokio::time::sleep(pre_stop).await;
         for c in &running {
             if let Some(pid) = c.child.as_ref().and_then(Child::id) {
                 let _ = Command::new("kill")
@@ -671,7 +841,7 @@ impl Agent {
                     .await;
             }
         }
-        let deadline = Instant::now() + grace;
+        let deadline = stopping + grace;
         for c in &mut running {
             if let Some(mut child) = c.child.take() {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -778,9 +948,18 @@ async fn main() -> anyhow::Result<()> {
         node: args.node.clone(),
         images: args.images,
         state_dir: args.state_dir,
+        image_dir: args.image_dir,
+        api_service: args.api_relay.as_ref().map(|(listen, _)| *listen),
         networks: Networks(AtomicU32::new(0)),
         pods: Mutex::default(),
     });
+    if let Some((listen, upstream)) = args.api_relay {
+        tokio::spawn(async move {
+            if let Err(error) = Agent::relay_api(listen, upstream).await {
+                tracing::error!(%error, "API relay stopped");
+            }
+        });
+    }
     agent.register().await?;
     tokio::spawn(agent.clone().heartbeat());
     tracing::info!(node = %agent.node, "node agent running");
