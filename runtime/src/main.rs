@@ -102,6 +102,10 @@ enum Command {
         #[arg(long)]
         dest: PathBuf,
     },
+    /// The chat-template sandbox's helper: renders JSON-line requests from stdin (started by
+    /// the runtime itself under a memory limit; not for direct use).
+    #[command(hide = true)]
+    RenderTemplates,
 }
 
 fn download(url: String, sha256: Option<String>, dest: PathBuf) -> anyhow::Result<()> {
@@ -129,6 +133,9 @@ fn main() -> anyhow::Result<()> {
     let (task, model_dir) = match (args.command, args.task, args.model_dir) {
         (Some(Command::Download { url, sha256, dest }), _, _) => {
             return download(url, sha256, dest);
+        }
+        (Some(Command::RenderTemplates), _, _) => {
+            return Ok(runtime::generate::sandbox::serve_renders()?);
         }
         (None, Some(task), Some(model_dir)) => (task, model_dir),
         (None, _, _) => unreachable!("clap requires --task and --model-dir without a subcommand"),

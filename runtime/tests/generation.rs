@@ -476,3 +476,75 @@ print(json.dumps({{"whole": whole.choices[0].message.content, "streamed": "".joi
     assert_eq!(result["completion"], " France is Paris, and");
     assert_eq!(result["models"], json!(["llama"]));
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn memory_bomb_templates_are_refused_without_harming_the_runtime() {
+    let (runtime, _) = llama(&[]).await;
+    let chat = |template: &str| {
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template": template})
+            .to_string()
+    };
+    // Warm up: the first chat loads what a chat needs, so RSS is measured from there.
+    assert_eq!(
+        runtime
+            .post("/v1/chat/completions", &chat("{{ messages[0].content }}"))
+            .await
+            .0,
+        200
+    );
+    let before = rss_kib(runtime.child.id());
+    // Each bomb, and the limit that stops it. minijinja's fuel also charges for the size of
+    // string results, which stops the doublings; the output cap stops a huge prompt as it is
+    // written; a huge value built in one step (100 GB by `join`, `tojson`) is stopped by the
+    // sandbox's memory limit, where in-process its allocation failure would abort the runtime;
+    // a step that grinds without fuel is stopped by the sandbox's clock.
+    let huge = "{% set l = ['x' * 1000000] * 100000 %}";
+    let bombs = [
+        (
+            "{% set ns = namespace(s='0123456789abcdef') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}".to_owned(),
+            "CPU budget",
+        ),
+        (
+            "{% macro d(s, n) %}{% if n == 0 %}{{ s|length }}{% else %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('ab', 40) }}".to_owned(),
+            "CPU budget",
+        ),
+        ("{{ 'a\nb'|indent(3000000000) }}".to_owned(), "CPU budget"),
+        (
+            "{{ ['x' * 1000000] * 1000 }}".to_owned(),
+            "rendered more than",
+        ),
+        (format!("{huge}{{{{ l|join|length }}}}"), "memory of its sandbox"),
+        (format!("{huge}{{{{ l|tojson|length }}}}"), "memory of its sandbox"),
+        (
+            format!("{huge}{{{{ (l|sum(start=''))|length }}}}"),
+            "did not finish within",
+        ),
+    ];
+    for (bomb, limit) in &bombs {
+        let started = Instant::now();
+        let (status, answer) = runtime.post("/v1/chat/completions", &chat(bomb)).await;
+        let took = started.elapsed();
+        assert_eq!(status, 400, "{bomb} → {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_chat_template", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(limit), "{bomb} → {message}");
+        assert!(took < Duration::from_secs(3), "{bomb} took {took:?}");
+    }
+    let grown = rss_kib(runtime.child.id()).saturating_sub(before);
+    assert!(grown < 64 * 1024, "the runtime grew by {grown} KiB");
+    // The runtime and a fresh helper still serve chats with a request template.
+    let (status, answer) = runtime
+        .post("/v1/chat/completions", &chat("{{ messages[0].content }}"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+}

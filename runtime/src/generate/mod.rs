@@ -4,5 +4,6 @@
 
 pub mod engine;
 pub mod sampling;
+pub mod sandbox;
 pub mod template;
 pub mod text;

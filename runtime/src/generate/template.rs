@@ -27,7 +27,7 @@ pub const MAX_RENDERED_BYTES: usize = 1024 * 1024;
 const CACHED_TEMPLATES: usize = 64;
 
 /// Why a chat could not be rendered; answered as 400 naming the reason.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum TemplateError {
     #[error("chat_template is {0} bytes, more than the limit of {MAX_TEMPLATE_BYTES}")]
     TooLarge(usize),
@@ -43,6 +43,10 @@ pub enum TemplateError {
     Render(String),
     #[error("this model has no chat template; send chat_template or use /v1/completions")]
     Missing,
+    #[error("chat_template exceeded the memory of its sandbox")]
+    ResourcesExhausted,
+    #[error("chat_template did not finish within {0:?}")]
+    OutOfTime(std::time::Duration),
 }
 
 /// One message as templates see it: `role`, `content` (text) and any other fields the client
@@ -55,6 +59,28 @@ struct Context<'a> {
     add_generation_prompt: bool,
     bos_token: &'a str,
     eos_token: &'a str,
+}
+
+/// A render's output, refused past `MAX_RENDERED_BYTES`.
+#[derive(Debug, Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The model's template and the cache of request templates.
@@ -157,6 +183,24 @@ impl ChatTemplates {
         })
     }
 
+    /// No model template: only request templates, with these special tokens (the sandbox's).
+    pub fn without_model(bos_token: &str, eos_token: &str) -> ChatTemplates {
+        ChatTemplates {
+            model_template: None,
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+            cache: Mutex::default(),
+        }
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     pub fn has_model_template(&self) -> bool {
         self.model_template.is_some()
     }
@@ -202,20 +246,24 @@ impl ChatTemplates {
             bos_token: &self.bos_token,
             eos_token: &self.eos_token,
         };
+        // Output goes through a capped writer, so an oversized prompt stops as it grows
+        // instead of being built whole and measured afterwards.
+        let mut output = CappedOutput::default();
         let rendered = template
-            .render(Value::from(minijinja::value::Serde(&context)))
-            .map_err(|e| {
-                let raised = std::error::Error::source(&e).is_some_and(|s| s.is::<Raised>());
-                match e.kind() {
-                    ErrorKind::OutOfFuel => TemplateError::OutOfFuel,
-                    _ if raised => TemplateError::Raised(e.detail().unwrap_or_default().to_owned()),
-                    _ => TemplateError::Render(describe(&e)),
-                }
-            })?;
-        if rendered.len() > MAX_RENDERED_BYTES {
+            .render_captured_to(Value::from(minijinja::value::Serde(&context)), &mut output);
+        if output.overflowed {
             return Err(TemplateError::OutputTooLarge);
         }
-        Ok(rendered)
+        rendered.map_err(|e| {
+            let raised = std::error::Error::source(&e).is_some_and(|s| s.is::<Raised>());
+            match e.kind() {
+                ErrorKind::OutOfFuel => TemplateError::OutOfFuel,
+                _ if raised => TemplateError::Raised(e.detail().unwrap_or_default().to_owned()),
+                _ => TemplateError::Render(describe(&e)),
+            }
+        })?;
+        String::from_utf8(output.bytes)
+            .map_err(|e| TemplateError::Render(format!("the rendered prompt is not UTF-8: {e}")))
     }
 }
 

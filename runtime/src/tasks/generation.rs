@@ -28,7 +28,8 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::error::ApiError;
 use crate::generate::engine::{Engine, Event, FinishReason, StopRule, Submission};
 use crate::generate::sampling::SamplingParams;
-use crate::generate::template::{ChatTemplates, Message, TemplateError};
+use crate::generate::sandbox::{RenderRequest, TemplateSandbox};
+use crate::generate::template::{ChatTemplates, MAX_TEMPLATE_BYTES, Message, TemplateError};
 use crate::generate::text::{IncrementalDecoder, StopStrings};
 use crate::models::{LoadError, read_json};
 use crate::server::{RequestDeadline, ValidJson};
@@ -63,6 +64,8 @@ pub struct GenerationTask {
     pub defaults: GenerationDefaults,
     /// Renders of request-supplied templates at once: each may burn its whole fuel.
     pub template_renders: Arc<Semaphore>,
+    /// Where request-supplied templates render (helper processes with a memory limit).
+    pub sandbox: Arc<TemplateSandbox>,
 }
 
 /// The EOS ids of a model: `generation_config.json` first (what `generate` uses), then
@@ -357,27 +360,35 @@ impl GenerationTask {
         request_template: Option<String>,
     ) -> Result<String, ApiError> {
         let templates = self.templates.clone();
-        // A request's own template may burn its whole fuel: bound how many do so at once.
-        let _permit = match &request_template {
-            Some(_) => Some(
-                self.template_renders
+        let rendered = match request_template {
+            // A request's own template is untrusted code: it renders in the sandbox, and few
+            // at once, since each may burn its whole fuel.
+            Some(template) if template.len() > MAX_TEMPLATE_BYTES => {
+                Err(TemplateError::TooLarge(template.len()))
+            }
+            Some(template) => {
+                let _permit = self
+                    .template_renders
                     .clone()
                     .acquire_owned()
                     .await
-                    .map_err(|_| ApiError::ShuttingDown)?,
-            ),
-            None => None,
+                    .map_err(|_| ApiError::ShuttingDown)?;
+                let request = RenderRequest {
+                    template,
+                    messages,
+                    add_generation_prompt,
+                    bos_token: templates.bos_token().to_owned(),
+                    eos_token: templates.eos_token().to_owned(),
+                };
+                self.sandbox.render(&request).await
+            }
+            None => tokio::task::spawn_blocking(move || {
+                templates.render(&messages, add_generation_prompt, None)
+            })
+            .await
+            .map_err(|e| ApiError::Inference(e.to_string()))?,
         };
-        tokio::task::spawn_blocking(move || {
-            templates.render(
-                &messages,
-                add_generation_prompt,
-                request_template.as_deref(),
-            )
-        })
-        .await
-        .map_err(|e| ApiError::Inference(e.to_string()))?
-        .map_err(|e| match e {
+        rendered.map_err(|e| match e {
             TemplateError::Missing => invalid(e.to_string()),
             other => ApiError::Template(other.to_string()),
         })
