@@ -137,6 +137,24 @@ async fn every_task_answers_real_clients_through_local_mode() {
     let norm = openai["embeddings"]["norm"].as_f64().unwrap();
     assert!((norm - 1.0).abs() < 1e-4, "normalized embeddings: {norm}");
 
+    // huggingface_hub's InferenceClient with the proxy's endpoint root as its model URL.
+    let models_json = json!(models).to_string();
+    let hf = python_client("hf_client.py", &[&local.url, &token, &models_json]);
+    assert_eq!(hf["feature_extraction"], json!([1, 384]), "{hf}");
+    let similarity = hf["sentence_similarity"].as_array().unwrap();
+    assert!(
+        similarity[0].as_f64() > similarity[1].as_f64(),
+        "bread is closer to food than a baby: {similarity:?}"
+    );
+    assert_eq!(hf["health_check"], true);
+    assert_eq!(hf["text_classification"].as_array().unwrap().len(), 3);
+    assert!(hf["translation"].is_string());
+    assert!(hf["text_generation"].as_array().unwrap().len() >= 2, "{hf}");
+    assert!(
+        !hf["chat_completion"].as_array().unwrap().is_empty(),
+        "{hf}"
+    );
+
     // curl, as the console's sample line shows it.
     let curl = std::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])

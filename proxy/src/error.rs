@@ -113,6 +113,12 @@ impl Rejection {
         (self.status() == 503).then_some(1)
     }
 
+    /// `x-should-retry` for clients that retry on their own: a deadline is not worth another
+    /// try of the same request.
+    pub fn should_retry(&self) -> Option<bool> {
+        matches!(self, Rejection::Timeout { .. }).then_some(false)
+    }
+
     /// The JSON error body shared by the proxy and the runtimes.
     pub fn body(&self) -> Bytes {
         let body = serde_json::json!({

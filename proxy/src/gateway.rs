@@ -156,12 +156,21 @@ async fn write_rejection(
     rejection: &Rejection,
     request_id: &str,
 ) -> Result<()> {
+    let mut headers = Vec::new();
+    if let Some(seconds) = rejection.retry_after() {
+        headers.push((header::RETRY_AFTER.as_str(), seconds.to_string()));
+    }
+    if rejection.should_retry() == Some(false) {
+        // The OpenAI SDKs retry a 5xx twice unless told not to: a request that ran out of
+        // its deadline would run (and be billed) three times.
+        headers.push(("x-should-retry", "false".to_owned()));
+    }
     write_json(
         session,
         rejection.status(),
         rejection.body(),
         request_id,
-        rejection.retry_after(),
+        &headers,
     )
     .await
 }
@@ -171,14 +180,14 @@ async fn write_json(
     status: u16,
     body: Bytes,
     request_id: &str,
-    retry_after: Option<u32>,
+    headers: &[(&'static str, String)],
 ) -> Result<()> {
     let mut response = ResponseHeader::build(status, Some(5))?;
     response.insert_header(header::CONTENT_TYPE, "application/json")?;
     response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     response.insert_header(REQUEST_ID_HEADER, request_id)?;
-    if let Some(seconds) = retry_after {
-        response.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    for (name, value) in headers {
+        response.insert_header(*name, value.as_str())?;
     }
     session
         .write_response_header(Box::new(response), false)
@@ -317,7 +326,7 @@ impl ProxyHttp for Gateway {
                     200,
                     Bytes::from_static(br#"{"status":"ok"}"#),
                     &ctx.request_id,
-                    None,
+                    &[],
                 )
                 .await?;
                 return Ok(true);
@@ -333,7 +342,7 @@ impl ProxyHttp for Gateway {
                     status,
                     Bytes::from_static(body),
                     &ctx.request_id,
-                    None,
+                    &[],
                 )
                 .await?;
                 return Ok(true);

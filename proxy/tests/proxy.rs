@@ -191,7 +191,7 @@ async fn a_model_without_ready_endpoints_answers_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_upstream_gets_504_at_the_deadline_not_when_it_answers() {
+async fn a_slow_upstream_gets_504_at_the_deadline_not_when_it_answers_and_no_retry() {
     let upstream = Upstream::start().await;
     let token = TestToken::new("t", &["slow"]);
     let proxy = Proxy::start(&[TestModel::new("slow", &[upstream.addr])], &[&token]).await;
@@ -204,6 +204,14 @@ async fn a_slow_upstream_gets_504_at_the_deadline_not_when_it_answers() {
         .await
         .unwrap();
     let waited = started.elapsed();
+    assert_eq!(
+        response
+            .headers()
+            .get("x-should-retry")
+            .map(|v| v.as_bytes()),
+        Some(&b"false"[..]),
+        "SDKs that retry 5xx must not run a timed-out request again"
+    );
     assert_eq!(
         error_code(response).await,
         (StatusCode::GATEWAY_TIMEOUT, "timeout".into())

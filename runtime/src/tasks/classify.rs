@@ -240,8 +240,26 @@ pub struct PredictRequest {
     pub truncation_direction: Option<TruncationDirection>,
 }
 
+/// What Hugging Face clients post to the endpoint root for text classification.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootClassifyRequest {
+    pub inputs: TextOrTexts,
+    #[serde(default)]
+    pub parameters: RootClassifyParameters,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootClassifyParameters {
+    /// `none` for raw logits; `softmax`/`sigmoid` must be what the model applies.
+    pub function_to_apply: Option<String>,
+    pub top_k: Option<usize>,
+}
+
 pub fn routes() -> Router<Arc<ClassifierTask>> {
     Router::new()
+        .route("/", post(root))
         .route("/v1/classify", post(classify))
         .route("/classify", post(classify))
         .route("/predict", post(predict))
@@ -267,6 +285,46 @@ async fn classify(
     } else {
         serde_json::Value::Array(results)
     }))
+}
+
+/// The endpoint root (Hugging Face's text-classification): one list of labels, best first, per
+/// input, even for a single text.
+async fn root(
+    State(task): State<Arc<ClassifierTask>>,
+    ValidJson(request): ValidJson<RootClassifyRequest>,
+) -> Result<Json<Vec<Vec<LabelScore>>>, ApiError> {
+    let own = if task.labels.multi_label || task.labels.names.len() == 1 {
+        "sigmoid"
+    } else {
+        "softmax"
+    };
+    let raw_scores = match request.parameters.function_to_apply.as_deref() {
+        None => false,
+        Some("none") => true,
+        Some(function) if function == own => false,
+        Some(function) => {
+            return Err(ApiError::InvalidField(format!(
+                "parameters.function_to_apply: this model applies {own} (or none for raw scores), not {function}"
+            )));
+        }
+    };
+    let texts = match request.inputs {
+        TextOrTexts::One(text) => vec![text],
+        TextOrTexts::Many(texts) => texts,
+    };
+    let inputs = texts.into_iter().map(|t| Pair(t, None)).collect();
+    let logits = task.logits("inputs", inputs, false).await?;
+    let top_k = request.parameters.top_k.unwrap_or(usize::MAX);
+    Ok(Json(
+        logits
+            .iter()
+            .map(|row| {
+                let mut ranked = task.ranked(row, raw_scores);
+                ranked.truncate(top_k);
+                ranked
+            })
+            .collect(),
+    ))
 }
 
 async fn predict(

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -152,10 +153,36 @@ struct Usage {
     total_tokens: usize,
 }
 
+/// TEI's sentence-similarity request (also what Hugging Face clients post to the endpoint root).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarityRequest {
+    pub inputs: SimilarityInputs,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub truncation_direction: Option<TruncationDirection>,
+    #[serde(default)]
+    pub prompt_name: Option<String>,
+    /// Sent (empty) by huggingface_hub; nothing in it applies.
+    #[serde(default)]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarityInputs {
+    pub source_sentence: String,
+    pub sentences: Vec<String>,
+}
+
 pub fn routes() -> Router<Arc<EmbeddingTask>> {
     Router::new()
+        .route("/", post(root))
         .route("/embed", post(embed))
         .route("/v1/embed", post(embed))
+        .route("/similarity", post(similarity))
+        .route("/v1/similarity", post(similarity))
         .route("/v1/embeddings", post(openai_embeddings))
 }
 
@@ -236,6 +263,66 @@ async fn embed(
         )
         .await?;
     Ok(Json(vectors))
+}
+
+/// Cosine similarity of `source_sentence` with each of `sentences`, in their order.
+async fn similarity(
+    State(task): State<Arc<EmbeddingTask>>,
+    ValidJson(request): ValidJson<SimilarityRequest>,
+) -> Result<Json<Vec<f32>>, ApiError> {
+    similar(&task, request).await.map(Json)
+}
+
+async fn similar(task: &EmbeddingTask, request: SimilarityRequest) -> Result<Vec<f32>, ApiError> {
+    if let Some(name) = request.prompt_name {
+        return Err(ApiError::InvalidField(format!(
+            "prompt_name: this model defines no prompt {name:?}"
+        )));
+    }
+    require_right_truncation(request.truncation_direction)?;
+    if request.inputs.sentences.is_empty() {
+        return Err(ApiError::InvalidField(
+            "inputs.sentences must not be empty".to_owned(),
+        ));
+    }
+    let texts = std::iter::once(request.inputs.source_sentence)
+        .chain(request.inputs.sentences)
+        .map(InputItem::Text)
+        .collect();
+    let (vectors, _) = task
+        .run(
+            "inputs.sentences",
+            Inputs::Many(texts),
+            request.truncate,
+            None,
+            true,
+        )
+        .await?;
+    let (source, others) = vectors
+        .split_first()
+        .expect("the source sentence was embedded");
+    Ok(others
+        .iter()
+        .map(|v| v.iter().zip(source).map(|(a, b)| a * b).sum())
+        .collect())
+}
+
+/// The endpoint root, where Hugging Face clients post every non-chat call: TEI's `/embed`, or
+/// its `/similarity` when `inputs` holds a source sentence and sentences.
+async fn root(
+    State(task): State<Arc<EmbeddingTask>>,
+    ValidJson(body): ValidJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let invalid = |e: serde_json::Error| ApiError::InvalidField(e.to_string());
+    if body["inputs"].is_object() {
+        let request: SimilarityRequest = serde_json::from_value(body).map_err(invalid)?;
+        Ok(Json(similar(&task, request).await?).into_response())
+    } else {
+        let request: EmbedRequest = serde_json::from_value(body).map_err(invalid)?;
+        Ok(embed(State(task), ValidJson(request))
+            .await?
+            .into_response())
+    }
 }
 
 async fn openai_embeddings(

@@ -440,6 +440,7 @@ pub fn routes() -> Router<Arc<GenerationTask>> {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/", post(generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
         .route("/tokenize", post(tokenize))

@@ -38,6 +38,7 @@ pub struct Rank {
 
 pub fn routes() -> Router<Arc<ClassifierTask>> {
     Router::new()
+        .route("/", post(rerank))
         .route("/rerank", post(rerank))
         .route("/v1/rerank", post(rerank))
 }
