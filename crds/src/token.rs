@@ -217,6 +217,41 @@ mod tests {
     }
 
     #[test]
+    fn every_one_character_substitution_is_refused_before_any_lookup() {
+        // 100 000 random substitutions of one character (any position after the prefix, any
+        // other alphanumeric): CRC-32 catches every error within 32 bits, and the six base-62
+        // digits keep all of its 2^32 values, so none may pass.
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let tokens: Vec<Token> = (0..100).map(|_| Token::generate().unwrap()).collect();
+        for i in 0..100_000 {
+            let token = &tokens[i % tokens.len()];
+            let mut bytes = token.expose_secret().as_bytes().to_vec();
+            let at = PREFIX.len() + (next() as usize) % (TOKEN_LEN - PREFIX.len());
+            let replacement = loop {
+                let c = ALPHABET[(next() as usize) % ALPHABET.len()];
+                if c != bytes[at] {
+                    break c;
+                }
+            };
+            bytes[at] = replacement;
+            let mutated = std::str::from_utf8(&bytes).unwrap();
+            assert_eq!(
+                Token::parse(mutated),
+                Err(TokenFormatError::ChecksumMismatch),
+                "a substitution at {at} passed"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_tokens_are_refused_for_the_right_reason() {
         let valid = Token::generate().unwrap();
         let valid = valid.expose_secret();

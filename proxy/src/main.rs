@@ -100,8 +100,22 @@ fn default_timeouts(default: u64, max: u64) -> anyhow::Result<crds::RequestTimeo
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // pingora's debug and trace lines print whole request headers and URIs, credentials
+    // included: whatever RUST_LOG asks, the framework logs at info at most.
+    for framework in [
+        "pingora_proxy",
+        "pingora_core",
+        "pingora_http",
+        "pingora_pool",
+    ] {
+        filter = filter.add_directive(
+            format!("{framework}=info")
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -298,6 +298,16 @@ impl Proxy {
         tokens: &[&TestToken],
         args: &[&str],
     ) -> Proxy {
+        Proxy::start_logged(models, tokens, args, "debug").await
+    }
+
+    /// A proxy logging at `level` (`RUST_LOG`), its output captured.
+    pub async fn start_logged(
+        models: &[TestModel],
+        tokens: &[&TestToken],
+        args: &[&str],
+        level: &str,
+    ) -> Proxy {
         let dir = std::env::temp_dir().join(format!(
             "infergate-proxy-test-{}-{}",
             std::process::id(),
@@ -321,7 +331,7 @@ impl Proxy {
             .arg("--config")
             .arg(&proxy.config)
             .args(args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
