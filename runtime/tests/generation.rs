@@ -548,3 +548,77 @@ async fn memory_bomb_templates_are_refused_without_harming_the_runtime() {
         .await;
     assert_eq!(status, 200, "{answer}");
 }
+
+/// The JSON of each `data:` line of an SSE body, and whether it ended with `[DONE]`.
+async fn sse_chunks(runtime: &Runtime, path: &str, body: &Value) -> (Vec<Value>, bool) {
+    let text = reqwest::Client::new()
+        .post(format!("{}{path}", runtime.url))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let done = lines.last() == Some(&"[DONE]");
+    let chunks = lines
+        .iter()
+        .filter(|l| **l != "[DONE]")
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (chunks, done)
+}
+
+#[tokio::test]
+async fn a_tgi_style_chat_stream_speaks_both_openai_and_tgi() {
+    let (runtime, _) = llama(&[]).await;
+    // The seed's flat body, and the nested one huggingface_hub sends.
+    for body in [
+        json!({"inputs": "Once upon", "max_new_tokens": 6, "do_sample": false, "stream": true}),
+        json!({"inputs": "Once upon", "parameters": {"max_new_tokens": 6, "do_sample": false}, "stream": true}),
+    ] {
+        let (chunks, done) = sse_chunks(&runtime, "/v1/chat/completions", &body).await;
+        assert!(done, "ends with [DONE]: {chunks:?}");
+        let id = &chunks[0]["id"];
+        assert!(chunks.iter().all(|c| &c["id"] == id), "one id");
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let content: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            })
+            .collect();
+        assert!(!content.is_empty());
+        for chunk in &content {
+            assert_eq!(
+                chunk["token"]["text"], chunk["choices"][0]["delta"]["content"],
+                "TGI's token beside OpenAI's delta: {chunk}"
+            );
+            assert!(chunk["token"]["id"].is_i64(), "{chunk}");
+        }
+        let last = chunks.last().unwrap();
+        let text: String = content
+            .iter()
+            .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(last["generated_text"], json!(text));
+        assert_eq!(last["details"]["finish_reason"], "length");
+        assert_eq!(last["details"]["generated_tokens"], 6);
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+    }
+    // An OpenAI body gets OpenAI's chunks only.
+    let (chunks, _) = sse_chunks(
+        &runtime,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true}),
+    )
+    .await;
+    assert!(chunks.iter().all(|c| c.get("token").is_none()));
+}

@@ -717,6 +717,9 @@ struct OpenAiStream {
     chat: bool,
     include_usage: bool,
     state: StreamState,
+    /// A TGI-style body on the chat route: its chunks also carry TGI's fields (`token`, and
+    /// `generated_text` + `details` on the last), so TGI and OpenAI clients both parse them.
+    tgi: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -762,14 +765,37 @@ impl OpenAiStream {
                 Box::pin(self.next()).await
             }
             StreamState::Streaming => match self.run.next().await {
-                Some(Piece::Text { text, .. }) => Some(data(&self.chunk(Some(&text), None))),
+                Some(Piece::Text { text, token }) => {
+                    let mut chunk = self.chunk(Some(&text), None);
+                    if let Some(generated) = &mut self.tgi {
+                        generated.push_str(&text);
+                        chunk["token"] = match token {
+                            Some(id) => token_json(&self.run.task, id, &text),
+                            None => {
+                                serde_json::json!({"id": null, "text": text, "logprob": null, "special": false})
+                            }
+                        };
+                        chunk["generated_text"] = serde_json::Value::Null;
+                        chunk["details"] = serde_json::Value::Null;
+                    }
+                    Some(data(&chunk))
+                }
                 Some(Piece::Done { finish_reason }) => {
                     self.state = if self.include_usage {
                         StreamState::Usage
                     } else {
                         StreamState::Done
                     };
-                    Some(data(&self.chunk(None, Some(finish_reason.openai()))))
+                    let mut chunk = self.chunk(None, Some(finish_reason.openai()));
+                    if let Some(generated) = &self.tgi {
+                        chunk["generated_text"] = serde_json::json!(generated);
+                        chunk["details"] = serde_json::json!({
+                            "finish_reason": finish_reason.tgi(),
+                            "generated_tokens": self.run.completion_tokens,
+                            "seed": null,
+                        });
+                    }
+                    Some(data(&chunk))
                 }
                 Some(Piece::Timeout) => {
                     self.state = StreamState::Closed;
@@ -809,6 +835,7 @@ async fn chat(
     deadline: Deadline,
     ValidJson(request): ValidJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let tgi_style = request.inputs.is_some();
     let (prompt, knobs) = match (request.messages, request.inputs) {
         (Some(messages), None) => {
             let messages = normalise_messages(messages)?;
@@ -843,7 +870,7 @@ async fn chat(
     };
     let plan = task.plan(prompt, knobs, None, instant(deadline))?;
     let include_usage = request.stream_options.unwrap_or_default().include_usage;
-    answer_openai(&task, plan, true, request.stream, include_usage).await
+    answer_openai(&task, plan, true, request.stream, include_usage, tgi_style).await
 }
 
 /// Runs `plan` and answers in OpenAI's shape: a chat or a text completion, streamed or whole.
@@ -853,6 +880,7 @@ async fn answer_openai(
     chat: bool,
     stream: bool,
     include_usage: bool,
+    tgi_style: bool,
 ) -> Result<Response, ApiError> {
     let run = Run::start(task.clone(), plan, false)?;
     let id = completion_id(if chat { "chatcmpl" } else { "cmpl" });
@@ -866,6 +894,7 @@ async fn answer_openai(
             chat,
             include_usage,
             state: StreamState::Opening,
+            tgi: tgi_style.then(String::new),
         }));
     }
     let (text, _, finish, run) = run.collect().await?;
@@ -934,7 +963,7 @@ async fn completions(
         instant(deadline),
     )?;
     let include_usage = request.stream_options.unwrap_or_default().include_usage;
-    answer_openai(&task, plan, false, request.stream, include_usage).await
+    answer_openai(&task, plan, false, request.stream, include_usage, false).await
 }
 
 fn tgi_plan(
