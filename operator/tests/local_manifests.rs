@@ -124,7 +124,7 @@ fn each_fault_is_one_problem_naming_its_field() {
         (
             model("  task: text-to-image\n  model: {uri: file://MODEL_DIR}\n"),
             "spec.task",
-            "not implemented",
+            "no text-to-image task yet; it serves embedding",
         ),
         (
             model(

@@ -276,8 +276,9 @@ fn accept_model(
         problems.push(origin.problem(
             Some("spec.task"),
             format!(
-                "{} is not implemented by infergate-runtime yet",
-                md.spec.task
+                "infergate-runtime has no {} task yet; it serves {}",
+                md.spec.task,
+                Task::SERVED_BY_BUILTIN_RUNTIME.map(Task::as_str).join(", ")
             ),
         ));
     }
