@@ -549,27 +549,14 @@ async fn memory_bomb_templates_are_refused_without_harming_the_runtime() {
     assert_eq!(status, 200, "{answer}");
 }
 
-/// The JSON of each `data:` line of an SSE body, and whether it ended with `[DONE]`.
+/// The JSON of each `data:` event of a stream, and whether it ended with `[DONE]`.
 async fn sse_chunks(runtime: &Runtime, path: &str, body: &Value) -> (Vec<Value>, bool) {
-    let text = reqwest::Client::new()
-        .post(format!("{}{path}", runtime.url))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    let done = lines.last() == Some(&"[DONE]");
-    let chunks = lines
+    let events = sse(post(runtime, path, body.clone()).await).await;
+    let done = events.last().is_some_and(|(_, data)| data == "[DONE]");
+    let chunks = events
         .iter()
-        .filter(|l| **l != "[DONE]")
-        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|(_, data)| data != "[DONE]")
+        .map(|(_, data)| serde_json::from_str(data).unwrap())
         .collect();
     (chunks, done)
 }

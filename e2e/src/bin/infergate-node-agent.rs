@@ -626,26 +626,21 @@ impl Agent {
                 return;
             }
         };
-        let volumes = match self.volumes(&pod, &dir).await {
-            Ok(volumes) => volumes,
-            Err(refusal) => {
-                self.patch_status(&pod, refuse(refusal)).await;
-                let _ = stopped(&mut stop).await;
-                network.delete().await;
-                self.finish(&pod).await;
-                return;
-            }
-        };
-        let launches: Result<Vec<(Container, Launch)>, Refusal> = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(&spec.containers)
-            .map(|c| {
-                self.launch(&pod, &network.pod_ip, c, &volumes)
-                    .map(|l| (c.clone(), l))
-            })
-            .collect();
+        // Volumes, then every container's launch: any refusal leaves the pod Pending.
+        let launches: Result<Vec<(Container, Launch)>, Refusal> =
+            match self.volumes(&pod, &dir).await {
+                Ok(volumes) => spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                    .map(|c| {
+                        self.launch(&pod, &network.pod_ip, c, &volumes)
+                            .map(|l| (c.clone(), l))
+                    })
+                    .collect(),
+                Err(refusal) => Err(refusal),
+            };
         let launches = match launches {
             Ok(launches) => launches,
             Err(refusal) => {
