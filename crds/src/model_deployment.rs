@@ -140,13 +140,14 @@ impl Task {
 
     /// The tasks `infergate-runtime` implements today; ModelDeployments of the others need a
     /// custom `spec.runtime.container` until their runtime issue lands.
-    pub const SERVED_BY_BUILTIN_RUNTIME: [Task; 6] = [
+    pub const SERVED_BY_BUILTIN_RUNTIME: [Task; 7] = [
         Task::Embedding,
         Task::TextClassification,
         Task::Rerank,
         Task::Tabular,
         Task::TextGeneration,
         Task::Translation,
+        Task::SpeechRecognition,
     ];
 
     /// The name used in manifests and on the runtime's `--task` flag.

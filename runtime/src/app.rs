@@ -22,6 +22,7 @@ use crate::tasks::classify::{ClassifierBackend, ClassifierTask, Labels};
 use crate::tasks::embed::{EmbeddingBackend, EmbeddingTask};
 use crate::tasks::generation::{GenerationDefaults, GenerationTask, eos_token_ids};
 use crate::tasks::tabular::{Signature, TabularModel, TabularTask};
+use crate::tasks::transcribe::AudioLimits;
 use crate::tokenize::TextEncoder;
 use crate::worker::ModelWorker;
 
@@ -34,6 +35,7 @@ pub enum Task {
     Tabular,
     TextGeneration,
     Translation,
+    SpeechRecognition,
 }
 
 impl Task {
@@ -45,6 +47,7 @@ impl Task {
             Task::Tabular => "tabular",
             Task::TextGeneration => "text-generation",
             Task::Translation => "translation",
+            Task::SpeechRecognition => "speech-recognition",
         }
     }
 }
@@ -60,9 +63,10 @@ impl std::str::FromStr for Task {
             Task::Tabular,
             Task::TextGeneration,
             Task::Translation,
+            Task::SpeechRecognition,
         ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition")
         })
     }
 }
@@ -79,6 +83,7 @@ pub struct Settings {
     pub device: Device,
     pub kind: Kind,
     pub generation: GenerationSettings,
+    pub audio: AudioLimits,
 }
 
 /// Sizes and defaults of text generation.
@@ -307,6 +312,56 @@ impl Runtime {
                 (
                     info,
                     crate::tasks::translate::routes().with_state(task),
+                    thread,
+                )
+            }
+            Task::SpeechRecognition => {
+                use crate::tasks::transcribe::{SpeechModel, SpeechRecognitionTask};
+                let config = crate::models::whisper::WhisperConfig::load(&dir)?;
+                let invalid = |message: String| LoadError::Invalid {
+                    path: dir.clone(),
+                    message,
+                };
+                let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+                    .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
+                let tokens = Arc::new(crate::tasks::transcribe::decode::SpeechTokens::load(
+                    &dir, &tokenizer,
+                )?);
+                // Fails here, before the port opens, on a bad preprocessor_config.json.
+                crate::models::whisper::MelFeatures::load(&dir)?;
+                let (model_tokens, model_metrics) = (tokens.clone(), metrics.clone());
+                let load = move || {
+                    SpeechModel::load(&dir, device, kind, model_tokens, model_metrics)
+                        .map_err(|e| e.to_string())
+                };
+                // Requests queued while a batch runs are transcribed together next.
+                let (worker, thread) = ModelWorker::start_batched(
+                    load,
+                    SpeechModel::run_batch,
+                    limits.max_batch_sequences,
+                    limits.max_concurrent_requests,
+                    ready_tx,
+                );
+                let info = info(
+                    serde_json::json!({"speech-recognition": {
+                        "architecture": config.model_type,
+                        "languages": tokens.languages.iter().map(|(code, _)| code.clone()).collect::<Vec<_>>(),
+                        "translates": tokens.translate.is_some(),
+                        "max_audio_seconds": settings.audio.max_seconds,
+                        "max_upload_bytes": settings.audio.max_upload_bytes,
+                    }}),
+                    config.max_target_positions as usize,
+                );
+                let task = Arc::new(SpeechRecognitionTask {
+                    worker,
+                    tokenizer: Arc::new(tokenizer),
+                    tokens,
+                    limits: settings.audio,
+                    decoding: Arc::new(tokio::sync::Semaphore::new(2)),
+                });
+                (
+                    info,
+                    crate::tasks::transcribe::routes().with_state(task),
                     thread,
                 )
             }

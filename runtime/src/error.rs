@@ -21,6 +21,13 @@ pub enum ApiError {
     SchemaMismatch(String),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("{field}: exceeds the limit of {limit} bytes")]
+    FieldTooLarge { field: String, limit: u64 },
+    /// An upload that is not audio, or not whole; the message names the field.
+    #[error("{0}")]
+    InvalidAudio(String),
+    #[error("{0}")]
+    AudioTooLong(String),
     #[error(
         "input {index} has {tokens} tokens, more than this model's limit of {limit}; send `truncate: true` to cut it"
     )]
@@ -82,6 +89,21 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "body_too_large",
+            ),
+            ApiError::FieldTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "field_too_large",
+            ),
+            ApiError::InvalidAudio(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_audio",
+            ),
+            ApiError::AudioTooLong(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "audio_too_long",
             ),
             ApiError::InputTooLong { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -3,6 +3,7 @@
 //! core (`batching`, `tokenize`) and the models on their own thread (`models`).
 
 pub mod app;
+pub mod audio;
 pub mod batching;
 pub mod device;
 pub mod download;

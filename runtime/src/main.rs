@@ -20,8 +20,8 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// What the model does: embedding, text-classification, rerank, tabular, text-generation or
-    /// translation.
+    /// What the model does: embedding, text-classification, rerank, tabular, text-generation,
+    /// translation or speech-recognition.
     #[arg(long, env = "INFERGATE_TASK", required = true)]
     task: Option<Task>,
 
@@ -84,6 +84,14 @@ struct Args {
     #[arg(long, env = "INFERGATE_DEFAULT_MAX_NEW_TOKENS", default_value_t = 1024)]
     default_max_new_tokens: usize,
 
+    /// speech-recognition: largest audio upload, in bytes; larger ones get 413.
+    #[arg(long, env = "INFERGATE_MAX_AUDIO_BYTES", default_value_t = 25 * 1024 * 1024)]
+    max_audio_bytes: usize,
+
+    /// speech-recognition: longest audio, in seconds; longer gets 413 (decoding stops there).
+    #[arg(long, env = "INFERGATE_MAX_AUDIO_SECONDS", default_value_t = 600)]
+    max_audio_seconds: u64,
+
     /// Log lines as JSON objects instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -120,7 +128,9 @@ fn download(url: String, sha256: Option<String>, dest: PathBuf) -> anyhow::Resul
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // symphonia reports each unknown chunk of an upload at info: one line per request.
+        .add_directive("symphonia=warn".parse().expect("a static directive"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -182,6 +192,10 @@ fn main() -> anyhow::Result<()> {
                 top_p: args.default_top_p,
                 max_new_tokens: args.default_max_new_tokens,
             },
+        },
+        audio: runtime::tasks::transcribe::AudioLimits {
+            max_upload_bytes: args.max_audio_bytes,
+            max_seconds: args.max_audio_seconds,
         },
     };
     let listen = settings.listen;

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub batch_sequences: Histogram,
     pub batch_tokens: Histogram,
     pub dropped: IntCounter,
+    /// Work stopped part-way because its client went away or its deadline passed.
+    pub abandoned: IntCounter,
     /// Text generation: time to first token, time per output token, tokens in and out, and the
     /// scheduler's queues under the names endpoint pickers read.
     pub time_to_first_token: Histogram,
@@ -82,6 +84,11 @@ impl Metrics {
                 "Requests dropped before batching because the client went away.",
             )
             .expect("static metric definition"),
+            abandoned: IntCounter::new(
+                "infergate_runtime_abandoned_total",
+                "Requests whose work stopped part-way because the client went away or the deadline passed.",
+            )
+            .expect("static metric definition"),
             time_to_first_token: histogram(
                 "infergate_runtime_time_to_first_token_seconds",
                 "Time from a generation request's arrival to its first token.",
@@ -121,6 +128,7 @@ impl Metrics {
             Box::new(metrics.batch_sequences.clone()),
             Box::new(metrics.batch_tokens.clone()),
             Box::new(metrics.dropped.clone()),
+            Box::new(metrics.abandoned.clone()),
             Box::new(metrics.time_to_first_token.clone()),
             Box::new(metrics.time_per_output_token.clone()),
             Box::new(metrics.prompt_tokens.clone()),

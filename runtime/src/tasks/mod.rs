@@ -5,6 +5,7 @@ pub mod embed;
 pub mod generation;
 pub mod rerank;
 pub mod tabular;
+pub mod transcribe;
 pub mod translate;
 
 use serde::Deserialize;
