@@ -2,7 +2,7 @@
 `model=<host>/models/<id>/proxy`: it posts non-chat tasks to that URL itself (TEI's and TGI's
 `POST /`) and chat to `.../v1/chat/completions`. Prints one JSON object with what came back.
 
-    python e2e/clients/hf_client.py URL TOKEN '{"embedding": "<id>", ...}'
+    python e2e/clients/hf_client.py URL TOKEN '{"embedding": "<id>", ...}' [RECORDING]
 """
 
 import json
@@ -40,6 +40,10 @@ def main():
         messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, stream=True
     )
     result["chat_completion"] = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    if "speech-recognition" in models and len(sys.argv) > 4:
+        with open(sys.argv[4], "rb") as audio:
+            recording = audio.read()
+        result["automatic_speech_recognition"] = client("speech-recognition").automatic_speech_recognition(recording).text
     print(json.dumps(result))
 
 

@@ -1,8 +1,10 @@
 """The official `openai` Python client, unmodified, pointed at infergate's proxy: a streamed
-chat and embeddings (which the client requests base64-encoded and decodes itself). Prints one
-JSON object with what came back.
+chat, embeddings (which the client requests base64-encoded and decodes itself) and, when a
+speech model and a recording are given, transcriptions as JSON, text and verbose JSON. Prints
+one JSON object with what came back.
 
-    python e2e/clients/openai_client.py URL TOKEN CHAT_MODEL_ID EMBEDDING_MODEL_ID
+    python e2e/clients/openai_client.py URL TOKEN CHAT_MODEL_ID EMBEDDING_MODEL_ID \
+        [SPEECH_MODEL_ID RECORDING]
 """
 
 import json
@@ -35,6 +37,18 @@ def main():
     embedded = embedder.embeddings.create(model="anything", input=["infergate", "a model gateway"])
     result["embeddings"] = {"count": len(embedded.data), "dims": len(embedded.data[0].embedding),
                             "norm": sum(x * x for x in embedded.data[0].embedding)}
+    if len(sys.argv) > 6:
+        speech_model, recording = sys.argv[5:7]
+        listener = openai.OpenAI(base_url=f"{url}/models/{speech_model}/proxy/v1", api_key=token)
+        with open(recording, "rb") as audio:
+            text = listener.audio.transcriptions.create(model="whisper-1", file=audio)
+        with open(recording, "rb") as audio:
+            plain = listener.audio.transcriptions.create(model="whisper-1", file=audio, response_format="text")
+        with open(recording, "rb") as audio:
+            verbose = listener.audio.transcriptions.create(
+                model="whisper-1", file=audio, response_format="verbose_json", language="en")
+        result["transcription"] = {"text": text.text, "plain": plain, "duration": verbose.duration,
+                                   "segments": len(verbose.segments or []), "language": verbose.language}
     print(json.dumps(result))
 
 

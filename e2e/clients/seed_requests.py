@@ -2,7 +2,8 @@
 its placeholders filled in. Prints one JSON object: per task, the HTTP status and what came back.
 
     python e2e/clients/seed_requests.py '{"url": "http://127.0.0.1:8080", "token": "igt_...",
-                                          "models": {"embedding": "minilm", ...}}'
+                                          "models": {"embedding": "minilm", ...},
+                                          "recording": "speech.wav"}'
 
 Tasks absent from "models" are skipped. The classification and chat snippets send the seed's
 `Bearer:` header; the others send `Authorization: Bearer`.
@@ -79,6 +80,17 @@ def translation(base, token):
     return response.status_code, response.json()
 
 
+def speech_recognition(base, token, recording):
+    with open(recording, "rb") as audio:
+        response = requests.post(
+            f"{base}/v1/transcript",
+            headers={"Authorization": f"Bearer {token}"},
+            files={"file": audio},
+            timeout=60,
+        )
+    return response.status_code, response.json()
+
+
 SNIPPETS = {
     "embedding": embedding,
     "text-classification": text_classification,
@@ -86,6 +98,7 @@ SNIPPETS = {
     "tabular": tabular,
     "text-generation": text_generation,
     "translation": translation,
+    "speech-recognition": speech_recognition,
 }
 
 
@@ -94,7 +107,10 @@ def main():
     results = {}
     for task, model in spec["models"].items():
         base = f"{spec['url']}/models/{model}/proxy"
-        status, body = SNIPPETS[task](base, spec["token"])
+        if task == "speech-recognition":
+            status, body = SNIPPETS[task](base, spec["token"], spec["recording"])
+        else:
+            status, body = SNIPPETS[task](base, spec["token"])
         results[task] = {"status": status, "body": body}
     print(json.dumps(results))
 

@@ -53,17 +53,28 @@ fn every_task() -> String {
         model("tabular", "tabular", &fixture("tabular-mlp")),
         model("text-generation", "text-generation", &fixture("llama")),
         model("translation", "translation", &fixture("marian")),
+        model(
+            "speech-recognition",
+            "speech-recognition",
+            &fixture("whisper"),
+        ),
     ]
     .concat()
 }
 
-const TASKS: [&str; 6] = [
+/// A recording for the speech model: the Whisper fixture's clip.
+fn recording() -> String {
+    format!("{}/clip.wav", fixture("whisper"))
+}
+
+const TASKS: [&str; 7] = [
     "embedding",
     "text-classification",
     "rerank",
     "tabular",
     "text-generation",
     "translation",
+    "speech-recognition",
 ];
 
 async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
@@ -100,7 +111,10 @@ async fn every_task_answers_real_clients_through_local_mode() {
         TASKS.iter().map(|t| (t.to_string(), json!(t))).collect();
     let seed = python_client(
         "seed_requests.py",
-        &[&json!({"url": local.url, "token": token, "models": models}).to_string()],
+        &[
+            &json!({"url": local.url, "token": token, "models": models, "recording": recording()})
+                .to_string(),
+        ],
     );
     for task in TASKS {
         assert_eq!(seed[task]["status"], 200, "{task}: {}", seed[task]);
@@ -121,11 +135,19 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert!(seed["text-generation"]["body"]["events"].as_u64() >= Some(2));
     assert_eq!(seed["text-generation"]["body"]["last"], "data: [DONE]");
     assert!(seed["translation"]["body"]["translation"].is_string());
+    assert!(seed["speech-recognition"]["body"]["text"].is_string());
 
     // The openai client, unmodified: a streamed chat and base64 embeddings.
     let openai = python_client(
         "openai_client.py",
-        &[&local.url, &token, "text-generation", "embedding"],
+        &[
+            &local.url,
+            &token,
+            "text-generation",
+            "embedding",
+            "speech-recognition",
+            &recording(),
+        ],
     );
     assert!(
         openai["chat"]["chunks"].as_u64() >= Some(2),
@@ -136,10 +158,22 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(openai["embeddings"]["dims"], 384);
     let norm = openai["embeddings"]["norm"].as_f64().unwrap();
     assert!((norm - 1.0).abs() < 1e-4, "normalized embeddings: {norm}");
+    let transcription = &openai["transcription"];
+    assert!(transcription["text"].is_string(), "{transcription}");
+    assert_eq!(
+        transcription["plain"].as_str().map(str::trim_end),
+        transcription["text"].as_str()
+    );
+    assert_eq!(transcription["duration"], 2.5);
+    assert_eq!(transcription["language"], "english");
+    assert!(transcription["segments"].as_u64() >= Some(1));
 
     // huggingface_hub's InferenceClient with the proxy's endpoint root as its model URL.
     let models_json = json!(models).to_string();
-    let hf = python_client("hf_client.py", &[&local.url, &token, &models_json]);
+    let hf = python_client(
+        "hf_client.py",
+        &[&local.url, &token, &models_json, &recording()],
+    );
     assert_eq!(hf["feature_extraction"], json!([1, 384]), "{hf}");
     let similarity = hf["sentence_similarity"].as_array().unwrap();
     assert!(
@@ -149,6 +183,10 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(hf["health_check"], true);
     assert_eq!(hf["text_classification"].as_array().unwrap().len(), 3);
     assert!(hf["translation"].is_string());
+    assert_eq!(
+        hf["automatic_speech_recognition"], seed["speech-recognition"]["body"]["text"],
+        "{hf}"
+    );
     assert!(hf["text_generation"].as_array().unwrap().len() >= 2, "{hf}");
     assert!(
         !hf["chat_completion"].as_array().unwrap().is_empty(),
@@ -173,8 +211,13 @@ async fn every_task_answers_real_clients_through_local_mode() {
         .filter_map(|line| line.trim().strip_prefix("curl ").map(str::to_owned))
         .collect();
     assert_eq!(samples.len(), TASKS.len(), "{}", local.console());
+    // The speech sample uploads ./recording.wav.
+    let samples_dir = local.dir.with_extension("samples");
+    std::fs::create_dir_all(&samples_dir).unwrap();
+    std::fs::copy(recording(), samples_dir.join("recording.wav")).unwrap();
     for sample in samples {
         let answered = std::process::Command::new("bash")
+            .current_dir(&samples_dir)
             .arg("-c")
             .arg(format!("curl {sample} -o /dev/null -w '%{{http_code}}'"))
             .output()
@@ -203,6 +246,28 @@ async fn every_task_answers_real_clients_through_local_mode() {
         ),
         ("translation", "/v1/translate", json!({"text": "Hello"})),
     ];
+    let speech_clients: Vec<_> = (0..10)
+        .map(|_| {
+            let url = format!("{}/models/speech-recognition/proxy/", local.url);
+            let auth = bearer(&token);
+            tokio::spawn(async move {
+                let audio = std::fs::read(recording()).unwrap();
+                let mut statuses = Vec::new();
+                for _ in 0..3 {
+                    let response = reqwest::Client::new()
+                        .post(&url)
+                        .header("Authorization", &auth)
+                        .header("content-type", "audio/wav")
+                        .body(audio.clone())
+                        .send()
+                        .await
+                        .expect("the proxy answers");
+                    statuses.push(response.status().as_u16());
+                }
+                (url, statuses)
+            })
+        })
+        .collect();
     let auth = bearer(&token);
     let mut clients = Vec::new();
     for (model, path, body) in &bodies {
@@ -218,7 +283,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
             }));
         }
     }
-    for client in clients {
+    for client in clients.into_iter().chain(speech_clients) {
         let (url, statuses) = client.await.unwrap();
         assert_eq!(statuses, [200, 200, 200], "{url}");
     }

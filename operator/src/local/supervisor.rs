@@ -501,7 +501,7 @@ fn announce(fresh: &[NewToken], manifests: &Manifests, listen: SocketAddr) {
                 .find(|m| m.model_version_id().as_deref() == Some(id));
             if let Some((path, body)) = model.and_then(sample_request) {
                 println!(
-                    "    curl -s http://{listen}/models/{id}/proxy{path} -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{body}'",
+                    "    curl -s http://{listen}/models/{id}/proxy{path} -H 'Authorization: Bearer {}' {body}",
                     new.token.expose_secret()
                 );
             }
@@ -510,8 +510,9 @@ fn announce(fresh: &[NewToken], manifests: &Manifests, listen: SocketAddr) {
     }
 }
 
-/// A request that shows what `model` does.
+/// A request that shows what `model` does: its path and curl's arguments for the body.
 fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
+    let json = |body: &str| format!("-H 'Content-Type: application/json' -d '{body}'");
     let (path, body) = match model.spec.task {
         Task::Embedding => ("/v1/embeddings", r#"{"input": "infergate runs locally"}"#),
         Task::TextClassification => ("/v1/classify", r#"{"inputs": "What a lovely day"}"#),
@@ -524,10 +525,16 @@ fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
             r#"{"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}"#,
         ),
         Task::Translation => ("/v1/translate", r#"{"text": "Hello, world"}"#),
-        Task::Tabular => return Some(("/v1/predict", tabular_row(model))),
-        Task::SpeechRecognition | Task::TextToSpeech | Task::TextToImage => return None,
+        Task::Tabular => return Some(("/v1/predict", json(&tabular_row(model)))),
+        Task::SpeechRecognition => {
+            return Some((
+                "/v1/audio/transcriptions",
+                "-F file=@recording.wav".to_owned(),
+            ));
+        }
+        Task::TextToSpeech | Task::TextToImage => return None,
     };
-    Some((path, body.to_owned()))
+    Some((path, json(body)))
 }
 
 /// A row of zeros as wide as the model's signature says its input is.
