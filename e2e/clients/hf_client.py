@@ -40,6 +40,8 @@ def main():
         messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, stream=True
     )
     result["chat_completion"] = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    if "text-to-speech" in models:
+        result["text_to_speech"] = client("text-to-speech").text_to_speech("Hello from infergate")[:4].decode()
     if "speech-recognition" in models and len(sys.argv) > 4:
         with open(sys.argv[4], "rb") as audio:
             recording = audio.read()

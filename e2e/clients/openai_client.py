@@ -4,7 +4,9 @@ speech model and a recording are given, transcriptions as JSON, text and verbose
 one JSON object with what came back.
 
     python e2e/clients/openai_client.py URL TOKEN CHAT_MODEL_ID EMBEDDING_MODEL_ID \
-        [SPEECH_MODEL_ID RECORDING]
+        [SPEECH_MODEL_ID RECORDING [TTS_MODEL_ID]]
+
+and, with a text-to-speech model, speech as WAV.
 """
 
 import json
@@ -49,6 +51,11 @@ def main():
                 model="whisper-1", file=audio, response_format="verbose_json", language="en")
         result["transcription"] = {"text": text.text, "plain": plain, "duration": verbose.duration,
                                    "segments": len(verbose.segments or []), "language": verbose.language}
+    if len(sys.argv) > 7:
+        speaker = openai.OpenAI(base_url=f"{url}/models/{sys.argv[7]}/proxy/v1", api_key=token)
+        audio = speaker.audio.speech.create(model="tts-1", voice="alloy", input="Hello from infergate",
+                                            response_format="wav")
+        result["speech"] = {"riff": audio.content[:4] == b"RIFF", "bytes": len(audio.content)}
     print(json.dumps(result))
 
 

@@ -9,6 +9,7 @@ Tasks absent from "models" are skipped. The classification and chat snippets sen
 `Bearer:` header; the others send `Authorization: Bearer`.
 """
 
+import base64
 import json
 import sys
 
@@ -91,6 +92,18 @@ def speech_recognition(base, token, recording):
     return response.status_code, response.json()
 
 
+def text_to_speech(base, token):
+    response = requests.post(
+        f"{base}/v1/generate-speech",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"text": "Hello, world"},
+        timeout=60,
+    )
+    body = response.json()
+    audio = base64.b64decode(body["audio"]) if response.ok else b""
+    return response.status_code, {"riff": audio[:4] == b"RIFF", "sampling_rate": body.get("sampling_rate")}
+
+
 SNIPPETS = {
     "embedding": embedding,
     "text-classification": text_classification,
@@ -99,6 +112,7 @@ SNIPPETS = {
     "text-generation": text_generation,
     "translation": translation,
     "speech-recognition": speech_recognition,
+    "text-to-speech": text_to_speech,
 }
 
 

@@ -58,6 +58,7 @@ fn every_task() -> String {
             "speech-recognition",
             &fixture("whisper"),
         ),
+        model("text-to-speech", "text-to-speech", &fixture("vits")),
     ]
     .concat()
 }
@@ -67,7 +68,7 @@ fn recording() -> String {
     format!("{}/clip.wav", fixture("whisper"))
 }
 
-const TASKS: [&str; 7] = [
+const TASKS: [&str; 8] = [
     "embedding",
     "text-classification",
     "rerank",
@@ -75,6 +76,7 @@ const TASKS: [&str; 7] = [
     "text-generation",
     "translation",
     "speech-recognition",
+    "text-to-speech",
 ];
 
 async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
@@ -136,6 +138,12 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(seed["text-generation"]["body"]["last"], "data: [DONE]");
     assert!(seed["translation"]["body"]["translation"].is_string());
     assert!(seed["speech-recognition"]["body"]["text"].is_string());
+    assert_eq!(
+        seed["text-to-speech"]["body"]["riff"], true,
+        "{}",
+        seed["text-to-speech"]
+    );
+    assert_eq!(seed["text-to-speech"]["body"]["sampling_rate"], 16000);
 
     // The openai client, unmodified: a streamed chat and base64 embeddings.
     let openai = python_client(
@@ -147,6 +155,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
             "embedding",
             "speech-recognition",
             &recording(),
+            "text-to-speech",
         ],
     );
     assert!(
@@ -167,6 +176,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(transcription["duration"], 2.5);
     assert_eq!(transcription["language"], "english");
     assert!(transcription["segments"].as_u64() >= Some(1));
+    assert_eq!(openai["speech"]["riff"], true, "{}", openai["speech"]);
 
     // huggingface_hub's InferenceClient with the proxy's endpoint root as its model URL.
     let models_json = json!(models).to_string();
@@ -187,6 +197,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
         hf["automatic_speech_recognition"], seed["speech-recognition"]["body"]["text"],
         "{hf}"
     );
+    assert_eq!(hf["text_to_speech"], "RIFF", "{hf}");
     assert!(hf["text_generation"].as_array().unwrap().len() >= 2, "{hf}");
     assert!(
         !hf["chat_completion"].as_array().unwrap().is_empty(),

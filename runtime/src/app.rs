@@ -36,6 +36,7 @@ pub enum Task {
     TextGeneration,
     Translation,
     SpeechRecognition,
+    TextToSpeech,
 }
 
 impl Task {
@@ -48,6 +49,7 @@ impl Task {
             Task::TextGeneration => "text-generation",
             Task::Translation => "translation",
             Task::SpeechRecognition => "speech-recognition",
+            Task::TextToSpeech => "text-to-speech",
         }
     }
 }
@@ -64,9 +66,10 @@ impl std::str::FromStr for Task {
             Task::TextGeneration,
             Task::Translation,
             Task::SpeechRecognition,
+            Task::TextToSpeech,
         ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition, text-to-speech")
         })
     }
 }
@@ -362,6 +365,44 @@ impl Runtime {
                 (
                     info,
                     crate::tasks::transcribe::routes().with_state(task),
+                    thread,
+                )
+            }
+            Task::TextToSpeech => {
+                use crate::tasks::synthesize::{
+                    CharacterTokenizer, SpeechSynthesisTask, SpeechSynthesizer,
+                };
+                let config = crate::models::vits::VitsConfig::load(&dir)?;
+                let tokenizer = Arc::new(CharacterTokenizer::load(&dir)?);
+                let load =
+                    move || SpeechSynthesizer::load(&dir, device, kind).map_err(|e| e.to_string());
+                let (worker, thread) = ModelWorker::start(
+                    load,
+                    SpeechSynthesizer::run,
+                    limits.max_concurrent_requests,
+                    ready_tx,
+                );
+                let info = info(
+                    serde_json::json!({"text-to-speech": {
+                        "architecture": config.model_type,
+                        "sampling_rate": config.sampling_rate,
+                        "stochastic_durations": config.use_stochastic_duration_prediction,
+                    }}),
+                    crate::tasks::synthesize::MAX_TEXT_CHARS,
+                );
+                let task = Arc::new(SpeechSynthesisTask {
+                    worker,
+                    tokenizer,
+                    sampling_rate: config.sampling_rate,
+                    defaults: crate::models::vits::Synthesis {
+                        speaking_rate: config.speaking_rate,
+                        noise_scale: config.noise_scale,
+                        noise_scale_duration: config.noise_scale_duration,
+                    },
+                });
+                (
+                    info,
+                    crate::tasks::synthesize::routes().with_state(task),
                     thread,
                 )
             }

@@ -21,7 +21,7 @@ struct Args {
     command: Option<Command>,
 
     /// What the model does: embedding, text-classification, rerank, tabular, text-generation,
-    /// translation or speech-recognition.
+    /// translation, speech-recognition or text-to-speech.
     #[arg(long, env = "INFERGATE_TASK", required = true)]
     task: Option<Task>,
 

@@ -532,7 +532,8 @@ fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
                 "-F file=@recording.wav".to_owned(),
             ));
         }
-        Task::TextToSpeech | Task::TextToImage => return None,
+        Task::TextToSpeech => ("/v1/generate-speech", r#"{"text": "Hello from infergate"}"#),
+        Task::TextToImage => return None,
     };
     Some((path, json(body)))
 }

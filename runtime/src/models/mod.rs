@@ -5,6 +5,7 @@ pub mod llama;
 pub mod marian;
 pub mod pooling;
 pub mod sentencepiece;
+pub mod vits;
 pub mod whisper;
 
 use std::collections::BTreeSet;

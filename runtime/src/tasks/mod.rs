@@ -4,6 +4,7 @@ pub mod classify;
 pub mod embed;
 pub mod generation;
 pub mod rerank;
+pub mod synthesize;
 pub mod tabular;
 pub mod transcribe;
 pub mod translate;

@@ -1,0 +1,394 @@
+//! `text-to-speech`: VITS (MMS-TTS) behind the seed's `/v1/generate-speech` and its schema,
+//! OpenAI's `/v1/audio/speech`, and the endpoint root Hugging Face clients post text to.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use tch::{Device, Kind};
+
+use crate::error::ApiError;
+use crate::models::vits::{Synthesis, VitsModel};
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
+use crate::worker::ModelWorker;
+
+/// Longest text one request may synthesise, in characters.
+pub const MAX_TEXT_CHARS: usize = 2000;
+
+/// VitsTokenizer without a phonemizer: characters of the vocabulary, lower-cased unless the
+/// vocabulary has them as they are, others dropped, and the blank (id 0) between every two.
+#[derive(Debug)]
+pub struct CharacterTokenizer {
+    vocab: HashMap<String, i64>,
+    add_blank: bool,
+    normalize: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default = "yes")]
+    add_blank: bool,
+    #[serde(default = "yes")]
+    normalize: bool,
+    #[serde(default)]
+    phonemize: bool,
+    #[serde(default)]
+    is_uroman: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CharacterTokenizer {
+    pub fn load(dir: &Path) -> Result<CharacterTokenizer, LoadError> {
+        let path = dir.join("tokenizer_config.json");
+        let config: TokenizerConfig = read_json(&path)?;
+        if config.phonemize || config.is_uroman {
+            return Err(LoadError::Invalid {
+                path,
+                message:
+                    "tokenizers that phonemize or romanize (phonemize, is_uroman) are not supported"
+                        .to_owned(),
+            });
+        }
+        Ok(CharacterTokenizer {
+            vocab: read_json(&dir.join("vocab.json"))?,
+            add_blank: config.add_blank,
+            normalize: config.normalize,
+        })
+    }
+
+    /// Token ids of `text`; empty when none of its characters are in the vocabulary.
+    pub fn encode(&self, text: &str) -> Vec<i64> {
+        let mut kept = String::new();
+        for c in text.chars() {
+            let as_is = c.to_string();
+            if self.vocab.contains_key(&as_is) || !self.normalize {
+                kept.push_str(&as_is);
+            } else {
+                kept.extend(c.to_lowercase());
+            }
+        }
+        let kept: String = kept
+            .chars()
+            .filter(|c| self.vocab.contains_key(&c.to_string()))
+            .collect();
+        let ids: Vec<i64> = kept
+            .trim()
+            .chars()
+            .map(|c| self.vocab[&c.to_string()])
+            .collect();
+        if !self.add_blank || ids.is_empty() {
+            return ids;
+        }
+        let mut interspersed = vec![0; 2 * ids.len() + 1];
+        for (i, id) in ids.into_iter().enumerate() {
+            interspersed[2 * i + 1] = id;
+        }
+        interspersed
+    }
+}
+
+/// One request for the model thread.
+#[derive(Debug)]
+pub struct Job {
+    pub ids: Vec<i64>,
+    pub synthesis: Synthesis,
+    pub seed: Option<u64>,
+}
+
+/// The model thread's half.
+#[derive(Debug)]
+pub struct SpeechSynthesizer {
+    model: VitsModel,
+}
+
+impl SpeechSynthesizer {
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<SpeechSynthesizer, LoadError> {
+        Ok(SpeechSynthesizer {
+            model: VitsModel::load(dir, device, kind)?,
+        })
+    }
+
+    pub fn run(&mut self, job: Job) -> Result<Vec<f32>, String> {
+        if let Some(seed) = job.seed {
+            // One model thread: seeding here makes this request's noise alone reproducible.
+            tch::manual_seed(seed as i64);
+        }
+        let waveform = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model.synthesize(&job.ids, job.synthesis)
+        }))
+        .map_err(|_| "the model failed".to_owned())?;
+        Vec::<f32>::try_from(waveform.to_device(Device::Cpu)).map_err(|e| e.to_string())
+    }
+}
+
+/// The HTTP half.
+#[derive(Debug)]
+pub struct SpeechSynthesisTask {
+    pub worker: ModelWorker<Job, Vec<f32>>,
+    pub tokenizer: Arc<CharacterTokenizer>,
+    pub sampling_rate: u32,
+    pub defaults: Synthesis,
+}
+
+pub fn routes() -> Router<Arc<SpeechSynthesisTask>> {
+    Router::new()
+        .route("/", post(root))
+        .route("/v1/generate-speech", post(generate_speech))
+        .route("/generate-speech", post(generate_speech))
+        .route("/v1/generate-speech/schema", get(schema))
+        .route("/generate-speech/schema", get(schema))
+        .route("/v1/audio/speech", post(openai_speech))
+}
+
+/// The seed's request: the fields `/v1/generate-speech/schema` lists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeechRequest {
+    pub text: String,
+    pub speaking_rate: Option<f64>,
+    pub noise_scale: Option<f64>,
+    pub noise_scale_duration: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+/// The input fields of this model, in the seed's shape.
+async fn schema(State(task): State<Arc<SpeechSynthesisTask>>) -> Json<serde_json::Value> {
+    let d = task.defaults;
+    Json(serde_json::json!([
+        {"name": "text", "label": "Text", "desc": format!("What to say, at most {MAX_TEXT_CHARS} characters; characters outside the model's alphabet are skipped"), "type": "string", "required": true},
+        {"name": "speaking_rate", "label": "Speaking rate", "desc": format!("Speed, from 0.1 to 10 (default {})", d.speaking_rate), "type": "number", "required": false},
+        {"name": "noise_scale", "label": "Noise scale", "desc": format!("Variation of the voice, from 0 to 2 (default {})", d.noise_scale), "type": "number", "required": false},
+        {"name": "noise_scale_duration", "label": "Duration noise scale", "desc": format!("Variation of the rhythm, from 0 to 2 (default {})", d.noise_scale_duration), "type": "number", "required": false},
+        {"name": "seed", "label": "Seed", "desc": "Makes the noise, and so the waveform, reproducible", "type": "integer", "required": false},
+    ]))
+}
+
+impl SpeechSynthesisTask {
+    async fn synthesize(&self, field: &str, request: SpeechRequest) -> Result<Vec<f32>, ApiError> {
+        let text = request.text.trim();
+        if text.is_empty() {
+            return Err(ApiError::InvalidField(format!("{field}: empty")));
+        }
+        let characters = text.chars().count();
+        if characters > MAX_TEXT_CHARS {
+            return Err(ApiError::InvalidField(format!(
+                "{field}: {characters} characters, more than the limit of {MAX_TEXT_CHARS}"
+            )));
+        }
+        let ids = self.tokenizer.encode(text);
+        if ids.is_empty() {
+            return Err(ApiError::InvalidField(format!(
+                "{field}: none of its characters are in this model's alphabet"
+            )));
+        }
+        let within =
+            |name: &str, value: Option<f64>, default: f64, range: std::ops::RangeInclusive<f64>| {
+                let value = value.unwrap_or(default);
+                if range.contains(&value) {
+                    Ok(value)
+                } else {
+                    Err(ApiError::InvalidField(format!(
+                        "{name}: must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    )))
+                }
+            };
+        let synthesis = Synthesis {
+            speaking_rate: within(
+                "speaking_rate",
+                request.speaking_rate,
+                self.defaults.speaking_rate,
+                0.1..=10.0,
+            )?,
+            noise_scale: within(
+                "noise_scale",
+                request.noise_scale,
+                self.defaults.noise_scale,
+                0.0..=2.0,
+            )?,
+            noise_scale_duration: within(
+                "noise_scale_duration",
+                request.noise_scale_duration,
+                self.defaults.noise_scale_duration,
+                0.0..=2.0,
+            )?,
+        };
+        self.worker
+            .submit(Job {
+                ids,
+                synthesis,
+                seed: request.seed,
+            })
+            .await
+    }
+}
+
+/// 16-bit PCM mono WAV of `samples` (clipped to [−1, 1]).
+pub fn wav(samples: &[f32], sampling_rate: u32) -> Vec<u8> {
+    let data = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&sampling_rate.to_le_bytes());
+    out.extend_from_slice(&(sampling_rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data.to_le_bytes());
+    out.extend(pcm16(samples));
+    out
+}
+
+fn pcm16(samples: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    samples
+        .iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
+}
+
+/// The seed's endpoint: `{audio: base64 WAV, sampling_rate}`.
+async fn generate_speech(
+    State(task): State<Arc<SpeechSynthesisTask>>,
+    ValidJson(request): ValidJson<SpeechRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let samples = task.synthesize("text", request).await?;
+    Ok(Json(serde_json::json!({
+        "audio": base64::engine::general_purpose::STANDARD.encode(wav(&samples, task.sampling_rate)),
+        "sampling_rate": task.sampling_rate,
+    })))
+}
+
+/// OpenAI's speech request; `model` and `voice` are accepted (the URL chose the model, which has
+/// one voice).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAiSpeechRequest {
+    input: String,
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
+    /// The model has one voice.
+    #[serde(default, rename = "voice")]
+    _voice: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    response_format: Option<String>,
+    #[serde(default)]
+    speed: Option<f64>,
+    /// VITS takes no style instructions.
+    #[serde(default, rename = "instructions")]
+    _instructions: Option<serde::de::IgnoredAny>,
+}
+
+/// `/v1/audio/speech`: the raw audio, WAV or headerless 16-bit PCM.
+async fn openai_speech(
+    State(task): State<Arc<SpeechSynthesisTask>>,
+    ValidJson(request): ValidJson<OpenAiSpeechRequest>,
+) -> Result<Response, ApiError> {
+    let format = request.response_format.as_deref().unwrap_or("wav");
+    if !matches!(format, "wav" | "pcm") {
+        return Err(ApiError::InvalidField(format!(
+            "response_format: {format:?} is not served; use wav or pcm"
+        )));
+    }
+    let speed = request.speed;
+    if speed.is_some_and(|s| !(0.25..=4.0).contains(&s)) {
+        return Err(ApiError::InvalidField(
+            "speed: must be between 0.25 and 4".to_owned(),
+        ));
+    }
+    let samples = task
+        .synthesize(
+            "input",
+            SpeechRequest {
+                text: request.input,
+                speaking_rate: speed,
+                noise_scale: None,
+                noise_scale_duration: None,
+                seed: None,
+            },
+        )
+        .await?;
+    Ok(if format == "pcm" {
+        (
+            [(header::CONTENT_TYPE, "audio/pcm")],
+            pcm16(&samples).collect::<Vec<u8>>(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "audio/wav")],
+            wav(&samples, task.sampling_rate),
+        )
+            .into_response()
+    })
+}
+
+/// What Hugging Face clients post for text to speech.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootRequest {
+    inputs: String,
+    #[serde(default)]
+    parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The endpoint root (Hugging Face's text-to-speech task): raw `audio/wav`.
+async fn root(
+    State(task): State<Arc<SpeechSynthesisTask>>,
+    ValidJson(request): ValidJson<RootRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(name) = request.parameters.as_ref().and_then(|p| p.keys().next()) {
+        return Err(ApiError::InvalidField(format!(
+            "parameters.{name}: generation parameters are not served; send the seed's /v1/generate-speech for speaking_rate, noise scales and seed"
+        )));
+    }
+    let samples = task
+        .synthesize(
+            "inputs",
+            SpeechRequest {
+                text: request.inputs,
+                speaking_rate: None,
+                noise_scale: None,
+                noise_scale_duration: None,
+                seed: None,
+            },
+        )
+        .await?;
+    Ok((
+        [(header::CONTENT_TYPE, "audio/wav")],
+        wav(&samples, task.sampling_rate),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wav_header_describes_its_samples() {
+        let file = wav(&[0.0, 1.0, -1.0, 2.0], 16_000);
+        assert_eq!(file.len(), 44 + 8);
+        assert_eq!(&file[0..4], b"RIFF");
+        assert_eq!(u32::from_le_bytes(file[24..28].try_into().unwrap()), 16_000);
+        let samples: Vec<i16> = file[44..]
+            .chunks(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(samples, [0, 32767, -32767, 32767]);
+    }
+}
