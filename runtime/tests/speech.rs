@@ -466,6 +466,26 @@ async fn every_kind_of_bad_upload_is_a_4xx_that_names_the_problem() {
 }
 
 #[tokio::test]
+async fn a_two_hour_recording_is_refused_at_the_duration_limit_without_decoding_it_all() {
+    let runtime = start(&[]).await;
+    let two_hours = std::fs::read(whisper_dir().join("silence-2h.flac")).unwrap();
+    let started = Instant::now();
+    let answer = post_form(&runtime, "/v1/audio/transcriptions", &[], Some(&two_hours)).await;
+    assert_eq!(answer.status, 413, "{}", answer.text);
+    assert!(
+        answer.message().contains("longer than the limit of 600 s"),
+        "{}",
+        answer.message()
+    );
+    // Decoding stops at 600 s of the 7,200.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_request_past_its_deadline_stops_its_work_within_a_second() {
     let runtime = start(&["--max-audio-seconds", "1200"]).await;
     let started = Instant::now();
