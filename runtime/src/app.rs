@@ -37,6 +37,7 @@ pub enum Task {
     Translation,
     SpeechRecognition,
     TextToSpeech,
+    TextToImage,
 }
 
 impl Task {
@@ -50,6 +51,7 @@ impl Task {
             Task::Translation => "translation",
             Task::SpeechRecognition => "speech-recognition",
             Task::TextToSpeech => "text-to-speech",
+            Task::TextToImage => "text-to-image",
         }
     }
 }
@@ -67,9 +69,10 @@ impl std::str::FromStr for Task {
             Task::Translation,
             Task::SpeechRecognition,
             Task::TextToSpeech,
+            Task::TextToImage,
         ];
         served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition, text-to-speech")
+            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition, text-to-speech, text-to-image")
         })
     }
 }
@@ -405,6 +408,48 @@ impl Runtime {
                     crate::tasks::synthesize::routes().with_state(task),
                     thread,
                 )
+            }
+            Task::TextToImage => {
+                use crate::tasks::image::{ClipPrompts, ImageGenerator, ImageTask};
+                let unet: crate::models::diffusion::unet::UNetConfig =
+                    read_json(&dir.join("unet/config.json"))?;
+                let vae: crate::models::diffusion::vae::VaeConfig =
+                    read_json(&dir.join("vae/config.json"))?;
+                let scheduler: crate::models::diffusion::scheduler::SchedulerConfig =
+                    read_json(&dir.join("scheduler/scheduler_config.json"))?;
+                let text: serde_json::Value = read_json(&dir.join("text_encoder/config.json"))?;
+                let length = text["max_position_embeddings"].as_u64().unwrap_or(77) as usize;
+                let prompts = Arc::new(ClipPrompts::load(&dir.join("tokenizer"), length)?);
+                let scale = vae.scale_factor();
+                let model_metrics = metrics.clone();
+                let load = move || {
+                    ImageGenerator::load(&dir, device, kind, model_metrics)
+                        .map_err(|e| e.to_string())
+                };
+                let (worker, thread) = ModelWorker::start(
+                    load,
+                    ImageGenerator::run,
+                    limits.max_concurrent_requests,
+                    ready_tx,
+                );
+                let default_size = unet.sample_size.unwrap_or(64) * scale;
+                let info = info(
+                    serde_json::json!({"text-to-image": {
+                        "architecture": "stable-diffusion",
+                        "scheduler": scheduler.class_name,
+                        "default_size": default_size,
+                        "refiner": false,
+                    }}),
+                    length,
+                );
+                let task = Arc::new(ImageTask {
+                    worker,
+                    prompts,
+                    default_size,
+                    size_multiple: scale.max(8),
+                    default_sampler: scheduler.default_sampler(),
+                });
+                (info, crate::tasks::image::routes().with_state(task), thread)
             }
             Task::Tabular => {
                 let signature = Arc::new(Signature::load(&dir)?);

@@ -21,7 +21,7 @@ struct Args {
     command: Option<Command>,
 
     /// What the model does: embedding, text-classification, rerank, tabular, text-generation,
-    /// translation, speech-recognition or text-to-speech.
+    /// translation, speech-recognition, text-to-speech or text-to-image.
     #[arg(long, env = "INFERGATE_TASK", required = true)]
     task: Option<Task>,
 
@@ -55,9 +55,10 @@ struct Args {
     #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
     max_client_batch_size: usize,
 
-    /// Weight precision: float32, float16 or bfloat16 (half precision needs CUDA).
-    #[arg(long, env = "INFERGATE_DTYPE", default_value = "float32")]
-    dtype: String,
+    /// Weight precision: float32, float16 or bfloat16 (half precision needs CUDA). Default:
+    /// float16 for text-to-image on CUDA, float32 otherwise.
+    #[arg(long, env = "INFERGATE_DTYPE")]
+    dtype: Option<String>,
 
     /// libtorch intra-op threads; libtorch's default (the machine's cores) when unset.
     #[arg(long, env = "INFERGATE_TORCH_THREADS")]
@@ -151,14 +152,20 @@ fn main() -> anyhow::Result<()> {
         (None, _, _) => unreachable!("clap requires --task and --model-dir without a subcommand"),
     };
     let device = runtime::device::inference_device();
-    let kind = match args.dtype.as_str() {
+    let dtype = args.dtype.clone().unwrap_or_else(|| {
+        if task == Task::TextToImage && device.is_cuda() {
+            "float16".to_owned()
+        } else {
+            "float32".to_owned()
+        }
+    });
+    let kind = match dtype.as_str() {
         "float32" => Kind::Float,
         "float16" if device.is_cuda() => Kind::Half,
         "bfloat16" if device.is_cuda() => Kind::BFloat16,
-        "float16" | "bfloat16" => anyhow::bail!(
-            "--dtype {} needs a CUDA device; this machine has none",
-            args.dtype
-        ),
+        "float16" | "bfloat16" => {
+            anyhow::bail!("--dtype {dtype} needs a CUDA device; this machine has none")
+        }
         other => anyhow::bail!("--dtype {other:?}: expected float32, float16 or bfloat16"),
     };
     if let Some(threads) = args.torch_threads {

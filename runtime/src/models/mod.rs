@@ -1,11 +1,13 @@
 //! Model architectures on tch, and loading them from a Hugging Face model directory.
 
 pub mod bert;
+pub mod diffusion;
 pub mod llama;
 pub mod marian;
 pub mod pooling;
 pub mod sentencepiece;
 pub mod vits;
+pub mod weights;
 pub mod whisper;
 
 use std::collections::BTreeSet;

@@ -7,12 +7,12 @@
 //! checkpoint names; weight-normalised convolutions are folded (g · v / ‖v‖) at load, whichever
 //! of the two names PyTorch gave their parts.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use super::weights::NamedWeights;
 use super::{LoadError, read_json, weight_files};
 
 /// `config.json` of a VITS checkpoint (the fields inference uses).
@@ -112,85 +112,28 @@ impl VitsConfig {
     }
 }
 
-/// The checkpoint's tensors by name, on the model's device and kind.
-struct Weights {
-    tensors: HashMap<String, Tensor>,
-    path: std::path::PathBuf,
+fn conv(
+    w: &NamedWeights,
+    prefix: &str,
+    padding: i64,
+    dilation: i64,
+    groups: i64,
+) -> Result<Conv, LoadError> {
+    Ok(Conv {
+        weight: w.conv_weight(prefix)?,
+        bias: w.optional(&format!("{prefix}.bias")),
+        padding,
+        dilation,
+        groups,
+    })
 }
 
-impl Weights {
-    fn get(&self, name: &str) -> Result<Tensor, LoadError> {
-        self.tensors
-            .get(name)
-            .map(Tensor::shallow_clone)
-            .ok_or_else(|| LoadError::Invalid {
-                path: self.path.clone(),
-                message: format!("weight missing from the checkpoint: {name}"),
-            })
-    }
-
-    fn optional(&self, name: &str) -> Option<Tensor> {
-        self.tensors.get(name).map(Tensor::shallow_clone)
-    }
-
-    /// A convolution's weight: plain, or folded from its weight-norm parts.
-    fn conv_weight(&self, prefix: &str) -> Result<Tensor, LoadError> {
-        if let Some(weight) = self.optional(&format!("{prefix}.weight")) {
-            return Ok(weight);
-        }
-        let parts = [
-            ("weight_g", "weight_v"),
-            (
-                "parametrizations.weight.original0",
-                "parametrizations.weight.original1",
-            ),
-        ];
-        for (g, v) in parts {
-            if let (Some(g), Some(v)) = (
-                self.optional(&format!("{prefix}.{g}")),
-                self.optional(&format!("{prefix}.{v}")),
-            ) {
-                let dims: Vec<i64> = (1..v.dim() as i64).collect();
-                let norm = v.norm_scalaropt_dim(2, dims.as_slice(), true);
-                return Ok(v * (g / norm));
-            }
-        }
-        Err(LoadError::Invalid {
-            path: self.path.clone(),
-            message: format!("weight missing from the checkpoint: {prefix}.weight"),
-        })
-    }
-
-    fn conv(
-        &self,
-        prefix: &str,
-        padding: i64,
-        dilation: i64,
-        groups: i64,
-    ) -> Result<Conv, LoadError> {
-        Ok(Conv {
-            weight: self.conv_weight(prefix)?,
-            bias: self.optional(&format!("{prefix}.bias")),
-            padding,
-            dilation,
-            groups,
-        })
-    }
-
-    fn layer_norm(&self, prefix: &str, eps: f64) -> Result<LayerNorm, LoadError> {
-        Ok(LayerNorm {
-            weight: self.get(&format!("{prefix}.weight"))?,
-            bias: self.get(&format!("{prefix}.bias"))?,
-            eps,
-        })
-    }
-
-    fn linear(&self, prefix: &str) -> Result<(Tensor, Option<Tensor>), LoadError> {
-        Ok((
-            self.get(&format!("{prefix}.weight"))?,
-            self.optional(&format!("{prefix}.bias")),
-        ))
-    }
+fn layer_norm(w: &NamedWeights, prefix: &str, eps: f64) -> Result<LayerNorm, LoadError> {
+    Ok(LayerNorm {
+        weight: w.get(&format!("{prefix}.weight"))?,
+        bias: w.get(&format!("{prefix}.bias"))?,
+        eps,
+    })
 }
 
 /// A 1-D convolution (stride 1) with its padding and dilation.
@@ -631,17 +574,7 @@ pub struct VitsModel {
 impl VitsModel {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<VitsModel, LoadError> {
         let config = VitsConfig::load(dir)?;
-        let files = weight_files(dir)?;
-        let mut tensors = HashMap::new();
-        for file in &files {
-            for (name, tensor) in Tensor::read_safetensors(file)? {
-                tensors.insert(name, tensor.to_device(device).to_kind(kind));
-            }
-        }
-        let w = Weights {
-            tensors,
-            path: files[0].clone(),
-        };
+        let w = NamedWeights::load(&weight_files(dir)?, device, kind)?;
         let eps = config.layer_norm_eps;
         let hidden = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
@@ -659,10 +592,10 @@ impl VitsModel {
                         heads: config.num_attention_heads,
                         window: config.window_size.unwrap_or(0),
                     },
-                    layer_norm: w.layer_norm(&format!("{p}.layer_norm"), eps)?,
-                    conv_1: w.conv(&format!("{p}.feed_forward.conv_1"), ffn_pad, 1, 1)?,
-                    conv_2: w.conv(&format!("{p}.feed_forward.conv_2"), ffn_pad, 1, 1)?,
-                    final_layer_norm: w.layer_norm(&format!("{p}.final_layer_norm"), eps)?,
+                    layer_norm: layer_norm(&w, &format!("{p}.layer_norm"), eps)?,
+                    conv_1: conv(&w, &format!("{p}.feed_forward.conv_1"), ffn_pad, 1, 1)?,
+                    conv_2: conv(&w, &format!("{p}.feed_forward.conv_2"), ffn_pad, 1, 1)?,
+                    final_layer_norm: layer_norm(&w, &format!("{p}.final_layer_norm"), eps)?,
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
@@ -676,18 +609,19 @@ impl VitsModel {
             };
             for i in 0..config.depth_separable_num_layers {
                 let dilation = k.pow(i as u32);
-                dds.dilated.push(w.conv(
+                dds.dilated.push(conv(
+                    &w,
                     &format!("{p}.convs_dilated.{i}"),
                     (k * dilation - dilation) / 2,
                     dilation,
                     hidden,
                 )?);
                 dds.pointwise
-                    .push(w.conv(&format!("{p}.convs_pointwise.{i}"), 0, 1, 1)?);
+                    .push(conv(&w, &format!("{p}.convs_pointwise.{i}"), 0, 1, 1)?);
                 dds.norms_1
-                    .push(w.layer_norm(&format!("{p}.norms_1.{i}"), 1e-5)?);
+                    .push(layer_norm(&w, &format!("{p}.norms_1.{i}"), 1e-5)?);
                 dds.norms_2
-                    .push(w.layer_norm(&format!("{p}.norms_2.{i}"), 1e-5)?);
+                    .push(layer_norm(&w, &format!("{p}.norms_2.{i}"), 1e-5)?);
             }
             Ok(dds)
         };
@@ -696,9 +630,9 @@ impl VitsModel {
             let flows = (1..=config.duration_predictor_num_flows)
                 .map(|i| {
                     Ok(ConvFlow {
-                        conv_pre: w.conv(&format!("{p}.flows.{i}.conv_pre"), 0, 1, 1)?,
+                        conv_pre: conv(&w, &format!("{p}.flows.{i}.conv_pre"), 0, 1, 1)?,
                         conv_dds: depth_separable(&format!("{p}.flows.{i}.conv_dds"))?,
-                        conv_proj: w.conv(&format!("{p}.flows.{i}.conv_proj"), 0, 1, 1)?,
+                        conv_proj: conv(&w, &format!("{p}.flows.{i}.conv_proj"), 0, 1, 1)?,
                         half: config.depth_separable_channels / 2,
                         bins: config.duration_predictor_flow_bins,
                         filter_channels: hidden,
@@ -707,9 +641,9 @@ impl VitsModel {
                 })
                 .collect::<Result<Vec<_>, LoadError>>()?;
             DurationPredictor::Stochastic(StochasticDurations {
-                conv_pre: w.conv(&format!("{p}.conv_pre"), 0, 1, 1)?,
+                conv_pre: conv(&w, &format!("{p}.conv_pre"), 0, 1, 1)?,
                 conv_dds: depth_separable(&format!("{p}.conv_dds"))?,
-                conv_proj: w.conv(&format!("{p}.conv_proj"), 0, 1, 1)?,
+                conv_proj: conv(&w, &format!("{p}.conv_proj"), 0, 1, 1)?,
                 affine: (
                     w.get(&format!("{p}.flows.0.translate"))?,
                     w.get(&format!("{p}.flows.0.log_scale"))?,
@@ -720,11 +654,11 @@ impl VitsModel {
             let p = "duration_predictor";
             let k = config.duration_predictor_kernel_size;
             DurationPredictor::Plain(Durations {
-                conv_1: w.conv(&format!("{p}.conv_1"), k / 2, 1, 1)?,
-                norm_1: w.layer_norm(&format!("{p}.norm_1"), eps)?,
-                conv_2: w.conv(&format!("{p}.conv_2"), k / 2, 1, 1)?,
-                norm_2: w.layer_norm(&format!("{p}.norm_2"), eps)?,
-                proj: w.conv(&format!("{p}.proj"), 0, 1, 1)?,
+                conv_1: conv(&w, &format!("{p}.conv_1"), k / 2, 1, 1)?,
+                norm_1: layer_norm(&w, &format!("{p}.norm_1"), eps)?,
+                conv_2: conv(&w, &format!("{p}.conv_2"), k / 2, 1, 1)?,
+                norm_2: layer_norm(&w, &format!("{p}.norm_2"), eps)?,
+                proj: conv(&w, &format!("{p}.proj"), 0, 1, 1)?,
             })
         };
         let flows = (0..config.prior_encoder_num_flows)
@@ -735,7 +669,8 @@ impl VitsModel {
                     in_layers: (0..config.prior_encoder_num_wavenet_layers)
                         .map(|j| {
                             let dilation = config.wavenet_dilation_rate.pow(j as u32);
-                            w.conv(
+                            conv(
+                                &w,
                                 &format!("{p}.wavenet.in_layers.{j}"),
                                 (k * dilation - dilation) / 2,
                                 dilation,
@@ -744,14 +679,14 @@ impl VitsModel {
                         })
                         .collect::<Result<_, _>>()?,
                     res_skip_layers: (0..config.prior_encoder_num_wavenet_layers)
-                        .map(|j| w.conv(&format!("{p}.wavenet.res_skip_layers.{j}"), 0, 1, 1))
+                        .map(|j| conv(&w, &format!("{p}.wavenet.res_skip_layers.{j}"), 0, 1, 1))
                         .collect::<Result<_, _>>()?,
                     hidden,
                 };
                 Ok(CouplingLayer {
-                    conv_pre: w.conv(&format!("{p}.conv_pre"), 0, 1, 1)?,
+                    conv_pre: conv(&w, &format!("{p}.conv_pre"), 0, 1, 1)?,
                     wavenet,
-                    conv_post: w.conv(&format!("{p}.conv_post"), 0, 1, 1)?,
+                    conv_post: conv(&w, &format!("{p}.conv_post"), 0, 1, 1)?,
                     half: config.flow_size / 2,
                 })
             })
@@ -788,7 +723,8 @@ impl VitsModel {
                         .iter()
                         .enumerate()
                         .map(|(d, &dilation)| {
-                            w.conv(
+                            conv(
+                                &w,
                                 &format!("{p}.convs1.{d}"),
                                 (kernel * dilation - dilation) / 2,
                                 dilation,
@@ -797,22 +733,22 @@ impl VitsModel {
                         })
                         .collect::<Result<_, _>>()?,
                     convs2: (0..dilations.len())
-                        .map(|d| w.conv(&format!("{p}.convs2.{d}"), (kernel - 1) / 2, 1, 1))
+                        .map(|d| conv(&w, &format!("{p}.convs2.{d}"), (kernel - 1) / 2, 1, 1))
                         .collect::<Result<_, _>>()?,
                 });
             }
         }
         let decoder = HifiGan {
-            conv_pre: w.conv("decoder.conv_pre", 3, 1, 1)?,
+            conv_pre: conv(&w, "decoder.conv_pre", 3, 1, 1)?,
             upsamplers,
             resblocks,
-            conv_post: w.conv("decoder.conv_post", 3, 1, 1)?,
+            conv_post: conv(&w, "decoder.conv_post", 3, 1, 1)?,
             slope: config.leaky_relu_slope,
         };
         Ok(VitsModel {
             embed_tokens: w.get("text_encoder.embed_tokens.weight")?,
             layers,
-            project: w.conv("text_encoder.project", 0, 1, 1)?,
+            project: conv(&w, "text_encoder.project", 0, 1, 1)?,
             durations,
             flows,
             decoder,

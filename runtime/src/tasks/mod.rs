@@ -3,6 +3,7 @@
 pub mod classify;
 pub mod embed;
 pub mod generation;
+pub mod image;
 pub mod rerank;
 pub mod synthesize;
 pub mod tabular;

@@ -1,0 +1,469 @@
+//! `text-to-image`: Stable Diffusion behind the seed's `/v1/generate-image`, OpenAI's
+//! `/v1/images/generations`, and the endpoint root Hugging Face clients post prompts to.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::models::diffusion::scheduler::Sampler;
+use crate::models::diffusion::{Denoise, StableDiffusion, load_tokenizer};
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
+use crate::worker::ModelWorker;
+
+/// CLIP prompts as the pipeline encodes them: start and end tokens, cut to the encoder's
+/// length (keeping the end token), padded with the tokenizer's pad token.
+#[derive(Debug)]
+pub struct ClipPrompts {
+    tokenizer: Tokenizer,
+    pad: i64,
+    pub length: usize,
+}
+
+impl ClipPrompts {
+    pub fn load(dir: &Path, length: usize) -> Result<ClipPrompts, LoadError> {
+        let tokenizer = load_tokenizer(dir)?;
+        let config: serde_json::Value =
+            read_json(&dir.join("tokenizer_config.json")).unwrap_or_default();
+        let pad_token = match &config["pad_token"] {
+            serde_json::Value::String(token) => token.clone(),
+            serde_json::Value::Object(token) => {
+                token["content"].as_str().unwrap_or_default().to_owned()
+            }
+            _ => "<|endoftext|>".to_owned(),
+        };
+        let pad = tokenizer
+            .token_to_id(&pad_token)
+            .ok_or_else(|| LoadError::Invalid {
+                path: dir.to_owned(),
+                message: format!("the pad token {pad_token:?} is not in the vocabulary"),
+            })?;
+        Ok(ClipPrompts {
+            tokenizer,
+            pad: i64::from(pad),
+            length,
+        })
+    }
+
+    pub fn ids(&self, text: &str) -> Result<Vec<i64>, ApiError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::InvalidField(format!("prompt: cannot be tokenized: {e}")))?;
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&id| i64::from(id)).collect();
+        if ids.len() > self.length {
+            let end = *ids.last().expect("at least the start and end tokens");
+            ids.truncate(self.length - 1);
+            ids.push(end);
+        }
+        ids.resize(self.length, self.pad);
+        Ok(ids)
+    }
+}
+
+/// One image for the model thread.
+#[derive(Debug)]
+pub struct Job {
+    pub denoise: Denoise,
+    pub width: i64,
+    pub height: i64,
+    pub seed: u64,
+    pub alive: std::sync::Weak<()>,
+}
+
+/// An image: RGB bytes, row by row.
+#[derive(Debug)]
+pub struct Image {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
+
+/// The model thread's half.
+#[derive(Debug)]
+pub struct ImageGenerator {
+    pipeline: StableDiffusion,
+    metrics: Metrics,
+}
+
+impl ImageGenerator {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        metrics: Metrics,
+    ) -> Result<ImageGenerator, LoadError> {
+        Ok(ImageGenerator {
+            pipeline: StableDiffusion::load(dir, device, kind)?,
+            metrics,
+        })
+    }
+
+    pub fn run(&mut self, job: Job) -> Result<Image, String> {
+        let scale = self.pipeline.vae.config.scale_factor();
+        let channels = self.pipeline.unet.config.in_channels;
+        // Drawn on the CPU from the seed, so a seed gives the same image on any device.
+        tch::manual_seed(job.seed as i64);
+        let latents = Tensor::randn(
+            [1, channels, job.height / scale, job.width / scale],
+            (Kind::Float, Device::Cpu),
+        );
+        let alive = job.alive.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pipeline
+                .generate(&job.denoise, &latents, &|| alive.strong_count() > 0)
+        }))
+        .map_err(|_| "the model failed".to_owned())?;
+        let Some(image) = outcome else {
+            self.metrics.abandoned.inc();
+            return Err("abandoned: the client left or its deadline passed".to_owned());
+        };
+        let size = image.size();
+        let rgb = Vec::<u8>::try_from(
+            (image * 255.0)
+                .round()
+                .clamp(0.0, 255.0)
+                .to_kind(Kind::Uint8)
+                .to_device(Device::Cpu)
+                .reshape([-1]),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Image {
+            width: size[1] as u32,
+            height: size[0] as u32,
+            rgb,
+        })
+    }
+}
+
+/// A PNG of 8-bit RGB pixels: unfiltered rows, zlib-compressed.
+pub fn png(image: &Image) -> Vec<u8> {
+    use std::io::Write;
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    let mut header = Vec::with_capacity(13);
+    header.extend_from_slice(&image.width.to_be_bytes());
+    header.extend_from_slice(&image.height.to_be_bytes());
+    header.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let row = image.width as usize * 3;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    for line in image.rgb.chunks(row) {
+        encoder.write_all(&[0]).expect("writes to memory");
+        encoder.write_all(line).expect("writes to memory");
+    }
+    let data = encoder.finish().expect("writes to memory");
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &header);
+    chunk(&mut out, b"IDAT", &data);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// The HTTP half.
+#[derive(Debug)]
+pub struct ImageTask {
+    pub worker: ModelWorker<Job, Image>,
+    pub prompts: Arc<ClipPrompts>,
+    pub default_size: i64,
+    /// Image sizes must be multiples of this (the VAE's and the UNet's downscaling).
+    pub size_multiple: i64,
+    pub default_sampler: Sampler,
+}
+
+pub fn routes() -> Router<Arc<ImageTask>> {
+    Router::new()
+        .route("/", post(root))
+        .route("/v1/generate-image", post(generate_image))
+        .route("/generate-image", post(generate_image))
+        .route("/v1/images/generations", post(openai_images))
+}
+
+/// Largest side of an image, in pixels.
+const MAX_SIDE: i64 = 2048;
+const MAX_STEPS: usize = 150;
+
+/// The seed's request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub num_inference_steps: Option<usize>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub width: Option<i64>,
+    #[serde(default)]
+    pub height: Option<i64>,
+    /// The fraction of steps a refiner would take over; no refiner is configured, so it is
+    /// validated and has no effect.
+    #[serde(default)]
+    pub high_noise_frac: Option<f64>,
+    /// `ddim` or `euler`; the repository's scheduler when unset.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+}
+
+impl ImageTask {
+    async fn generate(&self, request: ImageRequest) -> Result<Image, ApiError> {
+        if request.prompt.trim().is_empty() {
+            return Err(ApiError::InvalidField("prompt: empty".to_owned()));
+        }
+        let steps = request.num_inference_steps.unwrap_or(50);
+        if !(1..=MAX_STEPS).contains(&steps) {
+            return Err(ApiError::InvalidField(format!(
+                "num_inference_steps: must be between 1 and {MAX_STEPS}"
+            )));
+        }
+        let guidance_scale = request.guidance_scale.unwrap_or(7.5);
+        if !(0.0..=30.0).contains(&guidance_scale) {
+            return Err(ApiError::InvalidField(
+                "guidance_scale: must be between 0 and 30".to_owned(),
+            ));
+        }
+        if request
+            .high_noise_frac
+            .is_some_and(|f| !(f > 0.0 && f <= 1.0))
+        {
+            return Err(ApiError::InvalidField(
+                "high_noise_frac: must be in (0, 1]".to_owned(),
+            ));
+        }
+        let side = |name: &str, value: Option<i64>| {
+            let value = value.unwrap_or(self.default_size);
+            if value < self.size_multiple || value > MAX_SIDE || value % self.size_multiple != 0 {
+                Err(ApiError::InvalidField(format!(
+                    "{name}: {value} must be a multiple of {} between {} and {MAX_SIDE}",
+                    self.size_multiple, self.size_multiple
+                )))
+            } else {
+                Ok(value)
+            }
+        };
+        let width = side("width", request.width)?;
+        let height = side("height", request.height)?;
+        let sampler = match request.scheduler.as_deref() {
+            None => self.default_sampler,
+            Some(name) => Sampler::parse(name).ok_or_else(|| {
+                ApiError::InvalidField(format!("scheduler: {name:?} is not ddim or euler"))
+            })?,
+        };
+        let denoise = Denoise {
+            prompt: self.prompts.ids(&request.prompt)?,
+            negative: self
+                .prompts
+                .ids(request.negative_prompt.as_deref().unwrap_or(""))?,
+            steps,
+            guidance_scale,
+            sampler,
+        };
+        let alive = Arc::new(());
+        let image = self
+            .worker
+            .submit(Job {
+                denoise,
+                width,
+                height,
+                seed: request.seed.unwrap_or_else(random_seed),
+                alive: Arc::downgrade(&alive),
+            })
+            .await?;
+        drop(alive);
+        Ok(image)
+    }
+}
+
+/// A seed for requests that give none.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish() >> 1
+}
+
+/// The seed's endpoint: `{image: base64 PNG}`.
+async fn generate_image(
+    State(task): State<Arc<ImageTask>>,
+    ValidJson(request): ValidJson<ImageRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let image = task.generate(request).await?;
+    Ok(Json(serde_json::json!({
+        "image": base64::engine::general_purpose::STANDARD.encode(png(&image)),
+    })))
+}
+
+/// OpenAI's image request; `model`, `quality`, `style` and `user` are accepted (the URL chose
+/// the model).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAiImageRequest {
+    prompt: String,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    size: Option<String>,
+    #[serde(default)]
+    response_format: Option<String>,
+    #[serde(default)]
+    output_format: Option<String>,
+    #[serde(default, rename = "model")]
+    _model: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "quality")]
+    _quality: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "style")]
+    _style: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "user")]
+    _user: Option<serde::de::IgnoredAny>,
+}
+
+async fn openai_images(
+    State(task): State<Arc<ImageTask>>,
+    ValidJson(request): ValidJson<OpenAiImageRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if request
+        .response_format
+        .as_deref()
+        .is_some_and(|f| f != "b64_json")
+    {
+        return Err(ApiError::InvalidField(
+            "response_format: only b64_json is served (no image URLs)".to_owned(),
+        ));
+    }
+    if request.output_format.as_deref().is_some_and(|f| f != "png") {
+        return Err(ApiError::InvalidField(
+            "output_format: only png is served".to_owned(),
+        ));
+    }
+    let n = request.n.unwrap_or(1);
+    if !(1..=4).contains(&n) {
+        return Err(ApiError::InvalidField(
+            "n: must be between 1 and 4".to_owned(),
+        ));
+    }
+    let (width, height) = match request.size.as_deref() {
+        None | Some("auto") => (None, None),
+        Some(size) => {
+            let parsed = size
+                .split_once('x')
+                .and_then(|(w, h)| Some((w.parse::<i64>().ok()?, h.parse::<i64>().ok()?)));
+            let (w, h) = parsed.ok_or_else(|| {
+                ApiError::InvalidField(format!("size: {size:?} is not WIDTHxHEIGHT"))
+            })?;
+            (Some(w), Some(h))
+        }
+    };
+    let mut data = Vec::with_capacity(n);
+    for _ in 0..n {
+        let image = task
+            .generate(ImageRequest {
+                prompt: request.prompt.clone(),
+                width,
+                height,
+                ..Default::default()
+            })
+            .await?;
+        data.push(serde_json::json!({
+            "b64_json": base64::engine::general_purpose::STANDARD.encode(png(&image)),
+        }));
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Json(serde_json::json!({"created": created, "data": data})))
+}
+
+/// What Hugging Face clients post for text to image.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootRequest {
+    inputs: String,
+    #[serde(default)]
+    parameters: RootParameters,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootParameters {
+    negative_prompt: Option<String>,
+    height: Option<i64>,
+    width: Option<i64>,
+    num_inference_steps: Option<usize>,
+    guidance_scale: Option<f64>,
+    seed: Option<u64>,
+    scheduler: Option<String>,
+}
+
+/// The endpoint root (Hugging Face's text-to-image task): the raw `image/png`.
+async fn root(
+    State(task): State<Arc<ImageTask>>,
+    ValidJson(request): ValidJson<RootRequest>,
+) -> Result<Response, ApiError> {
+    let p = request.parameters;
+    let image = task
+        .generate(ImageRequest {
+            prompt: request.inputs,
+            negative_prompt: p.negative_prompt,
+            num_inference_steps: p.num_inference_steps,
+            guidance_scale: p.guidance_scale,
+            seed: p.seed,
+            width: p.width,
+            height: p.height,
+            high_noise_frac: None,
+            scheduler: p.scheduler,
+        })
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png(&image)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_png_has_its_signature_header_and_checksummed_chunks() {
+        let image = Image {
+            width: 2,
+            height: 1,
+            rgb: vec![255, 0, 0, 0, 0, 255],
+        };
+        let file = png(&image);
+        assert_eq!(&file[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&file[12..16], b"IHDR");
+        assert_eq!(u32::from_be_bytes(file[16..20].try_into().unwrap()), 2);
+        assert_eq!(u32::from_be_bytes(file[20..24].try_into().unwrap()), 1);
+        // The IHDR checksum of a 2×1 8-bit RGB image, as zlib's crc32 gives it.
+        let mut crc = flate2::Crc::new();
+        crc.update(&file[12..29]);
+        assert_eq!(
+            u32::from_be_bytes(file[29..33].try_into().unwrap()),
+            crc.sum()
+        );
+        assert!(file.ends_with(b"IEND\xae\x42\x60\x82"));
+    }
+}
