@@ -140,7 +140,7 @@ impl Task {
 
     /// The tasks `infergate-runtime` implements today; ModelDeployments of the others need a
     /// custom `spec.runtime.container` until their runtime issue lands.
-    pub const SERVED_BY_BUILTIN_RUNTIME: [Task; 8] = [
+    pub const SERVED_BY_BUILTIN_RUNTIME: [Task; 9] = [
         Task::Embedding,
         Task::TextClassification,
         Task::Rerank,
@@ -149,6 +149,7 @@ impl Task {
         Task::Translation,
         Task::SpeechRecognition,
         Task::TextToSpeech,
+        Task::TextToImage,
     ];
 
     /// The name used in manifests and on the runtime's `--task` flag.

@@ -40,6 +40,10 @@ def main():
         messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, stream=True
     )
     result["chat_completion"] = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    if "text-to-image" in models:
+        image = client("text-to-image").text_to_image("a lighthouse at dusk", num_inference_steps=2, width=32,
+                                                      height=40, seed=1)
+        result["text_to_image"] = list(image.size)
     if "text-to-speech" in models:
         result["text_to_speech"] = client("text-to-speech").text_to_speech("Hello from infergate")[:4].decode()
     if "speech-recognition" in models and len(sys.argv) > 4:

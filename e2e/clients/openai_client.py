@@ -4,11 +4,12 @@ speech model and a recording are given, transcriptions as JSON, text and verbose
 one JSON object with what came back.
 
     python e2e/clients/openai_client.py URL TOKEN CHAT_MODEL_ID EMBEDDING_MODEL_ID \
-        [SPEECH_MODEL_ID RECORDING [TTS_MODEL_ID]]
+        [SPEECH_MODEL_ID RECORDING [TTS_MODEL_ID [IMAGE_MODEL_ID]]]
 
-and, with a text-to-speech model, speech as WAV.
+and, with text-to-speech and text-to-image models, speech as WAV and an image as base64 PNG.
 """
 
+import base64
 import json
 import sys
 import time
@@ -56,6 +57,12 @@ def main():
         audio = speaker.audio.speech.create(model="tts-1", voice="alloy", input="Hello from infergate",
                                             response_format="wav")
         result["speech"] = {"riff": audio.content[:4] == b"RIFF", "bytes": len(audio.content)}
+    if len(sys.argv) > 8:
+        painter = openai.OpenAI(base_url=f"{url}/models/{sys.argv[8]}/proxy/v1", api_key=token)
+        images = painter.images.generate(model="dall-e-2", prompt="a lighthouse at dusk", size="32x32",
+                                         response_format="b64_json")
+        png = base64.b64decode(images.data[0].b64_json)
+        result["image"] = {"png": png[:8] == b"\x89PNG\r\n\x1a\n", "count": len(images.data)}
     print(json.dumps(result))
 
 

@@ -104,6 +104,17 @@ def text_to_speech(base, token):
     return response.status_code, {"riff": audio[:4] == b"RIFF", "sampling_rate": body.get("sampling_rate")}
 
 
+def text_to_image(base, token):
+    response = requests.post(
+        f"{base}/v1/generate-image",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"prompt": "a lighthouse at dusk", "num_inference_steps": 2, "width": 32, "height": 32},
+        timeout=120,
+    )
+    image = base64.b64decode(response.json()["image"]) if response.ok else b""
+    return response.status_code, {"png": image[:8] == b"\x89PNG\r\n\x1a\n"}
+
+
 SNIPPETS = {
     "embedding": embedding,
     "text-classification": text_classification,
@@ -113,6 +124,7 @@ SNIPPETS = {
     "translation": translation,
     "speech-recognition": speech_recognition,
     "text-to-speech": text_to_speech,
+    "text-to-image": text_to_image,
 }
 
 

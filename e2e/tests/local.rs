@@ -59,6 +59,11 @@ fn every_task() -> String {
             &fixture("whisper"),
         ),
         model("text-to-speech", "text-to-speech", &fixture("vits")),
+        model(
+            "text-to-image",
+            "text-to-image",
+            &fixture("stable-diffusion"),
+        ),
     ]
     .concat()
 }
@@ -68,7 +73,7 @@ fn recording() -> String {
     format!("{}/clip.wav", fixture("whisper"))
 }
 
-const TASKS: [&str; 8] = [
+const TASKS: [&str; 9] = [
     "embedding",
     "text-classification",
     "rerank",
@@ -77,6 +82,7 @@ const TASKS: [&str; 8] = [
     "translation",
     "speech-recognition",
     "text-to-speech",
+    "text-to-image",
 ];
 
 async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
@@ -144,6 +150,11 @@ async fn every_task_answers_real_clients_through_local_mode() {
         seed["text-to-speech"]
     );
     assert_eq!(seed["text-to-speech"]["body"]["sampling_rate"], 16000);
+    assert_eq!(
+        seed["text-to-image"]["body"]["png"], true,
+        "{}",
+        seed["text-to-image"]
+    );
 
     // The openai client, unmodified: a streamed chat and base64 embeddings.
     let openai = python_client(
@@ -156,6 +167,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
             "speech-recognition",
             &recording(),
             "text-to-speech",
+            "text-to-image",
         ],
     );
     assert!(
@@ -177,6 +189,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(transcription["language"], "english");
     assert!(transcription["segments"].as_u64() >= Some(1));
     assert_eq!(openai["speech"]["riff"], true, "{}", openai["speech"]);
+    assert_eq!(openai["image"]["png"], true, "{}", openai["image"]);
 
     // huggingface_hub's InferenceClient with the proxy's endpoint root as its model URL.
     let models_json = json!(models).to_string();
@@ -198,6 +211,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
         "{hf}"
     );
     assert_eq!(hf["text_to_speech"], "RIFF", "{hf}");
+    assert_eq!(hf["text_to_image"], json!([32, 40]), "{hf}");
     assert!(hf["text_generation"].as_array().unwrap().len() >= 2, "{hf}");
     assert!(
         !hf["chat_completion"].as_array().unwrap().is_empty(),

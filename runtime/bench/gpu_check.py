@@ -7,8 +7,10 @@ BINARY must be linked against libtorch_cuda (docker/Dockerfile's runtime-cuda st
 build with `patchelf --add-needed libtorch_cuda.so`), with torch's lib/ on LD_LIBRARY_PATH.
 Each check starts the runtime on a fixture, asserts `/info` reports a CUDA device, and compares
 answers over HTTP: embeddings (max |Δ| ≤ 1e-3), greedy completions of the tiny Llama (the same
-text), Whisper's greedy transcription ids (the same ids). Prints one line per check and exits
-non-zero when one fails.
+text), Whisper's greedy transcription (the same text), VITS's noiseless waveform (≤ 1e-3), and a
+seeded Stable Diffusion image in float32 against the CPU's (`.device/image-cpu-seed1.rgb`, made
+by this repository's CPU build; ≤ 2/255) and in float16 (reproducible). Prints one line per
+check and exits non-zero when one fails.
 """
 import json
 import os
@@ -104,10 +106,76 @@ def check_speech(binary: str) -> str:
     return f"{device}, transcript starts with transformers' {len(expected)}-character greedy text"
 
 
+def check_speech_synthesis(binary: str) -> str:
+    import base64
+    import io
+    import wave
+
+    import numpy
+    import safetensors.numpy
+
+    expected = safetensors.numpy.load_file(str(FIXTURES / "vits" / "reference.safetensors"))["quiet"]
+    reference = json.loads((FIXTURES / "vits" / "reference.json").read_text())
+    with Runtime(binary, "text-to-speech", "vits") as runtime:
+        answer = runtime.post("/v1/generate-speech", json.dumps(
+            {"text": reference["sentence"], "noise_scale": 0, "noise_scale_duration": 0}).encode())
+        device = runtime.info["device"]
+    with wave.open(io.BytesIO(base64.b64decode(answer["audio"]))) as audio:
+        samples = numpy.frombuffer(audio.readframes(audio.getnframes()), "<i2") / 32767.0
+    assert device.startswith("cuda"), f"runtime on {device}"
+    assert len(samples) == len(expected), f"{len(samples)} samples, transformers {len(expected)}"
+    delta = float(numpy.abs(samples - expected).max())
+    assert delta <= 1e-3, f"max |Δ| {delta:.2e}"
+    return f"{device}, {len(samples)} samples, max |Δ| {delta:.2e} (16-bit WAV vs float)"
+
+
+def check_image(binary: str) -> str:
+    """The same seed on the GPU (float32) as on this repository's CPU run, and in float16 a
+    valid image that the seed reproduces."""
+    import base64
+
+    import numpy
+
+    expected = numpy.frombuffer(
+        (REPO / ".device" / "image-cpu-seed1.rgb").read_bytes(), numpy.uint8).astype(int)
+    body = json.dumps({"prompt": "a red fox in the snow", "num_inference_steps": 2, "seed": 1,
+                       "width": 32, "height": 32, "scheduler": "ddim"}).encode()
+
+    def pixels(runtime) -> numpy.ndarray:
+        import zlib
+        png = base64.b64decode(runtime.post("/v1/generate-image", body)["image"])
+        at, data = 8, b""
+        while at < len(png):
+            length = int.from_bytes(png[at:at + 4], "big")
+            if png[at + 4:at + 8] == b"IDAT":
+                data += png[at + 8:at + 8 + length]
+            at += 12 + length
+        rows = zlib.decompress(data)
+        return numpy.frombuffer(b"".join(rows[i * 97 + 1:(i + 1) * 97] for i in range(32)),
+                                numpy.uint8).astype(int)
+
+    os.environ["INFERGATE_DTYPE"] = "float32"
+    with Runtime(binary, "text-to-image", "stable-diffusion") as runtime:
+        full = pixels(runtime)
+        device = runtime.info["device"]
+    del os.environ["INFERGATE_DTYPE"]
+    with Runtime(binary, "text-to-image", "stable-diffusion") as runtime:
+        half, again, dtype = pixels(runtime), pixels(runtime), runtime.info["model_dtype"]
+    assert device.startswith("cuda"), f"runtime on {device}"
+    delta = int(numpy.abs(full - expected).max())
+    assert delta <= 2, f"float32 GPU vs CPU: max |Δ| {delta}/255"
+    assert dtype == "float16", dtype
+    assert (half == again).all(), "float16: the seed does not reproduce the image"
+    half_delta = int(numpy.abs(half - expected).max())
+    return (f"{device}, float32 vs CPU max |Δ| {delta}/255; float16 reproducible, "
+            f"vs CPU float32 max |Δ| {half_delta}/255")
+
+
 def main() -> None:
     binary = sys.argv[1]
     failed = 0
-    for check in (check_embeddings, check_generation, check_speech):
+    for check in (check_embeddings, check_generation, check_speech, check_speech_synthesis,
+                  check_image):
         try:
             print(f"PASS {check.__name__}: {check(binary)}", flush=True)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then counted

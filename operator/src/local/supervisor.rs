@@ -533,7 +533,10 @@ fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
             ));
         }
         Task::TextToSpeech => ("/v1/generate-speech", r#"{"text": "Hello from infergate"}"#),
-        Task::TextToImage => return None,
+        Task::TextToImage => (
+            "/v1/generate-image",
+            r#"{"prompt": "a lighthouse at dusk", "num_inference_steps": 20}"#,
+        ),
     };
     Some((path, json(body)))
 }
