@@ -56,4 +56,5 @@ fi
 . "$repo/scripts/env.sh"
 python -c 'import torch; assert torch.__version__.startswith("2.11."), torch.__version__'
 bash "$repo/e2e/cluster/build.sh"
+bash "$repo/scripts/setup-clients.sh"
 say "ready; for a shell: . scripts/env.sh"

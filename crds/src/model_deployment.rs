@@ -138,20 +138,6 @@ impl Task {
         Task::Tabular,
     ];
 
-    /// The tasks `infergate-runtime` implements today; ModelDeployments of the others need a
-    /// custom `spec.runtime.container` until their runtime issue lands.
-    pub const SERVED_BY_BUILTIN_RUNTIME: [Task; 9] = [
-        Task::Embedding,
-        Task::TextClassification,
-        Task::Rerank,
-        Task::Tabular,
-        Task::TextGeneration,
-        Task::Translation,
-        Task::SpeechRecognition,
-        Task::TextToSpeech,
-        Task::TextToImage,
-    ];
-
     /// The name used in manifests and on the runtime's `--task` flag.
     pub fn as_str(self) -> &'static str {
         match self {

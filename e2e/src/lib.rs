@@ -176,17 +176,40 @@ pub fn minilm_dir() -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-/// Runs a client script of `e2e/clients/` with the set-up virtualenv's Python and returns the
-/// JSON object it prints.
+/// Runs `script` of `e2e/clients` with the set-up virtualenv's Python and parses the one JSON
+/// object it prints.
 pub fn python_client(script: &str, args: &[&str]) -> serde_json::Value {
+    run_client(Path::new("python"), script, args)
+}
+
+/// Runs `script` of `e2e/clients` with Node (its npm packages linked beside it by
+/// scripts/setup-clients.sh) and parses the one JSON object it prints.
+pub fn node_client(script: &str, args: &[&str]) -> serde_json::Value {
+    run_client(Path::new("node"), script, args)
+}
+
+/// Runs `tgi_client.py` in the `text-generation` client's own virtualenv (scripts/setup-clients.sh).
+pub fn text_generation_client(args: &[&str]) -> serde_json::Value {
+    let cache = std::env::var_os("INFERGATE_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/infergate"),
+        PathBuf::from,
+    );
+    run_client(
+        &cache.join("clients-venv-text-generation/bin/python"),
+        "tgi_client.py",
+        args,
+    )
+}
+
+fn run_client(program: &Path, script: &str, args: &[&str]) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("clients")
         .join(script);
-    let output = Command::new("python")
+    let output = Command::new(program)
         .arg(&path)
         .args(args)
         .output()
-        .expect("python from the set-up virtualenv");
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", program.display()));
     assert!(
         output.status.success(),
         "{script} failed:\n{}\n{}",

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use e2e::local::LocalMode;
-use e2e::{built, minilm_dir, python_client};
+use e2e::{built, minilm_dir, node_client, python_client, text_generation_client};
 use serde_json::{Value, json};
 
 const READY_LIMIT: Duration = Duration::from_secs(180);
@@ -217,6 +217,34 @@ async fn every_task_answers_real_clients_through_local_mode() {
         !hf["chat_completion"].as_array().unwrap().is_empty(),
         "{hf}"
     );
+
+    // The npm clients: openai 6 and @huggingface/inference 4 (retry_on_error off).
+    let js = node_client(
+        "js_client.mjs",
+        &[&local.url, &token, &models_json, &recording()],
+    );
+    assert_eq!(js["embeddings"]["dims"], 384, "{js}");
+    let norm = js["embeddings"]["norm"].as_f64().unwrap();
+    assert!((norm - 1.0).abs() < 1e-4, "decoded from base64: {norm}");
+    assert!(js["chat"]["chunks"].as_u64() >= Some(1), "{js}");
+    assert_eq!(js["feature_extraction"], json!([1, 384]), "{js}");
+    assert_eq!(js["text_classification"], 3, "{js}");
+    assert!(js["translation"].is_string(), "{js}");
+    assert!(js["text_generation"].is_string(), "{js}");
+    assert!(js["text_generation_stream"].as_u64() >= Some(2), "{js}");
+    assert!(js["chat_completion_stream"].as_u64() >= Some(1), "{js}");
+    assert_eq!(
+        js["automatic_speech_recognition"],
+        seed["speech-recognition"]["body"]["text"]
+    );
+    assert_eq!(js["text_to_image"]["type"], "image/png", "{js}");
+    assert_eq!(js["text_to_speech"]["type"], "audio/wav", "{js}");
+
+    // TGI's own Python client.
+    let tgi = text_generation_client(&[&local.url, &token, "text-generation"]);
+    assert_eq!(tgi["generated_tokens"], 8, "{tgi}");
+    assert_eq!(tgi["stream_tokens"], 8, "{tgi}");
+    assert_eq!(tgi["stream_final"], tgi["generated_text"], "{tgi}");
 
     // curl, as the console's sample line shows it.
     let curl = std::process::Command::new("curl")

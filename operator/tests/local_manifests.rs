@@ -122,11 +122,6 @@ fn each_fault_is_one_problem_naming_its_field() {
             "file:// models only",
         ),
         (
-            model("  task: text-to-image\n  model: {uri: file://MODEL_DIR}\n"),
-            "spec.task",
-            "no text-to-image task yet; it serves embedding",
-        ),
-        (
             model(
                 "  task: embedding\n  model: {uri: file://MODEL_DIR}\n  modelVersionId: minilm\n",
             ),

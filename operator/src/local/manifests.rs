@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crds::{AccessToken, ModelDeployment, Task};
+use crds::{AccessToken, ModelDeployment};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use kube::{CustomResourceExt, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -272,16 +272,6 @@ fn accept_model(
     // its name.
     md.meta_mut().uid = Some(md.name_any());
     let before = problems.len();
-    if !Task::SERVED_BY_BUILTIN_RUNTIME.contains(&md.spec.task) {
-        problems.push(origin.problem(
-            Some("spec.task"),
-            format!(
-                "infergate-runtime has no {} task yet; it serves {}",
-                md.spec.task,
-                Task::SERVED_BY_BUILTIN_RUNTIME.map(Task::as_str).join(", ")
-            ),
-        ));
-    }
     if md
         .spec
         .runtime

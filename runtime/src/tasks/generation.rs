@@ -440,7 +440,7 @@ pub fn routes() -> Router<Arc<GenerationTask>> {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/", post(generate))
+        .route("/", post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
         .route("/tokenize", post(tokenize))
@@ -991,6 +991,19 @@ fn token_json(task: &GenerationTask, id: i64, text: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "text": text, "logprob": null, "special": special})
 }
 
+/// TGI's endpoint root: a stream when asked, else `/generate`'s answer in a list of one, as
+/// TGI's own `text-generation` client reads it (`huggingface_hub` takes either).
+async fn compat_generate(
+    State(task): State<Arc<GenerationTask>>,
+    deadline: Deadline,
+    ValidJson(request): ValidJson<GenerateRequest>,
+) -> Result<Response, ApiError> {
+    if request.stream {
+        return generate_stream(State(task), deadline, ValidJson(request)).await;
+    }
+    Ok(Json([generated(task, deadline, request).await?]).into_response())
+}
+
 async fn generate(
     State(task): State<Arc<GenerationTask>>,
     deadline: Deadline,
@@ -999,6 +1012,15 @@ async fn generate(
     if request.stream {
         return generate_stream(State(task), deadline, ValidJson(request)).await;
     }
+    Ok(Json(generated(task, deadline, request).await?).into_response())
+}
+
+/// `/generate`'s body: the text, and the details when asked for.
+async fn generated(
+    task: Arc<GenerationTask>,
+    deadline: Deadline,
+    request: GenerateRequest,
+) -> Result<serde_json::Value, ApiError> {
     let (plan, details, seed) = tgi_plan(&task, request, instant(deadline))?;
     let run = Run::start(task.clone(), plan, true)?;
     let (text, tokens, finish, run) = run.collect().await?;
@@ -1012,7 +1034,7 @@ async fn generate(
             "tokens": tokens.iter().map(|(id, text)| token_json(&task, *id, text)).collect::<Vec<_>>(),
         });
     }
-    Ok(Json(body).into_response())
+    Ok(body)
 }
 
 async fn generate_stream(
