@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn, nn::Module};
 
+use super::attention::Attention;
 use super::{LoadError, load_strict, read_json, weight_files};
 
 /// `config.json` of a Marian checkpoint.
@@ -101,63 +102,6 @@ fn sinusoidal_positions(positions: i64, dim: i64) -> Tensor {
         }
     }
     Tensor::from_slice(&table).view([positions, dim])
-}
-
-#[derive(Debug)]
-struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
-    heads: i64,
-}
-
-impl Attention {
-    fn new(p: nn::Path, dim: i64, heads: i64) -> Attention {
-        let linear = |name: &str| nn::linear(&p / name, dim, dim, Default::default());
-        Attention {
-            q_proj: linear("q_proj"),
-            k_proj: linear("k_proj"),
-            v_proj: linear("v_proj"),
-            out_proj: linear("out_proj"),
-            heads,
-        }
-    }
-
-    fn favour_few_rows(&mut self) {
-        for linear in [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.out_proj,
-        ] {
-            super::favour_few_rows(&mut linear.ws);
-        }
-    }
-
-    /// [batch, seq, dim] → [batch, heads, seq, head_dim]
-    fn split(&self, x: &Tensor) -> Tensor {
-        let (batch, seq, dim) = x.size3().expect("hidden states are 3-D");
-        x.view([batch, seq, self.heads, dim / self.heads])
-            .transpose(1, 2)
-    }
-
-    fn keys_values(&self, x: &Tensor) -> (Tensor, Tensor) {
-        (
-            self.split(&self.k_proj.forward(x)),
-            self.split(&self.v_proj.forward(x)),
-        )
-    }
-
-    fn attend(&self, x: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let (batch, seq, dim) = x.size3().expect("hidden states are 3-D");
-        let q = self.split(&self.q_proj.forward(x));
-        let context =
-            Tensor::scaled_dot_product_attention(&q, keys, values, mask, 0.0, false, None, false)
-                .transpose(1, 2)
-                .reshape([batch, seq, dim]);
-        self.out_proj.forward(&context)
-    }
 }
 
 fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
@@ -279,6 +223,7 @@ impl MarianModel {
                         &p / "self_attn",
                         dim,
                         config.encoder_attention_heads,
+                        true,
                     ),
                     self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
                     fc1: nn::linear(&p / "fc1", dim, config.encoder_ffn_dim, Default::default()),
@@ -295,12 +240,14 @@ impl MarianModel {
                         &p / "self_attn",
                         dim,
                         config.decoder_attention_heads,
+                        true,
                     ),
                     self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
                     encoder_attn: Attention::new(
                         &p / "encoder_attn",
                         dim,
                         config.decoder_attention_heads,
+                        true,
                     ),
                     encoder_attn_layer_norm: layer_norm(&p / "encoder_attn_layer_norm", dim),
                     fc1: nn::linear(&p / "fc1", dim, config.decoder_ffn_dim, Default::default()),

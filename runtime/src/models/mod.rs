@@ -1,7 +1,9 @@
 //! Model architectures on tch, and loading them from a Hugging Face model directory.
 
+pub mod attention;
 pub mod bert;
 pub mod diffusion;
+pub mod layers;
 pub mod llama;
 pub mod marian;
 pub mod pooling;

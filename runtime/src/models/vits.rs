@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use super::layers::LayerNorm;
 use super::weights::NamedWeights;
 use super::{LoadError, read_json, weight_files};
 
@@ -128,14 +129,6 @@ fn conv(
     })
 }
 
-fn layer_norm(w: &NamedWeights, prefix: &str, eps: f64) -> Result<LayerNorm, LoadError> {
-    Ok(LayerNorm {
-        weight: w.get(&format!("{prefix}.weight"))?,
-        bias: w.get(&format!("{prefix}.bias"))?,
-        eps,
-    })
-}
-
 /// A 1-D convolution (stride 1) with its padding and dilation.
 #[derive(Debug)]
 struct Conv {
@@ -156,33 +149,6 @@ impl Conv {
             [self.dilation],
             self.groups,
         )
-    }
-}
-
-/// A layer norm over the channels of [batch, channels, time].
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    /// x: [.., channels] (last dimension).
-    fn forward_last(&self, x: &Tensor) -> Tensor {
-        let channels = self.weight.size()[0];
-        x.layer_norm(
-            [channels],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            false,
-        )
-    }
-
-    /// x: [batch, channels, time].
-    fn forward_channels(&self, x: &Tensor) -> Tensor {
-        self.forward_last(&x.transpose(1, -1)).transpose(1, -1)
     }
 }
 
@@ -592,10 +558,10 @@ impl VitsModel {
                         heads: config.num_attention_heads,
                         window: config.window_size.unwrap_or(0),
                     },
-                    layer_norm: layer_norm(&w, &format!("{p}.layer_norm"), eps)?,
+                    layer_norm: LayerNorm::load(&w, &format!("{p}.layer_norm"), eps)?,
                     conv_1: conv(&w, &format!("{p}.feed_forward.conv_1"), ffn_pad, 1, 1)?,
                     conv_2: conv(&w, &format!("{p}.feed_forward.conv_2"), ffn_pad, 1, 1)?,
-                    final_layer_norm: layer_norm(&w, &format!("{p}.final_layer_norm"), eps)?,
+                    final_layer_norm: LayerNorm::load(&w, &format!("{p}.final_layer_norm"), eps)?,
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
@@ -619,9 +585,9 @@ impl VitsModel {
                 dds.pointwise
                     .push(conv(&w, &format!("{p}.convs_pointwise.{i}"), 0, 1, 1)?);
                 dds.norms_1
-                    .push(layer_norm(&w, &format!("{p}.norms_1.{i}"), 1e-5)?);
+                    .push(LayerNorm::load(&w, &format!("{p}.norms_1.{i}"), 1e-5)?);
                 dds.norms_2
-                    .push(layer_norm(&w, &format!("{p}.norms_2.{i}"), 1e-5)?);
+                    .push(LayerNorm::load(&w, &format!("{p}.norms_2.{i}"), 1e-5)?);
             }
             Ok(dds)
         };
@@ -655,9 +621,9 @@ impl VitsModel {
             let k = config.duration_predictor_kernel_size;
             DurationPredictor::Plain(Durations {
                 conv_1: conv(&w, &format!("{p}.conv_1"), k / 2, 1, 1)?,
-                norm_1: layer_norm(&w, &format!("{p}.norm_1"), eps)?,
+                norm_1: LayerNorm::load(&w, &format!("{p}.norm_1"), eps)?,
                 conv_2: conv(&w, &format!("{p}.conv_2"), k / 2, 1, 1)?,
-                norm_2: layer_norm(&w, &format!("{p}.norm_2"), eps)?,
+                norm_2: LayerNorm::load(&w, &format!("{p}.norm_2"), eps)?,
                 proj: conv(&w, &format!("{p}.proj"), 0, 1, 1)?,
             })
         };
@@ -774,7 +740,7 @@ impl VitsModel {
         let ffn_pad_right = self.config.ffn_kernel_size / 2 - (self.config.ffn_kernel_size - 1) / 2;
         for layer in &self.layers {
             let attended = layer.attention.forward(&hidden);
-            hidden = layer.layer_norm.forward_last(&(hidden + attended));
+            hidden = layer.layer_norm.forward(&(hidden + attended));
             // The feed-forward convolutions pad (k−1)/2 left and k/2 right.
             let x = hidden.transpose(1, 2);
             let x = if ffn_pad_right > 0 {
@@ -794,7 +760,7 @@ impl VitsModel {
                 x
             };
             let x = layer.conv_2.forward(&x).transpose(1, 2);
-            hidden = layer.final_layer_norm.forward_last(&(hidden + x));
+            hidden = layer.final_layer_norm.forward(&(hidden + x));
         }
         let hidden = hidden.transpose(1, 2);
         let mask = Tensor::ones([1, 1, length], (self.kind, self.device));

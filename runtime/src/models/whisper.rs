@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn, nn::Module};
 
+use super::attention::Attention;
 use super::{LoadError, load_strict, read_json, tensor_names, weight_files};
 
 /// `config.json` of a Whisper checkpoint.
@@ -209,74 +210,6 @@ fn mel_filters(n_fft: i64, n_mels: i64, sampling_rate: f64) -> Tensor {
 }
 
 #[derive(Debug)]
-struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
-    heads: i64,
-}
-
-impl Attention {
-    fn new(p: nn::Path, dim: i64, heads: i64) -> Attention {
-        let linear = |name: &str, bias: bool| {
-            nn::linear(
-                &p / name,
-                dim,
-                dim,
-                nn::LinearConfig {
-                    bias,
-                    ..Default::default()
-                },
-            )
-        };
-        Attention {
-            q_proj: linear("q_proj", true),
-            // Whisper's key projection has no bias.
-            k_proj: linear("k_proj", false),
-            v_proj: linear("v_proj", true),
-            out_proj: linear("out_proj", true),
-            heads,
-        }
-    }
-
-    fn favour_few_rows(&mut self) {
-        for linear in [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.out_proj,
-        ] {
-            super::favour_few_rows(&mut linear.ws);
-        }
-    }
-
-    /// [batch, seq, dim] → [batch, heads, seq, head_dim]
-    fn split(&self, x: &Tensor) -> Tensor {
-        let (batch, seq, dim) = x.size3().expect("hidden states are 3-D");
-        x.view([batch, seq, self.heads, dim / self.heads])
-            .transpose(1, 2)
-    }
-
-    fn keys_values(&self, x: &Tensor) -> (Tensor, Tensor) {
-        (
-            self.split(&self.k_proj.forward(x)),
-            self.split(&self.v_proj.forward(x)),
-        )
-    }
-
-    fn attend(&self, x: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let (batch, seq, dim) = x.size3().expect("hidden states are 3-D");
-        let q = self.split(&self.q_proj.forward(x));
-        let context =
-            Tensor::scaled_dot_product_attention(&q, keys, values, mask, 0.0, false, None, false)
-                .transpose(1, 2)
-                .reshape([batch, seq, dim]);
-        self.out_proj.forward(&context)
-    }
-}
-
-#[derive(Debug)]
 struct FeedForward {
     fc1: nn::Linear,
     fc2: nn::Linear,
@@ -415,6 +348,7 @@ impl WhisperModel {
                         &p / "self_attn",
                         dim,
                         config.encoder_attention_heads,
+                        false,
                     ),
                     self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
                     feed_forward: FeedForward::new(&p, dim, config.encoder_ffn_dim),
@@ -441,12 +375,14 @@ impl WhisperModel {
                         &p / "self_attn",
                         dim,
                         config.decoder_attention_heads,
+                        false,
                     ),
                     self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
                     encoder_attn: Attention::new(
                         &p / "encoder_attn",
                         dim,
                         config.decoder_attention_heads,
+                        false,
                     ),
                     encoder_attn_layer_norm: layer_norm(&p / "encoder_attn_layer_norm", dim),
                     feed_forward: FeedForward::new(&p, dim, config.decoder_ffn_dim),

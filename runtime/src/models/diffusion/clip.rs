@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::layers::{Attention, LayerNorm, Linear};
+use crate::models::layers::{Attention, LayerNorm, Linear};
 use crate::models::weights::NamedWeights;
 use crate::models::{LoadError, read_json};
 

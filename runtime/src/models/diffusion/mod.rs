@@ -3,7 +3,6 @@
 //! guidance, as `StableDiffusionPipeline` runs them.
 
 pub mod clip;
-pub mod layers;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;

@@ -12,7 +12,9 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::layers::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample};
+use crate::models::layers::{
+    Attention, Conv2d, GroupNorm, LayerNorm, Linear, ResnetBlock, Upsample,
+};
 use crate::models::weights::NamedWeights;
 use crate::models::{LoadError, read_json};
 

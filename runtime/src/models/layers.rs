@@ -1,6 +1,6 @@
-//! The building blocks the Stable Diffusion parts share, each read from a checkpoint by its
-//! diffusers or transformers name: convolutions, group and layer norms, linear layers, and the
-//! attention every part uses.
+//! Layers of the models assembled from a checkpoint's named tensors (Stable Diffusion's parts,
+//! VITS): convolutions, group and layer norms, linear layers, attention and ResNet blocks,
+//! each read by its diffusers or transformers name.
 
 use tch::Tensor;
 
@@ -96,6 +96,7 @@ impl LayerNorm {
         })
     }
 
+    /// Over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let channels = self.weight.size()[0];
         x.layer_norm(
@@ -105,6 +106,11 @@ impl LayerNorm {
             self.eps,
             false,
         )
+    }
+
+    /// Over the channels of [batch, channels, time].
+    pub fn forward_channels(&self, x: &Tensor) -> Tensor {
+        self.forward(&x.transpose(1, -1)).transpose(1, -1)
     }
 }
 
