@@ -24,6 +24,8 @@ cleanup() {
 trap cleanup EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+# Every fuzz target from its seeds and the cached corpus; 0 crashes allowed.
+bash scripts/fuzz.sh --seconds "${INFERGATE_FUZZ_SECONDS:-60}" || status=1
 
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')

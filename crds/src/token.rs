@@ -63,13 +63,14 @@ impl Token {
         if candidate.len() != TOKEN_LEN {
             return Err(TokenFormatError::WrongLength);
         }
-        let (body, checksum) = candidate.split_at(TOKEN_LEN - CHECKSUM_DIGITS);
+        // Before any slicing: a multi-byte character could put a slice boundary inside itself.
         if !candidate[PREFIX.len()..]
             .bytes()
             .all(|b| b.is_ascii_alphanumeric())
         {
             return Err(TokenFormatError::InvalidCharacter);
         }
+        let (body, checksum) = candidate.split_at(TOKEN_LEN - CHECKSUM_DIGITS);
         if checksum_digits(body) != checksum {
             return Err(TokenFormatError::ChecksumMismatch);
         }
@@ -142,6 +143,22 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn a_multibyte_character_of_the_right_byte_length_is_refused_not_a_panic() {
+        // Found by the token_checksum fuzz target: the two bytes of 'ы' straddled the checksum.
+        let token = Token::generate().unwrap();
+        let mut bytes = token.expose_secret().to_owned();
+        bytes.replace_range(
+            TOKEN_LEN - CHECKSUM_DIGITS - 1..TOKEN_LEN - CHECKSUM_DIGITS + 1,
+            "ы",
+        );
+        assert_eq!(bytes.len(), TOKEN_LEN);
+        assert_eq!(
+            Token::parse(&bytes),
+            Err(TokenFormatError::InvalidCharacter)
+        );
+    }
 
     fn is_well_formed(token: &str) -> bool {
         token.len() == 53

@@ -94,7 +94,11 @@ pub fn parse_request_timeout(value: &[u8], max: Duration) -> Result<Duration, Ti
             max_seconds: max.as_secs_f64(),
         });
     }
-    Ok(Duration::from_secs_f64(seconds))
+    // Positive, yet below a nanosecond: a deadline that has passed on arrival.
+    match Duration::from_secs_f64(seconds) {
+        deadline if deadline.is_zero() => Err(TimeoutHeaderError::NotAPositiveNumber),
+        deadline => Ok(deadline),
+    }
 }
 
 #[cfg(test)]
@@ -199,7 +203,19 @@ mod tests {
     fn timeout_header_refuses_anything_but_a_positive_decimal() {
         let max = Duration::from_secs(600);
         for bad in [
-            "", "0", "0.0", "-5", "1e3", "inf", "NaN", "10s", "1.2.3", ".", "\u{ff}",
+            "",
+            "0",
+            "0.0",
+            "-5",
+            "1e3",
+            "inf",
+            "NaN",
+            "10s",
+            "1.2.3",
+            ".",
+            "\u{ff}",
+            // Positive but under a nanosecond (found by the timeout_header fuzz target).
+            ".0000000000000000000000000000373309811",
         ] {
             assert_eq!(
                 parse_request_timeout(bad.as_bytes(), max),

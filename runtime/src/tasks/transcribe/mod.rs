@@ -154,12 +154,17 @@ const MAX_TEXT_FIELD_BYTES: u64 = 64 * 1024;
 
 /// A multipart form: the audio file and the text fields.
 #[derive(Debug, Default)]
-struct Form {
+pub struct Form {
     file: Option<Bytes>,
     fields: Vec<(String, String)>,
 }
 
 impl Form {
+    /// Size of the uploaded file, when the form has one.
+    pub fn file_len(&self) -> Option<usize> {
+        self.file.as_ref().map(Bytes::len)
+    }
+
     fn get(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()
@@ -191,7 +196,28 @@ async fn read_form(request: Request, limits: AudioLimits) -> Result<Form, ApiErr
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .to_owned();
+    parse_form(
+        &content_type,
+        request.into_body().into_data_stream(),
+        limits,
+    )
+    .await
+}
+
+/// Reads a multipart body with this endpoint's limits: the fields it knows, at most
+/// `MAX_FORM_FIELDS` of them, text fields of `MAX_TEXT_FIELD_BYTES`, one `file` of the upload
+/// limit (multer sets none by default).
+pub async fn parse_form<S, E>(
+    content_type: &str,
+    body: S,
+    limits: AudioLimits,
+) -> Result<Form, ApiError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::UnsupportedMediaType(
             "send the audio as multipart/form-data with a `file` field".to_owned(),
@@ -206,11 +232,7 @@ async fn read_form(request: Request, limits: AudioLimits) -> Result<Form, ApiErr
                 .per_field(MAX_TEXT_FIELD_BYTES)
                 .for_field("file", upload),
         );
-    let mut multipart = multer::Multipart::with_constraints(
-        request.into_body().into_data_stream(),
-        boundary,
-        constraints,
-    );
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
     let mut form = Form::default();
     let mut count = 0;
     while let Some(field) = multipart.next_field().await.map_err(form_error)? {
