@@ -23,17 +23,19 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$repo/scripts/env.sh"
 cache="${INFERGATE_CACHE:-$HOME/.cache/infergate}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
-export RUSTC_BOOTSTRAP=1
-# The chat_template target renders through the runtime's own sandboxed helper.
+# The chat_template target renders through the runtime's own sandboxed helper. Built before
+# RUSTC_BOOTSTRAP is set: cargo would otherwise rebuild the whole shared target directory.
 cargo build -q -p runtime --bin infergate-runtime
 export INFERGATE_RUNTIME_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/infergate-runtime"
+# cargo-fuzz's instrumentation flags need it on stable; its own target directories only.
+fuzz() { RUSTC_BOOTSTRAP=1 cargo fuzz "$@"; }
 
 failed=0
 for crate in proxy runtime; do
   fuzz_dir="$repo/$crate/fuzz"
   target_dir="$cache/fuzz-target/$crate"
-  cargo fuzz build -s none --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" >/dev/null
-  for target in $(cargo fuzz list --fuzz-dir "$fuzz_dir"); do
+  fuzz build -s none --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" >/dev/null
+  for target in $(fuzz list --fuzz-dir "$fuzz_dir"); do
     if [ "${#only[@]}" -gt 0 ] && [[ ! " ${only[*]} " == *" $target "* ]]; then
       continue
     fi
@@ -41,7 +43,7 @@ for crate in proxy runtime; do
     artifacts="$cache/fuzz-artifacts/$target"
     mkdir -p "$corpus" "$artifacts"
     log="$(mktemp)"
-    if cargo fuzz run -s none --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" "$target" \
+    if fuzz run -s none --fuzz-dir "$fuzz_dir" --target-dir "$target_dir" "$target" \
         "$corpus" "$fuzz_dir/seeds/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
         -max_len=65536 -timeout=10 -artifact_prefix="$artifacts/" -print_final_stats=1 \
         >"$log" 2>&1; then

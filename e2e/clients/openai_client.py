@@ -1,5 +1,5 @@
-"""The official `openai` Python client, unmodified, pointed at infergate's proxy: a streamed
-chat, embeddings (which the client requests base64-encoded and decodes itself) and, when a
+"""The official `openai` Python client, unmodified, pointed at infergate's proxy: a streamed and
+a whole chat, a completion, the model list, embeddings (which the client requests base64-encoded and decodes itself) and, when a
 speech model and a recording are given, transcriptions as JSON, text and verbose JSON. Prints
 one JSON object with what came back.
 
@@ -36,10 +36,25 @@ def main():
             arrivals.append(time.monotonic() - started)
             text += chunk.choices[0].delta.content
     result["chat"] = {"chunks": len(arrivals), "first_s": arrivals[0], "last_s": arrivals[-1], "text": text}
+    whole = chat.chat.completions.create(
+        model="anything", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0)
+    result["chat_whole"] = {"text": whole.choices[0].message.content,
+                            "finish_reason": whole.choices[0].finish_reason,
+                            "completion_tokens": whole.usage.completion_tokens}
+    completion = chat.completions.create(model="anything", prompt="Once upon", max_tokens=8, temperature=0)
+    result["completion"] = {"text": completion.choices[0].text,
+                            "completion_tokens": completion.usage.completion_tokens}
+    result["models"] = [m.id for m in chat.models.list()]
     embedder = openai.OpenAI(base_url=f"{url}/models/{embedding_model}/proxy/v1", api_key=token)
     embedded = embedder.embeddings.create(model="anything", input=["infergate", "a model gateway"])
+    floats = embedder.embeddings.create(model="anything", input=["infergate", "a model gateway"],
+                                        encoding_format="float")
     result["embeddings"] = {"count": len(embedded.data), "dims": len(embedded.data[0].embedding),
-                            "norm": sum(x * x for x in embedded.data[0].embedding)}
+                            "norm": sum(x * x for x in embedded.data[0].embedding),
+                            # JSON carries the shortest decimal of each f32, base64 its bits.
+                            "float_vs_base64_max_diff": max(
+                                abs(x - y) for a, b in zip(embedded.data, floats.data)
+                                for x, y in zip(a.embedding, b.embedding))}
     if len(sys.argv) > 6:
         speech_model, recording = sys.argv[5:7]
         listener = openai.OpenAI(base_url=f"{url}/models/{speech_model}/proxy/v1", api_key=token)

@@ -176,6 +176,28 @@ async fn every_task_answers_real_clients_through_local_mode() {
         openai["chat"]
     );
     assert_eq!(openai["embeddings"]["count"], 2);
+    assert!(
+        openai["embeddings"]["float_vs_base64_max_diff"].as_f64() < Some(1e-7),
+        "{}",
+        openai["embeddings"]
+    );
+    assert_eq!(
+        openai["chat_whole"]["completion_tokens"], 8,
+        "{}",
+        openai["chat_whole"]
+    );
+    assert_eq!(openai["chat_whole"]["finish_reason"], "length");
+    assert_eq!(
+        openai["completion"]["completion_tokens"], 8,
+        "{}",
+        openai["completion"]
+    );
+    assert_eq!(
+        openai["models"],
+        json!(["text-generation"]),
+        "{}",
+        openai["models"]
+    );
     assert_eq!(openai["embeddings"]["dims"], 384);
     let norm = openai["embeddings"]["norm"].as_f64().unwrap();
     assert!((norm - 1.0).abs() < 1e-4, "normalized embeddings: {norm}");

@@ -781,6 +781,65 @@ async fn sigterm_lets_a_running_sse_stream_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_200_requests_in_flight_fails_and_truncates_none() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let mut proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    // 150 unary requests that take 1.5 s and 50 streams of 8 events 200 ms apart.
+    let unary: Vec<_> = (0..150)
+        .map(|_| {
+            let request = client()
+                .get(proxy.url("/models/m/proxy/sleep/1500"))
+                .header("authorization", token.bearer());
+            tokio::spawn(async move {
+                let response = request.send().await?;
+                let status = response.status();
+                Ok::<_, reqwest::Error>((status, response.text().await?))
+            })
+        })
+        .collect();
+    let streams: Vec<_> = (0..50)
+        .map(|_| {
+            let request = client()
+                .get(proxy.url("/models/m/proxy/sse/8/200"))
+                .header("authorization", token.bearer());
+            tokio::spawn(async move {
+                let mut response = request.send().await?;
+                let status = response.status();
+                Ok::<_, reqwest::Error>((status, read_stream(&mut response).await))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.signal("TERM");
+    let (mut failed, mut truncated) = (0, 0);
+    for request in unary {
+        match request.await.unwrap() {
+            Ok((status, body)) if status == 200 => truncated += usize::from(body != "done"),
+            _ => failed += 1,
+        }
+    }
+    for stream in streams {
+        match stream.await.unwrap() {
+            Ok((status, body)) if status == 200 => {
+                truncated += usize::from(body.matches("data: ").count() != 8)
+            }
+            _ => failed += 1,
+        }
+    }
+    assert_eq!(
+        (failed, truncated),
+        (0, 0),
+        "of 200 requests in flight at SIGTERM"
+    );
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the proxy did not exit after draining");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_client_connection_is_closed_after_the_keepalive_idle_time() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::start().await;

@@ -66,12 +66,20 @@ pub fn decode(bytes: Bytes, max_seconds: u64) -> Result<(Vec<f32>, u32), AudioEr
     })
 }
 
-/// Checks a WAV file's format chunk before symphonia reads it: symphonia panics on a zero sample
-/// rate or block size instead of returning an error. Other formats pass through.
+/// Checks the format chunk of every WAV header in `bytes` before symphonia reads it: symphonia
+/// panics on a zero sample rate or block size instead of returning an error, and its probe
+/// finds a header past leading junk, so every `RIFF....WAVE` is checked, not only one at the
+/// start. Other formats pass through.
 pub fn check_wav_header(bytes: &[u8]) -> Result<(), AudioError> {
-    if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
-        return Ok(());
+    for start in 0..bytes.len().saturating_sub(11) {
+        if &bytes[start..start + 4] == b"RIFF" && &bytes[start + 8..start + 12] == b"WAVE" {
+            check_wav_at(&bytes[start..])?;
+        }
     }
+    Ok(())
+}
+
+fn check_wav_at(bytes: &[u8]) -> Result<(), AudioError> {
     let invalid = |message: &str| Err(AudioError::Invalid(format!("WAV header: {message}")));
     let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
     let mut at = 12usize;
@@ -365,6 +373,19 @@ mod tests {
     fn a_wav_with_a_zero_sample_rate_is_refused_before_the_decoder_sees_it() {
         let mut file = wav_header(0, 3200);
         file.extend(std::iter::repeat_n(0u8, 3200));
+        assert_eq!(
+            decode(Bytes::from(file), 600).unwrap_err(),
+            AudioError::Invalid("WAV header: a sample rate of 0 Hz".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_wav_header_after_leading_junk_is_checked_too() {
+        // Found by the audio_header fuzz target: symphonia's probe skips to a later header.
+        let mut file = b"RIF+junkWAVEfm".to_vec();
+        let mut wav = wav_header(0, 400);
+        wav.extend(std::iter::repeat_n(0u8, 400));
+        file.extend(wav);
         assert_eq!(
             decode(Bytes::from(file), 600).unwrap_err(),
             AudioError::Invalid("WAV header: a sample rate of 0 Hz".to_owned())

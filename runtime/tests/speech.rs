@@ -529,3 +529,54 @@ async fn a_request_past_its_deadline_stops_its_work_within_a_second() {
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn sigterm_turns_readiness_off_at_once_and_finishes_the_work_in_flight() {
+    let mut runtime = start(&["--max-audio-seconds", "1200"]).await;
+    let url = runtime.url.clone();
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/transcript"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(form(&[("language", "en")], Some(&wav(240.0))))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = Instant::now();
+    let pid = runtime.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Readiness: /health stops answering 200 within a second (the port closes to new
+    // connections), so no new request is routed here.
+    loop {
+        let ready = reqwest::get(format!("{}/health", runtime.url))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if !ready {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "still ready after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight was dropped");
+    assert_eq!(response.status(), 200);
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert!(body["text"].is_string());
+    let exit = runtime.child.wait().unwrap();
+    assert!(exit.success(), "{exit}");
+}
