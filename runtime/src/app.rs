@@ -364,6 +364,7 @@ impl Runtime {
                     tokens,
                     limits: settings.audio,
                     decoding: Arc::new(tokio::sync::Semaphore::new(2)),
+                    metrics: metrics.clone(),
                 });
                 (
                     info,

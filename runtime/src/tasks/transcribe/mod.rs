@@ -98,17 +98,12 @@ impl SpeechModel {
             .inference_seconds
             .observe(started.elapsed().as_secs_f64());
         long.into_iter()
-            .map(|job| {
-                if job.alive.strong_count() == 0 {
-                    self.metrics.abandoned.inc();
-                }
-                match &outcome {
-                    Ok(()) => Ok(Transcript {
-                        language: job.options.language,
-                        segments: job.segments,
-                    }),
-                    Err(_) => Err("the model failed".to_owned()),
-                }
+            .map(|job| match &outcome {
+                Ok(()) => Ok(Transcript {
+                    language: job.options.language,
+                    segments: job.segments,
+                }),
+                Err(_) => Err("the model failed".to_owned()),
             })
             .collect()
     }
@@ -123,6 +118,22 @@ pub struct SpeechRecognitionTask {
     pub limits: AudioLimits,
     /// Uploads decoded at once: each holds its samples at the source rate while it decodes.
     pub decoding: Arc<Semaphore>,
+    pub metrics: Metrics,
+}
+
+/// Counts a request whose handler was dropped (client gone, deadline passed) before it
+/// finished, at whatever stage: decoding, queued, or on the model thread, which then stops.
+struct AbandonedUnlessFinished<'a> {
+    metrics: &'a Metrics,
+    finished: bool,
+}
+
+impl Drop for AbandonedUnlessFinished<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics.abandoned.inc();
+        }
+    }
 }
 
 pub fn routes() -> Router<Arc<SpeechRecognitionTask>> {
@@ -406,7 +417,22 @@ impl SpeechRecognitionTask {
         audio: Bytes,
         options: DecodeOptions,
     ) -> Result<(Transcript, f64), ApiError> {
-        let _decoding = self
+        let mut abandoned = AbandonedUnlessFinished {
+            metrics: &self.metrics,
+            finished: false,
+        };
+        let answer = self.decode_and_transcribe(field, audio, options).await;
+        abandoned.finished = true;
+        answer
+    }
+
+    async fn decode_and_transcribe(
+        &self,
+        field: &'static str,
+        audio: Bytes,
+        options: DecodeOptions,
+    ) -> Result<(Transcript, f64), ApiError> {
+        let decoding = self
             .decoding
             .acquire()
             .await
@@ -415,7 +441,7 @@ impl SpeechRecognitionTask {
         let decoded = tokio::task::spawn_blocking(move || decode_to_16k(audio, max_seconds))
             .await
             .map_err(|_| ApiError::Inference("audio decoding failed".to_owned()))?;
-        drop(_decoding);
+        drop(decoding);
         let (samples, seconds) = decoded.map_err(|e| audio_error(field, e))?;
         // The model thread stops this request's work once this handler is dropped (client
         // gone, deadline passed).
