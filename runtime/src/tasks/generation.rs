@@ -671,7 +671,8 @@ impl Run {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, for OpenAI's `created` fields.
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -392,10 +392,9 @@ async fn openai_images(
             "b64_json": base64::engine::general_purpose::STANDARD.encode(png(&image)),
         }));
     }
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok(Json(serde_json::json!({"created": created, "data": data})))
+    Ok(Json(
+        serde_json::json!({"created": crate::tasks::generation::unix_now(), "data": data}),
+    ))
 }
 
 /// What Hugging Face clients post for text to image.
