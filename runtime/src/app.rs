@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::batching::{BatchLimits, Batcher};
 use crate::generate::engine::{Engine, EngineLimits};
-use crate::generate::sandbox::TemplateSandbox;
+use crate::generate::sandbox::{MAX_IDLE_HELPERS, TemplateSandbox};
 use crate::generate::template::ChatTemplates;
 use crate::metrics::Metrics;
 use crate::models::bert::BertConfig;
@@ -268,13 +268,14 @@ impl Runtime {
                     model_id: model_id.clone(),
                     eos_token_ids: eos,
                     defaults: generation.defaults,
-                    template_renders: Arc::new(tokio::sync::Semaphore::new(2)),
-                    sandbox: Arc::new(TemplateSandbox::new(std::env::current_exe().map_err(
-                        |source| LoadError::Read {
+                    template_renders: Arc::new(tokio::sync::Semaphore::new(MAX_IDLE_HELPERS)),
+                    sandbox: Arc::new(TemplateSandbox::new(
+                        std::env::current_exe().map_err(|source| LoadError::Read {
                             path: "/proc/self/exe".into(),
                             source,
-                        },
-                    )?)),
+                        })?,
+                        metrics.template_render_cpu.clone(),
+                    )),
                 });
                 (
                     info,

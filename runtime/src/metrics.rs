@@ -32,6 +32,8 @@ pub struct Metrics {
     pub generated_tokens: IntCounter,
     pub running: IntGauge,
     pub waiting: IntGauge,
+    /// CPU of each request-supplied chat template's render in the sandbox.
+    pub template_render_cpu: Histogram,
 }
 
 impl Metrics {
@@ -119,6 +121,11 @@ impl Metrics {
                 "Sequences admitted and waiting for a place in the running batch.",
             )
             .expect("static metric definition"),
+            template_render_cpu: histogram(
+                "infergate_runtime_chat_template_cpu_seconds",
+                "CPU time of rendering a request's chat template in the sandbox, refused ones included.",
+                vec![0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1],
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.requests.clone()),
@@ -135,6 +142,7 @@ impl Metrics {
             Box::new(metrics.generated_tokens.clone()),
             Box::new(metrics.running.clone()),
             Box::new(metrics.waiting.clone()),
+            Box::new(metrics.template_render_cpu.clone()),
         ];
         for collector in collectors {
             metrics

@@ -252,7 +252,7 @@ async fn a_seed_makes_sampling_reproducible() {
 }
 
 #[tokio::test]
-async fn bad_requests_name_the_field_and_hostile_templates_run_out_of_fuel() {
+async fn bad_requests_name_the_field_and_hostile_templates_run_out_of_budget() {
     let (runtime, _) = llama(&[]).await;
     let cases = [
         (json!({"model": "x"}), 422, "messages"),
@@ -311,11 +311,11 @@ async fn bad_requests_name_the_field_and_hostile_templates_run_out_of_fuel() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(answer["error"]["code"], "invalid_chat_template");
+    // Fuel or the CPU budget, whichever this machine reaches first.
+    let message = answer["error"]["message"].as_str().unwrap();
     assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("CPU budget")
+        message.contains("out of fuel") || message.contains("of CPU"),
+        "{message}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -337,7 +337,7 @@ fn endless() -> Value {
     json!({"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true})
 }
 
-/// Generated tokens stop growing: sampled over `span`.
+/// Generated tokens stop growing within 200 ms (at most one step after the end), and stay put.
 async fn assert_generation_stopped(runtime: &Runtime) -> f64 {
     // One step may be in flight when the sequence is dropped; after that, nothing.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -381,6 +381,10 @@ async fn a_deadline_ends_the_stream_with_an_error_event_and_stops_the_sequence()
     assert!(streamed > 5, "only {streamed} chunks before the deadline");
     let generated = assert_generation_stopped(&runtime).await;
     assert!(generated < 4000.0);
+    assert_eq!(
+        metric(&runtime, "infergate_runtime_abandoned_total").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -393,6 +397,10 @@ async fn a_client_that_disconnects_stops_its_sequence() {
     drop(response);
     let generated = assert_generation_stopped(&runtime).await;
     assert!(generated < 4000.0, "{generated}");
+    assert_eq!(
+        metric(&runtime, "infergate_runtime_abandoned_total").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -506,19 +514,20 @@ async fn memory_bomb_templates_are_refused_without_harming_the_runtime() {
     // Each bomb, and the limit that stops it. minijinja's fuel also charges for the size of
     // string results, which stops the doublings; the output cap stops a huge prompt as it is
     // written; a huge value built in one step (100 GB by `join`, `tojson`) is stopped by the
-    // sandbox's memory limit, where in-process its allocation failure would abort the runtime;
-    // a step that grinds without fuel is stopped by the sandbox's clock.
+    // sandbox's memory limit, where in-process its allocation failure would abort the runtime,
+    // unless the CPU the growth costs (page faults, copies) reaches the render's budget first;
+    // a step that grinds without fuel is stopped by the CPU budget.
     let huge = "{% set l = ['x' * 1000000] * 100000 %}";
     let bombs = [
         (
             "{% set ns = namespace(s='0123456789abcdef') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}".to_owned(),
-            "CPU budget",
+            "out of fuel",
         ),
         (
             "{% macro d(s, n) %}{% if n == 0 %}{{ s|length }}{% else %}{{ d(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ d('ab', 40) }}".to_owned(),
-            "CPU budget",
+            "out of fuel",
         ),
-        ("{{ 'a\nb'|indent(3000000000) }}".to_owned(), "CPU budget"),
+        ("{{ 'a\nb'|indent(3000000000) }}".to_owned(), "out of fuel"),
         (
             "{{ ['x' * 1000000] * 1000 }}".to_owned(),
             "rendered more than",
@@ -527,17 +536,27 @@ async fn memory_bomb_templates_are_refused_without_harming_the_runtime() {
         (format!("{huge}{{{{ l|tojson|length }}}}"), "memory of its sandbox"),
         (
             format!("{huge}{{{{ (l|sum(start=''))|length }}}}"),
-            "did not finish within",
+            "of CPU",
         ),
     ];
+    let cpu_metric = "infergate_runtime_chat_template_cpu_seconds";
     for (bomb, limit) in &bombs {
+        let cpu_before = metric(&runtime, &format!("{cpu_metric}_sum")).await;
         let started = Instant::now();
         let (status, answer) = runtime.post("/v1/chat/completions", &chat(bomb)).await;
         let took = started.elapsed();
         assert_eq!(status, 400, "{bomb} → {answer}");
         assert_eq!(answer["error"]["code"], "invalid_chat_template", "{answer}");
         let message = answer["error"]["message"].as_str().unwrap();
-        assert!(message.contains(limit), "{bomb} → {message}");
+        // On a slower or busier machine the CPU budget may stop any bomb first.
+        assert!(
+            message.contains(limit) || message.contains("of CPU"),
+            "{bomb} → {message}"
+        );
+        let cpu = metric(&runtime, &format!("{cpu_metric}_sum")).await - cpu_before;
+        eprintln!("{limit}: {:.1} ms of CPU, {took:?}", cpu * 1e3);
+        // The budget (30 ms) plus the watch's overshoot: a few ms, more under load.
+        assert!(cpu <= 0.050, "{bomb} took {:.1} ms of CPU", cpu * 1e3);
         assert!(took < Duration::from_secs(3), "{bomb} took {took:?}");
     }
     let grown = rss_kib(runtime.child.id()).saturating_sub(before);

@@ -221,8 +221,10 @@ impl Scheduler {
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
         let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| d <= now);
+        let metrics = &self.metrics;
         self.waiting.retain(|queued| {
             if queued.events.is_closed() {
+                metrics.dropped.inc();
                 return false;
             }
             if expired(queued.submission.deadline) {
@@ -239,8 +241,10 @@ impl Scheduler {
         while index < self.running.len() {
             let sequence = &self.running[index];
             if sequence.events.is_closed() {
+                self.metrics.abandoned.inc();
                 self.free(index, None);
             } else if expired(sequence.deadline) {
+                self.metrics.abandoned.inc();
                 self.free(index, Some(FinishReason::Deadline));
             } else {
                 index += 1;

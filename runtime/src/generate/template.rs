@@ -35,7 +35,7 @@ pub enum TemplateError {
     Syntax(String),
     #[error("chat_template raised an error: {0}")]
     Raised(String),
-    #[error("chat_template ran out of its CPU budget (fuel {RENDER_FUEL}) before finishing")]
+    #[error("chat_template ran out of fuel ({RENDER_FUEL} instructions) before finishing")]
     OutOfFuel,
     #[error("chat_template rendered more than {MAX_RENDERED_BYTES} bytes")]
     OutputTooLarge,
@@ -45,6 +45,8 @@ pub enum TemplateError {
     Missing,
     #[error("chat_template exceeded the memory of its sandbox")]
     ResourcesExhausted,
+    #[error("chat_template used more than {0:?} of CPU")]
+    OutOfCpu(std::time::Duration),
     #[error("chat_template did not finish within {0:?}")]
     OutOfTime(std::time::Duration),
 }
