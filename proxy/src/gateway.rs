@@ -540,6 +540,9 @@ impl ProxyHttp for Gateway {
             };
         };
         let written = if session.response_written().is_none() {
+            // The connection closes after this answer (`can_reuse_downstream` below): saying
+            // so keeps a client from sending its next request into a closing socket.
+            session.set_keepalive(None);
             write_rejection(session, &rejection, &ctx.request_id).await
         } else if ctx.sse {
             // Mid-stream an SSE client gets an error event and a clean end of the stream;

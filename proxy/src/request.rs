@@ -14,7 +14,8 @@ pub struct ModelPath<'a> {
 
 /// Splits `/models/{id}/proxy/{rest}` (without the query string). `None` for any other path,
 /// for an id outside `[A-Za-z0-9._-]` and for `.`/`..` segments in the forwarded part, which
-/// an upstream would resolve to somewhere outside the model's API.
+/// an upstream would resolve to somewhere outside the model's API: spelled plainly, with
+/// percent-encoded dots, or between separators an upstream may decode (`%2f`, `\`, `%5c`).
 pub fn parse_model_path(path: &str) -> Option<ModelPath<'_>> {
     let rest = path.strip_prefix("/models/")?;
     let (model_id, rest) = rest.split_once('/')?;
@@ -24,13 +25,54 @@ pub fn parse_model_path(path: &str) -> Option<ModelPath<'_>> {
         p if p.starts_with('/') => p,
         _ => return None,
     };
-    if !is_model_id(model_id) || upstream_path.split('/').any(|s| s == "." || s == "..") {
+    if !is_model_id(model_id) || has_dot_segment(upstream_path) {
         return None;
     }
     Some(ModelPath {
         model_id,
         upstream_path,
     })
+}
+
+/// Whether `path` holds a `.` or `..` segment in any reading an upstream might apply: segments
+/// split at `/`, `\` and their percent-encodings, with `%2e` read as a dot.
+fn has_dot_segment(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut segment_dots = Some(0usize);
+    let mut i = 0;
+    while i <= bytes.len() {
+        let (unit, width) = match bytes.get(i..i + 3) {
+            Some([b'%', a, b]) => match (a.to_ascii_lowercase(), b.to_ascii_lowercase()) {
+                (b'2', b'e') => (Unit::Dot, 3),
+                (b'2', b'f') | (b'5', b'c') => (Unit::Separator, 3),
+                _ => (Unit::Other, 1),
+            },
+            _ => match bytes.get(i) {
+                None | Some(b'/' | b'\\') => (Unit::Separator, 1),
+                Some(b'.') => (Unit::Dot, 1),
+                Some(_) => (Unit::Other, 1),
+            },
+        };
+        match unit {
+            Unit::Separator => {
+                if matches!(segment_dots, Some(1 | 2)) {
+                    return true;
+                }
+                segment_dots = Some(0);
+            }
+            Unit::Dot => segment_dots = segment_dots.map(|dots| dots + 1),
+            Unit::Other => segment_dots = None,
+        }
+        i += width;
+    }
+    false
+}
+
+/// What one step of a path reads as, for [`has_dot_segment`].
+enum Unit {
+    Separator,
+    Dot,
+    Other,
 }
 
 fn is_model_id(id: &str) -> bool {
@@ -145,10 +187,34 @@ mod tests {
             "/models/a%2Fb/proxy/v1",
             "/models/minilm/proxy/../../admin",
             "/models/minilm/proxy/v1/./embed",
+            "/models/minilm/proxy/%2e%2e/%2E%2E/models/other/proxy/v1",
+            "/models/minilm/proxy/.%2e/admin",
+            "/models/minilm/proxy/..%2f..%2fadmin",
+            "/models/minilm/proxy/..%5Cadmin",
+            "/models/minilm/proxy/..\\..\\admin",
+            "/models/minilm/proxy/v1/..",
             "/healthz",
         ];
         for path in not_model_paths {
             assert_eq!(parse_model_path(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn dots_and_encoded_slashes_inside_a_segment_are_forwarded() {
+        for path in [
+            "/v1/models/org%2Fname",
+            "/v1/files/report.v2..json",
+            "/v1/...",
+            "/v1/%2e%2e%2e",
+            "/v1/a.b/c",
+        ] {
+            let full = format!("/models/minilm/proxy{path}");
+            assert_eq!(
+                parse_model_path(&full).map(|p| p.upstream_path),
+                Some(path),
+                "{full}"
+            );
         }
     }
 

@@ -21,6 +21,8 @@ pub struct Seen {
     pub target: String,
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
+    /// Which of the upstream's accepted connections carried it, counting from 0.
+    pub connection: usize,
 }
 
 impl Seen {
@@ -36,6 +38,10 @@ impl Seen {
 /// - `/sleep/<ms>`: answers `done` after the delay;
 /// - `/sse/<count>/<interval_ms>`: an SSE stream of `count` events, one per interval;
 /// - `/sse-then-silence`: one SSE event, then nothing for a minute;
+/// - `/die-before-head`: closes the connection without answering;
+/// - `/die-mid-body`: promises 1000 bytes, sends 10 and closes;
+/// - `/sse-then-die`: one SSE event, then closes without ending the stream;
+/// - `/garbage`: a line that is not HTTP, and the connection left open;
 /// - anything else: 200 with a JSON echo of the target.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -50,8 +56,10 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         tokio::spawn(async move {
+            let mut accepted = 0;
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_connection(stream, log.clone()));
+                tokio::spawn(serve_connection(stream, accepted, log.clone()));
+                accepted += 1;
             }
         });
         Upstream { addr, seen }
@@ -62,7 +70,7 @@ impl Upstream {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn serve_connection(mut stream: TcpStream, connection: usize, seen: Arc<Mutex<Vec<Seen>>>) {
     let mut buffer = Vec::new();
     loop {
         let head_end = loop {
@@ -110,10 +118,12 @@ async fn serve_connection(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
             target: target.clone(),
             headers,
             body_len,
+            connection,
         };
         seen.lock().unwrap().push(request.clone());
-        if respond(&mut stream, &request).await.is_err() {
-            return;
+        match respond(&mut stream, &request).await {
+            Ok(Answered::KeepAlive) => {}
+            Ok(Answered::Close) | Err(_) => return,
         }
     }
 }
@@ -156,13 +166,19 @@ async fn read_chunked(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<us
     }
 }
 
-async fn respond(stream: &mut TcpStream, request: &Seen) -> std::io::Result<()> {
+/// Whether a connection may carry another request after an answer.
+enum Answered {
+    KeepAlive,
+    Close,
+}
+
+async fn respond(stream: &mut TcpStream, request: &Seen) -> std::io::Result<Answered> {
     let path = request.target.split('?').next().unwrap_or_default();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
         ["sleep", ms] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-            write_fixed(stream, "text/plain", b"done").await
+            write_fixed(stream, "text/plain", b"done").await?;
         }
         ["sse", count, interval] => {
             start_sse(stream).await?;
@@ -171,19 +187,39 @@ async fn respond(stream: &mut TcpStream, request: &Seen) -> std::io::Result<()> 
                 write_chunk(stream, format!("data: {i}\n\n").as_bytes()).await?;
                 tokio::time::sleep(interval).await;
             }
-            stream.write_all(b"0\r\n\r\n").await
+            stream.write_all(b"0\r\n\r\n").await?;
         }
         ["sse-then-silence"] => {
             start_sse(stream).await?;
             write_chunk(stream, b"data: first\n\n").await?;
             tokio::time::sleep(Duration::from_secs(60)).await;
-            stream.write_all(b"0\r\n\r\n").await
+            stream.write_all(b"0\r\n\r\n").await?;
+        }
+        ["die-before-head"] => return Ok(Answered::Close),
+        ["die-mid-body"] => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"partial\"")
+                .await?;
+            stream.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(Answered::Close);
+        }
+        ["sse-then-die"] => {
+            start_sse(stream).await?;
+            write_chunk(stream, b"data: first\n\n").await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(Answered::Close);
+        }
+        ["garbage"] => {
+            stream.write_all(b"this is not HTTP at all\r\n\r\n").await?;
+            stream.flush().await?;
         }
         _ => {
             let echo = serde_json::json!({"method": request.method, "target": request.target, "body_len": request.body_len});
-            write_fixed(stream, "application/json", echo.to_string().as_bytes()).await
+            write_fixed(stream, "application/json", echo.to_string().as_bytes()).await?;
         }
     }
+    Ok(Answered::KeepAlive)
 }
 
 async fn write_fixed(

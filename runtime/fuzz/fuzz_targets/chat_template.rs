@@ -1,16 +1,16 @@
 //! Request chat templates from arbitrary text, rendered as the runtime renders them: in the
 //! sandboxed helper process (`infergate-runtime render-templates`, from INFERGATE_RUNTIME_BIN)
-//! with its memory and time limits. Every template renders or is refused; the fuzzing process
+//! with its memory, CPU and time limits. Every template renders or is refused; the fuzzing process
 //! itself never renders one, so a template bomb shows up as a refusal, not as a crash here.
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use runtime::generate::sandbox::{RenderRequest, TemplateSandbox};
 
-fn sandbox() -> &'static (tokio::runtime::Runtime, TemplateSandbox) {
-    static SANDBOX: OnceLock<(tokio::runtime::Runtime, TemplateSandbox)> = OnceLock::new();
+fn sandbox() -> &'static (tokio::runtime::Runtime, Arc<TemplateSandbox>) {
+    static SANDBOX: OnceLock<(tokio::runtime::Runtime, Arc<TemplateSandbox>)> = OnceLock::new();
     SANDBOX.get_or_init(|| {
         let program = std::env::var_os("INFERGATE_RUNTIME_BIN")
             .expect("INFERGATE_RUNTIME_BIN: the infergate-runtime binary whose helpers render");
@@ -18,7 +18,11 @@ fn sandbox() -> &'static (tokio::runtime::Runtime, TemplateSandbox) {
             .enable_all()
             .build()
             .unwrap();
-        (runtime, TemplateSandbox::new(program.into()))
+        let render_cpu = runtime::metrics::Metrics::new().template_render_cpu;
+        (
+            runtime,
+            Arc::new(TemplateSandbox::new(program.into(), render_cpu)),
+        )
     })
 }
 
