@@ -14,6 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod canary;
 pub mod local;
 
 /// A cluster to test against: its kubeconfig, a kubectl of its version and, when infergate is
