@@ -111,6 +111,51 @@ async fn shared_routes_describe_the_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_loads_registers_or_manages_models() {
+    // TorchServe's management API ("ShellTorch") loaded a model from any URL it was sent. The
+    // runtime loads one model from local files at start and has no such route by any name.
+    let runtime = Runtime::start(&[]).await;
+    let client = reqwest::Client::new();
+    let paths = [
+        "/models",
+        "/models?url=http://attacker/model.mar",
+        "/models/tiny",
+        "/v1/models/tiny",
+        "/v1/models/tiny/load",
+        "/register",
+        "/load",
+        "/unload",
+        "/reload",
+        "/admin",
+        "/config",
+        "/shutdown",
+        "/workflows",
+        "/api/v1/models",
+        "/v2/repository/models/tiny/load",
+        "/v2/repository/index",
+    ];
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        for path in paths {
+            let response = client
+                .request(method.parse().unwrap(), format!("{}{path}", runtime.url))
+                .body(r#"{"url": "http://attacker/model.safetensors"}"#)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            assert!(
+                status == 404 || status == 405,
+                "{method} {path} answered {status}"
+            );
+        }
+    }
+    let (status, _) = runtime
+        .post("/embed", r#"{"inputs":"still the same model"}"#)
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving() {
     let runtime = Runtime::start(&["--max-client-batch-size", "4"]).await;
     let long = "word ".repeat(200);
