@@ -126,7 +126,15 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
     enqueued: Instant,
     /// Holds the admission slot until the job is answered or dropped.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    admission: Admission,
+}
+
+/// A request's place among those admitted at once: taken before any work is spent on the
+/// request (tokenizing included) and given back just before it is answered, so a client that
+/// keeps the limit's number of requests in flight is never refused.
+#[derive(Debug)]
+pub struct Admission {
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Job {
@@ -197,19 +205,28 @@ impl Batcher {
         self.limits
     }
 
-    /// Runs `sequences` in the next batches; one output per sequence, in order.
-    pub async fn submit(&self, sequences: Vec<Sequence>) -> Result<Vec<Vec<f32>>, ApiError> {
-        let permit = self
-            .admission
+    /// Admits a request, or refuses it at once (429) when the limit is reached.
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        self.admission
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded)?;
+            .map(|slot| Admission { _slot: slot })
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// Runs an admitted request's `sequences` in the next batches; one output per sequence, in
+    /// order.
+    pub async fn submit(
+        &self,
+        admission: Admission,
+        sequences: Vec<Sequence>,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             sequences,
             reply,
             enqueued: Instant::now(),
-            _permit: permit,
+            admission,
         };
         self.jobs.send(job).map_err(|_| ApiError::ShuttingDown)?;
         match answer.await {
@@ -301,11 +318,13 @@ fn run_one<B: EncoderBackend>(backend: &mut B, jobs: Vec<Job>, metrics: &Metrics
             let mut outputs = outputs.into_iter();
             for job in jobs {
                 let mine: Vec<Vec<f32>> = outputs.by_ref().take(job.sequences.len()).collect();
+                drop(job.admission);
                 let _ = job.reply.send(Ok(mine));
             }
         }
         Err(message) => {
             for job in jobs {
+                drop(job.admission);
                 let _ = job.reply.send(Err(message.clone()));
             }
         }

@@ -85,9 +85,12 @@ impl<I: Send + 'static, O: Send + 'static> ModelWorker<I, O> {
                         .into_iter()
                         .map(|(input, reply, permit)| (input, (reply, permit)))
                         .unzip();
-                    for (output, (reply, _permit)) in
+                    for (output, (reply, permit)) in
                         run(&mut model, inputs).into_iter().zip(replies)
                     {
+                        // The slot is free before the client hears back, so its next request
+                        // finds it free.
+                        drop(permit);
                         let _ = reply.send(output);
                     }
                 }

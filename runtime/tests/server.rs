@@ -264,6 +264,46 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_costs_no_tokenizing() {
+    let runtime = Runtime::start_task(
+        "embedding",
+        &support::minilm_dir(),
+        &["--max-concurrent-requests", "1"],
+    )
+    .await;
+    // 32 texts of 8 000 characters: a 256 KB body that takes far longer to tokenize (whole,
+    // before truncation) than to read.
+    let heavy = json!({"inputs": vec!["tokens ".repeat(1150); 32], "truncate": true}).to_string();
+    let client = reqwest::Client::new();
+    let busy = tokio::spawn(
+        client
+            .post(format!("{}/embed", runtime.url))
+            .header("content-type", "application/json")
+            .body(heavy.clone())
+            .send(),
+    );
+    let mut slowest_refusal = Duration::ZERO;
+    let mut refused = 0;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while !busy.is_finished() {
+        let started = Instant::now();
+        let (status, _) = runtime.post("/embed", &heavy).await;
+        if status == 429 {
+            refused += 1;
+            slowest_refusal = slowest_refusal.max(started.elapsed());
+        }
+    }
+    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    assert!(refused > 0, "nothing was refused while the slot was taken");
+    eprintln!("{refused} refused, slowest {slowest_refusal:?}");
+    assert!(
+        // Tokenizing first made it over a second in this debug build.
+        slowest_refusal < Duration::from_millis(100),
+        "a refusal took {slowest_refusal:?}"
+    );
+}
+
 /// `count` copies of `body` posted to `/embed` at once, with an optional deadline header.
 async fn concurrent_embeds(
     runtime: &Runtime,

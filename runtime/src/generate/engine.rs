@@ -80,7 +80,7 @@ struct Queued {
     submission: Submission,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
-    _permit: OwnedSemaphorePermit,
+    admission: OwnedSemaphorePermit,
 }
 
 struct Running {
@@ -93,7 +93,7 @@ struct Running {
     deadline: Option<Instant>,
     events: mpsc::UnboundedSender<Event>,
     last_token_at: Instant,
-    _permit: OwnedSemaphorePermit,
+    admission: OwnedSemaphorePermit,
 }
 
 impl Running {
@@ -166,7 +166,7 @@ impl Engine {
             submission,
             events,
             submitted: Instant::now(),
-            _permit: permit,
+            admission: permit,
         };
         self.submissions
             .send(QueuedHandle(queued))
@@ -255,14 +255,25 @@ impl Scheduler {
     /// Removes running sequence `index`, telling its client why when there is one to tell.
     fn free(&mut self, index: usize, reason: Option<FinishReason>) {
         let sequence = self.running.swap_remove(index);
+        let generated_tokens = sequence.generated();
+        let Running {
+            slot,
+            prompt_len,
+            events,
+            admission,
+            ..
+        } = sequence;
+        // The admission slot is free before the client hears the end, so its next request
+        // finds it free.
+        drop(admission);
         if let Some(reason) = reason {
-            let _ = sequence.events.send(Event::Finished {
+            let _ = events.send(Event::Finished {
                 reason,
-                prompt_tokens: sequence.prompt_len,
-                generated_tokens: sequence.generated(),
+                prompt_tokens: prompt_len,
+                generated_tokens,
             });
         }
-        self.free_slots.push(sequence.slot);
+        self.free_slots.push(slot);
     }
 
     /// Prefills waiting sequences into free slots in one forward pass, within the per-step
@@ -344,7 +355,7 @@ impl Scheduler {
                 submission,
                 events,
                 submitted,
-                _permit,
+                admission,
             } = queued;
             self.metrics
                 .prompt_tokens
@@ -360,7 +371,7 @@ impl Scheduler {
                 deadline: submission.deadline,
                 events,
                 last_token_at: Instant::now(),
-                _permit,
+                admission,
             });
         }
         let first_tokens = choose(&logits, &mut sequences);

@@ -143,6 +143,8 @@ impl ClassifierTask {
                 limit: self.max_client_batch_size,
             });
         }
+        // Admitted before tokenizing: a refused request costs no tokenizer time.
+        let admission = self.batcher.admit()?;
         let encoder = self.encoder.clone();
         let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
             inputs
@@ -156,7 +158,7 @@ impl ClassifierTask {
         })
         .await
         .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
-        self.batcher.submit(sequences).await
+        self.batcher.submit(admission, sequences).await
     }
 
     /// Every label with its score, best first.

@@ -207,6 +207,8 @@ impl EmbeddingTask {
                 limit: self.max_client_batch_size,
             });
         }
+        // Admitted before tokenizing: a refused request costs no tokenizer time.
+        let admission = self.batcher.admit()?;
         let encoder = self.encoder.clone();
         let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
             items
@@ -221,7 +223,7 @@ impl EmbeddingTask {
         .await
         .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
         let tokens = sequences.iter().map(|s| s.ids.len()).sum();
-        let mut vectors = self.batcher.submit(sequences).await?;
+        let mut vectors = self.batcher.submit(admission, sequences).await?;
         if let Some(dimensions) = dimensions {
             let width = vectors.first().map_or(0, Vec::len);
             if dimensions == 0 || dimensions > width {
