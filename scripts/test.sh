@@ -26,6 +26,11 @@ status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 # Every fuzz target from its seeds and the cached corpus; 0 crashes allowed.
 bash scripts/fuzz.sh --seconds "${INFERGATE_FUZZ_SECONDS:-60}" || status=1
+# The load part of the reliability suite, scaled down: a malformed flood, SSE streams and 2x
+# overload through the release binaries (scripts/reliability.sh runs the whole suite).
+cargo build --release --locked -q -p proxy -p runtime --bins
+cargo build --release --locked -q -p crds --example bench_token
+python3 scripts/reliability.py --quick || status=1
 
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -Eo '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
