@@ -233,7 +233,6 @@ def new_token_record(bench_token, record_id, models, **overrides):
 class Stack:
     children: Children
     proxy: int  # port
-    runtime: int
     upstream: int
     admitted: int  # the runtime's --max-concurrent-requests
     tokens: dict[str, str]
@@ -284,7 +283,7 @@ def start_stack(children, bin_dir, admitted):
     wait_until(lambda: http_ok(runtime_port, "/health"), "infergate-runtime", children.procs["runtime"])
     wait_until(lambda: accepts(upstream_port), "SSE upstream", children.procs["sse-upstream"])
     wait_until(lambda: http_ok(proxy_port, "/readyz"), "infergate-proxy", children.procs["proxy"])
-    return Stack(children, proxy_port, runtime_port, upstream_port, admitted, tokens)
+    return Stack(children, proxy_port, upstream_port, admitted, tokens)
 
 
 # --- results ----------------------------------------------------------------------------------
