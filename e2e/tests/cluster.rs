@@ -69,29 +69,34 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     let manifests = log_dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     // Model files: this machine's, or those a kind cluster mounts at INFERGATE_TEST_MODELS_DIR.
-    let (minilm, llama) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
-        Ok(dir) => (format!("{dir}/all-MiniLM-L6-v2"), format!("{dir}/chat")),
-        Err(_) => (
-            minilm_dir(),
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../runtime/fixtures/llama")
-                .canonicalize()
-                .unwrap()
-                .display()
-                .to_string(),
+    let fixture = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../runtime/fixtures")
+            .join(name)
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let (minilm, llama, vits) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
+        Ok(dir) => (
+            format!("{dir}/all-MiniLM-L6-v2"),
+            format!("{dir}/chat"),
+            format!("{dir}/speech"),
         ),
+        Err(_) => (minilm_dir(), fixture("llama"), fixture("vits")),
     };
     std::fs::write(
         manifests.join("models.yaml"),
         format!(
-            "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: minilm}}\nspec:\n  task: embedding\n  modelVersionId: minilm-{suffix}\n  model: {{uri: \"file://{}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: chat}}\nspec:\n  task: text-generation\n  modelVersionId: chat-{suffix}\n  model: {{uri: \"file://{}\"}}\n",
-            minilm, llama
+            "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: minilm}}\nspec:\n  task: embedding\n  modelVersionId: minilm-{suffix}\n  model: {{uri: \"file://{}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: chat}}\nspec:\n  task: text-generation\n  modelVersionId: chat-{suffix}\n  model: {{uri: \"file://{}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: speech}}\nspec:\n  task: text-to-speech\n  modelVersionId: speech-{suffix}\n  model: {{uri: \"file://{}\"}}\n",
+            minilm, llama, vits
         ),
     )
     .unwrap();
     std::fs::write(
         manifests.join("token.yaml"),
-        "apiVersion: infergate.dev/v1alpha1\nkind: AccessToken\nmetadata: {name: app}\nspec: {models: [minilm, chat], secretName: app-credentials}\n",
+        "apiVersion: infergate.dev/v1alpha1\nkind: AccessToken\nmetadata: {name: app}\nspec: {models: [minilm, chat, speech], secretName: app-credentials}\n",
     )
     .unwrap();
     cluster.ok(&["apply", "-n", &namespace, "-f", manifests.to_str().unwrap()]);
@@ -105,6 +110,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         "120s",
         "md/minilm",
         "md/chat",
+        "md/speech",
     ]);
     cluster.ok(&[
         "wait",
@@ -208,6 +214,19 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         chat["choices"][0]["message"]["content"].as_str().unwrap()
     );
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // Text to speech, the seed's body: a base64 WAV.
+    let (status, speech) = call(
+        &format!("{proxy_url}/models/speech-{suffix}/proxy/v1/generate-speech"),
+        &token,
+        json!({"text": "hello from the cluster", "seed": 7}),
+    )
+    .await;
+    assert_eq!(status, 200, "{speech}");
+    assert!(
+        speech["audio"].as_str().unwrap().starts_with("UklGR"),
+        "a RIFF (WAV) file, base64: {speech}"
+    );
+    assert_eq!(speech["sampling_rate"], 16000);
     let pods = cluster.ok(&[
         "get",
         "pods",
