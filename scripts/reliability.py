@@ -14,11 +14,12 @@ script with --sse-upstream) and an infergate-proxy in front of both, on free loc
 2. SSE streams: 200 concurrent streams (20 with --quick) of one event per 100 ms for 60 s (5 s),
    first straight to the upstream, then through the proxy. Every stream must arrive whole, and
    the proxy may add at most 10 ms to the p99 of event latency (send to receipt).
-3. Overload: the runtime admits N requests at once (--max-concurrent, default 2). After the
-   unloaded p99 latency (sequential requests) and the capacity X (N closed-loop clients) are
-   measured, an open loop offers 2X rps, each request on a fresh connection; the excess must
-   be shed with 429/503 within 50 ms, and accepted requests must keep p99 within 2x the
-   unloaded p99. All of it goes through the proxy.
+3. Overload: the runtime runs with its default admission (up to 512 requests at once, each
+   queued only while its predicted slowdown is at most 2x; --max-concurrent and --max-slowdown
+   change them). After the unloaded p99 latency (sequential requests) and the capacity X
+   (4 closed-loop clients, --clients) are measured, an open loop offers 2X rps, each request
+   on a fresh connection; the excess must be shed with 429/503 within 50 ms, and accepted
+   requests must keep p99 within 2x the unloaded p99. All of it goes through the proxy.
 
 Prints a Markdown table (test, measured, target, pass) and exits 1 when any row fails.
 
@@ -59,9 +60,10 @@ LIGHT_BODY = b'{"inputs": "hello world"}'
 # with the runtime for CPU and measure that instead. Token ids rather than text: no tokenizer
 # time in the figure.
 HEAVY_BODY = json.dumps({"inputs": [[1000 + (7 * i + j) % 20000 for j in range(32)] for i in range(2)]}).encode()
-# On a CPU a batch costs what its sequences cost one after another, so an admitted request
-# waits for about (admitted - 1) others: 2 keeps accepted latency within 2x of unloaded.
-DEFAULT_ADMITTED = 2
+DEFAULT_CLIENTS = 4
+# What a closed-loop client refused with 429 waits before its next try, so that refused
+# clients do not spin on the two cores the runtime needs.
+REFUSED_PAUSE = 0.010
 SSE_INTERVAL = 0.1
 EXCHANGE_TIMEOUT = 10.0
 # The proxy closes idle upstream keep-alive connections after 60 s.
@@ -234,11 +236,12 @@ class Stack:
     children: Children
     proxy: int  # port
     upstream: int
-    admitted: int  # the runtime's --max-concurrent-requests
+    runtime: int
+    admission: list[str]  # the runtime's admission flags, none for its defaults
     tokens: dict[str, str]
 
 
-def start_stack(children, bin_dir, admitted):
+def start_stack(children, bin_dir, admission):
     runtime_port, upstream_port, proxy_port, metrics_port = (free_port() for _ in range(4))
     children.start(
         "runtime",
@@ -248,7 +251,7 @@ def start_stack(children, bin_dir, admitted):
             "--model-dir", minilm_dir(),
             "--listen", f"{HOST}:{runtime_port}",
             "--torch-threads", "1",
-            "--max-concurrent-requests", str(admitted),
+            *admission,
         ],
     )
     children.start("sse-upstream", [sys.executable, __file__, "--sse-upstream", str(upstream_port)])
@@ -283,7 +286,7 @@ def start_stack(children, bin_dir, admitted):
     wait_until(lambda: http_ok(runtime_port, "/health"), "infergate-runtime", children.procs["runtime"])
     wait_until(lambda: accepts(upstream_port), "SSE upstream", children.procs["sse-upstream"])
     wait_until(lambda: http_ok(proxy_port, "/readyz"), "infergate-proxy", children.procs["proxy"])
-    return Stack(children, proxy_port, upstream_port, admitted, tokens)
+    return Stack(children, proxy_port, upstream_port, runtime_port, admission, tokens)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -375,13 +378,12 @@ async def run_flood(stack, total, rate):
     async def warm_client():
         return [await exchange(stack.proxy, valid) for _ in range(50)]
 
-    # As many at a time as the runtime admits, so that the proxy's keep-alive pool to the
-    # runtime already holds the connections the flood will use: idle pooled connections are
-    # not leaked descriptors. A client keeping exactly the limit in flight is never refused.
-    clients = range(stack.admitted)
-    warm = [r for replies in await asyncio.gather(*(warm_client() for _ in clients)) for r in replies]
-    if any(r.status != 200 for r in warm):
-        raise RuntimeError(f"warm-up failed: {[r.status or r.error for r in warm if r.status != 200][:5]}")
+    # Two at a time, so that the proxy's keep-alive pool to the runtime already holds the
+    # connections the flood will use: idle pooled connections are not leaked descriptors. A
+    # 429 (the second one predicted too slow) travels over a pooled connection just the same.
+    warm = [r for replies in await asyncio.gather(warm_client(), warm_client()) for r in replies]
+    if any(r.status not in (200, 429) for r in warm) or not any(r.status == 200 for r in warm):
+        raise RuntimeError(f"warm-up failed: {[r.status or r.error for r in warm if r.status not in (200, 429)][:5]}")
 
     kinds = malformed_kinds(stack.tokens)
 
@@ -611,7 +613,7 @@ async def run_sse(stack, count, seconds):
 # --- 3. overload ------------------------------------------------------------------------------
 
 
-async def run_overload(stack, unloaded_count, capacity_seconds, overload_seconds):
+async def run_overload(stack, clients, unloaded_count, capacity_seconds, overload_seconds):
     raw = post_json(EMBED_PATH, stack.tokens["embed"], HEAVY_BODY)
 
     # The first requests of this shape are slower (libtorch sizes its buffers); not counted.
@@ -628,9 +630,11 @@ async def run_overload(stack, unloaded_count, capacity_seconds, overload_seconds
         replies = []
         while time.perf_counter() < stop:
             replies.append(await exchange(stack.proxy, raw))
+            if replies[-1].status == 429:
+                await asyncio.sleep(REFUSED_PAUSE)
         return replies
 
-    at_capacity = [r for client in await asyncio.gather(*(closed_loop_client() for _ in range(stack.admitted))) for r in client]
+    at_capacity = [r for client in await asyncio.gather(*(closed_loop_client() for _ in range(clients))) for r in client]
     statuses = [r.status for r in at_capacity]
     capacity = statuses.count(200) / capacity_seconds
     p99_at_capacity = percentile([r.seconds for r in at_capacity if r.status == 200], 99)
@@ -661,7 +665,7 @@ async def run_overload(stack, unloaded_count, capacity_seconds, overload_seconds
         row(
             "overload: offered load",
             f"{total} requests at {offered:.0f} rps for 2x capacity {capacity:.0f} rps "
-            f"(runtime --max-concurrent-requests {stack.admitted}; capacity from {stack.admitted} closed-loop "
+            f"(runtime admission: {' '.join(stack.admission) or 'defaults'}; capacity from {clients} closed-loop "
             f"clients, {statuses.count(429)}/{len(statuses)} of whose requests got 429); "
             f"fresh connection per request; client start lateness p99 {ms(late)}",
             "2x capacity, client keeps pace (lateness p99 <= 10 ms)",
@@ -723,12 +727,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller scenarios, for CI")
     parser.add_argument("--json", type=Path, help="also write the rows to this file as JSON")
     parser.add_argument("--bin-dir", type=Path, default=default_target / "release", help="where the release binaries are")
+    parser.add_argument("--max-concurrent", type=int, metavar="N", help="the runtime's --max-concurrent-requests (default: its own)")
+    parser.add_argument("--max-slowdown", type=float, metavar="X", help="the runtime's --max-slowdown (default: its own)")
     parser.add_argument(
-        "--max-concurrent",
+        "--clients",
         type=int,
-        default=DEFAULT_ADMITTED,
-        metavar="N",
-        help=f"the runtime's --max-concurrent-requests (default {DEFAULT_ADMITTED})",
+        default=DEFAULT_CLIENTS,
+        help=f"closed-loop clients that measure capacity (default {DEFAULT_CLIENTS})",
     )
     parser.add_argument(
         "--items",
@@ -760,10 +765,15 @@ def main():
 
             rows += reliability_items.test_rows()
             rows += reliability_items.fuzz_rows(args.fuzz_seconds)
-        stack = start_stack(children, args.bin_dir, args.max_concurrent)
+        admission = []
+        if args.max_concurrent is not None:
+            admission += ["--max-concurrent-requests", str(args.max_concurrent)]
+        if args.max_slowdown is not None:
+            admission += ["--max-slowdown", str(args.max_slowdown)]
+        stack = start_stack(children, args.bin_dir, admission)
         rows += asyncio.run(run_flood(stack, flood_total, rate=500))
         rows += asyncio.run(run_sse(stack, sse_streams, sse_seconds))
-        rows += asyncio.run(run_overload(stack, unloaded_count, capacity_seconds, overload_seconds))
+        rows += asyncio.run(run_overload(stack, args.clients, unloaded_count, capacity_seconds, overload_seconds))
         failed = any(not r["pass"] and not (args.quick and r["timing"]) for r in rows)
     finally:
         children.stop_all()

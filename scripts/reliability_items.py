@@ -49,7 +49,10 @@ ITEMS = (
                               "a_malformed_upstream_answer_is_a_502_and_its_connection_is_not_reused")),
     )),
     Item("2. admission caps", "429 + Retry-After at once", (
-        ("runtime", "server", ("beyond_the_admission_limit_requests_get_429_with_retry_after",)),
+        ("runtime", "server", (
+            "beyond_the_admission_limit_requests_get_429_with_retry_after",
+            "a_burst_is_refused_where_waiting_would_more_than_double_a_requests_time",
+        )),
         ("runtime", "generation", ("beyond_its_admission_limit_the_server_answers_429",)),
     )),
     Item("2. JSON, inputs, multipart and audio limits", "413/422/400 naming the field", (

@@ -31,8 +31,10 @@ trap cleanup EXIT
 port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 native_port=$(port) python_port=$(port)
 
+# Throughput against a server without admission control: the slowdown rule is off, so that
+# no request of the 32 in flight is refused.
 RUST_LOG=warn "$target/release/infergate-runtime" --task embedding --model-dir "$model" \
-  --listen "127.0.0.1:$native_port" --torch-threads "$threads" & pids+=($!)
+  --listen "127.0.0.1:$native_port" --torch-threads "$threads" --max-slowdown 0 & pids+=($!)
 python "$repo/runtime/bench/python_server.py" "$model" "$python_port" "$threads" & pids+=($!)
 for p in "$native_port" "$python_port"; do
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/health" >/dev/null && break; sleep 0.1; done

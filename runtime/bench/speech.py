@@ -146,7 +146,8 @@ def main() -> None:
         server = subprocess.Popen(
             [args.binary, "--task", "speech-recognition", "--model-dir", str(model_dir),
              "--listen", f"127.0.0.1:{port}", "--torch-threads", str(args.threads),
-             "--dtype", args.dtype],
+             # Four at once must all be served to compare batching: no slowdown rule.
+             "--dtype", args.dtype, "--max-slowdown", "0"],
             env={**os.environ, "RUST_LOG": "warn"})
         url = f"http://127.0.0.1:{port}"
         try:

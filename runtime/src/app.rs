@@ -159,7 +159,7 @@ impl Runtime {
             device: crate::device::device_name(device),
             model_dtype: kind_name(kind).to_owned(),
             model_type,
-            max_concurrent_requests: limits.max_concurrent_requests,
+            max_concurrent_requests: limits.admission.max_concurrent_requests,
             max_input_length: max_length,
             max_batch_tokens: limits.max_batch_tokens,
             max_batch_requests: Some(limits.max_batch_sequences),
@@ -246,7 +246,7 @@ impl Runtime {
                     max_sequence_tokens: generation
                         .max_sequence_tokens
                         .map_or(model_limit, |n| n.min(model_limit)),
-                    max_queued: limits.max_concurrent_requests,
+                    max_queued: limits.admission.max_concurrent_requests,
                     max_prefill_tokens_per_step: generation.max_prefill_tokens_per_step,
                 };
                 let load = move || LlamaModel::load(&dir, device, kind).map_err(|e| e.to_string());
@@ -302,7 +302,7 @@ impl Runtime {
                     load,
                     crate::tasks::translate::TranslationModel::run_batch,
                     limits.max_batch_sequences,
-                    limits.max_concurrent_requests,
+                    limits.admission,
                     ready_tx,
                 );
                 let info = info(
@@ -346,7 +346,7 @@ impl Runtime {
                     load,
                     SpeechModel::run_batch,
                     limits.max_batch_sequences,
-                    limits.max_concurrent_requests,
+                    limits.admission,
                     ready_tx,
                 );
                 let info = info(
@@ -381,12 +381,8 @@ impl Runtime {
                 let tokenizer = Arc::new(CharacterTokenizer::load(&dir)?);
                 let load =
                     move || SpeechSynthesizer::load(&dir, device, kind).map_err(|e| e.to_string());
-                let (worker, thread) = ModelWorker::start(
-                    load,
-                    SpeechSynthesizer::run,
-                    limits.max_concurrent_requests,
-                    ready_tx,
-                );
+                let (worker, thread) =
+                    ModelWorker::start(load, SpeechSynthesizer::run, limits.admission, ready_tx);
                 let info = info(
                     serde_json::json!({"text-to-speech": {
                         "architecture": config.model_type,
@@ -428,12 +424,8 @@ impl Runtime {
                     ImageGenerator::load(&dir, device, kind, model_metrics)
                         .map_err(|e| e.to_string())
                 };
-                let (worker, thread) = ModelWorker::start(
-                    load,
-                    ImageGenerator::run,
-                    limits.max_concurrent_requests,
-                    ready_tx,
-                );
+                let (worker, thread) =
+                    ModelWorker::start(load, ImageGenerator::run, limits.admission, ready_tx);
                 let default_size = unet.sample_size.unwrap_or(64) * scale;
                 let info = info(
                     serde_json::json!({"text-to-image": {
@@ -458,12 +450,8 @@ impl Runtime {
                 let dtype = signature.input.dtype;
                 let load =
                     move || TabularModel::load(&dir, device, dtype).map_err(|e| e.to_string());
-                let (worker, thread) = ModelWorker::start(
-                    load,
-                    TabularModel::predict,
-                    limits.max_concurrent_requests,
-                    ready_tx,
-                );
+                let (worker, thread) =
+                    ModelWorker::start(load, TabularModel::predict, limits.admission, ready_tx);
                 let info = info(
                     serde_json::json!({"tabular": {"inputs": signature.input_schema}}),
                     0,

@@ -1,14 +1,14 @@
 //! Admission and dynamic batching for encoder tasks. HTTP handlers submit tokenized sequences;
-//! one OS thread owns the model and runs padded batches of them. Admission is bounded by a
-//! semaphore (429 beyond it), never by an unbounded queue.
+//! one OS thread owns the model and runs padded batches of them. Admission (`admission`) refuses
+//! with 429 what the queue cannot take in time; nothing waits in an unbounded queue.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::admission::{Admission, AdmissionLimits, Gate, Queued};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
@@ -101,14 +101,13 @@ pub trait EncoderBackend {
 }
 
 /// Bounds of a batch and of admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchLimits {
     /// Padded tokens (rows × longest row) in one forward pass.
     pub max_batch_tokens: usize,
     /// Sequences in one forward pass.
     pub max_batch_sequences: usize,
-    /// Requests admitted at once (queued or running); beyond it, 429.
-    pub max_concurrent_requests: usize,
+    pub admission: AdmissionLimits,
 }
 
 impl Default for BatchLimits {
@@ -116,7 +115,7 @@ impl Default for BatchLimits {
         BatchLimits {
             max_batch_tokens: 16384,
             max_batch_sequences: 64,
-            max_concurrent_requests: 512,
+            admission: AdmissionLimits::default(),
         }
     }
 }
@@ -127,14 +126,8 @@ struct Job {
     enqueued: Instant,
     /// Holds the admission slot until the job is answered or dropped.
     admission: Admission,
-}
-
-/// A request's place among those admitted at once: taken before any work is spent on the
-/// request (tokenizing included) and given back just before it is answered, so a client that
-/// keeps the limit's number of requests in flight is never refused.
-#[derive(Debug)]
-pub struct Admission {
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its padded tokens on the queue, until its batch starts.
+    queued: Option<Queued>,
 }
 
 impl Job {
@@ -155,7 +148,7 @@ impl Job {
 #[derive(Debug, Clone)]
 pub struct Batcher {
     jobs: mpsc::UnboundedSender<Job>,
-    admission: Arc<Semaphore>,
+    gate: Gate,
     limits: BatchLimits,
 }
 
@@ -181,52 +174,45 @@ impl Batcher {
         F: FnOnce() -> Result<B, String> + Send + 'static,
     {
         let (jobs, receiver) = mpsc::unbounded_channel();
+        let gate = Gate::new(limits.admission, limits.max_batch_tokens);
+        let model_gate = gate.clone();
         let thread = std::thread::Builder::new()
             .name("model".to_owned())
             .spawn(move || {
                 let backend = load()?;
                 let _ = ready.send(true);
-                run_batches(backend, receiver, limits, &metrics);
+                run_batches(backend, receiver, limits, &model_gate, &metrics);
                 Ok(())
             })
             .expect("spawning the model thread");
-        let admission = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        (
-            Batcher {
-                jobs,
-                admission,
-                limits,
-            },
-            thread,
-        )
+        (Batcher { jobs, gate, limits }, thread)
     }
 
     pub fn limits(&self) -> BatchLimits {
         self.limits
     }
 
-    /// Admits a request, or refuses it at once (429) when the limit is reached.
+    /// Admits a request, or refuses it at once (429) when the count limit is reached.
     pub fn admit(&self) -> Result<Admission, ApiError> {
-        self.admission
-            .clone()
-            .try_acquire_owned()
-            .map(|slot| Admission { _slot: slot })
-            .map_err(|_| ApiError::Overloaded)
+        self.gate.admit()
     }
 
     /// Runs an admitted request's `sequences` in the next batches; one output per sequence, in
-    /// order.
+    /// order. Refused at once (429) when the queue would make it too slow.
     pub async fn submit(
         &self,
         admission: Admission,
         sequences: Vec<Sequence>,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
+        let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let queued = self.gate.queue(sequences.len() * longest)?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             sequences,
             reply,
             enqueued: Instant::now(),
             admission,
+            queued: Some(queued),
         };
         self.jobs.send(job).map_err(|_| ApiError::ShuttingDown)?;
         match answer.await {
@@ -243,6 +229,7 @@ fn run_batches<B: EncoderBackend>(
     mut backend: B,
     mut receiver: mpsc::UnboundedReceiver<Job>,
     limits: BatchLimits,
+    gate: &Gate,
     metrics: &Metrics,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -289,16 +276,18 @@ fn run_batches<B: EncoderBackend>(
         chosen.sort_unstable_by(|a, b| b.cmp(a));
         let mut batch = vec![oldest];
         batch.extend(chosen.into_iter().filter_map(|i| waiting.remove(i)));
-        run_one(&mut backend, batch, metrics);
+        run_one(&mut backend, batch, gate, metrics);
     }
 }
 
-fn run_one<B: EncoderBackend>(backend: &mut B, jobs: Vec<Job>, metrics: &Metrics) {
+fn run_one<B: EncoderBackend>(backend: &mut B, mut jobs: Vec<Job>, gate: &Gate, metrics: &Metrics) {
     let now = Instant::now();
-    for job in &jobs {
+    for job in &mut jobs {
         metrics
             .queue_seconds
             .observe(now.duration_since(job.enqueued).as_secs_f64());
+        // Its tokens now count as the running pass, not as queued.
+        job.queued = None;
     }
     let padded = PaddedBatch::new(
         jobs.iter().flat_map(|j| j.sequences.iter()),
@@ -309,7 +298,7 @@ fn run_one<B: EncoderBackend>(backend: &mut B, jobs: Vec<Job>, metrics: &Metrics
         .batch_tokens
         .observe((padded.rows * padded.width) as f64);
     let started = Instant::now();
-    let result = backend.run(&padded);
+    let result = gate.timed_pass(padded.rows * padded.width, || backend.run(&padded));
     metrics
         .inference_seconds
         .observe(started.elapsed().as_secs_f64());

@@ -53,6 +53,11 @@ pub enum ApiError {
     Loading,
     #[error("too many requests in progress; retry shortly")]
     Overloaded,
+    #[error(
+        "the model is saturated: queuing this request would make it, or one already queued, \
+         take more than {limit:.1}x its time on an idle model; retry shortly"
+    )]
+    Saturated { limit: f64 },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("inference failed: {0}")]
@@ -131,7 +136,7 @@ impl ApiError {
                 "unavailable_error",
                 "model_loading",
             ),
-            ApiError::Overloaded => (
+            ApiError::Overloaded | ApiError::Saturated { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "overloaded_error",
                 "overloaded",
@@ -172,7 +177,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         if matches!(
             self,
-            ApiError::Overloaded | ApiError::Loading | ApiError::ShuttingDown
+            ApiError::Overloaded
+                | ApiError::Saturated { .. }
+                | ApiError::Loading
+                | ApiError::ShuttingDown
         ) {
             response
                 .headers_mut()

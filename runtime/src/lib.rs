@@ -1,7 +1,8 @@
 //! infergate's model server on libtorch: one task per process, behind the HTTP contract of
 //! DESIGN.md (TEI- and OpenAI-shaped routes). Three layers, as in TEI: HTTP (`server`, `tasks`),
-//! core (`batching`, `tokenize`) and the models on their own thread (`models`).
+//! core (`admission`, `batching`, `tokenize`) and the models on their own thread (`models`).
 
+pub mod admission;
 pub mod app;
 pub mod audio;
 pub mod batching;

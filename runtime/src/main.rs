@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use runtime::admission::AdmissionLimits;
 use runtime::app::{Runtime, Settings, Task};
 use runtime::batching::BatchLimits;
 use tch::Kind;
@@ -50,6 +51,13 @@ struct Args {
     /// 128 for text-generation, 512 for the encoder and tabular tasks.
     #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
+
+    /// Largest predicted slowdown a request is queued at: its completion time behind the work
+    /// already queued, over its time on an idle model, from each model's measured cost per
+    /// pass. Beyond it, 429 with Retry-After at once. 0 turns the rule off (text-generation
+    /// admits by count only).
+    #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
+    max_slowdown: f64,
 
     /// Inputs in one request; more get 422.
     #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
@@ -168,6 +176,13 @@ fn main() -> anyhow::Result<()> {
         }
         other => anyhow::bail!("--dtype {other:?}: expected float32, float16 or bfloat16"),
     };
+    // Below 1 even a request on an idle model would be refused.
+    if !(args.max_slowdown == 0.0 || args.max_slowdown >= 1.0 && args.max_slowdown.is_finite()) {
+        anyhow::bail!(
+            "--max-slowdown {}: expected 0 (off) or a number of at least 1",
+            args.max_slowdown
+        );
+    }
     if let Some(threads) = args.torch_threads {
         tch::set_num_threads(threads);
     }
@@ -179,13 +194,16 @@ fn main() -> anyhow::Result<()> {
         limits: BatchLimits {
             max_batch_tokens: args.max_batch_tokens,
             max_batch_sequences: args.max_batch_requests,
-            max_concurrent_requests: args.max_concurrent_requests.unwrap_or(
-                if task == Task::TextGeneration {
-                    128
-                } else {
-                    512
-                },
-            ),
+            admission: AdmissionLimits {
+                max_concurrent_requests: args.max_concurrent_requests.unwrap_or(
+                    if task == Task::TextGeneration {
+                        128
+                    } else {
+                        512
+                    },
+                ),
+                max_slowdown: (args.max_slowdown > 0.0).then_some(args.max_slowdown),
+            },
         },
         max_client_batch_size: args.max_client_batch_size,
         device,

@@ -265,6 +265,42 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_refused_where_waiting_would_more_than_double_a_requests_time() {
+    // Default admission: 512 at once, but on this CPU a request waiting for more than one
+    // other would take over twice its time alone, so most of a burst is refused at once.
+    let runtime = Runtime::start_task("embedding", &support::minilm_dir(), &[]).await;
+    let body =
+        json!({"inputs": vec!["a sentence to keep the model busy for a while"; 8]}).to_string();
+    for _ in 0..5 {
+        let (status, _) = runtime.post("/embed", &body).await;
+        assert_eq!(status, 200, "one at a time is never refused");
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        for response in concurrent_embeds(&runtime, 8, &body, None).await {
+            let response = response.unwrap();
+            let status = response.status().as_u16();
+            if status == 429 {
+                assert_eq!(response.headers()["retry-after"], "1");
+                let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+                let message = body["error"]["message"].as_str().unwrap().to_owned();
+                assert!(message.contains("more than 2.0x"), "{message}");
+            }
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200, 429],
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[&429] >= 3 * 8 / 2,
+        "most of each burst: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_costs_no_tokenizing() {
     let runtime = Runtime::start_task(
         "embedding",

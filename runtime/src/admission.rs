@@ -1,0 +1,368 @@
+//! Admission for the model threads: a request is refused at once (429) rather than queued when
+//! taking it would make it, or the requests already taken, wait too long.
+//!
+//! Two rules, both checked before any work is spent on the request:
+//! - a count: at most `max_concurrent_requests` admitted at once (TEI's rule; it bounds memory);
+//! - a predicted slowdown: a request is queued only when its predicted completion time, behind
+//!   the pass running now and the work already queued, is at most `max_slowdown` times what it
+//!   would take on an idle model thread, and when it makes no request already queued (which it
+//!   would share a pass with) finish later than that request's own bound.
+//!
+//! A count alone cannot hold latency: on a CPU a batch costs about what its rows cost one after
+//! another, so N requests admitted at once wait for about N-1 others, while on a GPU a batch of
+//! 64 costs about what one does. The cost of a pass is therefore learnt as it runs, as
+//! `fixed + per_unit × units` (units: padded tokens for encoders, jobs for the other tasks), and
+//! the rule follows the hardware: on a GPU the fixed part dominates and requests keep joining
+//! batches; on a CPU the queue stays about one request deep and the model thread stays busy.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
+
+/// How recent passes weigh against older ones: each pass keeps this share of the weight of
+/// those before it, so the estimate follows about the last 20 passes.
+const DECAY: f64 = 0.95;
+
+/// The limits admission enforces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionLimits {
+    /// Requests admitted at once (queued or running); beyond it, 429.
+    pub max_concurrent_requests: usize,
+    /// Largest predicted completion time over idle time a request is queued at; `None` turns
+    /// the rule off.
+    pub max_slowdown: Option<f64>,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        AdmissionLimits {
+            max_concurrent_requests: 512,
+            max_slowdown: Some(2.0),
+        }
+    }
+}
+
+/// The cost of one forward pass as a function of its size, `fixed + per_unit × units`, fitted
+/// by exponentially weighted least squares over recent passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassCost {
+    weight: f64,
+    units: f64,
+    seconds: f64,
+    units_squared: f64,
+    units_seconds: f64,
+}
+
+impl PassCost {
+    pub fn observe(&mut self, units: f64, seconds: f64) {
+        let keep = |sum: &mut f64, added: f64| *sum = *sum * DECAY + added;
+        keep(&mut self.weight, 1.0);
+        keep(&mut self.units, units);
+        keep(&mut self.seconds, seconds);
+        keep(&mut self.units_squared, units * units);
+        keep(&mut self.units_seconds, units * seconds);
+    }
+
+    /// `(fixed, per_unit)` seconds, or `None` before any pass has run.
+    pub fn coefficients(&self) -> Option<(f64, f64)> {
+        if self.weight <= 0.0 || self.units <= 0.0 {
+            return None;
+        }
+        let mean_units = self.units / self.weight;
+        let mean_seconds = self.seconds / self.weight;
+        let variance = self.units_squared / self.weight - mean_units * mean_units;
+        let covariance = self.units_seconds / self.weight - mean_units * mean_seconds;
+        // Until passes of different sizes have run, the split between the fixed and the
+        // per-unit part is unknown; charging it all per unit is the cautious guess (it is
+        // what a CPU does), and the first larger batches correct it.
+        if variance <= (0.05 * mean_units).powi(2) {
+            return Some((0.0, mean_seconds / mean_units));
+        }
+        let per_unit = (covariance / variance).max(0.0);
+        let fixed = (mean_seconds - per_unit * mean_units).max(0.0);
+        Some((fixed, per_unit))
+    }
+
+    /// Predicted seconds of passes covering `units`, at most `units_per_pass` each.
+    pub fn predict(&self, units: f64, units_per_pass: f64) -> Option<f64> {
+        let (fixed, per_unit) = self.coefficients()?;
+        let passes = (units / units_per_pass.max(1.0)).ceil().max(1.0);
+        Some(passes * fixed + per_unit * units)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Load {
+    cost: PassCost,
+    /// Units admitted and not yet in a pass.
+    queued: f64,
+    /// When the running pass started, and how long it was predicted to take.
+    running: Option<(Instant, f64)>,
+    /// The latest finish each queued request was admitted with, earliest first (the number
+    /// tells requests with the same instant apart).
+    promised: BTreeSet<(Instant, u64)>,
+    admitted_total: u64,
+}
+
+/// The admission state one model thread shares with its HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    slots: Arc<Semaphore>,
+    load: Arc<Mutex<Load>>,
+    limits: AdmissionLimits,
+    units_per_pass: f64,
+}
+
+/// A request's place among those admitted at once: taken before any work is spent on the
+/// request (tokenizing included) and given back just before it is answered, so a client that
+/// keeps the limit's number of requests in flight is never refused for its count.
+#[derive(Debug)]
+pub struct Admission {
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Units queued for the model thread; dropped when their pass starts or when the request is
+/// dropped unrun, which takes them off the queue.
+#[derive(Debug)]
+pub struct Queued {
+    load: Arc<Mutex<Load>>,
+    units: f64,
+    promise: Option<(Instant, u64)>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let mut load = lock(&self.load);
+        load.queued = (load.queued - self.units).max(0.0);
+        if let Some(promise) = self.promise {
+            load.promised.remove(&promise);
+        }
+    }
+}
+
+/// A poisoned lock only means a handler panicked mid-update of plain numbers; the numbers are
+/// still usable estimates.
+fn lock(load: &Mutex<Load>) -> MutexGuard<'_, Load> {
+    load.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Gate {
+    /// `units_per_pass`: the most units one pass takes (the batch limit), so that a queue
+    /// longer than a pass is predicted as several.
+    pub fn new(limits: AdmissionLimits, units_per_pass: usize) -> Gate {
+        Gate {
+            slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            load: Arc::default(),
+            limits,
+            units_per_pass: units_per_pass.max(1) as f64,
+        }
+    }
+
+    pub fn limits(&self) -> AdmissionLimits {
+        self.limits
+    }
+
+    /// Takes a slot, or refuses at once when all are taken.
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(|slot| Admission { _slot: slot })
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// Queues `units` of work when the slowdown rule allows it, or refuses at once.
+    pub fn queue(&self, units: usize) -> Result<Queued, ApiError> {
+        let units = units as f64;
+        let now = Instant::now();
+        let mut load = lock(&self.load);
+        let promise = match (self.limits.max_slowdown, self.predict(&load, units, now)) {
+            (Some(max_slowdown), Some((alone, finish))) => {
+                let latest = now + Duration::from_secs_f64(max_slowdown * alone);
+                let finish = now + Duration::from_secs_f64(finish);
+                let earliest_promise = load.promised.first().map(|&(at, _)| at);
+                if finish > latest || earliest_promise.is_some_and(|at| finish > at) {
+                    return Err(ApiError::Saturated {
+                        limit: max_slowdown,
+                    });
+                }
+                load.admitted_total += 1;
+                let promise = (latest, load.admitted_total);
+                load.promised.insert(promise);
+                Some(promise)
+            }
+            _ => None,
+        };
+        load.queued += units;
+        Ok(Queued {
+            load: self.load.clone(),
+            units,
+            promise,
+        })
+    }
+
+    /// Seconds `units` take on an idle model thread, and seconds until they would be done if
+    /// queued now; `None` while nothing has been measured.
+    fn predict(&self, load: &Load, units: f64, now: Instant) -> Option<(f64, f64)> {
+        let alone = load.cost.predict(units, self.units_per_pass)?;
+        let running_left = load.running.map_or(0.0, |(started, predicted)| {
+            (predicted - now.saturating_duration_since(started).as_secs_f64()).max(0.0)
+        });
+        let finish = running_left
+            + load
+                .cost
+                .predict(load.queued + units, self.units_per_pass)?;
+        Some((alone, finish))
+    }
+
+    /// Runs one pass of `units` on the model thread, timing it into the cost estimate.
+    pub fn timed_pass<T>(&self, units: usize, pass: impl FnOnce() -> T) -> T {
+        let units = units as f64;
+        let started = Instant::now();
+        {
+            let mut load = lock(&self.load);
+            let predicted = load.cost.predict(units, self.units_per_pass).unwrap_or(0.0);
+            load.running = Some((started, predicted));
+        }
+        let output = pass();
+        let seconds = started.elapsed().as_secs_f64();
+        let mut load = lock(&self.load);
+        load.running = None;
+        load.cost.observe(units, seconds);
+        output
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fitted(passes: &[(f64, f64)]) -> PassCost {
+        let mut cost = PassCost::default();
+        for &(units, seconds) in passes {
+            cost.observe(units, seconds);
+        }
+        cost
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn a_fixed_plus_linear_cost_is_recovered_from_passes_of_different_sizes() {
+        let cost = fitted(&[(10.0, 0.012), (40.0, 0.018), (20.0, 0.014), (80.0, 0.026)]);
+        let (fixed, per_unit) = cost.coefficients().unwrap();
+        assert!(close(fixed, 0.010), "{fixed}");
+        assert!(close(per_unit, 0.0002), "{per_unit}");
+    }
+
+    #[test]
+    fn passes_of_one_size_are_charged_per_unit() {
+        let cost = fitted(&[(32.0, 0.008), (32.0, 0.008)]);
+        let (fixed, per_unit) = cost.coefficients().unwrap();
+        assert_eq!(fixed, 0.0);
+        assert!(close(per_unit, 0.008 / 32.0));
+    }
+
+    #[test]
+    fn nothing_is_predicted_before_a_pass_has_run() {
+        assert_eq!(PassCost::default().predict(10.0, 100.0), None);
+    }
+
+    #[test]
+    fn a_queue_longer_than_a_pass_is_predicted_as_several_passes() {
+        let cost = fitted(&[(10.0, 0.012), (40.0, 0.018), (20.0, 0.014), (80.0, 0.026)]);
+        let one = cost.predict(100.0, 100.0).unwrap();
+        let three = cost.predict(300.0, 100.0).unwrap();
+        assert!(close(three - 3.0 * one, 0.0), "{one} {three}");
+    }
+
+    fn measured_gate(max_slowdown: f64, passes: &[(f64, f64)]) -> Gate {
+        let gate = Gate::new(
+            AdmissionLimits {
+                max_concurrent_requests: 512,
+                max_slowdown: Some(max_slowdown),
+            },
+            16384,
+        );
+        lock(&gate.load).cost = fitted(passes);
+        gate
+    }
+
+    #[test]
+    fn on_a_cpu_like_cost_one_request_waits_behind_the_running_pass() {
+        // Cost proportional to tokens: waiting for a running pass of its own size doubles a
+        // request's time; a second one queued would triple the last one's.
+        let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
+        lock(&gate.load).running = Some((Instant::now(), 0.010));
+        let first = gate.queue(64).unwrap();
+        assert_eq!(
+            gate.queue(64).unwrap_err().to_string(),
+            "the model is saturated: queuing this request would make it, or one already \
+             queued, take more than 2.0x its time on an idle model; retry shortly"
+        );
+        drop(first);
+        assert!(
+            gate.queue(64).is_ok(),
+            "units leave the queue with their guard"
+        );
+    }
+
+    #[test]
+    fn a_request_that_would_delay_a_queued_one_past_its_bound_is_refused() {
+        // 100 ms per 64 units. The first request waits behind a pass with 60 ms left: done in
+        // 160 ms, within its 200 ms. A second of 128 units would be done in 360 ms, within its
+        // own 400 ms, but it shares the first's pass and would make the first take 360 ms.
+        let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
+        lock(&gate.load).running = Some((Instant::now(), 0.060));
+        let first = gate.queue(64).unwrap();
+        assert!(gate.queue(128).is_err());
+        drop(first);
+        assert!(
+            gate.queue(128).is_ok(),
+            "alone behind the pass, it is within its bound"
+        );
+    }
+
+    #[test]
+    fn on_a_gpu_like_cost_requests_keep_joining_the_batch() {
+        // A pass costs 10 ms whatever its size, up to the batch limit.
+        let gate = measured_gate(2.0, &[(64.0, 0.010), (4096.0, 0.0101)]);
+        let queued: Vec<Queued> = (0..60).map(|_| gate.queue(64).unwrap()).collect();
+        assert_eq!(queued.len(), 60);
+    }
+
+    #[test]
+    fn the_running_pass_counts_until_its_predicted_end() {
+        let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
+        let refused_during_pass = gate.timed_pass(128, || {
+            // 200 ms left of the running pass + 100 ms of my own against 100 ms alone.
+            gate.queue(64).is_err()
+        });
+        assert!(refused_during_pass);
+        assert!(
+            gate.queue(64).is_ok(),
+            "nothing runs or waits once it ended"
+        );
+    }
+
+    #[test]
+    fn without_a_slowdown_limit_only_the_count_refuses() {
+        let gate = Gate::new(
+            AdmissionLimits {
+                max_concurrent_requests: 1,
+                max_slowdown: None,
+            },
+            16384,
+        );
+        lock(&gate.load).cost = fitted(&[(64.0, 0.010)]);
+        let _queued: Vec<Queued> = (0..100).map(|_| gate.queue(64).unwrap()).collect();
+        let _slot = gate.admit().unwrap();
+        assert!(gate.admit().is_err());
+    }
+}
