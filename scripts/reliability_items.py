@@ -73,8 +73,9 @@ ITEMS = (
         ("runtime", "generation", ("memory_bomb_templates_are_refused_without_harming_the_runtime",
                                    "bad_requests_name_the_field_and_hostile_templates_run_out_of_budget")),
     )),
-    Item("4. proxy SIGTERM, 150 unary + 50 SSE in flight", "0 failed, 0 truncated", (
-        ("proxy", "proxy", ("sigterm_with_200_requests_in_flight_fails_and_truncates_none",)),
+    Item("4. proxy SIGTERM, 150 unary + 50 SSE in flight; new connections after it", "0 failed, 0 truncated; served until idle", (
+        ("proxy", "proxy", ("sigterm_with_200_requests_in_flight_fails_and_truncates_none",
+                            "after_sigterm_new_connections_are_served_until_clients_stop_coming_then_it_exits")),
     )),
     Item("4. runtime SIGTERM", "readiness false < 1 s, in-flight work finished", (
         ("runtime", "speech", ("sigterm_turns_readiness_off_at_once_and_finishes_the_work_in_flight",)),

@@ -319,6 +319,11 @@ impl ProxyHttp for Gateway {
             };
             session.set_keepalive(Some(bounded.max(1)));
         }
+        if self.shared.is_draining() {
+            // Shutting down: the client's next request goes to a new connection, which a
+            // load balancer sends to another replica.
+            session.set_keepalive(None);
+        }
         match session.req_header().uri.path() {
             "/healthz" => {
                 write_json(
@@ -334,6 +339,8 @@ impl ProxyHttp for Gateway {
             "/readyz" => {
                 let (status, body): (u16, &'static [u8]) = if self.shared.is_ready() {
                     (200, br#"{"status":"ready"}"#)
+                } else if self.shared.is_draining() {
+                    (503, br#"{"status":"draining"}"#)
                 } else {
                     (503, br#"{"status":"syncing"}"#)
                 };

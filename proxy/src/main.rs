@@ -48,7 +48,9 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_THREADS")]
     threads: Option<usize>,
 
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds in-flight requests get to finish once the listener closes. After SIGTERM the
+    /// proxy is first a lame duck: /readyz answers 503 and answers close their connections,
+    /// but new connections are served until none has come for 0.5 s (at most 5 s).
     #[arg(long, env = "INFERGATE_PROXY_GRACE_PERIOD", default_value_t = 30)]
     grace_period: u64,
 

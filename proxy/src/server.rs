@@ -1,5 +1,5 @@
-//! Assembles the pingora server: the proxy listener, the metrics listener, the source and the
-//! shutdown drain.
+//! Assembles the pingora server: the proxy listener, the metrics listener, the source, and the
+//! shutdown: lame duck, then drain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server, ShutdownWatch};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::ServiceWithDependents;
 use pingora_core::services::background::{BackgroundService, background_service};
 use pingora_core::services::listening::Service;
@@ -103,22 +103,90 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
     server.add_service(proxy);
     server.add_service(metrics_service);
     server.add_boxed_service(source);
-    server.add_service(background_service("drain", Drain { shared }));
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            shared: shared.clone(),
+        },
+    ));
     tracing::info!(listen = %listen.listen, metrics = %listen.metrics, threads = listen.threads, "infergate-proxy started");
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(LameDuck { shared }),
+    });
     Ok(())
 }
 
-/// After SIGTERM, ends the process as soon as no request has been in progress for a moment,
+/// How long the proxy must be idle (no request in progress, none begun) before it moves on to
+/// the next phase of a shutdown; covers a request whose connection was accepted but whose
+/// head is still arriving.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// The longest lame-duck phase: the chart's terminationGracePeriodSeconds leaves 10 s beyond
+/// the grace period and the preStop sleep, and this spends at most that.
+const LAME_DUCK_MAX: Duration = Duration::from_secs(5);
+
+/// Returns once the proxy has been idle for [`QUIET`].
+async fn until_quiet(shared: &Shared) {
+    let mut quiet_since: Option<(std::time::Instant, u64)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = shared.requests_started();
+        if shared.requests_in_progress() > 0 || quiet_since.is_some_and(|(_, seen)| seen != started)
+        {
+            quiet_since = None;
+            continue;
+        }
+        let (since, _) = *quiet_since.get_or_insert((std::time::Instant::now(), started));
+        if since.elapsed() >= QUIET {
+            return;
+        }
+    }
+}
+
+/// SIGTERM starts a lame-duck phase before pingora hears of the shutdown: readiness turns
+/// false and every answer closes its connection, but the listener keeps accepting until the
+/// proxy has been idle for a moment (at most [`LAME_DUCK_MAX`]). pingora closes its listener as
+/// soon as it hears, and the kernel resets every connection still queued for `accept`, whose
+/// clients may already have sent their requests; by then nobody is sending any more. SIGINT
+/// stops at once, SIGQUIT is pingora's graceful upgrade, as without this watch.
+#[derive(Debug)]
+struct LameDuck {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for LameDuck {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| signal(kind).expect("installing a signal handler");
+        let (mut terminate, mut interrupt, mut quit) = (
+            listen(SignalKind::terminate()),
+            listen(SignalKind::interrupt()),
+            listen(SignalKind::quit()),
+        );
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => return ShutdownSignal::FastShutdown,
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+        }
+        self.shared.start_draining();
+        tracing::info!("SIGTERM: not ready any more; serving until idle");
+        tokio::select! {
+            _ = tokio::time::timeout(LAME_DUCK_MAX, until_quiet(&self.shared)) => {
+                tracing::info!("closing the listener");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = interrupt.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
+/// Once the listener is closed, ends the process as soon as the requests in progress are done,
 /// instead of always sleeping through pingora's whole grace period.
 #[derive(Debug)]
 struct Drain {
     shared: Arc<Shared>,
 }
-
-/// How long the proxy must be idle after SIGTERM before it exits; covers a request whose
-/// connection was accepted but whose headers are still arriving.
-const QUIET_BEFORE_EXIT: Duration = Duration::from_millis(500);
 
 #[async_trait]
 impl BackgroundService for Drain {
@@ -126,18 +194,8 @@ impl BackgroundService for Drain {
         if shutdown.changed().await.is_err() {
             return;
         }
-        let mut quiet_since = None;
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if self.shared.requests_in_progress() > 0 {
-                quiet_since = None;
-                continue;
-            }
-            let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= QUIET_BEFORE_EXIT {
-                tracing::info!("no request in progress; exiting");
-                std::process::exit(0);
-            }
-        }
+        until_quiet(&self.shared).await;
+        tracing::info!("no request in progress; exiting");
+        std::process::exit(0);
     }
 }

@@ -1,7 +1,7 @@
 //! State shared by every request and the sources that feed it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -13,7 +13,10 @@ pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     pool: EndpointPool,
     ready: AtomicBool,
+    /// Set at SIGTERM: not ready any more, and every answer closes its connection.
+    draining: AtomicBool,
     requests_in_progress: AtomicUsize,
+    requests_started: AtomicU64,
 }
 
 impl Shared {
@@ -31,15 +34,29 @@ impl Shared {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub fn requests_in_progress(&self) -> usize {
         self.requests_in_progress.load(Ordering::Acquire)
     }
 
+    /// Requests begun since start; a change tells that the proxy was not idle meanwhile.
+    pub fn requests_started(&self) -> u64 {
+        self.requests_started.load(Ordering::Acquire)
+    }
+
     /// Counts a request as in progress until the guard drops.
     pub fn track_request(self: &Arc<Self>) -> RequestGuard {
+        self.requests_started.fetch_add(1, Ordering::AcqRel);
         self.requests_in_progress.fetch_add(1, Ordering::AcqRel);
         RequestGuard(self.clone())
     }

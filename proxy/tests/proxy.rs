@@ -749,6 +749,48 @@ async fn sigterm_lets_a_running_sse_stream_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_new_connections_are_served_until_clients_stop_coming_then_it_exits() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let mut proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    proxy.signal("TERM");
+    let signalled = Instant::now();
+    // A client still routed here (a load balancer has not yet seen readiness go false),
+    // opening a new connection for every request for 1.5 s.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut served = 0;
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        let response = fresh
+            .get(proxy.url("/models/m/proxy/sleep/20"))
+            .header("authorization", token.bearer())
+            .send()
+            .await
+            .expect("a connection made after SIGTERM was refused or reset");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["connection"], "close");
+        served += 1;
+    }
+    let readiness = fresh.get(proxy.url("/readyz")).send().await.unwrap();
+    assert_eq!(readiness.status(), 503);
+    assert_eq!(readiness.text().await.unwrap(), r#"{"status":"draining"}"#);
+    assert!(served > 10, "{served}");
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the proxy did not exit once clients stopped coming");
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_200_requests_in_flight_fails_and_truncates_none() {
     let upstream = Upstream::start().await;
     let token = TestToken::new("t", &["m"]);
