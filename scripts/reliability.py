@@ -613,13 +613,13 @@ async def run_sse(stack, count, seconds):
 # --- 3. overload ------------------------------------------------------------------------------
 
 
-async def run_overload(stack, clients, unloaded_count, capacity_seconds, overload_seconds):
-    raw = post_json(EMBED_PATH, stack.tokens["embed"], HEAVY_BODY)
-
+async def measure_overload(port, raw, clients, unloaded_count, capacity_seconds, overload_seconds):
+    """Unloaded latency, capacity with `clients` closed-loop clients, then 2x capacity open-loop;
+    every request `raw` on a fresh connection to `port`. Returns the figures."""
     # The first requests of this shape are slower (libtorch sizes its buffers); not counted.
     for _ in range(20):
-        await exchange(stack.proxy, raw)
-    unloaded = [await exchange(stack.proxy, raw) for _ in range(unloaded_count)]
+        await exchange(port, raw)
+    unloaded = [await exchange(port, raw) for _ in range(unloaded_count)]
     if any(r.status != 200 for r in unloaded):
         raise RuntimeError(f"unloaded requests failed: {[r.status or r.error for r in unloaded if r.status != 200][:5]}")
     p99_unloaded = percentile([r.seconds for r in unloaded], 99)
@@ -629,7 +629,7 @@ async def run_overload(stack, clients, unloaded_count, capacity_seconds, overloa
     async def closed_loop_client():
         replies = []
         while time.perf_counter() < stop:
-            replies.append(await exchange(stack.proxy, raw))
+            replies.append(await exchange(port, raw))
             if replies[-1].status == 429:
                 await asyncio.sleep(REFUSED_PAUSE)
         return replies
@@ -647,7 +647,7 @@ async def run_overload(stack, clients, unloaded_count, capacity_seconds, overloa
         scheduled = started + i / rate
         await sleep_until(scheduled)
         lateness.append(time.perf_counter() - scheduled)
-        tasks.append(asyncio.create_task(exchange(stack.proxy, raw)))
+        tasks.append(asyncio.create_task(exchange(port, raw)))
     offered = total / (time.perf_counter() - started)
     replies = await asyncio.gather(*tasks)
 
@@ -658,9 +658,29 @@ async def run_overload(stack, clients, unloaded_count, capacity_seconds, overloa
         if r.status not in (200, 429, 503):
             key = r.status if r.status is not None else r.error.split(":")[0]
             other[key] = other.get(key, 0) + 1
+    return {
+        "p99_unloaded": p99_unloaded,
+        "capacity": capacity,
+        "capacity_statuses": statuses,
+        "p99_at_capacity": p99_at_capacity,
+        "total": total,
+        "offered": offered,
+        "accepted": accepted,
+        "shed": shed,
+        "other": other,
+        "lateness_p99": percentile(lateness, 99),
+    }
+
+
+async def run_overload(stack, clients, unloaded_count, capacity_seconds, overload_seconds):
+    raw = post_json(EMBED_PATH, stack.tokens["embed"], HEAVY_BODY)
+    m = await measure_overload(stack.proxy, raw, clients, unloaded_count, capacity_seconds, overload_seconds)
+    p99_unloaded, capacity, statuses, p99_at_capacity = (
+        m["p99_unloaded"], m["capacity"], m["capacity_statuses"], m["p99_at_capacity"])
+    total, offered, accepted, shed, other = m["total"], m["offered"], m["accepted"], m["shed"], m["other"]
     p99_accepted = percentile(accepted, 99)
     p99_shed = percentile(shed, 99)
-    late = percentile(lateness, 99)
+    late = m["lateness_p99"]
     return [
         row(
             "overload: offered load",
