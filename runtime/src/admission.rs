@@ -14,6 +14,13 @@
 //! `fixed + per_unit × units` (units: padded tokens for encoders, jobs for the other tasks), and
 //! the rule follows the hardware: on a GPU the fixed part dominates and requests keep joining
 //! batches; on a CPU the queue stays about one request deep and the model thread stays busy.
+//!
+//! Passes of one size cannot tell the two parts apart, and uniform requests under this rule
+//! make passes of one size. Until passes of different sizes have run, the whole cost is
+//! charged per unit (the cautious guess, a CPU's), and now and then one request the rule would
+//! refuse is let in to share a pass with a queued one: a probe. On a GPU the first probe shows
+//! batches to be cheap and they grow from then on; on a CPU probes grow rarer (16 passes
+//! apart, then 32, ... up to 4096), so they touch a negligible share of requests.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,21 +74,31 @@ impl PassCost {
         keep(&mut self.units_seconds, units * seconds);
     }
 
-    /// `(fixed, per_unit)` seconds, or `None` before any pass has run.
-    pub fn coefficients(&self) -> Option<(f64, f64)> {
-        if self.weight <= 0.0 || self.units <= 0.0 {
+    /// Whether recent passes differ enough in size to tell the fixed cost from the per-unit.
+    pub fn has_spread(&self) -> bool {
+        self.spread().is_some()
+    }
+
+    /// `(mean units, mean seconds, variance of units)` when the spread is enough for a fit.
+    fn spread(&self) -> Option<(f64, f64, f64)> {
+        if self.weight <= 0.0 {
             return None;
         }
         let mean_units = self.units / self.weight;
         let mean_seconds = self.seconds / self.weight;
         let variance = self.units_squared / self.weight - mean_units * mean_units;
-        let covariance = self.units_seconds / self.weight - mean_units * mean_seconds;
-        // Until passes of different sizes have run, the split between the fixed and the
-        // per-unit part is unknown; charging it all per unit is the cautious guess (it is
-        // what a CPU does), and the first larger batches correct it.
-        if variance <= (0.05 * mean_units).powi(2) {
-            return Some((0.0, mean_seconds / mean_units));
+        (variance > (0.05 * mean_units).powi(2)).then_some((mean_units, mean_seconds, variance))
+    }
+
+    /// `(fixed, per_unit)` seconds, or `None` before any pass has run.
+    pub fn coefficients(&self) -> Option<(f64, f64)> {
+        if self.weight <= 0.0 || self.units <= 0.0 {
+            return None;
         }
+        let Some((mean_units, mean_seconds, variance)) = self.spread() else {
+            return Some((0.0, self.seconds / self.units));
+        };
+        let covariance = self.units_seconds / self.weight - mean_units * mean_seconds;
         let per_unit = (covariance / variance).max(0.0);
         let fixed = (mean_seconds - per_unit * mean_units).max(0.0);
         Some((fixed, per_unit))
@@ -106,6 +123,14 @@ struct Load {
     /// tells requests with the same instant apart).
     promised: BTreeSet<(Instant, u64)>,
     admitted_total: u64,
+    passes: u64,
+    probes: u32,
+    next_probe_at: u64,
+}
+
+/// Passes between probes: 16 after the first, doubling up to 4096.
+fn probe_interval(probes: u32) -> u64 {
+    16 << probes.min(8)
 }
 
 /// The admission state one model thread shares with its HTTP handlers.
@@ -186,14 +211,20 @@ impl Gate {
                 let finish = now + Duration::from_secs_f64(finish);
                 let earliest_promise = load.promised.first().map(|&(at, _)| at);
                 if finish > latest || earliest_promise.is_some_and(|at| finish > at) {
-                    return Err(ApiError::Saturated {
-                        limit: max_slowdown,
-                    });
+                    if !self.may_probe(&load, units) {
+                        return Err(ApiError::Saturated {
+                            limit: max_slowdown,
+                        });
+                    }
+                    load.next_probe_at = load.passes + probe_interval(load.probes);
+                    load.probes += 1;
+                    None
+                } else {
+                    load.admitted_total += 1;
+                    let promise = (latest, load.admitted_total);
+                    load.promised.insert(promise);
+                    Some(promise)
                 }
-                load.admitted_total += 1;
-                let promise = (latest, load.admitted_total);
-                load.promised.insert(promise);
-                Some(promise)
             }
             _ => None,
         };
@@ -203,6 +234,15 @@ impl Gate {
             units,
             promise,
         })
+    }
+
+    /// Whether a request the rule refuses may go in as a probe: the cost has no fit yet, the
+    /// probe is due, and it would share the next pass with a queued request.
+    fn may_probe(&self, load: &Load, units: f64) -> bool {
+        !load.cost.has_spread()
+            && load.passes >= load.next_probe_at
+            && load.queued > 0.0
+            && load.queued + units <= self.units_per_pass
     }
 
     /// Seconds `units` take on an idle model thread, and seconds until they would be done if
@@ -232,6 +272,7 @@ impl Gate {
         let seconds = started.elapsed().as_secs_f64();
         let mut load = lock(&self.load);
         load.running = None;
+        load.passes += 1;
         load.cost.observe(units, seconds);
         output
     }
@@ -290,7 +331,11 @@ mod tests {
             },
             16384,
         );
-        lock(&gate.load).cost = fitted(passes);
+        let mut load = lock(&gate.load);
+        load.cost = fitted(passes);
+        // Probes have their own test.
+        load.next_probe_at = u64::MAX;
+        drop(load);
         gate
     }
 
@@ -327,6 +372,40 @@ mod tests {
             gate.queue(128).is_ok(),
             "alone behind the pass, it is within its bound"
         );
+    }
+
+    #[test]
+    fn a_refused_request_is_let_in_now_and_then_to_learn_what_a_bigger_pass_costs() {
+        let gate = Gate::new(AdmissionLimits::default(), 16384);
+        let mut sizes = Vec::new();
+        for pass in 0..2000 {
+            // Uniform passes: a running one, one request queued, and one more arriving.
+            let queued = gate.queue(64).unwrap();
+            let probe = gate.timed_pass(64, || gate.queue(64).ok());
+            if probe.is_some() {
+                sizes.push(pass);
+            }
+            drop((queued, probe));
+        }
+        // Nothing is refused before the first pass is timed; then a probe at once, then 16
+        // passes later, then 32, ..., as long as no pass of another size ran (this test never
+        // runs the bigger pass a probe would make).
+        assert_eq!(sizes, [0, 1, 17, 49, 113, 241, 497, 1009], "{sizes:?}");
+    }
+
+    #[test]
+    fn no_probe_once_passes_of_different_sizes_have_run() {
+        let gate = Gate::new(AdmissionLimits::default(), 16384);
+        lock(&gate.load).cost = fitted(&[(64.0, 0.010), (128.0, 0.020)]);
+        let mut probes = 0;
+        for _ in 0..100 {
+            let queued = gate.queue(64).unwrap();
+            probes += usize::from(gate.timed_pass(64, || gate.queue(64).is_ok()));
+            drop(queued);
+            // Keep the spread: every other pass is a double one.
+            lock(&gate.load).cost.observe(128.0, 0.020);
+        }
+        assert_eq!(probes, 0);
     }
 
     #[test]
