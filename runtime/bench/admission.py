@@ -1,15 +1,17 @@
-"""Admission benchmark: infergate-runtime's /embed at twice its capacity, under the default
-admission (predicted slowdown <= 2x) and under count limits alone, side by side in one run.
+"""Admission benchmark: infergate-runtime at twice its capacity, under the default admission
+(predicted slowdown <= 2x) and under count limits alone, side by side in one run.
 
     . scripts/env.sh && python runtime/bench/admission.py BINARY MODEL_DIR [--inputs 2 --ids 32]
+    python runtime/bench/admission.py BINARY LLAMA_DIR --generate 32   # text generation
 
 For each admission setting it starts the runtime, measures the unloaded p99 (sequential
 requests), the capacity (closed-loop clients; one refused with 429 pauses 10 ms), then offers
 twice that capacity open-loop, each request on a fresh connection (scripts/reliability.py's
 overload scenario, straight to the runtime). Prints one Markdown row per setting: capacity,
 share shed, 429 p99, accepted p99 against unloaded, and the mean batch (sequences per forward
-pass, from /metrics). The request is `--inputs` rows of `--ids` token ids, so no tokenizer time
-is measured. On a GPU (a CUDA build, see gpu_check.py) the same command shows batches filling
+pass, from /metrics). The request is `--inputs` rows of `--ids` token ids to /embed, so no
+tokenizer time is measured; with `--generate N`, a TGI-style /generate of N greedy tokens
+(`ignore_eos`) of a fixed prompt, and the batch is the rows of a decode step. On a GPU (a CUDA build, see gpu_check.py) the same command shows batches filling
 under the default rule, where the CPU's stay about one request deep.
 """
 import argparse
@@ -44,7 +46,8 @@ def metric_sum_count(text, name):
 
 def run_setting(args, label, flags):
     port = free_port()
-    argv = [args.binary, "--task", "embedding", "--model-dir", args.model_dir,
+    task = "text-generation" if args.generate else "embedding"
+    argv = [args.binary, "--task", task, "--model-dir", args.model_dir,
             "--listen", f"127.0.0.1:{port}", *flags]
     if args.torch_threads:
         argv += ["--torch-threads", str(args.torch_threads)]
@@ -59,9 +62,15 @@ def run_setting(args, label, flags):
         else:
             raise RuntimeError(f"{label}: the runtime did not become healthy")
         device = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/info"))["device"]
-        body = json.dumps({"inputs": [[(1000 + (7 * i + j) % 20000) % args.vocab for j in range(args.ids)]
-                                      for i in range(args.inputs)]}).encode()
-        raw = reliability.post_json("/embed", None, body)
+        if args.generate:
+            body = json.dumps({"inputs": "Once upon a time, a small model learned to write",
+                               "parameters": {"max_new_tokens": args.generate, "do_sample": False,
+                                              "ignore_eos": True}}).encode()
+            raw = reliability.post_json("/generate", None, body)
+        else:
+            body = json.dumps({"inputs": [[(1000 + (7 * i + j) % 20000) % args.vocab for j in range(args.ids)]
+                                          for i in range(args.inputs)]}).encode()
+            raw = reliability.post_json("/embed", None, body)
         m = asyncio.run(reliability.measure_overload(
             port, raw, args.clients, args.unloaded, args.seconds, args.seconds))
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
@@ -87,17 +96,20 @@ def main():
     parser.add_argument("--inputs", type=int, default=2, help="rows per request (default 2)")
     parser.add_argument("--ids", type=int, default=32, help="token ids per row (default 32)")
     parser.add_argument("--vocab", type=int, default=30522, help="ids stay below this (default BERT's 30522)")
+    parser.add_argument("--generate", type=int, metavar="N", help="text generation of N tokens instead of /embed")
     parser.add_argument("--clients", type=int, default=4, help="closed-loop clients for capacity (default 4)")
     parser.add_argument("--seconds", type=float, default=5, help="capacity and overload phases (default 5)")
     parser.add_argument("--unloaded", type=int, default=100, help="sequential requests for the unloaded p99")
     parser.add_argument("--torch-threads", type=int, default=1, help="0: the runtime's default")
     args = parser.parse_args()
+    count = 128 if args.generate else 512
     settings = [
-        ("default: slowdown <= 2x, 512 at once", []),
-        ("count only: 512 at once (TEI's default)", ["--max-slowdown", "0"]),
+        (f"default: slowdown <= 2x, {count} at once", []),
+        (f"count only: {count} at once (the default count)", ["--max-slowdown", "0"]),
         ("count only: 2 at once", ["--max-slowdown", "0", "--max-concurrent-requests", "2"]),
     ]
-    print(f"{args.inputs} x {args.ids} token ids per request; capacity from {args.clients} closed-loop "
+    shape = f"{args.generate} generated tokens" if args.generate else f"{args.inputs} x {args.ids} token ids"
+    print(f"{shape} per request; capacity from {args.clients} closed-loop "
           f"clients; {args.seconds:g} s per phase; every request on a fresh connection")
     print()
     # The client is one Python thread: where its start lateness grows past a few ms it, not

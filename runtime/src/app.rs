@@ -248,6 +248,7 @@ impl Runtime {
                         .map_or(model_limit, |n| n.min(model_limit)),
                     max_queued: limits.admission.max_concurrent_requests,
                     max_prefill_tokens_per_step: generation.max_prefill_tokens_per_step,
+                    max_slowdown: limits.admission.max_slowdown,
                 };
                 let load = move || LlamaModel::load(&dir, device, kind).map_err(|e| e.to_string());
                 let (engine, thread) =

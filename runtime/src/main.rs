@@ -52,10 +52,11 @@ struct Args {
     #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
 
-    /// Largest predicted slowdown a request is queued at: its completion time behind the work
-    /// already queued, over its time on an idle model, from each model's measured cost per
-    /// pass. Beyond it, 429 with Retry-After at once. 0 turns the rule off (text-generation
-    /// admits by count only).
+    /// Largest predicted slowdown a request is taken at: its completion time behind the work
+    /// already taken (for text generation: the running and waiting sequences), over its time
+    /// on an idle model, from the model's measured cost per pass; nor may it push a request
+    /// already taken past that bound. Beyond it, 429 with Retry-After at once. 0 turns the
+    /// rule off (the count limit alone).
     #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
     max_slowdown: f64,
 

@@ -83,7 +83,8 @@ async fn metric(runtime: &Runtime, name: &str) -> f64 {
 
 #[tokio::test]
 async fn greedy_tokens_over_http_match_transformers_alone_and_concurrently() {
-    let (runtime, reference) = llama(&[]).await;
+    // Batching is under test, so only the count limit applies.
+    let (runtime, reference) = llama(&["--max-slowdown", "0"]).await;
     let prompts: Vec<String> = serde_json::from_value(reference["prompts"].clone()).unwrap();
     let expected: Vec<Vec<i64>> = reference["greedy"]
         .as_array()
@@ -235,8 +236,33 @@ async fn a_stop_string_ends_the_text_right_before_it() {
 }
 
 #[tokio::test]
+async fn a_sequence_that_would_wait_for_a_slot_longer_than_its_own_work_is_refused_at_once() {
+    // One slot: a second sequence of the same length waits as long as it works (2x its time
+    // alone), a third would wait twice as long.
+    let (runtime, _) = llama(&["--max-running-sequences", "1"]).await;
+    let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 48, "ignore_eos": true}});
+    let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
+    assert_eq!(status, 200, "alone, and the decode step is measured");
+    let burst =
+        futures::future::join_all((0..6).map(|_| post_json(&runtime, "/generate", body.clone())))
+            .await;
+    let statuses: Vec<u16> = burst.iter().map(|(status, _)| *status).collect();
+    let accepted = statuses.iter().filter(|&&s| s == 200).count();
+    assert!((1..=2).contains(&accepted), "{statuses:?}");
+    for (status, body) in &burst {
+        if *status == 429 {
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("more than 2.0x"), "{message}");
+        } else {
+            assert_eq!(*status, 200, "{body}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_seed_makes_sampling_reproducible() {
-    let (runtime, _) = llama(&[]).await;
+    // Sequences sampled side by side are under test, so only the count limit applies.
+    let (runtime, _) = llama(&["--max-slowdown", "0"]).await;
     let sample = |seed: u64| json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.5, "top_p": 1.0, "seed": seed});
     let first = post_json(&runtime, "/v1/completions", sample(7)).await.1;
     let again = post_json(&runtime, "/v1/completions", sample(7)).await.1;
@@ -422,7 +448,9 @@ async fn beyond_its_admission_limit_the_server_answers_429() {
 #[tokio::test]
 async fn sequences_wait_for_a_free_slot_and_all_finish() {
     // Two slots, six requests: four wait, then join between decode steps as others finish.
-    let (runtime, reference) = llama(&["--max-running-sequences", "2"]).await;
+    // Waiting is under test, so only the count limit applies.
+    let (runtime, reference) =
+        llama(&["--max-running-sequences", "2", "--max-slowdown", "0"]).await;
     let expected: Vec<Vec<i64>> = reference["greedy"]
         .as_array()
         .unwrap()

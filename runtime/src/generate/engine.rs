@@ -6,18 +6,20 @@
 //! deadline passed is stopped before the next step, so no token is computed for it after that.
 //!
 //! Memory for keys and values is fixed at start: `max_running` slots of `max_sequence_tokens`
-//! positions. When every slot is taken, new sequences wait; beyond `max_queued` in flight,
-//! submission is refused (429).
+//! positions. When every slot is taken, new sequences wait; beyond `max_queued` in flight, or
+//! when the slowdown rule (`admission`) predicts a sequence too slow, submission is refused
+//! (429).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use super::admission::{Board, Commitment};
 use super::sampling::{SamplingParams, SeededRng, sample};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -34,6 +36,8 @@ pub struct EngineLimits {
     pub max_queued: usize,
     /// Prompt tokens prefilled per step before the running batch decodes again.
     pub max_prefill_tokens_per_step: usize,
+    /// Largest predicted completion over time alone a sequence is taken at; `None`: count only.
+    pub max_slowdown: Option<f64>,
 }
 
 /// When a sequence stops, besides its client leaving.
@@ -81,6 +85,9 @@ struct Queued {
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
     admission: OwnedSemaphorePermit,
+    /// Its number on the board and what it was taken with.
+    number: u64,
+    commitment: Commitment,
 }
 
 struct Running {
@@ -94,12 +101,25 @@ struct Running {
     events: mpsc::UnboundedSender<Event>,
     last_token_at: Instant,
     admission: OwnedSemaphorePermit,
+    promise: Option<Instant>,
 }
 
 impl Running {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    fn steps_left(&self, max_sequence_tokens: usize) -> usize {
+        (self.stop.max_new_tokens.saturating_sub(self.generated()))
+            .min(max_sequence_tokens.saturating_sub(self.tokens.len()))
+    }
+}
+
+/// A poisoned board only means a thread panicked mid-update of estimates; they still serve.
+fn lock(board: &Mutex<Board>) -> MutexGuard<'_, Board> {
+    board
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The async side: submits sequences to the model thread.
@@ -107,6 +127,7 @@ impl Running {
 pub struct Engine {
     submissions: std_mpsc::Sender<QueuedHandle>,
     admission: Arc<Semaphore>,
+    board: Arc<Mutex<Board>>,
     pub limits: EngineLimits,
 }
 
@@ -131,6 +152,8 @@ impl Engine {
         L: FnOnce() -> Result<LlamaModel, String> + Send + 'static,
     {
         let (submissions, receiver) = std_mpsc::channel::<QueuedHandle>();
+        let board = Arc::new(Mutex::new(Board::default()));
+        let scheduler_board = board.clone();
         let thread = std::thread::Builder::new()
             .name("model".to_owned())
             .spawn(move || {
@@ -138,13 +161,16 @@ impl Engine {
                 let cache =
                     model.new_cache(limits.max_running as i64, limits.max_sequence_tokens as i64);
                 let _ = ready.send(true);
-                tch::no_grad(|| Scheduler::new(model, cache, limits, metrics).run(receiver));
+                tch::no_grad(|| {
+                    Scheduler::new(model, cache, limits, metrics, scheduler_board).run(receiver)
+                });
                 Ok(())
             })
             .expect("spawning the model thread");
         let engine = Engine {
             submissions,
             admission: Arc::new(Semaphore::new(limits.max_queued)),
+            board,
             limits,
         };
         (engine, thread)
@@ -161,12 +187,42 @@ impl Engine {
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Overloaded)?;
+        let steps = submission.stop.max_new_tokens.min(
+            self.limits
+                .max_sequence_tokens
+                .saturating_sub(submission.prompt.len()),
+        );
+        let now = Instant::now();
+        let (number, commitment) = {
+            let mut board = lock(&self.board);
+            match self.limits.max_slowdown {
+                Some(limit) => board
+                    .admit(
+                        submission.prompt.len(),
+                        steps,
+                        limit,
+                        self.limits.max_running,
+                        now,
+                    )
+                    .ok_or(ApiError::Saturated { limit })?,
+                None => (
+                    0,
+                    Commitment {
+                        steps_left: steps,
+                        prompt_tokens: submission.prompt.len(),
+                        promise: None,
+                    },
+                ),
+            }
+        };
         let (events, receiver) = mpsc::unbounded_channel();
         let queued = Queued {
             submission,
             events,
-            submitted: Instant::now(),
+            submitted: now,
             admission: permit,
+            number,
+            commitment,
         };
         self.submissions
             .send(QueuedHandle(queued))
@@ -180,17 +236,25 @@ struct Scheduler {
     cache: KvCache,
     limits: EngineLimits,
     metrics: Metrics,
+    board: Arc<Mutex<Board>>,
     free_slots: Vec<i64>,
     waiting: VecDeque<Queued>,
     running: Vec<Running>,
 }
 
 impl Scheduler {
-    fn new(model: LlamaModel, cache: KvCache, limits: EngineLimits, metrics: Metrics) -> Scheduler {
+    fn new(
+        model: LlamaModel,
+        cache: KvCache,
+        limits: EngineLimits,
+        metrics: Metrics,
+        board: Arc<Mutex<Board>>,
+    ) -> Scheduler {
         Scheduler {
             model,
             cache,
             metrics,
+            board,
             free_slots: (0..limits.max_running as i64).rev().collect(),
             limits,
             waiting: VecDeque::new(),
@@ -202,19 +266,46 @@ impl Scheduler {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match receiver.recv() {
-                    Ok(QueuedHandle(queued)) => self.waiting.push_back(queued),
+                    Ok(QueuedHandle(queued)) => self.receive(queued),
                     Err(_) => return,
                 }
             }
             while let Ok(QueuedHandle(queued)) = receiver.try_recv() {
-                self.waiting.push_back(queued);
+                self.receive(queued);
             }
             self.drop_abandoned();
             self.admit();
             self.decode();
+            self.publish();
             self.metrics.running.set(self.running.len() as i64);
             self.metrics.waiting.set(self.waiting.len() as i64);
         }
+    }
+
+    /// Takes a submission into the waiting queue, on the board as well.
+    fn receive(&mut self, queued: Queued) {
+        let mut board = lock(&self.board);
+        if board.submitted.remove(&queued.number).is_some() {
+            board.waiting.push(queued.commitment);
+        }
+        drop(board);
+        self.waiting.push_back(queued);
+    }
+
+    /// Puts the running and waiting sequences on the board for admission to read.
+    fn publish(&self) {
+        let max_sequence_tokens = self.limits.max_sequence_tokens;
+        let mut board = lock(&self.board);
+        board.running = self
+            .running
+            .iter()
+            .map(|sequence| Commitment {
+                steps_left: sequence.steps_left(max_sequence_tokens),
+                prompt_tokens: 0,
+                promise: sequence.promise,
+            })
+            .collect();
+        board.waiting = self.waiting.iter().map(|q| q.commitment).collect();
     }
 
     /// Ends sequences nobody waits for, or whose deadline passed, before spending a step on them.
@@ -344,10 +435,12 @@ impl Scheduler {
                 return;
             }
         };
-        self.metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.inference_seconds.observe(seconds);
         self.metrics.batch_tokens.observe(padded.len() as f64);
+        lock(&self.board)
+            .prefill_cost
+            .observe(padded.len() as f64, seconds);
         let mut sequences = Vec::with_capacity(batch.len());
         let mut submitted_at = Vec::with_capacity(batch.len());
         for (queued, slot) in batch.into_iter().zip(slots) {
@@ -356,6 +449,8 @@ impl Scheduler {
                 events,
                 submitted,
                 admission,
+                commitment,
+                ..
             } = queued;
             self.metrics
                 .prompt_tokens
@@ -372,6 +467,7 @@ impl Scheduler {
                 events,
                 last_token_at: Instant::now(),
                 admission,
+                promise: commitment.promise,
             });
         }
         let first_tokens = choose(&logits, &mut sequences);
@@ -425,12 +521,14 @@ impl Scheduler {
                 return;
             }
         };
-        self.metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.inference_seconds.observe(seconds);
         self.metrics
             .batch_sequences
             .observe(self.running.len() as f64);
+        lock(&self.board)
+            .step_times
+            .observe(self.running.len(), seconds);
         let chosen = choose(&logits, &mut self.running);
         // Backwards, so that freeing (swap_remove) never moves a sequence not yet visited.
         for index in (0..self.running.len()).rev() {
