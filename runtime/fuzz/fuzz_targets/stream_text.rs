@@ -1,8 +1,9 @@
 //! Streamed text as the runtime frames it into SSE events: arbitrary token ids through the
 //! incremental decoder (the tiny Llama's byte-level BPE, so half characters occur) and
 //! arbitrary stop strings. The deltas add up to what decoding the whole sequence gives, never
-//! split a character, and end exactly before the earliest stop string; each event's JSON stays
-//! on one line, so no delta can break the framing.
+//! split a character; the released text stops at the first delta that completes a stop string
+//! (as TGI's stop criteria: generation ends there), right before the earliest stop string
+//! complete by then; each event's JSON stays on one line, so no delta can break the framing.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -56,11 +57,14 @@ fuzz_target!(|data: &[u8]| {
     let mut decoder = IncrementalDecoder::default();
     let mut stop_strings = StopStrings::new(stops.clone());
     let (mut streamed, mut released, mut stopped) = (String::new(), String::new(), false);
+    // Where each delta ends in the whole text.
+    let mut boundaries = Vec::new();
     for &id in &ids {
         let delta = decoder.push(tokenizer, id);
         let event = serde_json::json!({"choices": [{"text": delta}]}).to_string();
         assert!(!event.contains(['\n', '\r']), "an event spans lines");
         streamed.push_str(&delta);
+        boundaries.push(streamed.len());
         if !stopped {
             let out = stop_strings.push(&delta);
             released.push_str(&out.text);
@@ -69,17 +73,33 @@ fuzz_target!(|data: &[u8]| {
     }
     let rest = decoder.finish(tokenizer);
     streamed.push_str(&rest);
+    boundaries.push(streamed.len());
     assert_eq!(streamed, whole, "the deltas of {ids:?}");
     if !stopped {
         released.push_str(&stop_strings.push(&rest).text);
         released.push_str(&stop_strings.finish());
     }
 
-    let earliest = stops
+    // Every occurrence of a stop string, as (start, end).
+    let occurrences: Vec<(usize, usize)> = stops
         .iter()
         .filter(|stop| !stop.is_empty())
-        .filter_map(|stop| whole.find(stop.as_str()))
-        .min();
+        .flat_map(|stop| {
+            whole
+                .match_indices(stop.as_str())
+                .map(move |(start, _)| (start, start + stop.len()))
+        })
+        .collect();
+    let first_complete = boundaries
+        .iter()
+        .find(|&&boundary| occurrences.iter().any(|&(_, end)| end <= boundary));
+    let earliest = first_complete.and_then(|&boundary| {
+        occurrences
+            .iter()
+            .filter(|&&(_, end)| end <= boundary)
+            .map(|&(start, _)| start)
+            .min()
+    });
     match earliest {
         Some(at) => assert_eq!(released, whole[..at], "stops {stops:?} over {whole:?}"),
         None => assert_eq!(released, whole, "no stop of {stops:?} in {whole:?}"),

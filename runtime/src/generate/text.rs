@@ -114,6 +114,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_stop_string_completed_first_ends_the_text_even_if_another_began_earlier() {
+        // "ese" begins before "s" in "Dies", but generation ends when "s" is complete, as
+        // TGI's stop criteria end it. Found by the stream_text fuzz target (its oracle had
+        // wanted the earliest start over the whole text).
+        let mut stops = StopStrings::new(vec!["ese".into(), "s".into()]);
+        assert_eq!(
+            stops.push("Die"),
+            Released {
+                text: "Di".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            stops.push("s"),
+            Released {
+                text: "e".into(),
+                stopped: true
+            }
+        );
+        // Complete in the same delta, the one that begins first wins.
+        let mut stops = StopStrings::new(vec!["ese".into(), "s".into()]);
+        assert_eq!(stops.push("Diese").text, "Di");
+    }
+
+    #[test]
     fn text_before_a_stop_string_is_released_and_the_rest_never_is() {
         let mut stops = StopStrings::new(vec!["\nUser:".into(), "###".into()]);
         assert_eq!(
