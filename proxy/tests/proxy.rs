@@ -762,6 +762,19 @@ async fn after_sigterm_new_connections_are_served_until_clients_stop_coming_then
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+    // The signal is handled asynchronously: a request that arrives with it may still be
+    // answered as before. Readiness tells when the lame duck has begun.
+    loop {
+        let readiness = fresh.get(proxy.url("/readyz")).send().await;
+        let readiness = readiness.expect("a connection made after SIGTERM was refused or reset");
+        if readiness.text().await.unwrap() == r#"{"status":"draining"}"# {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "readiness never turned"
+        );
+    }
     let mut served = 0;
     while signalled.elapsed() < Duration::from_millis(1500) {
         let response = fresh
