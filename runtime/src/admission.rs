@@ -75,7 +75,7 @@ impl PassCost {
     }
 
     /// Whether recent passes differ enough in size to tell the fixed cost from the per-unit.
-    pub fn has_spread(&self) -> bool {
+    fn has_spread(&self) -> bool {
         self.spread().is_some()
     }
 
@@ -185,10 +185,6 @@ impl Gate {
             limits,
             units_per_pass: units_per_pass.max(1) as f64,
         }
-    }
-
-    pub fn limits(&self) -> AdmissionLimits {
-        self.limits
     }
 
     /// Takes a slot, or refuses at once when all are taken.
