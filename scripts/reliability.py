@@ -15,8 +15,8 @@ script with --sse-upstream) and an infergate-proxy in front of both, on free loc
    first straight to the upstream, then through the proxy. Every stream must arrive whole, and
    the proxy may add at most 10 ms to the p99 of event latency (send to receipt).
 3. Overload: the runtime runs with its default admission (up to 512 requests at once, each
-   queued only while its predicted slowdown is at most 2x; --max-concurrent and --max-slowdown
-   change them). After the unloaded p99 latency (sequential requests) and the capacity X
+   queued only while its predicted slowdown is at most 2x, 4x early in a busy period;
+   --max-concurrent and --max-slowdown change them). After the unloaded p99 latency (sequential requests) and the capacity X
    (4 closed-loop clients, --clients) are measured, an open loop offers 2X rps, each request
    on a fresh connection; the excess must be shed with 429/503 within 50 ms, and accepted
    requests must keep p99 within 2x the unloaded p99. All of it goes through the proxy.
@@ -47,6 +47,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from random import Random
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -670,6 +671,24 @@ async def measure_overload(port, raw, clients, unloaded_count, capacity_seconds,
         "other": other,
         "lateness_p99": percentile(lateness, 99),
     }
+
+
+async def measure_random_arrivals(port, raw, rate, seconds, seed=1):
+    """`raw` at `rate` per second on average for `seconds`, at Poisson times (as independent
+    clients arrive), each on a fresh connection to `port`: the share refused and the p99 of
+    those answered 200."""
+    random = Random(seed)
+    started = time.perf_counter()
+    tasks, at = [], random.expovariate(rate)
+    while at < seconds:
+        await sleep_until(started + at)
+        tasks.append(asyncio.create_task(exchange(port, raw)))
+        at += random.expovariate(rate)
+    replies = await asyncio.gather(*tasks)
+    accepted = [r.seconds for r in replies if r.status == 200]
+    refused = sum(1 for r in replies if r.status in (429, 503))
+    return {"total": len(replies), "refused": refused,
+            "p99_accepted": percentile(accepted, 99) if accepted else float("nan")}
 
 
 async def run_overload(stack, clients, unloaded_count, capacity_seconds, overload_seconds):

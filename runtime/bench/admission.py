@@ -1,5 +1,6 @@
-"""Admission benchmark: infergate-runtime at twice its capacity, under the default admission
-(predicted slowdown <= 2x) and under count limits alone, side by side in one run.
+"""Admission benchmark: infergate-runtime at twice its capacity and below it, under the default
+admission (predicted slowdown <= 2x, 4x early in a busy period), without its burst allowance,
+and under count limits alone, side by side in one run.
 
     . scripts/env.sh && python runtime/bench/admission.py BINARY MODEL_DIR [--inputs 2 --ids 32]
     python runtime/bench/admission.py BINARY LLAMA_DIR --generate 32   # text generation
@@ -7,9 +8,10 @@
 For each admission setting it starts the runtime, measures the unloaded p99 (sequential
 requests), the capacity (closed-loop clients; one refused with 429 pauses 10 ms), then offers
 twice that capacity open-loop, each request on a fresh connection (scripts/reliability.py's
-overload scenario, straight to the runtime). Prints one Markdown row per setting: capacity,
-share shed, 429 p99, accepted p99 against unloaded, and the mean batch (sequences per forward
-pass, from /metrics). The request is `--inputs` rows of `--ids` token ids to /embed, so no
+overload scenario, straight to the runtime), then half and 0.8 of that capacity at random
+(Poisson) times, as independent clients arrive. Prints one Markdown row per setting: capacity,
+share shed, 429 p99, accepted p99 against unloaded, the mean batch (sequences per forward pass,
+from /metrics) at twice capacity, and the share shed and accepted p99 below capacity. The request is `--inputs` rows of `--ids` token ids to /embed, so no
 tokenizer time is measured; with `--generate N`, a TGI-style /generate of N greedy tokens
 (`ignore_eos`) of a fixed prompt, and the batch is the rows of a decode step. On a GPU (a CUDA build, see gpu_check.py) the same command shows batches filling
 under the default rule, where the CPU's stay about one request deep.
@@ -75,6 +77,8 @@ def run_setting(args, label, flags):
             port, raw, args.clients, args.unloaded, args.seconds, args.seconds))
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         rows, passes = metric_sum_count(text, "infergate_runtime_batch_size")
+        below = [asyncio.run(reliability.measure_random_arrivals(
+            port, raw, share * m["capacity"], args.seconds)) for share in (0.5, 0.8)]
     finally:
         runtime.terminate()
         runtime.wait(timeout=30)
@@ -86,7 +90,9 @@ def run_setting(args, label, flags):
             f"{reliability.ms(p99_accepted)} vs {reliability.ms(m['p99_unloaded'])} "
             f"(**{p99_accepted / m['p99_unloaded']:.2f}x**) | "
             f"{rows / max(passes, 1):.2f} | {sum(m['other'].values()) if m['other'] else 0} | "
-            f"{reliability.ms(m['lateness_p99'])} |")
+            f"{reliability.ms(m['lateness_p99'])} | "
+            + " | ".join(f"{100 * b['refused'] / b['total']:.1f} % shed, "
+                         f"p99 {b['p99_accepted'] / m['p99_unloaded']:.2f}x" for b in below) + " |")
 
 
 def main():
@@ -104,7 +110,8 @@ def main():
     args = parser.parse_args()
     count = 128 if args.generate else 512
     settings = [
-        (f"default: slowdown <= 2x, {count} at once", []),
+        (f"default: slowdown <= 2x (4x in a burst), {count} at once", []),
+        ("no burst allowance: slowdown <= 2x", ["--burst-slowdown", "2"]),
         (f"count only: {count} at once (the default count)", ["--max-slowdown", "0"]),
         ("count only: 2 at once", ["--max-slowdown", "0", "--max-concurrent-requests", "2"]),
     ]
@@ -115,8 +122,9 @@ def main():
     # The client is one Python thread: where its start lateness grows past a few ms it, not
     # the runtime, is the bottleneck, and the latencies it measures are its own too.
     print("| admission | device | capacity (rps) | offered (rps) | shed | 429 p99 | accepted p99 vs unloaded p99 "
-          "| mean batch (seqs) | other outcomes | client lateness p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| mean batch (seqs) | other outcomes | client lateness p99 | 0.5x capacity, Poisson "
+          "| 0.8x capacity, Poisson |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, flags in settings:
         print(run_setting(args, label, flags), flush=True)
 

@@ -15,6 +15,12 @@
 //! the rule follows the hardware: on a GPU the fixed part dominates and requests keep joining
 //! batches; on a CPU the queue stays about one request deep and the model thread stays busy.
 //!
+//! The bound is looser early in a busy period. Requests arriving at random bunch up now and
+//! then even when the model keeps up on average, and a model that keeps up drains such a
+//! bunch soon; refusing it would shed traffic at half load. Once the model has been busy
+//! without a break for several times a request's time alone, the queue is one it does not
+//! drain, and the sustained bound holds (`BusyPeriod`).
+//!
 //! Passes of one size cannot tell the two parts apart, and uniform requests under this rule
 //! make passes of one size. Until passes of different sizes have run, the whole cost is
 //! charged per unit (the cautious guess, a CPU's), and now and then one request the rule would
@@ -34,23 +40,90 @@ use crate::error::ApiError;
 /// those before it, so the estimate follows about the last 20 passes.
 const DECAY: f64 = 0.95;
 
+/// A busy period counts as sustained load, not a burst, once it has lasted this many times the
+/// arriving request's time alone.
+const SUSTAINED_AFTER: f64 = 8.0;
+
 /// The limits admission enforces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionLimits {
     /// Requests admitted at once (queued or running); beyond it, 429.
     pub max_concurrent_requests: usize,
-    /// Largest predicted completion time over idle time a request is queued at; `None` turns
-    /// the rule off.
-    pub max_slowdown: Option<f64>,
+    /// The largest predicted completion time over idle time a request is queued at; `None`
+    /// turns the rule off.
+    pub max_slowdown: Option<Slowdown>,
 }
 
 impl Default for AdmissionLimits {
     fn default() -> Self {
         AdmissionLimits {
             max_concurrent_requests: 512,
-            max_slowdown: Some(2.0),
+            max_slowdown: Some(Slowdown::new(2.0)),
         }
     }
+}
+
+/// Predicted completion time over time on an idle model, at most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slowdown {
+    /// Once the model has been busy for `SUSTAINED_AFTER` times a request's time alone.
+    pub sustained: f64,
+    /// Earlier in a busy period.
+    pub burst: f64,
+}
+
+impl Slowdown {
+    /// `sustained`, with bursts allowed twice as much.
+    pub const fn new(sustained: f64) -> Slowdown {
+        Slowdown {
+            sustained,
+            burst: 2.0 * sustained,
+        }
+    }
+}
+
+/// When the model last started to work without a break: what tells a burst from load it does
+/// not keep up with.
+#[derive(Debug, Default)]
+pub struct BusyPeriod {
+    began: Option<Instant>,
+    idle_since: Option<Instant>,
+}
+
+impl BusyPeriod {
+    #[cfg(test)]
+    pub fn since(began: Instant) -> BusyPeriod {
+        BusyPeriod {
+            began: Some(began),
+            idle_since: None,
+        }
+    }
+
+    /// The model ran out of work.
+    pub fn went_idle(&mut self, now: Instant) {
+        self.idle_since.get_or_insert(now);
+    }
+
+    /// The slowdown a request that takes `alone` seconds on an idle model may be queued at,
+    /// arriving `now`. A rest shorter than the request's own time does not end a busy period:
+    /// a client that hesitates is not a model catching up.
+    pub fn allowed(&mut self, slowdown: Slowdown, alone: f64, now: Instant) -> f64 {
+        let rested = self
+            .idle_since
+            .take()
+            .map(|since| seconds_between(since, now));
+        if self.began.is_none() || rested.is_some_and(|rested| rested >= alone) {
+            self.began = Some(now);
+        }
+        match self.began {
+            Some(began) if seconds_between(began, now) < SUSTAINED_AFTER * alone => slowdown.burst,
+            _ => slowdown.sustained,
+        }
+    }
+}
+
+fn seconds_between(earlier: Instant, later: Instant) -> f64 {
+    later.saturating_duration_since(earlier).as_secs_f64()
 }
 
 /// The cost of one forward pass as a function of its size, `fixed + per_unit × units`, fitted
@@ -122,6 +195,7 @@ struct Load {
     /// The latest finish each queued request was admitted with, earliest first (the number
     /// tells requests with the same instant apart).
     promised: BTreeSet<(Instant, u64)>,
+    busy: BusyPeriod,
     admitted_total: u64,
     passes: u64,
     probes: u32,
@@ -202,7 +276,8 @@ impl Gate {
         let now = Instant::now();
         let mut load = lock(&self.load);
         let promise = match (self.limits.max_slowdown, self.predict(&load, units, now)) {
-            (Some(max_slowdown), Some((alone, finish))) => {
+            (Some(slowdown), Some((alone, finish))) => {
+                let max_slowdown = load.busy.allowed(slowdown, alone, now);
                 let latest = now + Duration::from_secs_f64(max_slowdown * alone);
                 let finish = now + Duration::from_secs_f64(finish);
                 let earliest_promise = load.promised.first().map(|&(at, _)| at);
@@ -246,7 +321,7 @@ impl Gate {
     fn predict(&self, load: &Load, units: f64, now: Instant) -> Option<(f64, f64)> {
         let alone = load.cost.predict(units, self.units_per_pass)?;
         let running_left = load.running.map_or(0.0, |(started, predicted)| {
-            (predicted - now.saturating_duration_since(started).as_secs_f64()).max(0.0)
+            (predicted - seconds_between(started, now)).max(0.0)
         });
         let finish = running_left
             + load
@@ -270,6 +345,9 @@ impl Gate {
         load.running = None;
         load.passes += 1;
         load.cost.observe(units, seconds);
+        if load.queued <= 0.0 {
+            load.busy.went_idle(Instant::now());
+        }
         output
     }
 }
@@ -319,20 +397,90 @@ mod tests {
         assert!(close(three - 3.0 * one, 0.0), "{one} {three}");
     }
 
+    /// A gate that has timed `passes` and has been busy for a minute: the sustained bound holds.
     fn measured_gate(max_slowdown: f64, passes: &[(f64, f64)]) -> Gate {
         let gate = Gate::new(
             AdmissionLimits {
                 max_concurrent_requests: 512,
-                max_slowdown: Some(max_slowdown),
+                max_slowdown: Some(Slowdown::new(max_slowdown)),
             },
             16384,
         );
         let mut load = lock(&gate.load);
         load.cost = fitted(passes);
+        load.busy = BusyPeriod::since(seconds_ago(60.0));
         // Probes have their own test.
         load.next_probe_at = u64::MAX;
         drop(load);
         gate
+    }
+
+    fn seconds_ago(seconds: f64) -> Instant {
+        Instant::now() - Duration::from_secs_f64(seconds)
+    }
+
+    /// A pass of 10 ms per 64 units is running with 5 ms left, on a model busy since `began`.
+    fn gate_busy_since(began: Instant) -> Gate {
+        let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
+        let mut load = lock(&gate.load);
+        load.busy = BusyPeriod::since(began);
+        load.running = Some((Instant::now(), 0.005));
+        drop(load);
+        gate
+    }
+
+    /// How many requests of 64 units the gate queues in a row.
+    fn queued_in_a_row(gate: &Gate) -> usize {
+        let queued: Vec<Queued> = (0..10).map_while(|_| gate.queue(64).ok()).collect();
+        queued.len()
+    }
+
+    #[test]
+    fn early_in_a_busy_period_requests_queue_to_the_burst_bound() {
+        // They would finish in 15, 25, 35 and 45 ms: within 4x their 10 ms, three; within 2x,
+        // one.
+        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.010))), 3);
+        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(60.0))), 1);
+    }
+
+    #[test]
+    fn a_busy_period_is_sustained_load_after_eight_times_a_request() {
+        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.079))), 3);
+        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.081))), 1);
+    }
+
+    #[test]
+    fn a_model_that_rested_longer_than_a_request_starts_a_new_busy_period() {
+        // 1 ms a pass plus 9 ms per 64 units; nothing running. Requests in a row would finish
+        // in 10, 19, 28, 37 and 46 ms: four within the burst bound, two within the sustained.
+        let rested = |seconds: f64| {
+            let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.019)]);
+            lock(&gate.load).busy.went_idle(seconds_ago(seconds));
+            queued_in_a_row(&gate)
+        };
+        assert_eq!(rested(1.0), 4);
+        assert_eq!(
+            rested(0.005),
+            2,
+            "a 5 ms rest: still the minute-long busy period"
+        );
+    }
+
+    #[test]
+    fn a_rest_shorter_than_a_request_does_not_end_a_busy_period() {
+        let mut busy = BusyPeriod::default();
+        let slowdown = Slowdown::new(2.0);
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(busy.allowed(slowdown, 0.010, at(0)), 4.0, "a fresh start");
+        busy.went_idle(at(85));
+        assert_eq!(
+            busy.allowed(slowdown, 0.010, at(90)),
+            2.0,
+            "a 5 ms rest: busy for 90 ms"
+        );
+        busy.went_idle(at(100));
+        assert_eq!(busy.allowed(slowdown, 0.010, at(110)), 4.0, "rested 10 ms");
     }
 
     #[test]
@@ -370,9 +518,21 @@ mod tests {
         );
     }
 
+    /// The default limits without a burst bound: the probe tests' passes take microseconds,
+    /// which would make their busy periods bursts or not depending on the machine.
+    fn without_bursts() -> AdmissionLimits {
+        AdmissionLimits {
+            max_slowdown: Some(Slowdown {
+                sustained: 2.0,
+                burst: 2.0,
+            }),
+            ..AdmissionLimits::default()
+        }
+    }
+
     #[test]
     fn a_refused_request_is_let_in_now_and_then_to_learn_what_a_bigger_pass_costs() {
-        let gate = Gate::new(AdmissionLimits::default(), 16384);
+        let gate = Gate::new(without_bursts(), 16384);
         let mut sizes = Vec::new();
         for pass in 0..2000 {
             // Uniform passes: a running one, one request queued, and one more arriving.
@@ -391,7 +551,7 @@ mod tests {
 
     #[test]
     fn no_probe_once_passes_of_different_sizes_have_run() {
-        let gate = Gate::new(AdmissionLimits::default(), 16384);
+        let gate = Gate::new(without_bursts(), 16384);
         lock(&gate.load).cost = fitted(&[(64.0, 0.010), (128.0, 0.020)]);
         let mut probes = 0;
         for _ in 0..100 {

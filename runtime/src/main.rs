@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use runtime::admission::AdmissionLimits;
+use runtime::admission::{AdmissionLimits, Slowdown};
 use runtime::app::{Runtime, Settings, Task};
 use runtime::batching::BatchLimits;
 use tch::Kind;
@@ -55,10 +55,17 @@ struct Args {
     /// Largest predicted slowdown a request is taken at: its completion time behind the work
     /// already taken (for text generation: the running and waiting sequences), over its time
     /// on an idle model, from the model's measured cost per pass; nor may it push a request
-    /// already taken past that bound. Beyond it, 429 with Retry-After at once. 0 turns the
-    /// rule off (the count limit alone).
+    /// already taken past that bound. Beyond it, 429 with Retry-After at once. This bound
+    /// holds once the model has been busy without a break for 8 times the request's time
+    /// alone; earlier, --burst-slowdown does. 0 turns the rule off (the count limit alone).
     #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
     max_slowdown: f64,
+
+    /// The slowdown bound early in a busy period, so that requests bunching up by chance on a
+    /// model that keeps up are queued rather than refused. Default: twice --max-slowdown;
+    /// equal to it, no allowance for bursts.
+    #[arg(long, env = "INFERGATE_BURST_SLOWDOWN")]
+    burst_slowdown: Option<f64>,
 
     /// Inputs in one request; more get 422.
     #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
@@ -184,6 +191,17 @@ fn main() -> anyhow::Result<()> {
             args.max_slowdown
         );
     }
+    let slowdown = (args.max_slowdown > 0.0).then(|| Slowdown {
+        burst: args.burst_slowdown.unwrap_or(2.0 * args.max_slowdown),
+        ..Slowdown::new(args.max_slowdown)
+    });
+    if let Some(Slowdown { sustained, burst }) = slowdown
+        && !(burst >= sustained && burst.is_finite())
+    {
+        anyhow::bail!(
+            "--burst-slowdown {burst}: expected a number of at least --max-slowdown ({sustained})"
+        );
+    }
     if let Some(threads) = args.torch_threads {
         tch::set_num_threads(threads);
     }
@@ -203,7 +221,7 @@ fn main() -> anyhow::Result<()> {
                         512
                     },
                 ),
-                max_slowdown: (args.max_slowdown > 0.0).then_some(args.max_slowdown),
+                max_slowdown: slowdown,
             },
         },
         max_client_batch_size: args.max_client_batch_size,

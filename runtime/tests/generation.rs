@@ -236,25 +236,31 @@ async fn a_stop_string_ends_the_text_right_before_it() {
 }
 
 #[tokio::test]
-async fn a_sequence_that_would_wait_for_a_slot_longer_than_its_own_work_is_refused_at_once() {
-    // One slot: a second sequence of the same length waits as long as it works (2x its time
-    // alone), a third would wait twice as long.
-    let (runtime, _) = llama(&["--max-running-sequences", "1"]).await;
-    let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 48, "ignore_eos": true}});
-    let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
-    assert_eq!(status, 200, "alone, and the decode step is measured");
-    let burst =
-        futures::future::join_all((0..6).map(|_| post_json(&runtime, "/generate", body.clone())))
-            .await;
-    let statuses: Vec<u16> = burst.iter().map(|(status, _)| *status).collect();
-    let accepted = statuses.iter().filter(|&&s| s == 200).count();
-    assert!((1..=2).contains(&accepted), "{statuses:?}");
-    for (status, body) in &burst {
-        if *status == 429 {
-            let message = body["error"]["message"].as_str().unwrap();
-            assert!(message.contains("more than 2.0x"), "{message}");
-        } else {
-            assert_eq!(*status, 200, "{body}");
+async fn a_sequence_that_would_wait_for_a_slot_too_long_is_refused_at_once() {
+    // One slot: the k-th sequence of a burst of equal ones finishes after k times its time
+    // alone. A burst may wait to 4x (the default) or, with no burst allowance, to 2x.
+    for (flags, bound, taken_of_six) in [
+        (&[][..], "4.0x", 3..=4),
+        (&["--burst-slowdown", "2"][..], "2.0x", 1..=2),
+    ] {
+        let (runtime, _) = llama(&[&["--max-running-sequences", "1"], flags].concat()).await;
+        let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 48, "ignore_eos": true}});
+        let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
+        assert_eq!(status, 200, "alone, and the decode step is measured");
+        let burst = futures::future::join_all(
+            (0..6).map(|_| post_json(&runtime, "/generate", body.clone())),
+        )
+        .await;
+        let statuses: Vec<u16> = burst.iter().map(|(status, _)| *status).collect();
+        let taken = statuses.iter().filter(|&&s| s == 200).count();
+        assert!(taken_of_six.contains(&taken), "{flags:?}: {statuses:?}");
+        for (status, body) in &burst {
+            if *status == 429 {
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains(&format!("more than {bound}")), "{message}");
+            } else {
+                assert_eq!(*status, 200, "{body}");
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::admission::PassCost;
+use crate::admission::{BusyPeriod, PassCost, Slowdown};
 
 /// A sequence as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,20 +39,22 @@ pub struct Board {
     /// Submitted, not yet seen by the scheduler, by submission number.
     pub submitted: HashMap<u64, Commitment>,
     pub submissions: u64,
+    pub busy: BusyPeriod,
 }
 
 impl Board {
     /// Takes a sequence of `prompt_tokens` and `steps` (its `max_new_tokens`) when the rule
-    /// allows it: its commitment and submission number, or `None` when refused. Until a decode
-    /// step and a prefill have been measured, every sequence is taken, without a promise.
+    /// allows it: its commitment and submission number, or the slowdown bound it was refused
+    /// at. Until a decode step and a prefill have been measured, every sequence is taken,
+    /// without a promise.
     pub fn admit(
         &mut self,
         prompt_tokens: usize,
         steps: usize,
-        max_slowdown: f64,
+        slowdown: Slowdown,
         slots: usize,
         now: Instant,
-    ) -> Option<(u64, Commitment)> {
+    ) -> Result<(u64, Commitment), f64> {
         let mine = Commitment {
             steps_left: steps,
             prompt_tokens,
@@ -65,12 +67,13 @@ impl Board {
                     prefill: &self.prefill_cost,
                 };
                 let alone = replay(&[mine], 1, &costs)[0];
+                let max_slowdown = self.busy.allowed(slowdown, alone, now);
                 let taken: Vec<Commitment> = self.taken().collect();
                 let without = replay(&taken, slots, &costs);
                 let mut with = taken.clone();
                 with.push(mine);
                 let finishes = replay(&with, slots, &costs);
-                let mine = *finishes.last()?;
+                let mine = finishes.last().copied().unwrap_or(0.0);
                 let delays_another = taken.iter().zip(&finishes).zip(&without).any(
                     |((commitment, &finish), &before)| {
                         commitment.promise.is_some_and(|promise| {
@@ -80,7 +83,7 @@ impl Board {
                     },
                 );
                 if mine > max_slowdown * alone || delays_another {
-                    return None;
+                    return Err(max_slowdown);
                 }
                 Some(now + Duration::from_secs_f64(max_slowdown * alone))
             }
@@ -89,7 +92,7 @@ impl Board {
         let commitment = Commitment { promise, ..mine };
         self.submissions += 1;
         self.submitted.insert(self.submissions, commitment);
-        Some((self.submissions, commitment))
+        Ok((self.submissions, commitment))
     }
 
     /// Running first, then waiting in order, then those the scheduler has not seen yet.
@@ -212,9 +215,15 @@ pub fn replay(sequences: &[Commitment], slots: usize, cost: &impl Cost) -> Vec<f
 mod tests {
     use super::*;
 
-    /// Decode steps as measured; a prefill of 10 prompt tokens costs 1 ms.
+    const SLOWDOWN: Slowdown = Slowdown::new(2.0);
+
+    /// Decode steps as measured; a prefill of 10 prompt tokens costs 1 ms; busy for a minute,
+    /// so that the sustained bound holds.
     fn board(steps: &[(usize, f64)]) -> Board {
-        let mut board = Board::default();
+        let mut board = Board {
+            busy: BusyPeriod::since(Instant::now() - Duration::from_secs(60)),
+            ..Board::default()
+        };
         for &(rows, seconds) in steps {
             board.step_times.observe(rows, seconds);
         }
@@ -285,7 +294,7 @@ mod tests {
         let mut board = board(&[(1, 0.010), (32, 0.0101)]);
         let now = Instant::now();
         let taken = (0..30)
-            .filter(|_| board.admit(10, 100, 2.0, 32, now).is_some())
+            .filter(|_| board.admit(10, 100, SLOWDOWN, 32, now).is_ok())
             .count();
         assert_eq!(taken, 30);
     }
@@ -297,10 +306,10 @@ mod tests {
         let now = Instant::now();
         // Running with 100 steps left, promised to finish within 1.5 s (1 s alone).
         board.running.push(running(100, 1.5, now));
-        assert!(board.admit(10, 100, 2.0, 32, now).is_none());
+        assert!(board.admit(10, 100, SLOWDOWN, 32, now).is_err());
         // One with a loose promise leaves room for a short sequence: 10 steps at 2 rows.
         board.running[0] = running(100, 10.0, now);
-        assert!(board.admit(10, 10, 2.0, 32, now).is_some());
+        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_ok());
     }
 
     #[test]
@@ -310,16 +319,28 @@ mod tests {
         // One slot, taken for 500 more steps: a 100-step sequence would wait 5 s for 1 s of
         // its own work.
         board.running.push(running(500, 60.0, now));
-        assert!(board.admit(10, 100, 2.0, 1, now).is_none());
+        assert!(board.admit(10, 100, SLOWDOWN, 1, now).is_err());
         // With a free slot it runs at once.
-        assert!(board.admit(10, 100, 2.0, 2, now).is_some());
+        assert!(board.admit(10, 100, SLOWDOWN, 2, now).is_ok());
+    }
+
+    #[test]
+    fn early_in_a_busy_period_a_sequence_may_wait_to_the_burst_bound() {
+        let mut board = board(&[(1, 0.010), (8, 0.0101)]);
+        let now = Instant::now();
+        // One slot with 150 steps left: a 100-step sequence would finish in 2.5 s against 1 s
+        // alone. Busy for a minute, that is sustained load; busy for a second, a burst.
+        board.running.push(running(150, 60.0, now));
+        assert_eq!(board.admit(10, 100, SLOWDOWN, 1, now), Err(2.0));
+        board.busy = BusyPeriod::since(now - Duration::from_secs(1));
+        assert!(board.admit(10, 100, SLOWDOWN, 1, now).is_ok());
     }
 
     #[test]
     fn without_a_measured_step_everything_is_taken_without_a_promise() {
         let mut board = Board::default();
-        let (_, commitment) = board.admit(10, 100, 2.0, 1, Instant::now()).unwrap();
+        let (_, commitment) = board.admit(10, 100, SLOWDOWN, 1, Instant::now()).unwrap();
         assert_eq!(commitment.promise, None);
-        assert!(board.admit(10, 100, 2.0, 1, Instant::now()).is_some());
+        assert!(board.admit(10, 100, SLOWDOWN, 1, Instant::now()).is_ok());
     }
 }

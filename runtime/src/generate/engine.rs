@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::admission::{Board, Commitment};
 use super::sampling::{SamplingParams, SeededRng, sample};
+use crate::admission::Slowdown;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
@@ -37,7 +38,7 @@ pub struct EngineLimits {
     /// Prompt tokens prefilled per step before the running batch decodes again.
     pub max_prefill_tokens_per_step: usize,
     /// Largest predicted completion over time alone a sequence is taken at; `None`: count only.
-    pub max_slowdown: Option<f64>,
+    pub max_slowdown: Option<Slowdown>,
 }
 
 /// When a sequence stops, besides its client leaving.
@@ -196,15 +197,15 @@ impl Engine {
         let (number, commitment) = {
             let mut board = lock(&self.board);
             match self.limits.max_slowdown {
-                Some(limit) => board
+                Some(slowdown) => board
                     .admit(
                         submission.prompt.len(),
                         steps,
-                        limit,
+                        slowdown,
                         self.limits.max_running,
                         now,
                     )
-                    .ok_or(ApiError::Saturated { limit })?,
+                    .map_err(|limit| ApiError::Saturated { limit })?,
                 None => (
                     0,
                     Commitment {
@@ -306,6 +307,9 @@ impl Scheduler {
             })
             .collect();
         board.waiting = self.waiting.iter().map(|q| q.commitment).collect();
+        if board.running.is_empty() && board.waiting.is_empty() && board.submitted.is_empty() {
+            board.busy.went_idle(Instant::now());
+        }
     }
 
     /// Ends sequences nobody waits for, or whose deadline passed, before spending a step on them.
