@@ -122,6 +122,16 @@ impl BusyPeriod {
     }
 }
 
+/// The refusal of a request predicted to finish `late` seconds after its bound: it would fit
+/// that much later if nothing else arrived meanwhile, so that is when to retry (whole
+/// seconds, as Retry-After has them: at least 1, at most a minute).
+pub fn saturated(limit: f64, late: f64) -> ApiError {
+    ApiError::Saturated {
+        limit,
+        retry_after: late.ceil().clamp(1.0, 60.0) as u32,
+    }
+}
+
 fn seconds_between(earlier: Instant, later: Instant) -> f64 {
     later.saturating_duration_since(earlier).as_secs_f64()
 }
@@ -283,9 +293,8 @@ impl Gate {
                 let earliest_promise = load.promised.first().map(|&(at, _)| at);
                 if finish > latest || earliest_promise.is_some_and(|at| finish > at) {
                     if !self.may_probe(&load, units) {
-                        return Err(ApiError::Saturated {
-                            limit: max_slowdown,
-                        });
+                        let late = seconds_between(latest, finish);
+                        return Err(saturated(max_slowdown, late));
                     }
                     load.next_probe_at = load.passes + probe_interval(load.probes);
                     load.probes += 1;
@@ -493,7 +502,7 @@ mod tests {
         assert_eq!(
             gate.queue(64).unwrap_err().to_string(),
             "the model is saturated: queuing this request would make it, or one already \
-             queued, take more than 2.0x its time on an idle model; retry shortly"
+             queued, take more than 2.0x its time on an idle model; retry in 1 s"
         );
         drop(first);
         assert!(

@@ -55,9 +55,9 @@ pub enum ApiError {
     Overloaded,
     #[error(
         "the model is saturated: queuing this request would make it, or one already queued, \
-         take more than {limit:.1}x its time on an idle model; retry shortly"
+         take more than {limit:.1}x its time on an idle model; retry in {retry_after} s"
     )]
-    Saturated { limit: f64 },
+    Saturated { limit: f64, retry_after: u32 },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("inference failed: {0}")]
@@ -175,16 +175,15 @@ impl IntoResponse for ApiError {
         let body =
             serde_json::json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
         let mut response = (status, axum::Json(body)).into_response();
-        if matches!(
-            self,
-            ApiError::Overloaded
-                | ApiError::Saturated { .. }
-                | ApiError::Loading
-                | ApiError::ShuttingDown
-        ) {
+        let retry_after = match self {
+            ApiError::Saturated { retry_after, .. } => Some(retry_after),
+            ApiError::Overloaded | ApiError::Loading | ApiError::ShuttingDown => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

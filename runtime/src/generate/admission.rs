@@ -16,7 +16,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::admission::{BusyPeriod, PassCost, Slowdown};
+use crate::admission::{BusyPeriod, PassCost, Slowdown, saturated};
+use crate::error::ApiError;
 
 /// A sequence as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,8 +45,7 @@ pub struct Board {
 
 impl Board {
     /// Takes a sequence of `prompt_tokens` and `steps` (its `max_new_tokens`) when the rule
-    /// allows it: its commitment and submission number, or the slowdown bound it was refused
-    /// at. Until a decode step and a prefill have been measured, every sequence is taken,
+    /// allows it: its commitment and submission number, or `ApiError::Saturated`. Until a decode step and a prefill have been measured, every sequence is taken,
     /// without a promise.
     pub fn admit(
         &mut self,
@@ -54,7 +54,7 @@ impl Board {
         slowdown: Slowdown,
         slots: usize,
         now: Instant,
-    ) -> Result<(u64, Commitment), f64> {
+    ) -> Result<(u64, Commitment), ApiError> {
         let mine = Commitment {
             steps_left: steps,
             prompt_tokens,
@@ -83,7 +83,7 @@ impl Board {
                     },
                 );
                 if mine > max_slowdown * alone || delays_another {
-                    return Err(max_slowdown);
+                    return Err(saturated(max_slowdown, mine - max_slowdown * alone));
                 }
                 Some(now + Duration::from_secs_f64(max_slowdown * alone))
             }
@@ -319,7 +319,15 @@ mod tests {
         // One slot, taken for 500 more steps: a 100-step sequence would wait 5 s for 1 s of
         // its own work.
         board.running.push(running(500, 60.0, now));
-        assert!(board.admit(10, 100, SLOWDOWN, 1, now).is_err());
+        // It would fit 4 s later (the running one then 1 s from its end): retry then.
+        assert_eq!(
+            board
+                .admit(10, 100, SLOWDOWN, 1, now)
+                .unwrap_err()
+                .to_string(),
+            "the model is saturated: queuing this request would make it, or one already \
+             queued, take more than 2.0x its time on an idle model; retry in 4 s"
+        );
         // With a free slot it runs at once.
         assert!(board.admit(10, 100, SLOWDOWN, 2, now).is_ok());
     }
@@ -331,7 +339,10 @@ mod tests {
         // One slot with 150 steps left: a 100-step sequence would finish in 2.5 s against 1 s
         // alone. Busy for a minute, that is sustained load; busy for a second, a burst.
         board.running.push(running(150, 60.0, now));
-        assert_eq!(board.admit(10, 100, SLOWDOWN, 1, now), Err(2.0));
+        assert!(matches!(
+            board.admit(10, 100, SLOWDOWN, 1, now),
+            Err(ApiError::Saturated { limit: 2.0, .. })
+        ));
         board.busy = BusyPeriod::since(now - Duration::from_secs(1));
         assert!(board.admit(10, 100, SLOWDOWN, 1, now).is_ok());
     }

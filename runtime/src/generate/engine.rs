@@ -197,15 +197,13 @@ impl Engine {
         let (number, commitment) = {
             let mut board = lock(&self.board);
             match self.limits.max_slowdown {
-                Some(slowdown) => board
-                    .admit(
-                        submission.prompt.len(),
-                        steps,
-                        slowdown,
-                        self.limits.max_running,
-                        now,
-                    )
-                    .map_err(|limit| ApiError::Saturated { limit })?,
+                Some(slowdown) => board.admit(
+                    submission.prompt.len(),
+                    steps,
+                    slowdown,
+                    self.limits.max_running,
+                    now,
+                )?,
                 None => (
                     0,
                     Commitment {
