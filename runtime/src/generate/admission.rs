@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::admission::{BusyPeriod, PassCost, Slowdown, saturated};
+use crate::admission::{BusyPeriod, Misprediction, PassCost, Slowdown, saturated};
 use crate::error::ApiError;
 
 /// A sequence as admission sees it.
@@ -73,19 +73,24 @@ impl Board {
                 let mut with = taken.clone();
                 with.push(mine);
                 let finishes = replay(&with, slots, &costs);
-                let mine = finishes.last().copied().unwrap_or(0.0);
+                // Predictions stretched by the decode steps' margin (see `Misprediction`); what
+                // an idle model would take is never refused, however noisy its steps.
+                let margin = self.step_times.misprediction.margin();
+                let stretched = |seconds: f64| now + Duration::from_secs_f64(seconds * margin);
+                let latest = now + Duration::from_secs_f64(max_slowdown.max(margin) * alone);
+                let mine = stretched(finishes.last().copied().unwrap_or(0.0));
                 let delays_another = taken.iter().zip(&finishes).zip(&without).any(
                     |((commitment, &finish), &before)| {
                         commitment.promise.is_some_and(|promise| {
-                            let bound = promise.max(now + Duration::from_secs_f64(before));
-                            now + Duration::from_secs_f64(finish) > bound
+                            stretched(finish) > promise.max(stretched(before))
                         })
                     },
                 );
-                if mine > max_slowdown * alone || delays_another {
-                    return Err(saturated(max_slowdown, mine - max_slowdown * alone));
+                if mine > latest || delays_another {
+                    let late = mine.saturating_duration_since(latest).as_secs_f64();
+                    return Err(saturated(max_slowdown, late));
                 }
-                Some(now + Duration::from_secs_f64(max_slowdown * alone))
+                Some(latest)
             }
             _ => None,
         };
@@ -121,10 +126,14 @@ pub trait Cost {
 #[derive(Debug, Default)]
 pub struct StepTimes {
     by_rows: Vec<Option<f64>>,
+    misprediction: Misprediction,
 }
 
 impl StepTimes {
     pub fn observe(&mut self, rows: usize, seconds: f64) {
+        if let Some(predicted) = self.predict(rows) {
+            self.misprediction.observe(predicted, seconds);
+        }
         if rows >= self.by_rows.len() {
             self.by_rows.resize(rows + 1, None);
         }
@@ -228,6 +237,8 @@ mod tests {
             board.step_times.observe(rows, seconds);
         }
         board.prefill_cost.observe(10.0, 0.001);
+        // Predictions exact: the first steps of a fit are mispredicted wildly.
+        board.step_times.misprediction = Misprediction::default();
         board
     }
 
@@ -310,6 +321,19 @@ mod tests {
         // One with a loose promise leaves room for a short sequence: 10 steps at 2 rows.
         board.running[0] = running(100, 10.0, now);
         assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_ok());
+    }
+
+    #[test]
+    fn noisy_steps_stretch_the_prediction_the_bound_is_checked_against() {
+        let mut board = board(&[(1, 0.010), (2, 0.020)]);
+        let now = Instant::now();
+        // 10 steps beside a running sequence: 201 ms against 101 ms alone, within 2x...
+        board.running.push(running(100, 10.0, now));
+        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_ok());
+        board.submitted.clear();
+        // ...but not once steps have run 15 % over their predictions (a margin of 1.3).
+        board.step_times.misprediction.observe(0.010, 0.0115);
+        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_err());
     }
 
     #[test]
