@@ -51,10 +51,11 @@ ITEMS = (
     Item("2. admission caps", "429 + Retry-After at once", (
         ("runtime", "server", (
             "beyond_the_admission_limit_requests_get_429_with_retry_after",
-            "a_burst_is_refused_where_waiting_would_more_than_double_a_requests_time",
+            "a_burst_on_a_rested_model_is_refused_where_waiting_would_more_than_quadruple_it",
+            "without_a_burst_allowance_a_burst_is_refused_where_waiting_would_double_it",
         )),
         ("runtime", "generation", ("beyond_its_admission_limit_the_server_answers_429",
-                                   "a_sequence_that_would_wait_for_a_slot_longer_than_its_own_work_is_refused_at_once")),
+                                   "a_sequence_that_would_wait_for_a_slot_too_long_is_refused_at_once")),
     )),
     Item("2. JSON, inputs, multipart and audio limits", "413/422/400 naming the field", (
         ("runtime", "server", ("bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving",)),

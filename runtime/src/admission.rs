@@ -15,6 +15,11 @@
 //! the rule follows the hardware: on a GPU the fixed part dominates and requests keep joining
 //! batches; on a CPU the queue stays about one request deep and the model thread stays busy.
 //!
+//! Predictions are means; a bound checked against the mean holds for about half of the
+//! requests that reach it. Each pass is therefore also compared with its prediction, and the
+//! predicted finish is stretched by the measured error (`Misprediction`) before it meets the
+//! bound: on a steady machine by almost nothing, on a noisy one by enough to cover nearly all.
+//!
 //! The bound is looser early in a busy period. Requests arriving at random bunch up now and
 //! then even when the model keeps up on average, and a model that keeps up drains such a
 //! bunch soon; refusing it would shed traffic at half load. Once the model has been busy

@@ -54,10 +54,11 @@ struct Args {
 
     /// Largest predicted slowdown a request is taken at: its completion time behind the work
     /// already taken (for text generation: the running and waiting sequences), over its time
-    /// on an idle model, from the model's measured cost per pass; nor may it push a request
-    /// already taken past that bound. Beyond it, 429 with Retry-After at once. This bound
-    /// holds once the model has been busy without a break for 8 times the request's time
-    /// alone; earlier, --burst-slowdown does. 0 turns the rule off (the count limit alone).
+    /// on an idle model, from the model's measured cost per pass stretched by the measured
+    /// error of those predictions; nor may it push a request already taken past that bound.
+    /// Beyond it, 429 with Retry-After at once. This bound holds once the model has been busy
+    /// without a break for 8 times the request's time alone; earlier, --burst-slowdown does.
+    /// 0 turns the rule off (the count limit alone).
     #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
     max_slowdown: f64,
 
