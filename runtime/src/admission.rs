@@ -127,13 +127,43 @@ impl BusyPeriod {
     }
 }
 
-/// The refusal of a request predicted to finish `late` seconds after its bound: it would fit
-/// that much later if nothing else arrived meanwhile, so that is when to retry (whole
-/// seconds, as Retry-After has them: at least 1, at most a minute).
-pub fn saturated(limit: f64, late: f64) -> ApiError {
-    ApiError::Saturated {
-        limit,
-        retry_after: late.ceil().clamp(1.0, 60.0) as u32,
+/// The bound one request is checked against: its latest finish, which predictions meet only
+/// once stretched by the margin (see `Misprediction`). What an idle model would take is never
+/// refused, however noisy its passes: the bound is at least the stretched time alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    now: Instant,
+    limit: f64,
+    margin: f64,
+    pub latest: Instant,
+}
+
+impl Bound {
+    /// For a request taking `alone` seconds on an idle model, arriving `now`, held to `limit`
+    /// times that.
+    pub fn new(now: Instant, alone: f64, limit: f64, margin: f64) -> Bound {
+        Bound {
+            now,
+            limit,
+            margin,
+            latest: now + Duration::from_secs_f64(limit.max(margin) * alone),
+        }
+    }
+
+    /// When something predicted to take `seconds` from now is taken to end.
+    pub fn stretched(&self, seconds: f64) -> Instant {
+        self.now + Duration::from_secs_f64(seconds * self.margin)
+    }
+
+    /// The refusal of a request that would finish at `finish`: arriving `finish - latest`
+    /// later, it would fit if nothing else arrived meanwhile, so that is when to retry (whole
+    /// seconds, as Retry-After has them: at least 1, at most a minute).
+    pub fn refusal(&self, finish: Instant) -> ApiError {
+        let late = seconds_between(self.latest, finish);
+        ApiError::Saturated {
+            limit: self.limit,
+            retry_after: late.ceil().clamp(1.0, 60.0) as u32,
+        }
     }
 }
 
@@ -329,24 +359,20 @@ impl Gate {
         let mut load = lock(&self.load);
         let promise = match (self.limits.max_slowdown, self.predict(&load, units, now)) {
             (Some(slowdown), Some((alone, finish))) => {
-                let max_slowdown = load.busy.allowed(slowdown, alone, now);
-                // Stretched by the margin; what an idle model would take is never refused,
-                // however noisy its passes.
-                let margin = load.cost.margin();
-                let latest = now + Duration::from_secs_f64(max_slowdown.max(margin) * alone);
-                let finish = now + Duration::from_secs_f64(finish * margin);
+                let limit = load.busy.allowed(slowdown, alone, now);
+                let bound = Bound::new(now, alone, limit, load.cost.margin());
+                let finish = bound.stretched(finish);
                 let earliest_promise = load.promised.first().map(|&(at, _)| at);
-                if finish > latest || earliest_promise.is_some_and(|at| finish > at) {
+                if finish > bound.latest || earliest_promise.is_some_and(|at| finish > at) {
                     if !self.may_probe(&load, units) {
-                        let late = seconds_between(latest, finish);
-                        return Err(saturated(max_slowdown, late));
+                        return Err(bound.refusal(finish));
                     }
                     load.next_probe_at = load.passes + probe_interval(load.probes);
                     load.probes += 1;
                     None
                 } else {
                     load.admitted_total += 1;
-                    let promise = (latest, load.admitted_total);
+                    let promise = (bound.latest, load.admitted_total);
                     load.promised.insert(promise);
                     Some(promise)
                 }

@@ -14,9 +14,9 @@
 //! earlier, so the prediction errs towards refusing.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::admission::{BusyPeriod, Misprediction, PassCost, Slowdown, saturated};
+use crate::admission::{Bound, BusyPeriod, Misprediction, PassCost, Slowdown};
 use crate::error::ApiError;
 
 /// A sequence as admission sees it.
@@ -67,30 +67,25 @@ impl Board {
                     prefill: &self.prefill_cost,
                 };
                 let alone = replay(&[mine], 1, &costs)[0];
-                let max_slowdown = self.busy.allowed(slowdown, alone, now);
+                let limit = self.busy.allowed(slowdown, alone, now);
+                let bound = Bound::new(now, alone, limit, self.step_times.margin());
                 let taken: Vec<Commitment> = self.taken().collect();
                 let without = replay(&taken, slots, &costs);
                 let mut with = taken.clone();
                 with.push(mine);
                 let finishes = replay(&with, slots, &costs);
-                // Predictions stretched by the decode steps' margin (see `Misprediction`); what
-                // an idle model would take is never refused, however noisy its steps.
-                let margin = self.step_times.misprediction.margin();
-                let stretched = |seconds: f64| now + Duration::from_secs_f64(seconds * margin);
-                let latest = now + Duration::from_secs_f64(max_slowdown.max(margin) * alone);
-                let mine = stretched(finishes.last().copied().unwrap_or(0.0));
+                let mine = bound.stretched(finishes.last().copied().unwrap_or(0.0));
                 let delays_another = taken.iter().zip(&finishes).zip(&without).any(
                     |((commitment, &finish), &before)| {
                         commitment.promise.is_some_and(|promise| {
-                            stretched(finish) > promise.max(stretched(before))
+                            bound.stretched(finish) > promise.max(bound.stretched(before))
                         })
                     },
                 );
-                if mine > latest || delays_another {
-                    let late = mine.saturating_duration_since(latest).as_secs_f64();
-                    return Err(saturated(max_slowdown, late));
+                if mine > bound.latest || delays_another {
+                    return Err(bound.refusal(mine));
                 }
-                Some(latest)
+                Some(bound.latest)
             }
             _ => None,
         };
@@ -139,6 +134,11 @@ impl StepTimes {
         }
         let mean = &mut self.by_rows[rows];
         *mean = Some(mean.map_or(seconds, |mean| 0.9 * mean + 0.1 * seconds));
+    }
+
+    /// See `Misprediction::margin`.
+    pub fn margin(&self) -> f64 {
+        self.misprediction.margin()
     }
 
     /// The measured time for `rows`; between measured row counts, a straight line; beyond the
@@ -222,6 +222,8 @@ pub fn replay(sequences: &[Commitment], slots: usize, cost: &impl Cost) -> Vec<f
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const SLOWDOWN: Slowdown = Slowdown::new(2.0);
