@@ -1,5 +1,5 @@
 //! The TEI-shaped routes against TEI's own OpenAPI document, and the text-generation routes
-//! against TGI's (`../shared/specs`), with
+//! against TGI's (copies in `tests/openapi/`, see its NOTICE), with
 //! schemathesis generating valid and invalid requests: no input may produce a 5xx. A short
 //! deterministic slice for CI; raise `INFERGATE_SCHEMATHESIS_EXAMPLES` for a longer run.
 
@@ -12,7 +12,7 @@ use support::{Runtime, fixture};
 
 fn spec(name: &str) -> PathBuf {
     let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/specs")
+        .join("tests/openapi")
         .join(name);
     assert!(
         spec.is_file(),
@@ -25,7 +25,7 @@ fn spec(name: &str) -> PathBuf {
 /// TGI's document writes `exclusiveMinimum` as a number (JSON Schema 2019 style) inside an
 /// OpenAPI 3.0 document, where it is a boolean next to `minimum`; schemathesis cannot generate
 /// cases from such schemas. Rewrites each to the 3.0 form in a temporary copy (the document
-/// itself stays in ../shared/specs, unchanged).
+/// itself stays unchanged).
 fn as_openapi_30(document: &Path) -> PathBuf {
     fn fix(value: &mut serde_json::Value) {
         match value {
