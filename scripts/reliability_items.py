@@ -1,5 +1,6 @@
 """Items 1-6 of the reliability suite: each limit, hostile input, fault, shutdown and secrecy
-promise of DESIGN.md, judged by the tests that prove it, and the fuzz targets run for a while.
+promise of docs/architecture.md, judged by the tests that prove it, and the fuzz targets run for
+a while.
 
 `scripts/reliability.py --tests` runs these before its load scenarios and puts their rows in the
 same table. Each row names the tests behind it; a row passes when every one of them passes.

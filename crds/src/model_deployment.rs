@@ -109,7 +109,8 @@ fn default_replicas() -> i32 {
     1
 }
 
-/// The kind of model served, which fixes the runtime's endpoints (DESIGN.md, runtime contract).
+/// The kind of model served, which fixes the runtime's endpoints (docs/architecture.md,
+/// runtime contract).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {

@@ -1,5 +1,5 @@
 //! Names that more than one part of infergate relies on. Changing one is a breaking change of
-//! the contract in DESIGN.md.
+//! the contract in docs/architecture.md.
 
 /// API group of both custom resources.
 pub const API_GROUP: &str = "infergate.dev";

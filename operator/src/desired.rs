@@ -21,8 +21,8 @@ use kube::{Resource, ResourceExt};
 pub const RUNTIME_PORT: i32 = 8080;
 /// Where the model's files are mounted in the runtime container.
 pub const MODEL_MOUNT: &str = "/model";
-/// Seconds the pod gets after SIGTERM beyond the longest deadline (DESIGN.md: max deadline +
-/// preStop + 10 s; there is no preStop hook).
+/// Seconds the pod gets after SIGTERM beyond the longest deadline (docs/architecture.md, limits:
+/// max deadline + 10 s; there is no preStop hook).
 const TERMINATION_SLACK_SECONDS: i64 = 10;
 /// A startup probe of 5 s × 360 gives a big model 30 minutes to load before the kubelet gives up.
 const STARTUP_PROBE_FAILURES: i32 = 360;

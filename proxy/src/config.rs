@@ -1,5 +1,5 @@
-//! The proxy's YAML configuration file (DESIGN.md, `--config FILE`): where to listen, and the
-//! models and token records of the file source.
+//! The proxy's YAML configuration file (docs/architecture.md, proxy file source): where to
+//! listen, and the models and token records of the file source.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

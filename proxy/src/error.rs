@@ -1,5 +1,5 @@
 //! Every way the proxy refuses or fails a request, and the one table that maps each to its HTTP
-//! status, `code` and error body (DESIGN.md, proxy contract).
+//! status, `code` and error body (docs/architecture.md, proxy contract).
 
 use std::time::Duration;
 

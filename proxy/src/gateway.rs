@@ -28,9 +28,9 @@ use crate::watchdog::Watchdog;
 
 /// Time allowed to open a connection to a runtime, within the request's deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest silence of an upstream once connected (DESIGN.md: SSE idle).
+/// Longest silence of an upstream once connected (docs/architecture.md, limits: SSE idle).
 const UPSTREAM_IDLE_READ: Duration = Duration::from_secs(300);
-/// How long an idle pooled upstream connection is kept (DESIGN.md: keep-alive idle).
+/// How long an idle pooled upstream connection is kept (docs/architecture.md, limits).
 const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// The seed document's clients send the token in a header of this name.
 const BEARER_HEADER: &str = "bearer";

@@ -1,6 +1,6 @@
 //! Guards the request head of every downstream connection, below pingora's HTTP/1 parser.
 //!
-//! Two rules of DESIGN.md's limits table cannot be kept from pingora's filters:
+//! Two rules of the limits table (docs/architecture.md) cannot be kept from pingora's filters:
 //! - a request head must arrive within the header-read timeout (10 s), counted from the accept
 //!   of a new connection or from the first byte of a later request on a kept-alive one; pingora
 //!   only bounds each single read (60 s), so a client trickling a byte at a time holds the

@@ -1,6 +1,6 @@
 //! infergate's data plane, on pingora: it authenticates each request with a token record,
 //! checks the token's scope and expiry, applies the request's deadline, picks a ready endpoint
-//! of the model and streams the exchange (DESIGN.md, proxy contract).
+//! of the model and streams the exchange (docs/architecture.md, proxy contract).
 
 pub mod config;
 pub mod error;

@@ -23,7 +23,7 @@ use crate::state::Shared;
 /// Where the proxy learns its tokens, models and endpoints.
 #[derive(Debug, Clone)]
 pub enum SourceOptions {
-    /// The YAML file of DESIGN.md, which also says where to listen.
+    /// The YAML file of docs/architecture.md (proxy file source), which also says where to listen.
     File(PathBuf),
     /// The cluster's API: record Secrets of `namespace`, ModelDeployments, EndpointSlices.
     Kubernetes {

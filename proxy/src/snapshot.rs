@@ -13,7 +13,7 @@ use jiff::Timestamp;
 
 use crate::error::Rejection;
 
-/// Default largest request body forwarded to a model (DESIGN.md, limits).
+/// Default largest request body forwarded to a model (docs/architecture.md, limits).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
 /// One upstream address of a model's runtime, with the requests in flight to it. Endpoints are

@@ -1,6 +1,7 @@
 //! infergate's model server on libtorch: one task per process, behind the HTTP contract of
-//! DESIGN.md (TEI- and OpenAI-shaped routes). Three layers, as in TEI: HTTP (`server`, `tasks`),
-//! core (`admission`, `batching`, `tokenize`) and the models on their own thread (`models`).
+//! docs/architecture.md (TEI- and OpenAI-shaped routes). Three layers, as in TEI: HTTP
+//! (`server`, `tasks`), core (`admission`, `batching`, `tokenize`) and the models on their own
+//! thread (`models`).
 
 pub mod admission;
 pub mod app;

@@ -47,8 +47,8 @@ struct Args {
     #[arg(long, env = "INFERGATE_MAX_BATCH_REQUESTS", default_value_t = 64)]
     max_batch_requests: usize,
 
-    /// Requests admitted at once; more get 429 with Retry-After. Default (DESIGN.md limits):
-    /// 128 for text-generation, 512 for the encoder and tabular tasks.
+    /// Requests admitted at once; more get 429 with Retry-After. Default (docs/architecture.md,
+    /// limits): 128 for text-generation, 512 for the encoder and tabular tasks.
     #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: Option<usize>,
 

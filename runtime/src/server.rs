@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
-/// Largest JSON body accepted (DESIGN.md, limits).
+/// Largest JSON body accepted (docs/architecture.md, limits).
 pub const MAX_JSON_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// `axum::Json` whose rejections are the runtime's JSON errors naming the field at fault.

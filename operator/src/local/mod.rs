@@ -1,7 +1,7 @@
 //! Local mode: `infergate up -f DIR|FILE` runs the resources one would `kubectl apply` on this
 //! machine, with the binaries a cluster runs: one `infergate-runtime` per ModelDeployment, and
 //! `infergate-proxy` on a file source kept in sync with the files, the runtimes' readiness and
-//! the tokens issued (DESIGN.md, Local mode).
+//! the tokens issued (docs/architecture.md, local mode).
 //!
 //! The supervisor polls: the files for edits, each runtime for readiness and exit. A runtime
 //! that dies is restarted with back-off; the proxy only routes to runtimes that answer

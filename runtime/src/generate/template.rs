@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
-/// Fuel of one render (DESIGN.md limits): a chat of a few hundred messages through a real
-/// template uses a few tens of thousands; this bounds a hostile template to a fraction of a
-/// second of CPU.
+/// Fuel of one render (docs/architecture.md, limits): a chat of a few hundred messages through
+/// a real template uses a few tens of thousands; this bounds a hostile template to a fraction of
+/// a second of CPU.
 pub const RENDER_FUEL: u64 = 500_000;
 /// Largest template a request may bring.
 pub const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
-/// Largest rendered prompt, in bytes (DESIGN.md limits).
+/// Largest rendered prompt, in bytes (docs/architecture.md, limits).
 pub const MAX_RENDERED_BYTES: usize = 1024 * 1024;
 /// Compiled request templates kept.
 const CACHED_TEMPLATES: usize = 64;
