@@ -1,20 +1,45 @@
 #!/usr/bin/env bash
-# Stops every process of the cluster test bed and removes its state (etcd data, certificates);
-# the built binaries stay cached.
+# Stops every process of the cluster test bed and removes its state (etcd data, certificates,
+# the record of what it runs); the built binaries stay cached. A process whose PID file names a
+# PID reused since (a run dir left from before a reboot or from another container) is not
+# touched. up.sh calls it to replace a test bed it did not start.
 set -euo pipefail
 
 state="${INFERGATE_CLUSTER_DIR:-$HOME/.cache/infergate/cluster}"
 run="$state/run"
 [ -d "$run" ] || exit 0
-for name in node-agent kube-scheduler kube-controller-manager kube-apiserver etcd; do
-  pid_file="$run/$name.pid"
-  [ -f "$pid_file" ] || continue
+
+proc_start() {  # $1: pid; as in up.sh: fails unless it runs
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  # shellcheck disable=SC2086
+  set -- $stat
+  case "$1" in Z | X | x) return 1 ;; esac  # a dead process not reaped yet is no longer running
+  echo "$(cat /proc/sys/kernel/random/boot_id) ${20}"
+}
+
+stop() {  # $1: name
+  local pid_file="$run/$1.pid" pid
+  [ -f "$pid_file" ] || return 0
   pid="$(cat "$pid_file")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+  proc_start "$pid" >/dev/null || return 0
+  # up.sh records when it started each process; an older up.sh did not.
+  if [ -f "$run/$1.start" ] && [ "$(proc_start "$pid")" != "$(cat "$run/$1.start")" ]; then
+    return 0
   fi
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do proc_start "$pid" >/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+}
+# The node agent first (its pods go with it), the control plane from the top; then anything
+# else a PID file names (a process an up.sh of another version started).
+names=(node-agent kube-scheduler kube-controller-manager kube-apiserver etcd)
+for name in "${names[@]}"; do stop "$name"; done
+for pid_file in "$run"/*.pid; do
+  [ -e "$pid_file" ] || continue
+  name="$(basename "$pid_file" .pid)"
+  case " ${names[*]} " in *" $name "*) ;; *) stop "$name" ;; esac
 done
 # Pods of the node agent: their processes went with its process group; their namespaces and
 # host-side links stay unless removed.

@@ -2,11 +2,23 @@
 # Starts the cluster test bed on loopback: etcd, kube-apiserver (RBAC, service-account tokens,
 # the default admission plugins), kube-controller-manager and kube-scheduler, built from Go
 # modules by build.sh; applies infergate's CRDs; prints KUBECONFIG=<path>.
-# Idempotent: a running test bed is left as it is. e2e/cluster/down.sh stops it.
+# Idempotent: a running test bed started from this clone and these builds is left as it is.
+# e2e/cluster/down.sh stops it.
 #
 # With INFERGATE_NODE_AGENT_BIN and INFERGATE_RUNTIME_BIN set, also starts the node agent that
 # runs pods as local processes (README); with INFERGATE_OPERATOR_BIN and INFERGATE_PROXY_BIN
 # too, installs infergate with its Helm chart and prints PROXY_URL=<url>.
+#
+# What a test bed runs is recorded in run/identity, one layer at a time as it is started: the
+# control plane (this clone's path, this script, the control-plane build stamp, the CRDs, the
+# ports), then the node agent (the path and sha256 of each binary it runs), then the chart (a
+# hash of charts/infergate). A bed that does not match is stopped with down.sh and started anew,
+# saying `cluster: replacing a test bed started from <path> (<why>)` on stderr: one from another
+# clone or an earlier up.sh or control-plane build; one whose recorded binaries were rebuilt or
+# removed since, or whose chart or CRDs changed; one whose node agent runs other binaries than
+# those named now, or lacks one named now; one whose processes are not all running (a run dir
+# left behind). A layer not asked for is not compared, only kept current: a call without the
+# binaries leaves the node agent and chart that a call with them started.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,18 +36,125 @@ mkdir -p "$state"
 exec 9>"$state/up.lock"
 flock 9
 bash "$here/build.sh"
-mkdir -p "$run/pki" "$run/logs"
 kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
 
-alive() { [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
+# A running process by its start (boot and start time), so that a PID reused since is not taken
+# for it; fails for none.
+proc_start() {  # $1: pid
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  # shellcheck disable=SC2086
+  set -- $stat
+  case "$1" in Z | X | x) return 1 ;; esac  # a dead process not reaped yet is no longer running
+  echo "$(cat /proc/sys/kernel/random/boot_id) ${20}"
+}
+
+alive() {  # $1: name
+  local pid
+  [ -f "$run/$1.pid" ] && [ -f "$run/$1.start" ] || return 1
+  pid="$(cat "$run/$1.pid")"
+  [ "$(proc_start "$pid")" = "$(cat "$run/$1.start")" ]
+}
 
 start() {  # $1: name, $2...: command
   local name="$1"; shift
   if alive "$name"; then return; fi
   say "starting $name"
   setsid "$@" >"$run/logs/$name.log" 2>&1 < /dev/null 9>&- &
+  proc_start $! > "$run/$name.start" || true
   echo $! > "$run/$name.pid"
 }
+
+# The identity of the test bed: run/identity, a line a thing, its key and values tab-separated.
+identity="$run/identity"
+sha() { sha256sum | cut -c1-64; }
+tree_sha() { (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha; }
+# A binary is known by its path and sha256; device, inode, size and mtime spare hashing it again
+# while they are unchanged (a rebuild changes them).
+file_key() { stat -L -c '%d:%i:%s:%.9Y' "$1"; }
+recorded() { [ -f "$identity" ] && awk -F'\t' -v k="$1" '$1 == k {print; exit}' "$identity"; }
+record() {  # $1: key, $2...: values; replaces the key's line
+  local line tmp="$identity.tmp"
+  line="$(IFS=$'\t'; echo "$*")"
+  { [ -f "$identity" ] && awk -F'\t' -v k="$1" '$1 != k' "$identity"; echo "$line"; } > "$tmp"
+  mv "$tmp" "$identity"
+}
+record_binary() { record "$1" "$2" "$(file_key "$2")" "$(sha < "$2")"; }
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+# The control plane: started by every call, compared on every call.
+plane_keys=(repo up.sh control-plane crds ports)
+declare -A plane=(
+  [repo]="$repo"
+  [up.sh]="$(sha < "$here/up.sh")"
+  [control-plane]="$(cat "$bin/.components")"$'\t'"$bin"
+  [crds]="$(tree_sha "$repo/crds/manifests")"
+  [ports]="$etcd_port"$'\t'"$api_port"
+)
+declare -A plane_why=(
+  [repo]="another clone" [up.sh]="another up.sh" [control-plane]="another control-plane build"
+  [crds]="other CRDs" [ports]="other ports"
+)
+# The node agent's binaries, when asked for: it maps infergate's images to them.
+binary_keys=(node-agent runtime operator proxy)
+declare -A binary_name=([node-agent]="node agent" [runtime]=runtime [operator]=operator [proxy]=proxy)
+declare -A wanted=()
+if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
+  wanted[node-agent]="$(absolute "$INFERGATE_NODE_AGENT_BIN")"
+  wanted[runtime]="$(absolute "${INFERGATE_RUNTIME_BIN:?INFERGATE_RUNTIME_BIN names the runtime binary}")"
+  [ -z "${INFERGATE_OPERATOR_BIN:-}" ] || wanted[operator]="$(absolute "$INFERGATE_OPERATOR_BIN")"
+  [ -z "${INFERGATE_PROXY_BIN:-}" ] || wanted[proxy]="$(absolute "$INFERGATE_PROXY_BIN")"
+fi
+
+# Why the test bed in run/ is not one this call may use, if it is not; prints nothing and fails
+# when it is (or when there is none).
+foreign() {
+  local key rec path fkey sum name
+  [ -d "$run" ] || return 1
+  if [ ! -f "$identity" ]; then echo "no record of what it runs"; return 0; fi
+  for key in "${plane_keys[@]}"; do
+    if [ "$(recorded "$key")" != "$key"$'\t'"${plane[$key]}" ]; then echo "${plane_why[$key]}"; return 0; fi
+  done
+  for path in "$run"/*.pid; do
+    [ -e "$path" ] || continue
+    name="$(basename "$path" .pid)"
+    alive "$name" || { echo "its $name is not running"; return 0; }
+  done
+  for key in "${binary_keys[@]}"; do
+    name="${binary_name[$key]}"
+    rec="$(recorded "$key")"
+    if [ -z "$rec" ]; then
+      if [ -n "${wanted[$key]:-}" ] && [ -n "$(recorded node-agent)" ]; then
+        echo "its node agent runs no $name binary"; return 0
+      fi
+      continue
+    fi
+    IFS=$'\t' read -r _ path fkey sum <<< "$rec"
+    if [ -n "${wanted[$key]:-}" ] && [ "${wanted[$key]}" != "$path" ]; then
+      echo "its $name binary is $path"; return 0
+    fi
+    [ -f "$path" ] || { echo "its $name binary $path is gone"; return 0; }
+    [ "$(file_key "$path")" != "$fkey" ] || continue
+    [ "$(sha < "$path")" = "$sum" ] || { echo "its $name binary $path was rebuilt since"; return 0; }
+    record "$key" "$path" "$(file_key "$path")" "$sum"  # touched, not changed
+  done
+  rec="$(recorded chart)"
+  if [ -n "$rec" ] && [ "$rec" != "chart"$'\t'"$(tree_sha "$repo/charts/infergate")" ]; then
+    echo "another chart"; return 0
+  fi
+  return 1
+}
+
+if why="$(foreign)"; then
+  from="$(recorded repo | cut -f2 || true)"
+  say "replacing a test bed started from ${from:-an unknown place} ($why)"
+  bash "$here/down.sh"
+fi
+mkdir -p "$run/pki" "$run/logs"
+if [ ! -f "$identity" ]; then
+  for key in "${plane_keys[@]}"; do record "$key" "${plane[$key]}"; done
+fi
 
 wait_for() {  # $1: what, $2...: probe command
   local what="$1"; shift
@@ -142,11 +261,16 @@ if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
     sysctl -n net.ipv4.ip_forward > "$run/ip_forward.saved"
     sysctl -qw net.ipv4.ip_forward=1
   fi
-  images=(--image "infergate/runtime=${INFERGATE_RUNTIME_BIN:?INFERGATE_RUNTIME_BIN names the runtime binary}")
-  [ -n "${INFERGATE_OPERATOR_BIN:-}" ] && images+=(--image "infergate/operator=$INFERGATE_OPERATOR_BIN")
-  [ -n "${INFERGATE_PROXY_BIN:-}" ] && images+=(--image "infergate/proxy=$INFERGATE_PROXY_BIN")
+  images=(--image "infergate/runtime=${wanted[runtime]}")
+  [ -z "${wanted[operator]:-}" ] || images+=(--image "infergate/operator=${wanted[operator]}")
+  [ -z "${wanted[proxy]:-}" ] || images+=(--image "infergate/proxy=${wanted[proxy]}")
+  if [ -z "$(recorded node-agent)" ]; then
+    for key in "${binary_keys[@]}"; do
+      [ -z "${wanted[$key]:-}" ] || record_binary "$key" "${wanted[$key]}"
+    done
+  fi
   start node-agent env KUBECONFIG="$kubeconfig" INFERGATE_NODE_AGENT_CA="$pki/ca.crt" \
-    "$INFERGATE_NODE_AGENT_BIN" --node infergate-node --state-dir "$run/node" \
+    "${wanted[node-agent]}" --node infergate-node --state-dir "$run/node" \
     --api-relay "10.0.0.1:443=127.0.0.1:$api_port" "${images[@]}"
   wait_for node-agent "${kubectl[@]}" wait --for condition=Ready --timeout 1s node/infergate-node
 fi
@@ -154,6 +278,7 @@ fi
 # the caller also names the operator and proxy binaries: the operator watches namespace
 # infergate-e2e, the gateway namespace is infergate-system, and PROXY_URL is the proxy pod.
 if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ] && [ -n "${INFERGATE_OPERATOR_BIN:-}" ] && [ -n "${INFERGATE_PROXY_BIN:-}" ]; then
+  [ -n "$(recorded chart)" ] || record chart "$(tree_sha "$repo/charts/infergate")"
   if ! "${kubectl[@]}" -n infergate-system get deployment infergate-proxy >/dev/null 2>&1; then
     say "installing infergate with its Helm chart"
     "${kubectl[@]}" create namespace infergate-system >/dev/null 2>&1 || true
