@@ -32,7 +32,7 @@ echo "demo: set-up (idempotent; the first run installs torch, ~4.7 GB)"
 . "$repo/scripts/env.sh"
 echo "demo: building the release binaries"
 cargo build --release --locked -q -p runtime -p proxy -p operator
-bin="${CARGO_TARGET_DIR:-$repo/target}/release"
+bin="$INFERGATE_TARGET/release"
 
 # examples/local names its models by fixed file:// paths; point them at this checkout.
 models=/tmp/infergate/models

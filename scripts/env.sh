@@ -25,6 +25,15 @@ case ":${LD_LIBRARY_PATH:-}:" in
 esac
 unset _infergate_torch_lib
 
+# Where cargo puts what it builds, as cargo itself resolves it (CARGO_TARGET_DIR, a cargo config's
+# build.target-dir, or the workspace's target/): scripts run the binaries from there.
+_infergate_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+INFERGATE_TARGET="$(cargo metadata --format-version 1 --no-deps --offline --manifest-path "$_infergate_repo/Cargo.toml" 2>/dev/null \
+  | "$INFERGATE_VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null)" \
+  || INFERGATE_TARGET="${CARGO_TARGET_DIR:-$_infergate_repo/target}"
+export INFERGATE_TARGET
+unset _infergate_repo
+
 # Offline by design: tests load models from files they generate or from installed packages.
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1

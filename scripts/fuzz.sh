@@ -23,10 +23,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$repo/scripts/env.sh"
 cache="${INFERGATE_CACHE:-$HOME/.cache/infergate}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
-# The chat_template target renders through the runtime's own sandboxed helper. Built before
-# RUSTC_BOOTSTRAP is set: cargo would otherwise rebuild the whole shared target directory.
-cargo build -q -p runtime --bin infergate-runtime
-export INFERGATE_RUNTIME_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/infergate-runtime"
+# The chat_template target renders through the runtime's own sandboxed helper: the binary in
+# INFERGATE_RUNTIME_BIN (the test command passes the one its tests built), else a debug build,
+# made before RUSTC_BOOTSTRAP is set (cargo would otherwise rebuild the whole target directory).
+if [ -z "${INFERGATE_RUNTIME_BIN:-}" ]; then
+  cargo build -q -p runtime --bin infergate-runtime
+  export INFERGATE_RUNTIME_BIN="$INFERGATE_TARGET/debug/infergate-runtime"
+fi
+export INFERGATE_RUNTIME_BIN
 # cargo-fuzz's instrumentation flags need it on stable; its own target directories only.
 fuzz() { RUSTC_BOOTSTRAP=1 cargo fuzz "$@"; }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Load and reliability checks of infergate (the issue's item 7), against built release binaries;
+"""Load and reliability checks of infergate (the issue's item 7), against built binaries (release
+unless --bin-dir says otherwise);
 with --items, also the tests and fuzz targets behind items 1-6 (scripts/reliability_items.py).
 
 Starts its own infergate-runtime (all-MiniLM-L6-v2, embedding), an SSE upstream (this
@@ -25,8 +26,9 @@ Prints a Markdown table (test, measured, target, pass) and exits 1 when any row 
 
     . scripts/env.sh && python3 scripts/reliability.py [--quick] [--items] [--json FILE] [--bin-dir DIR]
 
-scripts/reliability.sh builds the binaries and runs all of it (--items); the test command runs
-the --quick load part.
+scripts/reliability.sh builds the release binaries and runs all of it (--items); the test command
+runs the --quick load part on the debug binaries its tests built (figures are then the debug
+build's; the timing rows do not gate with --quick).
 
 Only the standard library is used: clients speak HTTP/1.1 over raw asyncio streams, so that
 malformed requests go out byte for byte as written here.
@@ -760,12 +762,29 @@ def print_table(rows, quick):
         print(f"| {r['test']} | {r['measured']} | {r['target']} | {verdict} |")
 
 
+def cargo_target_dir():
+    """Where cargo put the builds: scripts/env.sh's answer, else cargo's own."""
+    if os.environ.get("INFERGATE_TARGET"):
+        return Path(os.environ["INFERGATE_TARGET"])
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--no-deps", "--offline"],
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(json.loads(metadata.stdout)["target_directory"])
+
+
 def main():
-    default_target = Path(os.environ.get("CARGO_TARGET_DIR") or Path.home() / ".cache" / "infergate" / "target")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller scenarios, for CI")
     parser.add_argument("--json", type=Path, help="also write the rows to this file as JSON")
-    parser.add_argument("--bin-dir", type=Path, default=default_target / "release", help="where the release binaries are")
+    parser.add_argument(
+        "--bin-dir",
+        type=Path,
+        help="where the binaries and the bench_token example are (default: cargo's target directory's release/)",
+    )
     parser.add_argument("--max-concurrent", type=int, metavar="N", help="the runtime's --max-concurrent-requests (default: its own)")
     parser.add_argument("--max-slowdown", type=float, metavar="X", help="the runtime's --max-slowdown (default: its own)")
     parser.add_argument(
@@ -783,6 +802,8 @@ def main():
     parser.add_argument("--sse-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.bin_dir is None:
+        args.bin_dir = cargo_target_dir() / "release"
     if args.sse_upstream is not None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_sse(args.sse_upstream))

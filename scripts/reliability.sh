@@ -15,4 +15,4 @@ cd "$repo"
 . scripts/env.sh
 cargo build --release --locked -q -p proxy -p runtime --bins
 cargo build --release --locked -q -p crds --example bench_token
-python3 scripts/reliability.py --items --bin-dir "${CARGO_TARGET_DIR:-$repo/target}/release" "$@"
+python3 scripts/reliability.py --items --bin-dir "$INFERGATE_TARGET/release" "$@"

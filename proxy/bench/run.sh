@@ -25,7 +25,7 @@ done
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
 cargo build --release --locked -q -p proxy --bin infergate-proxy --example bare_pingora
-target="${CARGO_TARGET_DIR:-$repo/target}"
+target="$INFERGATE_TARGET"
 
 work="$(mktemp -d)"
 pids=()

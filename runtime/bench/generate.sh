@@ -19,6 +19,6 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
 cargo build --release --locked -q -p runtime --bin infergate-runtime
-target="${CARGO_TARGET_DIR:-$repo/target}"
+target="$INFERGATE_TARGET"
 NEW_TOKENS="$new_tokens" python "$repo/runtime/bench/generate.py" \
   "$target/release/infergate-runtime" "$repo/runtime/fixtures/llama" "$threads"

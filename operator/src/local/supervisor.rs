@@ -92,6 +92,11 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             runtime.poll().await;
         }
         proxy.poll().await;
+        if matches!(proxy.phase, Phase::Failed) {
+            let children = runtimes.values_mut().map(|r| &mut r.process).collect();
+            stop_all(children).await;
+            anyhow::bail!("the proxy cannot start (see above); stopped every runtime");
+        }
         let config = proxy_config(&options, &runtimes, &records);
         if config != written {
             write_atomically(&config_path, &config)?;
@@ -175,7 +180,11 @@ fn sync_runtimes(
                 running.process.stop_now();
                 running.task = md.spec.task;
                 running.process.args = args;
-                running.process.start();
+                running.process.start_afresh();
+            } else if matches!(running.process.phase, Phase::Failed) {
+                // Its files may be what was fixed (the model directory, a rebuilt binary).
+                println!("{id}: files changed; starting its runtime again");
+                running.process.start_afresh();
             }
             continue;
         }
@@ -230,10 +239,14 @@ enum Phase {
     Waiting {
         at: Instant,
     },
+    /// Could not start at all: not restarted until its spec or the files change, since the
+    /// same binary, arguments and files would only fail the same way again.
+    Failed,
 }
 
-/// A child process restarted with back-off when it exits; ready once `/health` (runtimes) or
-/// `/readyz` (the proxy) answers 200.
+/// A child process restarted with back-off when it exits after having been ready once; ready
+/// once `/health` (runtimes) or `/readyz` (the proxy) answers 200. One that exits before it was
+/// ever ready (a missing library, an unreadable model) is reported once and left stopped.
 #[derive(Debug)]
 struct Supervised {
     name: String,
@@ -245,6 +258,9 @@ struct Supervised {
     child: Option<Child>,
     phase: Phase,
     delay: Duration,
+    /// Whether it has answered its health check since it was last started on purpose (not
+    /// by a restart after a crash).
+    was_ready: bool,
 }
 
 impl Supervised {
@@ -264,7 +280,16 @@ impl Supervised {
             child: None,
             phase: Phase::Waiting { at: Instant::now() },
             delay: FIRST_RESTART_DELAY,
+            was_ready: false,
         }
+    }
+
+    /// Starts it on purpose (new, or its spec changed): an exit before it is ready is then a
+    /// failure to start, not a crash.
+    fn start_afresh(&mut self) {
+        self.was_ready = false;
+        self.delay = FIRST_RESTART_DELAY;
+        self.start();
     }
 
     fn start(&mut self) {
@@ -293,15 +318,11 @@ impl Supervised {
             }
             Err(e) => {
                 println!(
-                    "{}: cannot start {}: {e}; retrying in {:?}",
+                    "{}: cannot start {}: {e}; fix: build it (cargo build --release) or pass its path",
                     self.name,
                     self.program.display(),
-                    self.delay
                 );
-                self.phase = Phase::Waiting {
-                    at: now + self.delay,
-                };
-                self.delay = (self.delay * 2).min(MAX_RESTART_DELAY);
+                self.phase = Phase::Failed;
             }
         }
     }
@@ -311,6 +332,17 @@ impl Supervised {
             && let Ok(Some(status)) = child.try_wait()
         {
             self.child = None;
+            if !self.was_ready {
+                let reason = last_line(&self.log).unwrap_or_else(|| status.to_string());
+                println!(
+                    "{}: cannot start ({status}): {reason}\n    fix: {}\n    log: {}",
+                    self.name,
+                    fix_for(&reason),
+                    self.log.display()
+                );
+                self.phase = Phase::Failed;
+                return;
+            }
             println!(
                 "{}: exited ({status}); restarting in {:?} — log: {}",
                 self.name,
@@ -332,6 +364,7 @@ impl Supervised {
                         since,
                         at: Instant::now(),
                     };
+                    self.was_ready = true;
                     self.delay = FIRST_RESTART_DELAY;
                 } else if reported.elapsed() >= PROGRESS_EVERY {
                     println!(
@@ -365,6 +398,32 @@ impl Supervised {
         self.phase = Phase::Waiting {
             at: Instant::now() + MAX_RESTART_DELAY,
         };
+    }
+}
+
+/// The last line a process wrote to its log: why it stopped, for a process that never started.
+fn last_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = &text[text.len().saturating_sub(4096)..];
+    String::from_utf8_lossy(tail)
+        .lines()
+        .map(str::trim)
+        .rfind(|line| !line.is_empty())
+        .map(str::to_owned)
+}
+
+/// What to do about a process that could not start, from the reason it gave.
+fn fix_for(reason: &str) -> &'static str {
+    if reason.contains("error while loading shared libraries") {
+        "the binary cannot find a library it was linked against (libtorch): rebuild it after \
+         scripts/setup.sh, which records the library's place in the binary, or run \
+         `. scripts/env.sh` before infergate up"
+    } else if reason.contains("Address already in use") {
+        "another process holds that address: stop it, or choose another with --listen / \
+         --metrics-listen"
+    } else {
+        "correct what the line above names, then save the ModelDeployment's file again to \
+         retry (or restart infergate up)"
     }
 }
 
