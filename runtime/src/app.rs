@@ -250,6 +250,12 @@ impl Runtime {
                     max_prefill_tokens_per_step: generation.max_prefill_tokens_per_step,
                     max_slowdown: limits.admission.max_slowdown,
                 };
+                let system_fingerprint = crate::tasks::generation::system_fingerprint(
+                    &model_id,
+                    kind_name(kind),
+                    &crate::device::device_name(device),
+                    &std::fs::read(dir.join("config.json")).unwrap_or_default(),
+                );
                 let load = move || LlamaModel::load(&dir, device, kind).map_err(|e| e.to_string());
                 let (engine, thread) =
                     Engine::start(load, engine_limits, metrics.clone(), ready_tx);
@@ -267,6 +273,7 @@ impl Runtime {
                     tokenizer: Arc::new(tokenizer),
                     templates: Arc::new(templates),
                     model_id: model_id.clone(),
+                    system_fingerprint,
                     eos_token_ids: eos,
                     defaults: generation.defaults,
                     template_renders: Arc::new(tokio::sync::Semaphore::new(MAX_IDLE_HELPERS)),

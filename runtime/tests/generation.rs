@@ -184,6 +184,25 @@ async fn a_streamed_chat_says_the_same_as_the_whole_answer_and_ends_with_done() 
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"], whole["usage"]);
+    // One system_fingerprint for the loaded model, on the whole answer and every chunk (TGI's
+    // OpenAPI document requires it).
+    let fingerprint = whole["system_fingerprint"].as_str().unwrap();
+    assert!(
+        fingerprint.starts_with(concat!(env!("CARGO_PKG_VERSION"), "-float32-")),
+        "{fingerprint}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["system_fingerprint"] == fingerprint)
+    );
+    // Every delta names the role, and the last (the finish reason's) has empty content.
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["choices"][0]["delta"]["role"] == "assistant")
+    );
+    assert_eq!(finishing["choices"][0]["delta"]["content"], "");
 }
 
 #[tokio::test]
@@ -223,15 +242,26 @@ async fn a_stop_string_ends_the_text_right_before_it() {
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
     let events = sse(post(&runtime, "/v1/completions", streaming).await).await;
-    let text: String = events
+    let chunks: Vec<Value> = events
         .iter()
         .filter(|(_, d)| d != "[DONE]")
         .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .collect();
+    let text: String = chunks
+        .iter()
         .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(
         text, " France is",
         "no part of the stop string is ever streamed"
+    );
+    // Text completions carry the model's system_fingerprint too, whole and streamed.
+    let fingerprint = &answer["system_fingerprint"];
+    assert!(fingerprint.is_string(), "{answer}");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| &c["system_fingerprint"] == fingerprint)
     );
 }
 

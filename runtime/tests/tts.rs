@@ -1,6 +1,7 @@
 //! `text-to-speech` over HTTP on the tiny VITS fixture: the seed's `/v1/generate-speech` and its
-//! schema, OpenAI's `/v1/audio/speech`, the endpoint root Hugging Face clients post to, seeds
-//! that reproduce a waveform, and bad bodies answered with a 422 that names the field.
+//! schema (the seed's own body, `prompt` and `description`, included), OpenAI's
+//! `/v1/audio/speech`, the endpoint root Hugging Face clients post to, seeds that reproduce a
+//! waveform, and bad bodies answered with a 422 that names the field.
 
 mod support;
 
@@ -58,7 +59,8 @@ async fn the_schema_lists_the_fields_the_endpoint_takes() {
             "speaking_rate",
             "noise_scale",
             "noise_scale_duration",
-            "seed"
+            "seed",
+            "description"
         ]
     );
     for field in fields {
@@ -68,6 +70,44 @@ async fn the_schema_lists_the_fields_the_endpoint_takes() {
     }
     assert_eq!(fields[0]["required"], true);
     assert!(fields[1..].iter().all(|f| f["required"] == false));
+    assert!(fields[0]["desc"].as_str().unwrap().contains("`prompt`"));
+    let description = &fields[5];
+    assert_eq!(description["type"], "string");
+    let desc = description["desc"].as_str().unwrap();
+    assert!(
+        desc.contains("cannot change the voice") && desc.contains("one fixed voice"),
+        "{desc}"
+    );
+}
+
+#[tokio::test]
+async fn the_seeds_body_prompt_and_description_gives_speech_in_the_one_voice() {
+    let runtime = start().await;
+    let speak = |body: Value| {
+        let runtime = &runtime;
+        async move {
+            let (status, body) = runtime.post("/v1/generate-speech", &body.to_string()).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["sampling_rate"], 16000);
+            let wav = base64::engine::general_purpose::STANDARD
+                .decode(body["audio"].as_str().unwrap())
+                .unwrap();
+            read_wav(&wav).1
+        }
+    };
+    // The seed's example, as written.
+    let seed =
+        speak(json!({"prompt": "Hi, can you help me?", "description": "A man with clear voice"}))
+            .await;
+    assert!(!seed.is_empty());
+    // `prompt` is `text` by another name, and the description cannot change the voice.
+    let text = speak(json!({"text": "Hi, can you help me?", "seed": 7})).await;
+    let prompt = speak(json!({"prompt": "Hi, can you help me?", "seed": 7})).await;
+    let described = speak(json!({"prompt": "Hi, can you help me?", "seed": 7,
+                                 "description": "A female speaker with a slightly low-pitched voice"}))
+    .await;
+    assert_eq!(text, prompt);
+    assert_eq!(text, described);
 }
 
 #[tokio::test]
@@ -163,6 +203,22 @@ async fn bodies_that_violate_the_schema_are_422s_that_name_the_field() {
             "voice",
         ),
         ("/v1/generate-speech", json!({"speaking_rate": 1}), "text"),
+        ("/v1/generate-speech", json!({"prompt": " "}), "prompt"),
+        (
+            "/v1/generate-speech",
+            json!({"text": "hi", "prompt": "hi"}),
+            "prompt",
+        ),
+        (
+            "/v1/generate-speech",
+            json!({"prompt": "hi", "description": 5}),
+            "description",
+        ),
+        (
+            "/v1/generate-speech",
+            json!({"prompt": "hi", "description": "a".repeat(1001)}),
+            "description",
+        ),
         (
             "/v1/audio/speech",
             json!({"input": "hi", "response_format": "mp3"}),

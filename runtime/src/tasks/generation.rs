@@ -34,7 +34,7 @@ use crate::generate::text::{IncrementalDecoder, StopStrings};
 use crate::models::{LoadError, read_json};
 use crate::server::{RequestDeadline, ValidJson};
 
-/// Sampling defaults when a request sets none (DESIGN.md: the seed's defaults).
+/// Sampling defaults when a request sets none (docs/architecture.md, runtime contract).
 #[derive(Debug, Clone, Copy)]
 pub struct GenerationDefaults {
     pub temperature: f32,
@@ -59,6 +59,8 @@ pub struct GenerationTask {
     pub tokenizer: Arc<Tokenizer>,
     pub templates: Arc<ChatTemplates>,
     pub model_id: String,
+    /// OpenAI's and TGI's `system_fingerprint` of every completion: see [`system_fingerprint`].
+    pub system_fingerprint: String,
     /// Ids that end a sequence unless a request ignores EOS.
     pub eos_token_ids: Vec<i64>,
     pub defaults: GenerationDefaults,
@@ -66,6 +68,30 @@ pub struct GenerationTask {
     pub template_renders: Arc<Semaphore>,
     /// Where request-supplied templates render (helper processes with a memory limit).
     pub sandbox: Arc<TemplateSandbox>,
+}
+
+/// The `system_fingerprint` of a loaded model, as OpenAI's and TGI's completions carry it (TGI's
+/// OpenAPI document requires it): the runtime's version, the dtype, and a digest of what
+/// else decides the outputs for a given request (the model's id, its `config.json`, the
+/// device). Stable while one model stays loaded; it changes when any of these does, so a client
+/// comparing seeded outputs can tell a changed backend.
+pub fn system_fingerprint(model_id: &str, dtype: &str, device: &str, config: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for part in [
+        model_id.as_bytes(),
+        dtype.as_bytes(),
+        device.as_bytes(),
+        config,
+    ] {
+        digest.update((part.len() as u64).to_le_bytes());
+        digest.update(part);
+    }
+    let hex: String = digest.finalize()[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{}-{dtype}-{hex}", env!("CARGO_PKG_VERSION"))
 }
 
 /// The EOS ids of a model: `generation_config.json` first (what `generate` uses), then
@@ -735,13 +761,10 @@ enum StreamState {
 impl OpenAiStream {
     fn chunk(&self, text: Option<&str>, finish_reason: Option<&str>) -> serde_json::Value {
         let choice = if self.chat {
-            let delta = match (self.state, text) {
-                (StreamState::Opening, _) => {
-                    serde_json::json!({"role": "assistant", "content": ""})
-                }
-                (_, Some(text)) => serde_json::json!({"content": text}),
-                (_, None) => serde_json::json!({}),
-            };
+            // Every delta names the role and has content (empty in the first and the last), as
+            // TGI's do and its document requires; OpenAI's clients read either form.
+            let delta =
+                serde_json::json!({"role": "assistant", "content": text.unwrap_or_default()});
             serde_json::json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
         } else {
             serde_json::json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish_reason})
@@ -751,6 +774,7 @@ impl OpenAiStream {
             "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.run.task.system_fingerprint,
             "choices": [choice],
         })
     }
@@ -915,6 +939,7 @@ async fn answer_openai(
         "object": object,
         "created": created,
         "model": task.model_id,
+        "system_fingerprint": task.system_fingerprint,
         "choices": [choice],
         "usage": run.usage(),
     }))
@@ -1119,4 +1144,34 @@ async fn generate_stream(
         }
     });
     Ok(sse_response(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_system_fingerprint_names_the_version_and_dtype_and_follows_the_model() {
+        let config = br#"{"model_type": "llama"}"#;
+        let fingerprint = system_fingerprint("llama", "float16", "cuda:0", config);
+        assert_eq!(
+            fingerprint,
+            system_fingerprint("llama", "float16", "cuda:0", config),
+            "stable for one model"
+        );
+        let (version, rest) = fingerprint.split_once('-').unwrap();
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        let (dtype, digest) = rest.rsplit_once('-').unwrap();
+        assert_eq!(dtype, "float16");
+        assert_eq!(digest.len(), 10);
+        assert!(digest.bytes().all(|b| b.is_ascii_hexdigit()));
+        for other in [
+            system_fingerprint("mistral", "float16", "cuda:0", config),
+            system_fingerprint("llama", "float32", "cuda:0", config),
+            system_fingerprint("llama", "float16", "cpu", config),
+            system_fingerprint("llama", "float16", "cuda:0", br#"{"model_type": "qwen2"}"#),
+        ] {
+            assert_ne!(other, fingerprint);
+        }
+    }
 }

@@ -217,8 +217,9 @@ pub struct ImageRequest {
     pub width: Option<i64>,
     #[serde(default)]
     pub height: Option<i64>,
-    /// The fraction of steps a refiner would take over; no refiner is configured, so it is
-    /// validated and has no effect.
+    /// The share of the denoising steps the base model runs before a refiner would take over
+    /// (diffusers' SDXL base + refiner); see [`base_share`]. No refiner is configured, so the
+    /// base model runs every step whatever it says.
     #[serde(default)]
     pub high_noise_frac: Option<f64>,
     /// `ddim` or `euler`; the repository's scheduler when unset.
@@ -243,14 +244,9 @@ impl ImageTask {
                 "guidance_scale: must be between 0 and 30".to_owned(),
             ));
         }
-        if request
-            .high_noise_frac
-            .is_some_and(|f| !(f > 0.0 && f <= 1.0))
-        {
-            return Err(ApiError::InvalidField(
-                "high_noise_frac: must be in (0, 1]".to_owned(),
-            ));
-        }
+        // Validated, but it cannot change the image: without a refiner there is no one to hand
+        // the remaining steps to.
+        base_share(request.high_noise_frac)?;
         let side = |name: &str, value: Option<i64>| {
             let value = value.unwrap_or(self.default_size);
             if value < self.size_multiple || value > MAX_SIDE || value % self.size_multiple != 0 {
@@ -292,6 +288,19 @@ impl ImageTask {
             .await?;
         drop(alive);
         Ok(image)
+    }
+}
+
+/// The share of the steps the base model runs, as `high_noise_frac` asks: any finite number
+/// above 0, where 1 and more (the seed's example sends 8) mean every step; every step when
+/// unset.
+pub fn base_share(high_noise_frac: Option<f64>) -> Result<f64, ApiError> {
+    match high_noise_frac {
+        None => Ok(1.0),
+        Some(f) if f.is_finite() && f > 0.0 => Ok(f.min(1.0)),
+        Some(f) => Err(ApiError::InvalidField(format!(
+            "high_noise_frac: {f} must be a finite number above 0 (1 or more: the base model runs every step)"
+        ))),
     }
 }
 
@@ -464,5 +473,23 @@ mod tests {
             crc.sum()
         );
         assert!(file.ends_with(b"IEND\xae\x42\x60\x82"));
+    }
+
+    #[test]
+    fn high_noise_frac_is_a_share_of_the_steps_where_1_and_more_mean_all() {
+        assert_eq!(base_share(None).unwrap(), 1.0);
+        assert_eq!(base_share(Some(0.8)).unwrap(), 0.8);
+        assert_eq!(base_share(Some(1.0)).unwrap(), 1.0);
+        // The seed's example.
+        assert_eq!(base_share(Some(8.0)).unwrap(), 1.0);
+        assert_eq!(base_share(Some(1e300)).unwrap(), 1.0);
+        for bad in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = base_share(Some(bad)).unwrap_err();
+            assert_eq!(error.status(), 422, "{bad}");
+            assert!(
+                error.to_string().starts_with("high_noise_frac: "),
+                "{error}"
+            );
+        }
     }
 }

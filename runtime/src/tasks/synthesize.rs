@@ -23,6 +23,9 @@ use crate::worker::ModelWorker;
 /// Longest text one request may synthesise, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
 
+/// Longest speaker description a request may send, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+
 /// VitsTokenizer without a phonemizer: characters of the vocabulary, lower-cased unless the
 /// vocabulary has them as they are, others dropped, and the blank (id 0) between every two.
 #[derive(Debug)]
@@ -151,11 +154,16 @@ pub fn routes() -> Router<Arc<SpeechSynthesisTask>> {
         .route("/v1/audio/speech", post(openai_speech))
 }
 
-/// The seed's request: the fields `/v1/generate-speech/schema` lists.
-#[derive(Debug, Deserialize)]
+/// The seed's request: the fields `/v1/generate-speech/schema` lists. The text is `text`, or
+/// `prompt` as the seed's example (a Parler-TTS-style schema) names it.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpeechRequest {
-    pub text: String,
+    pub text: Option<String>,
+    pub prompt: Option<String>,
+    /// A speaker description, as Parler-TTS takes one. A VITS model has one fixed voice, so it
+    /// is validated and cannot change the voice.
+    pub description: Option<String>,
     pub speaking_rate: Option<f64>,
     pub noise_scale: Option<f64>,
     pub noise_scale_duration: Option<f64>,
@@ -166,17 +174,50 @@ pub struct SpeechRequest {
 async fn schema(State(task): State<Arc<SpeechSynthesisTask>>) -> Json<serde_json::Value> {
     let d = task.defaults;
     Json(serde_json::json!([
-        {"name": "text", "label": "Text", "desc": format!("What to say, at most {MAX_TEXT_CHARS} characters; characters outside the model's alphabet are skipped"), "type": "string", "required": true},
+        {"name": "text", "label": "Text", "desc": format!("What to say, at most {MAX_TEXT_CHARS} characters; characters outside the model's alphabet are skipped. Also accepted as `prompt`"), "type": "string", "required": true},
         {"name": "speaking_rate", "label": "Speaking rate", "desc": format!("Speed, from 0.1 to 10 (default {})", d.speaking_rate), "type": "number", "required": false},
         {"name": "noise_scale", "label": "Noise scale", "desc": format!("Variation of the voice, from 0 to 2 (default {})", d.noise_scale), "type": "number", "required": false},
         {"name": "noise_scale_duration", "label": "Duration noise scale", "desc": format!("Variation of the rhythm, from 0 to 2 (default {})", d.noise_scale_duration), "type": "number", "required": false},
         {"name": "seed", "label": "Seed", "desc": "Makes the noise, and so the waveform, reproducible", "type": "integer", "required": false},
+        {"name": "description", "label": "Speaker Description", "desc": format!("Accepted (at most {MAX_DESCRIPTION_CHARS} characters) but cannot change the voice: this model has one fixed voice"), "type": "string", "required": false},
     ]))
 }
 
+impl SpeechRequest {
+    /// The text to say and the name of the field it came in.
+    fn take_text(&mut self) -> Result<(&'static str, String), ApiError> {
+        match (self.text.take(), self.prompt.take()) {
+            (Some(text), None) => Ok(("text", text)),
+            (None, Some(prompt)) => Ok(("prompt", prompt)),
+            (Some(_), Some(_)) => Err(ApiError::InvalidField(
+                "prompt: send the text as `text` or as `prompt`, not both".to_owned(),
+            )),
+            (None, None) => Err(ApiError::InvalidField(
+                "text: missing field (or send it as `prompt`)".to_owned(),
+            )),
+        }
+    }
+}
+
 impl SpeechSynthesisTask {
-    async fn synthesize(&self, field: &str, request: SpeechRequest) -> Result<Vec<f32>, ApiError> {
-        let text = request.text.trim();
+    /// Synthesises `request`'s text, read from the field `field` (its name in error messages)
+    /// when given, else from `text` or `prompt`.
+    async fn synthesize(
+        &self,
+        field: Option<&'static str>,
+        mut request: SpeechRequest,
+    ) -> Result<Vec<f32>, ApiError> {
+        let (named, text) = request.take_text()?;
+        let field = field.unwrap_or(named);
+        if let Some(description) = &request.description {
+            let characters = description.chars().count();
+            if characters > MAX_DESCRIPTION_CHARS {
+                return Err(ApiError::InvalidField(format!(
+                    "description: {characters} characters, more than the limit of {MAX_DESCRIPTION_CHARS}"
+                )));
+            }
+        }
+        let text = text.trim();
         if text.is_empty() {
             return Err(ApiError::InvalidField(format!("{field}: empty")));
         }
@@ -266,7 +307,7 @@ async fn generate_speech(
     State(task): State<Arc<SpeechSynthesisTask>>,
     ValidJson(request): ValidJson<SpeechRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let samples = task.synthesize("text", request).await?;
+    let samples = task.synthesize(None, request).await?;
     Ok(Json(serde_json::json!({
         "audio": base64::engine::general_purpose::STANDARD.encode(wav(&samples, task.sampling_rate)),
         "sampling_rate": task.sampling_rate,
@@ -312,13 +353,11 @@ async fn openai_speech(
     }
     let samples = task
         .synthesize(
-            "input",
+            Some("input"),
             SpeechRequest {
-                text: request.input,
+                text: Some(request.input),
                 speaking_rate: speed,
-                noise_scale: None,
-                noise_scale_duration: None,
-                seed: None,
+                ..SpeechRequest::default()
             },
         )
         .await?;
@@ -358,13 +397,10 @@ async fn root(
     }
     let samples = task
         .synthesize(
-            "inputs",
+            Some("inputs"),
             SpeechRequest {
-                text: request.inputs,
-                speaking_rate: None,
-                noise_scale: None,
-                noise_scale_duration: None,
-                seed: None,
+                text: Some(request.inputs),
+                ..SpeechRequest::default()
             },
         )
         .await?;
@@ -390,5 +426,18 @@ mod tests {
             .map(|b| i16::from_le_bytes([b[0], b[1]]))
             .collect();
         assert_eq!(samples, [0, 32767, -32767, 32767]);
+    }
+
+    #[test]
+    fn the_text_comes_as_text_or_as_prompt_but_not_both() {
+        let body = |json: serde_json::Value| serde_json::from_value::<SpeechRequest>(json).unwrap();
+        let mut seed = body(serde_json::json!({"prompt": "Hi", "description": "A man"}));
+        assert_eq!(seed.take_text().unwrap(), ("prompt", "Hi".to_owned()));
+        let mut text = body(serde_json::json!({"text": "Hi"}));
+        assert_eq!(text.take_text().unwrap(), ("text", "Hi".to_owned()));
+        let both = body(serde_json::json!({"text": "Hi", "prompt": "Hi"})).take_text();
+        assert!(both.unwrap_err().to_string().starts_with("prompt: "));
+        let neither = body(serde_json::json!({"seed": 1})).take_text();
+        assert!(neither.unwrap_err().to_string().starts_with("text: "));
     }
 }
