@@ -137,8 +137,9 @@ async fn every_task_answers_real_clients_through_local_mode() {
     local.wait_ready(&TASKS, READY_LIMIT);
     let token = local.token("app");
 
-    // The seed document's snippets, Python `requests`, `Bearer:` header and TGI-style body
-    // included.
+    // The seed document's section 5 examples as its snippets write them (Python `requests`,
+    // their own payloads and headers), each on the model of its task; its 7.1 call (a `Bearer:`
+    // header); and a tabular row.
     let models: serde_json::Map<String, Value> =
         TASKS.iter().map(|t| (t.to_string(), json!(t))).collect();
     let seed = python_client(
@@ -148,37 +149,156 @@ async fn every_task_answers_real_clients_through_local_mode() {
                 .to_string(),
         ],
     );
-    for task in TASKS {
-        assert_eq!(seed[task]["status"], 200, "{task}: {}", seed[task]);
+    let examples = [
+        "5.1.2",
+        "5.1.3",
+        "5.2-vllm",
+        "5.2-tgi",
+        "5.3",
+        "5.3-curl",
+        "5.4",
+        "5.5",
+        "5.6",
+        "5.7",
+        "5.8-embed",
+        "5.8-rerank",
+        "5.8-predict",
+        "7.1",
+        "tabular",
+    ];
+    assert_eq!(seed.as_object().unwrap().len(), examples.len(), "{seed}");
+    for example in examples {
+        assert_eq!(seed[example]["status"], 200, "{example}: {}", seed[example]);
     }
-    assert_eq!(seed["embedding"]["body"]["dims"], 384);
-    let cosine = seed["embedding"]["body"]["cosine"].as_f64().unwrap();
+    // 5.1.2 (the TGI-style body, greedy, 200 new tokens) and 5.2's two chats (a model id from
+    // GET /v1/models, sampled, up to 1000 tokens): SSE whose every line but the final
+    // `[DONE]` is a JSON chunk, the seed's loop printing choices[0].delta.content.
+    for (example, max_tokens) in [("5.1.2", 200), ("5.2-vllm", 1000), ("5.2-tgi", 1000)] {
+        let stream = &seed[example]["body"];
+        assert_eq!(
+            stream["content_type"], "text/event-stream",
+            "{example}: {stream}"
+        );
+        assert_eq!(stream["malformed"], json!([]), "{example}: {stream}");
+        assert_eq!(stream["last"], "data: [DONE]", "{example}: {stream}");
+        let chunks = stream["content_chunks"].as_u64().unwrap();
+        // The opening chunk (role and empty content), at most one per token, and the last
+        // (the finish reason, empty content).
+        assert!(
+            (2..=max_tokens + 2).contains(&chunks),
+            "{example}: {stream}"
+        );
+        assert!(
+            matches!(stream["finish_reason"].as_str(), Some("stop" | "length")),
+            "{example}: {stream}"
+        );
+    }
+    // Greedy, so the same every run: the model does not end this text within its 200 tokens,
+    // one chunk each.
+    assert_eq!(seed["5.1.2"]["body"]["finish_reason"], "length");
+    assert_eq!(seed["5.1.2"]["body"]["content_chunks"], 202);
     assert!(
-        cosine > 0.6,
-        "two sentences about eating are similar: {cosine}"
+        !seed["5.1.2"]["body"]["printed"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{}",
+        seed["5.1.2"]
     );
-    let labels = seed["text-classification"]["body"]["classification"]
+    for example in ["5.2-vllm", "5.2-tgi"] {
+        assert_eq!(seed[example]["body"]["model"], "text-generation");
+    }
+    // 5.1.3: the request's Jinja template renders the chat (the empty assistant message last,
+    // so no "Assistant:" cue), and the whole answer is a chat completion of that prompt.
+    // The prompt is what transformers renders from it (Jinja with trim_blocks and
+    // lstrip_blocks), the template's indentation included.
+    let templated = &seed["5.1.3"]["body"];
+    assert_eq!(
+        templated["templated_text"],
+        "\n\n                Be friendly\n            \n\nuser: What's the capital of UAE?\n\n            \n\nassistant: \n\n    ",
+        "{templated}"
+    );
+    let completion = &templated["completion"];
+    assert_eq!(completion["object"], "chat.completion", "{completion}");
+    assert_eq!(completion["choices"][0]["message"]["role"], "assistant");
+    assert!(completion["choices"][0]["message"]["content"].is_string());
+    assert!(completion["system_fingerprint"].is_string(), "{completion}");
+    assert_eq!(
+        completion["usage"]["prompt_tokens"], templated["templated_tokens"],
+        "{templated}"
+    );
+    // 5.3: every label with its score, best first; its curl line and 7.1's `Bearer:` header
+    // get the same answer.
+    let labels = seed["5.3"]["body"]["classification"].as_array().unwrap();
+    assert_eq!(labels.len(), 3, "every label: {labels:?}");
+    let scores: Vec<f64> = labels
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.is_sorted_by(|a, b| a >= b), "{labels:?}");
+    assert!(
+        (scores.iter().sum::<f64>() - 1.0).abs() < 1e-4,
+        "{labels:?}"
+    );
+    assert!(labels.iter().all(|l| l["label"].is_string()));
+    assert_eq!(seed["5.3-curl"]["body"], seed["5.3"]["body"]);
+    assert_eq!(seed["7.1"]["body"], seed["5.3"]["body"]);
+    // 5.4: "file_name.mp3" typed audio/wav, whatever the file is, transcribed.
+    let transcript = seed["5.4"]["body"]["text"].as_str().unwrap();
+    assert!(!transcript.trim().is_empty(), "{}", seed["5.4"]);
+    // 5.5: the schema, then the seed's body: base64 WAV at the rate it names.
+    let speech = &seed["5.5"]["body"];
+    assert_eq!(speech["schema_status"], 200, "{speech}");
+    let fields: Vec<&str> = speech["schema"]
         .as_array()
-        .unwrap();
-    assert_eq!(labels.len(), 3, "every label, best first");
-    assert!(labels[0]["score"].as_f64() >= labels[1]["score"].as_f64());
-    assert_eq!(seed["rerank"]["body"].as_array().unwrap().len(), 2);
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"text") && fields.contains(&"description"),
+        "{fields:?}"
+    );
+    assert_eq!(speech["riff"], true, "{speech}");
+    assert_eq!(speech["sampling_rate"], 16000, "{speech}");
+    assert_eq!(speech["header_rate"], speech["sampling_rate"]);
+    assert!(speech["samples"].as_u64() > Some(0), "{speech}");
+    // 5.6: high_noise_frac 8 accepted; a PNG of the model's size.
+    let image = &seed["5.6"]["body"];
+    assert_eq!(image["keys"], json!(["image"]), "{image}");
+    assert_eq!(image["png"], true, "{image}");
+    assert_eq!(image["size"], json!([64, 64]), "{image}");
+    // 5.7
+    let translation = seed["5.7"]["body"]["translation"].as_str().unwrap();
+    assert!(!translation.is_empty(), "{}", seed["5.7"]);
+    // 5.8: one 384-dimensional embedding in a list; both passages ranked, best first; and
+    // /predict's labels, best first.
+    let embedding = seed["5.8-embed"]["body"].as_array().unwrap();
+    assert_eq!(embedding.len(), 1);
+    let vector = embedding[0].as_array().unwrap();
+    assert_eq!(vector.len(), 384);
+    assert!(
+        vector
+            .iter()
+            .all(|x| x.as_f64().is_some_and(f64::is_finite))
+    );
+    let ranks = seed["5.8-rerank"]["body"].as_array().unwrap();
+    let mut indices: Vec<u64> = ranks.iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    let rank_scores: Vec<f64> = ranks.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(rank_scores.is_sorted_by(|a, b| a >= b), "{ranks:?}");
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 1], "{ranks:?}");
+    let predicted = seed["5.8-predict"]["body"].as_array().unwrap();
+    assert_eq!(predicted.len(), 3, "{predicted:?}");
+    let predicted_scores: Vec<f64> = predicted
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        predicted_scores.is_sorted_by(|a, b| a >= b),
+        "{predicted:?}"
+    );
     assert_eq!(seed["tabular"]["body"]["data"].as_array().unwrap().len(), 1);
-    assert!(seed["text-generation"]["body"]["events"].as_u64() >= Some(2));
-    assert_eq!(seed["text-generation"]["body"]["last"], "data: [DONE]");
-    assert!(seed["translation"]["body"]["translation"].is_string());
-    assert!(seed["speech-recognition"]["body"]["text"].is_string());
-    assert_eq!(
-        seed["text-to-speech"]["body"]["riff"], true,
-        "{}",
-        seed["text-to-speech"]
-    );
-    assert_eq!(seed["text-to-speech"]["body"]["sampling_rate"], 16000);
-    assert_eq!(
-        seed["text-to-image"]["body"]["png"], true,
-        "{}",
-        seed["text-to-image"]
-    );
 
     // The openai client, unmodified: a streamed chat and base64 embeddings.
     let openai = python_client(
@@ -253,7 +373,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert_eq!(hf["text_classification"].as_array().unwrap().len(), 3);
     assert!(hf["translation"].is_string());
     assert_eq!(
-        hf["automatic_speech_recognition"], seed["speech-recognition"]["body"]["text"],
+        hf["automatic_speech_recognition"], seed["5.4"]["body"]["text"],
         "{hf}"
     );
     assert_eq!(hf["text_to_speech"], "RIFF", "{hf}");
@@ -281,7 +401,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     assert!(js["chat_completion_stream"].as_u64() >= Some(1), "{js}");
     assert_eq!(
         js["automatic_speech_recognition"],
-        seed["speech-recognition"]["body"]["text"]
+        seed["5.4"]["body"]["text"]
     );
     assert_eq!(js["text_to_image"]["type"], "image/png", "{js}");
     assert_eq!(js["text_to_speech"]["type"], "audio/wav", "{js}");
@@ -720,4 +840,31 @@ async fn a_runtime_that_dies_is_restarted_and_sigterm_stops_everything() {
             "{cmd} outlived infergate up"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_cannot_start_is_reported_once_with_a_fix_and_not_restarted() {
+    let empty = std::env::temp_dir().join(format!("infergate-empty-model-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let yaml = model("embedding", "embedding", &minilm_dir())
+        + &model("broken", "embedding", &empty.display().to_string())
+        + &token("app", &["embedding", "broken"], "");
+    let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_for("broken: cannot start", 1, READY_LIMIT);
+    // The other model is served all the same.
+    local.wait_ready(&["embedding"], READY_LIMIT);
+    // The old supervisor restarted it after 1 s, 2 s, 4 s...: a few seconds show any loop.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let console = local.console();
+    assert_eq!(
+        console.matches("broken: cannot start").count(),
+        1,
+        "reported once:\n{console}"
+    );
+    assert!(console.contains("fix: "), "with a fix:\n{console}");
+    assert!(
+        !console.contains("broken: exited") && !console.contains("broken: restarting"),
+        "not restarted:\n{console}"
+    );
+    let _ = std::fs::remove_dir_all(&empty);
 }

@@ -660,3 +660,19 @@ async fn requests_past_their_deadline_are_dropped_before_batching() {
     );
     eprintln!("{statuses:?}; dropped before batching: {dropped}");
 }
+
+#[test]
+fn the_built_binary_finds_libtorch_without_the_environment() {
+    // What a user does after `cargo build`: run it from a plain shell, no scripts/env.sh.
+    let output = Command::new(env!("CARGO_BIN_EXE_infergate-runtime"))
+        .arg("--help")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
