@@ -11,8 +11,13 @@ use tch::{Device, Kind, Tensor};
 use crate::models::whisper::{DecoderCache, Encoded, MelFeatures, WhisperModel};
 use crate::models::{LoadError, read_json};
 
-/// Whisper's special tokens and decoding rules, from `generation_config.json` and the
-/// tokenizer's vocabulary.
+/// Whisper's special tokens and decoding rules, from `generation_config.json`, the model's
+/// vocabulary size (`config.json`) and the tokenizer's vocabulary.
+///
+/// OpenAI's checkpoints put every special token after end of text and the timestamps after
+/// `<|notimestamps|>`, so that "below end of text" means text; checkpoints made otherwise do
+/// not (end of text can be token 0, with no timestamp tokens at all), so text is told from the
+/// special tokens by name and by the tokenizer's own flags instead.
 #[derive(Debug, Clone)]
 pub struct SpeechTokens {
     pub end_of_text: i64,
@@ -20,8 +25,13 @@ pub struct SpeechTokens {
     pub start_of_previous: Option<i64>,
     pub no_speech: Option<i64>,
     pub no_timestamps: i64,
-    /// The first timestamp token, `<|0.00|>`; each next one is 0.02 s later.
+    /// The first timestamp token, `<|0.00|>`; each next one is 0.02 s later. At or past
+    /// `vocab_size` when the model has no timestamp tokens.
     pub timestamp_begin: i64,
+    /// Rows of the model's logits.
+    pub vocab_size: i64,
+    /// Ids that are never text, sorted: the tokenizer's special tokens and the ids above.
+    pub special: Vec<i64>,
     pub transcribe: Option<i64>,
     pub translate: Option<i64>,
     /// Language codes (`en`) and their tokens; empty for English-only models.
@@ -52,6 +62,12 @@ struct GenerationConfig {
     max_initial_timestamp_index: Option<i64>,
 }
 
+/// What `SpeechTokens` reads of `config.json`.
+#[derive(Debug, Deserialize)]
+struct ModelConfig {
+    vocab_size: i64,
+}
+
 impl SpeechTokens {
     pub fn load(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<SpeechTokens, LoadError> {
         let path = dir.join("generation_config.json");
@@ -66,6 +82,12 @@ impl SpeechTokens {
             _ => None,
         }
         .ok_or_else(|| invalid("eos_token_id is missing"))?;
+        let model_path = dir.join("config.json");
+        let vocab_size = if model_path.exists() {
+            read_json::<ModelConfig>(&model_path)?.vocab_size
+        } else {
+            i64::try_from(tokenizer.get_vocab_size(true)).unwrap_or(i64::MAX)
+        };
         let languages: Vec<(String, i64)> = if config.is_multilingual.unwrap_or(true) {
             config
                 .lang_to_id
@@ -78,24 +100,64 @@ impl SpeechTokens {
         } else {
             Vec::new()
         };
+        let start_of_previous = config
+            .prev_sot_token_id
+            .or_else(|| tokenizer.token_to_id("<|startofprev|>").map(i64::from));
+        let no_speech = ["<|nospeech|>", "<|nocaptions|>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t).map(i64::from));
+        let transcribe = config.task_to_id.get("transcribe").copied();
+        let translate = config.task_to_id.get("translate").copied();
+        let mut special: Vec<i64> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| i64::from(id))
+            .chain([
+                end_of_text,
+                config.decoder_start_token_id,
+                config.no_timestamps_token_id,
+            ])
+            .chain(
+                [start_of_previous, no_speech, transcribe, translate]
+                    .into_iter()
+                    .flatten(),
+            )
+            .chain(config.lang_to_id.values().copied())
+            .collect();
+        special.sort_unstable();
+        special.dedup();
         Ok(SpeechTokens {
             end_of_text,
             start_of_transcript: config.decoder_start_token_id,
-            start_of_previous: config
-                .prev_sot_token_id
-                .or_else(|| tokenizer.token_to_id("<|startofprev|>").map(i64::from)),
-            no_speech: ["<|nospeech|>", "<|nocaptions|>"]
-                .iter()
-                .find_map(|t| tokenizer.token_to_id(t).map(i64::from)),
+            start_of_previous,
+            no_speech,
             no_timestamps: config.no_timestamps_token_id,
             timestamp_begin: config.no_timestamps_token_id + 1,
-            transcribe: config.task_to_id.get("transcribe").copied(),
-            translate: config.task_to_id.get("translate").copied(),
+            vocab_size,
+            special,
+            transcribe,
+            translate,
             languages,
             suppress: config.suppress_tokens,
             begin_suppress: config.begin_suppress_tokens,
             max_initial_timestamp_index: config.max_initial_timestamp_index,
         })
+    }
+
+    /// Whether the model can predict timestamps: whether it has ids past `<|notimestamps|>`.
+    /// Without them transformers' timestamp rules forbid every token at the first step, and
+    /// decoding ends at once; such a model is decoded without timestamps instead.
+    pub fn has_timestamps(&self) -> bool {
+        self.timestamp_begin < self.vocab_size
+    }
+
+    /// Whether `token` is text: not end of text, not another special token, not a timestamp.
+    /// (For OpenAI's layout, exactly the ids below end of text.)
+    pub fn is_text(&self, token: i64) -> bool {
+        token != self.end_of_text
+            && (0..self.timestamp_begin).contains(&token)
+            && self.special.binary_search(&token).is_err()
     }
 
     pub fn multilingual(&self) -> bool {
@@ -169,7 +231,7 @@ pub fn prompt(tokens: &SpeechTokens, options: &DecodeOptions, max_length: usize)
         };
         ids.extend(task);
     }
-    if !options.timestamps {
+    if !options.timestamps || !tokens.has_timestamps() {
         ids.push(tokens.no_timestamps);
     }
     ids
@@ -470,7 +532,7 @@ pub fn split_segments(
         let text: Vec<i64> = ids[slice.clone()]
             .iter()
             .copied()
-            .filter(|&t| t < tokens.end_of_text)
+            .filter(|&t| tokens.is_text(t))
             .collect();
         let logprobs = &output.logprobs[slice];
         Segment {
@@ -568,6 +630,11 @@ pub fn transcribe(
     let hop = features.config.hop_length as usize;
     let window_frames = features.frames();
     let max_length = model.config.max_target_positions as usize;
+    // A model without timestamp tokens transcribes a request that asks for timestamps as one
+    // that does not: one segment per window.
+    for job in jobs.iter_mut() {
+        job.options.timestamps &= tokens.has_timestamps();
+    }
     loop {
         let active: Vec<usize> = (0..jobs.len()).filter(|&i| !jobs[i].done(hop)).collect();
         if active.is_empty() {
@@ -642,7 +709,7 @@ pub fn transcribe(
                         ids: output
                             .ids
                             .into_iter()
-                            .filter(|&t| t < tokens.end_of_text)
+                            .filter(|&t| tokens.is_text(t))
                             .collect(),
                         no_speech_prob: output.no_speech_prob,
                     };
@@ -652,5 +719,96 @@ pub fn transcribe(
                 job.seek += advance.max(1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// OpenAI's layout (text, end of text, the other special tokens, `<|notimestamps|>`, then
+    /// the timestamps) or, with `eos0`, end of text at 0, the other special tokens after the
+    /// text and `<|notimestamps|>` last, with no timestamps.
+    fn tokens(eos0: bool) -> SpeechTokens {
+        let (end_of_text, first_special, vocab_size) = if eos0 {
+            (0, 100, 107)
+        } else {
+            (100, 101, 1608)
+        };
+        let special: Vec<i64> = std::iter::once(end_of_text)
+            .chain(first_special..first_special + 7)
+            .collect();
+        SpeechTokens {
+            end_of_text,
+            start_of_transcript: first_special,
+            start_of_previous: Some(first_special + 5),
+            no_speech: Some(first_special + 5),
+            no_timestamps: first_special + 6,
+            timestamp_begin: first_special + 7,
+            vocab_size,
+            special,
+            transcribe: Some(first_special + 3),
+            translate: Some(first_special + 4),
+            languages: vec![
+                ("en".to_owned(), first_special + 1),
+                ("de".to_owned(), first_special + 2),
+            ],
+            suppress: Vec::new(),
+            begin_suppress: vec![end_of_text],
+            max_initial_timestamp_index: Some(50),
+        }
+    }
+
+    #[test]
+    fn text_tokens_are_told_from_special_ones_whatever_the_layout() {
+        let openai = tokens(false);
+        assert!(openai.has_timestamps());
+        for token in [0, 1, 50, 99] {
+            assert!(openai.is_text(token), "{token}");
+        }
+        for token in [100, 101, 104, 107, 108, 1607] {
+            assert!(!openai.is_text(token), "{token}");
+        }
+        // OpenAI's rule, below end of text, is the same there.
+        assert!((0..1608).all(|t| openai.is_text(t) == (t < openai.end_of_text)));
+
+        let eos0 = tokens(true);
+        assert!(!eos0.has_timestamps());
+        assert!(!eos0.is_text(0));
+        for token in [1, 50, 99] {
+            assert!(eos0.is_text(token), "{token}");
+        }
+        for token in 100..108 {
+            assert!(!eos0.is_text(token), "{token}");
+        }
+    }
+
+    #[test]
+    fn a_model_without_timestamp_tokens_is_prompted_without_timestamps() {
+        let options = |tokens: &SpeechTokens| DecodeOptions {
+            language: tokens.language_token("en"),
+            task: SpeechTask::Transcribe,
+            timestamps: true,
+            prompt: Vec::new(),
+        };
+        let openai = tokens(false);
+        assert_eq!(prompt(&openai, &options(&openai), 448), [101, 102, 104]);
+        let eos0 = tokens(true);
+        assert_eq!(prompt(&eos0, &options(&eos0), 448), [100, 101, 103, 106]);
+    }
+
+    #[test]
+    fn a_window_without_timestamps_keeps_its_text_when_end_of_text_is_token_0() {
+        let eos0 = tokens(true);
+        let output = Generated {
+            ids: vec![7, 101, 9, 105, 3],
+            logprobs: vec![-0.5; 5],
+            no_speech_prob: 0.0,
+        };
+        let (segments, advance) = split_segments(&eos0, &output, 0, 250);
+        assert_eq!(advance, 250);
+        assert_eq!(segments.len(), 1);
+        assert_eq!(segments[0].ids, [7, 9, 3]);
+        assert_eq!((segments[0].start, segments[0].end), (0.0, 2.5));
     }
 }

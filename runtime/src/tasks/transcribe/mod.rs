@@ -31,7 +31,7 @@ use crate::models::whisper::{MelFeatures, WhisperModel};
 use crate::worker::ModelWorker;
 use decode::{DecodeOptions, LongForm, Segment, SpeechTask, SpeechTokens};
 
-/// Sizes an upload may have (DESIGN.md, limits).
+/// Sizes an upload may have (docs/architecture.md, limits).
 #[derive(Debug, Clone, Copy)]
 pub struct AudioLimits {
     pub max_upload_bytes: usize,
