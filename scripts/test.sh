@@ -4,8 +4,8 @@
 # `tests: N passed, N failed` summed over all test binaries, then each phase's time.
 #
 # One build serves all of it: `cargo test` builds the binaries and examples (debug) that the
-# integration tests and the load slice run; only the fuzz targets need their own (instrumented)
-# build. The long runs stay apart: scripts/fuzz.sh (60 s per target) and scripts/reliability.sh
+# integration tests and the load slice run; only the fuzz targets need their own (instrumented,
+# unoptimised) build. The long runs stay apart: scripts/fuzz.sh (60 s per target) and scripts/reliability.sh
 # (the full load suite on release binaries).
 #
 #   INFERGATE_FUZZ_SECONDS (default 10): per fuzz target.
@@ -63,7 +63,8 @@ phase_done tests
 
 # Every fuzz target from its seeds and the cached corpus; 0 crashes allowed. The chat-template
 # target runs the runtime binary built above.
-INFERGATE_RUNTIME_BIN="$INFERGATE_TARGET/debug/infergate-runtime" bash scripts/fuzz.sh --seconds "${INFERGATE_FUZZ_SECONDS:-10}" || status=1
+INFERGATE_RUNTIME_BIN="$INFERGATE_TARGET/debug/infergate-runtime" \
+  bash scripts/fuzz.sh --dev --seconds "${INFERGATE_FUZZ_SECONDS:-10}" || status=1
 phase_done fuzz
 
 # The load part of the reliability suite, scaled down: a malformed flood, SSE streams and 2x
