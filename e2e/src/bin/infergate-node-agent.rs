@@ -345,6 +345,7 @@ impl Agent {
             };
             mounts.push((host, mount.mount_path.clone()));
         }
+        let mounts = in_mount_order(mounts);
         let pre_stop_sleep = match container
             .lifecycle
             .as_ref()
@@ -994,4 +995,48 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bind mounts in an order that works: one whose target holds another's host path (an emptyDir
+/// at /tmp, with the node's state under /tmp) would hide that path once mounted, so those come
+/// after the rest; otherwise the pod's order.
+fn in_mount_order(mut mounts: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String)> {
+    let hosts: Vec<PathBuf> = mounts.iter().map(|(host, _)| host.clone()).collect();
+    let hides_a_host = |target: &str| {
+        hosts
+            .iter()
+            .any(|host| host.starts_with(target) && host != Path::new(target))
+    };
+    // A stable sort: the pod's order within each group.
+    mounts.sort_by_key(|(_, target)| hides_a_host(target));
+    mounts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mount_over_the_node_state_comes_after_the_mounts_whose_host_paths_it_would_hide() {
+        let volume = |name: &str| PathBuf::from(format!("/tmp/state/pod/volumes/{name}"));
+        let pod_order = vec![
+            (volume("tmp"), "/tmp".to_owned()),
+            (volume("token"), "/run/secrets/token".to_owned()),
+            (volume("config"), "/etc/app".to_owned()),
+        ];
+        let ordered: Vec<String> = in_mount_order(pod_order)
+            .into_iter()
+            .map(|(_, target)| target)
+            .collect();
+        assert_eq!(ordered, ["/run/secrets/token", "/etc/app", "/tmp"]);
+    }
+
+    #[test]
+    fn mounts_that_hide_nothing_keep_the_pods_order() {
+        let pod_order = vec![
+            (PathBuf::from("/var/state/a"), "/data".to_owned()),
+            (PathBuf::from("/var/state/b"), "/data/cache".to_owned()),
+        ];
+        assert_eq!(in_mount_order(pod_order.clone()), pod_order);
+    }
 }
