@@ -180,6 +180,9 @@ struct Refusal {
     message: String,
 }
 
+/// PATH in a container that sets none (what container runtimes default to).
+const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// A container ready to start: binary, arguments, environment, bind mounts.
 struct Launch {
     name: String,
@@ -425,6 +428,10 @@ impl Agent {
             ])
             .arg(&launch.binary)
             .args(&launch.args)
+            // The pod's environment only, as a container has: the agent's own (its KUBECONFIG
+            // with the cluster's admin key, the test's LD_LIBRARY_PATH) is not the pod's.
+            .env_clear()
+            .env("PATH", CONTAINER_PATH)
             .envs(launch.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
