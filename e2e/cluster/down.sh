@@ -9,15 +9,8 @@ state="${INFERGATE_CLUSTER_DIR:-$HOME/.cache/infergate/cluster}"
 run="$state/run"
 [ -d "$run" ] || exit 0
 
-proc_start() {  # $1: pid; as in up.sh: fails unless it runs
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-  stat="${stat##*) }"
-  # shellcheck disable=SC2086
-  set -- $stat
-  case "$1" in Z | X | x) return 1 ;; esac  # a dead process not reaped yet is no longer running
-  echo "$(cat /proc/sys/kernel/random/boot_id) ${20}"
-}
+# shellcheck source=e2e/cluster/proc.sh
+. "$(dirname "${BASH_SOURCE[0]}")/proc.sh"
 
 stop() {  # $1: name
   local pid_file="$run/$1.pid" pid

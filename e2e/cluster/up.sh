@@ -38,17 +38,8 @@ flock 9
 bash "$here/build.sh"
 kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")
 
-# A running process by its start (boot and start time), so that a PID reused since is not taken
-# for it; fails for none.
-proc_start() {  # $1: pid
-  local stat
-  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-  stat="${stat##*) }"
-  # shellcheck disable=SC2086
-  set -- $stat
-  case "$1" in Z | X | x) return 1 ;; esac  # a dead process not reaped yet is no longer running
-  echo "$(cat /proc/sys/kernel/random/boot_id) ${20}"
-}
+# shellcheck source=e2e/cluster/proc.sh
+. "$(dirname "${BASH_SOURCE[0]}")/proc.sh"
 
 alive() {  # $1: name
   local pid
