@@ -274,6 +274,7 @@ struct Load {
     queued: f64,
     /// When the running pass started, and how long it was predicted to take.
     running: Option<(Instant, f64)>,
+    running_units: f64,
     /// The latest finish each queued request was admitted with, earliest first (the number
     /// tells requests with the same instant apart).
     promised: BTreeSet<(Instant, u64)>,
@@ -352,10 +353,10 @@ impl Gate {
             .map_err(|_| ApiError::Overloaded)
     }
 
-    /// Queues `units` of work when the slowdown rule allows it, or refuses at once.
-    pub fn queue(&self, units: usize) -> Result<Queued, ApiError> {
+    /// Queues `units` of work arriving `now` when the slowdown rule allows it, or refuses at
+    /// once.
+    pub fn queue(&self, units: usize, now: Instant) -> Result<Queued, ApiError> {
         let units = units as f64;
-        let now = Instant::now();
         let mut load = lock(&self.load);
         let promise = match (self.limits.max_slowdown, self.predict(&load, units, now)) {
             (Some(slowdown), Some((alone, finish))) => {
@@ -410,31 +411,47 @@ impl Gate {
         Some((alone, finish))
     }
 
-    /// Runs one pass of `units` on the model thread, timing it into the cost estimate.
-    pub fn timed_pass<T>(&self, units: usize, pass: impl FnOnce() -> T) -> T {
-        let units = units as f64;
-        let started = Instant::now();
-        {
-            let mut load = lock(&self.load);
-            let predicted = load.cost.predict(units, self.units_per_pass).unwrap_or(0.0);
-            load.running = Some((started, predicted));
-        }
-        let output = pass();
-        let seconds = started.elapsed().as_secs_f64();
+    /// A pass of `units` started on the model thread at `now`.
+    pub fn pass_started(&self, units: usize, now: Instant) {
         let mut load = lock(&self.load);
-        load.running = None;
+        let predicted = load
+            .cost
+            .predict(units as f64, self.units_per_pass)
+            .unwrap_or(0.0);
+        load.running = Some((now, predicted));
+        load.running_units = units as f64;
+    }
+
+    /// The running pass ended at `now`: its time goes into the cost estimate.
+    pub fn pass_ended(&self, now: Instant) {
+        let mut load = lock(&self.load);
+        let Some((started, _)) = load.running.take() else {
+            return;
+        };
+        let units = std::mem::take(&mut load.running_units);
         load.passes += 1;
-        load.cost.observe(units, seconds);
+        load.cost.observe(units, seconds_between(started, now));
         if load.queued <= 0.0 {
-            load.busy.went_idle(Instant::now());
+            load.busy.went_idle(now);
         }
-        output
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests' clock: one fixed instant, which later ones are offsets from, so that no test
+    /// depends on how fast the machine runs it.
+    fn now() -> Instant {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        // An hour ahead, so that instants a minute earlier exist on a freshly booted machine.
+        *START.get_or_init(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn after(seconds: f64) -> Instant {
+        now() + Duration::from_secs_f64(seconds)
+    }
 
     /// The cost fitted to `passes`, its predictions taken as exact (the fit of a few passes
     /// mispredicts the first ones wildly).
@@ -499,7 +516,7 @@ mod tests {
     }
 
     fn seconds_ago(seconds: f64) -> Instant {
-        Instant::now() - Duration::from_secs_f64(seconds)
+        now() - Duration::from_secs_f64(seconds)
     }
 
     /// A pass of 10 ms per 64 units is running with 5 ms left, on a model busy since `began`.
@@ -507,14 +524,14 @@ mod tests {
         let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
         let mut load = lock(&gate.load);
         load.busy = BusyPeriod::since(began);
-        load.running = Some((Instant::now(), 0.005));
+        load.running = Some((now(), 0.005));
         drop(load);
         gate
     }
 
     /// How many requests of 64 units the gate queues in a row.
     fn queued_in_a_row(gate: &Gate) -> usize {
-        let queued: Vec<Queued> = (0..10).map_while(|_| gate.queue(64).ok()).collect();
+        let queued: Vec<Queued> = (0..10).map_while(|_| gate.queue(64, now()).ok()).collect();
         queued.len()
     }
 
@@ -553,7 +570,7 @@ mod tests {
     fn a_rest_shorter_than_a_request_does_not_end_a_busy_period() {
         let mut busy = BusyPeriod::default();
         let slowdown = Slowdown::new(2.0);
-        let start = Instant::now();
+        let start = now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         assert_eq!(busy.allowed(slowdown, 0.010, at(0)), 4.0, "a fresh start");
         busy.went_idle(at(85));
@@ -571,16 +588,16 @@ mod tests {
         // Cost proportional to tokens: waiting for a running pass of its own size doubles a
         // request's time; a second one queued would triple the last one's.
         let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
-        lock(&gate.load).running = Some((Instant::now(), 0.010));
-        let first = gate.queue(64).unwrap();
+        lock(&gate.load).running = Some((now(), 0.010));
+        let first = gate.queue(64, now()).unwrap();
         assert_eq!(
-            gate.queue(64).unwrap_err().to_string(),
+            gate.queue(64, now()).unwrap_err().to_string(),
             "the model is saturated: queuing this request would make it, or one already \
              queued, take more than 2.0x its time on an idle model; retry in 1 s"
         );
         drop(first);
         assert!(
-            gate.queue(64).is_ok(),
+            gate.queue(64, now()).is_ok(),
             "units leave the queue with their guard"
         );
     }
@@ -591,12 +608,12 @@ mod tests {
         // 160 ms, within its 200 ms. A second of 128 units would be done in 360 ms, within its
         // own 400 ms, but it shares the first's pass and would make the first take 360 ms.
         let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
-        lock(&gate.load).running = Some((Instant::now(), 0.060));
-        let first = gate.queue(64).unwrap();
-        assert!(gate.queue(128).is_err());
+        lock(&gate.load).running = Some((now(), 0.060));
+        let first = gate.queue(64, now()).unwrap();
+        assert!(gate.queue(128, now()).is_err());
         drop(first);
         assert!(
-            gate.queue(128).is_ok(),
+            gate.queue(128, now()).is_ok(),
             "alone behind the pass, it is within its bound"
         );
     }
@@ -618,9 +635,12 @@ mod tests {
         let gate = Gate::new(without_bursts(), 16384);
         let mut sizes = Vec::new();
         for pass in 0..2000 {
-            // Uniform passes: a running one, one request queued, and one more arriving.
-            let queued = gate.queue(64).unwrap();
-            let probe = gate.timed_pass(64, || gate.queue(64).ok());
+            // Uniform passes of 10 ms: a running one, one request queued, and one more arriving.
+            let start = after(0.010 * f64::from(pass));
+            let queued = gate.queue(64, start).unwrap();
+            gate.pass_started(64, start);
+            let probe = gate.queue(64, start).ok();
+            gate.pass_ended(start + Duration::from_millis(10));
             if probe.is_some() {
                 sizes.push(pass);
             }
@@ -637,9 +657,12 @@ mod tests {
         let gate = Gate::new(without_bursts(), 16384);
         lock(&gate.load).cost = fitted(&[(64.0, 0.010), (128.0, 0.020)]);
         let mut probes = 0;
-        for _ in 0..100 {
-            let queued = gate.queue(64).unwrap();
-            probes += usize::from(gate.timed_pass(64, || gate.queue(64).is_ok()));
+        for pass in 0..100 {
+            let start = after(0.010 * f64::from(pass));
+            let queued = gate.queue(64, start).unwrap();
+            gate.pass_started(64, start);
+            probes += usize::from(gate.queue(64, start).is_ok());
+            gate.pass_ended(start + Duration::from_millis(10));
             drop(queued);
             // Keep the spread: every other pass is a double one.
             lock(&gate.load).cost.observe(128.0, 0.020);
@@ -670,12 +693,12 @@ mod tests {
         let queued_behind = |left: f64, misprediction: Option<(f64, f64)>| {
             let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
             let mut load = lock(&gate.load);
-            load.running = Some((Instant::now(), left));
+            load.running = Some((now(), left));
             if let Some((predicted, measured)) = misprediction {
                 load.cost.misprediction.observe(predicted, measured);
             }
             drop(load);
-            gate.queue(64).is_ok()
+            gate.queue(64, now()).is_ok()
         };
         let noisy = Some((0.010, 0.0115));
         assert!(queued_behind(0.005, noisy));
@@ -688,27 +711,26 @@ mod tests {
         let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
         lock(&gate.load).cost.misprediction.observe(0.010, 0.030);
         assert!(lock(&gate.load).cost.margin() > 2.0);
-        assert!(gate.queue(64).is_ok());
+        assert!(gate.queue(64, now()).is_ok());
     }
 
     #[test]
     fn on_a_gpu_like_cost_requests_keep_joining_the_batch() {
         // A pass costs 10 ms whatever its size, up to the batch limit.
         let gate = measured_gate(2.0, &[(64.0, 0.010), (4096.0, 0.0101)]);
-        let queued: Vec<Queued> = (0..60).map(|_| gate.queue(64).unwrap()).collect();
+        let queued: Vec<Queued> = (0..60).map(|_| gate.queue(64, now()).unwrap()).collect();
         assert_eq!(queued.len(), 60);
     }
 
     #[test]
     fn the_running_pass_counts_until_its_predicted_end() {
         let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
-        let refused_during_pass = gate.timed_pass(128, || {
-            // 200 ms left of the running pass + 100 ms of my own against 100 ms alone.
-            gate.queue(64).is_err()
-        });
-        assert!(refused_during_pass);
+        gate.pass_started(128, now());
+        // 200 ms left of the running pass + 100 ms of my own against 100 ms alone.
+        assert!(gate.queue(64, now()).is_err());
+        gate.pass_ended(after(0.200));
         assert!(
-            gate.queue(64).is_ok(),
+            gate.queue(64, after(0.200)).is_ok(),
             "nothing runs or waits once it ended"
         );
     }
@@ -723,7 +745,7 @@ mod tests {
             16384,
         );
         lock(&gate.load).cost = fitted(&[(64.0, 0.010)]);
-        let _queued: Vec<Queued> = (0..100).map(|_| gate.queue(64).unwrap()).collect();
+        let _queued: Vec<Queued> = (0..100).map(|_| gate.queue(64, now()).unwrap()).collect();
         let _slot = gate.admit().unwrap();
         assert!(gate.admit().is_err());
     }

@@ -1,14 +1,12 @@
 //! Builds a runtime for one task from its settings: loads the tokenizer, starts the model
 //! thread and assembles the router.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use tch::{Device, Kind};
 use tokio::sync::watch;
 
-use crate::batching::{BatchLimits, Batcher};
+use crate::encoder::Encoder;
+use crate::executor::{BatchLimits, Executor};
 use crate::generate::engine::{Engine, EngineLimits};
 use crate::generate::sandbox::{MAX_IDLE_HELPERS, TemplateSandbox};
 use crate::generate::template::ChatTemplates;
@@ -18,116 +16,18 @@ use crate::models::llama::{LlamaConfig, LlamaModel};
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, read_json};
 use crate::server::{Common, Info};
+use crate::settings::{Settings, Task, kind_name};
 use crate::tasks::classify::{ClassifierBackend, ClassifierTask, Labels};
 use crate::tasks::embed::{EmbeddingBackend, EmbeddingTask};
-use crate::tasks::generation::{GenerationDefaults, GenerationTask, eos_token_ids};
+use crate::tasks::generation::{GenerationTask, eos_token_ids};
 use crate::tasks::tabular::{Signature, TabularModel, TabularTask};
-use crate::tasks::transcribe::AudioLimits;
 use crate::tokenize::TextEncoder;
-use crate::worker::ModelWorker;
-
-/// Tasks this runtime serves natively.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    Embedding,
-    TextClassification,
-    Rerank,
-    Tabular,
-    TextGeneration,
-    Translation,
-    SpeechRecognition,
-    TextToSpeech,
-    TextToImage,
-}
-
-impl Task {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Embedding => "embedding",
-            Task::TextClassification => "text-classification",
-            Task::Rerank => "rerank",
-            Task::Tabular => "tabular",
-            Task::TextGeneration => "text-generation",
-            Task::Translation => "translation",
-            Task::SpeechRecognition => "speech-recognition",
-            Task::TextToSpeech => "text-to-speech",
-            Task::TextToImage => "text-to-image",
-        }
-    }
-}
-
-impl std::str::FromStr for Task {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let served = [
-            Task::Embedding,
-            Task::TextClassification,
-            Task::Rerank,
-            Task::Tabular,
-            Task::TextGeneration,
-            Task::Translation,
-            Task::SpeechRecognition,
-            Task::TextToSpeech,
-            Task::TextToImage,
-        ];
-        served.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            format!("task {s:?} is not served by this runtime build; it serves: embedding, text-classification, rerank, tabular, text-generation, translation, speech-recognition, text-to-speech, text-to-image")
-        })
-    }
-}
-
-/// Everything needed to start a runtime.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub task: Task,
-    pub model_dir: PathBuf,
-    pub listen: SocketAddr,
-    pub model_id: Option<String>,
-    pub limits: BatchLimits,
-    pub max_client_batch_size: usize,
-    pub device: Device,
-    pub kind: Kind,
-    pub generation: GenerationSettings,
-    pub audio: AudioLimits,
-}
-
-/// Sizes and defaults of text generation.
-#[derive(Debug, Clone, Copy)]
-pub struct GenerationSettings {
-    /// Sequences decoded together (KV cache slots).
-    pub max_running: usize,
-    /// Prompt plus output tokens of one sequence; the model's `max_position_embeddings` when
-    /// unset (capped at it when set).
-    pub max_sequence_tokens: Option<usize>,
-    pub max_prefill_tokens_per_step: usize,
-    pub defaults: GenerationDefaults,
-}
-
-impl Default for GenerationSettings {
-    fn default() -> Self {
-        GenerationSettings {
-            max_running: 32,
-            max_sequence_tokens: Some(4096),
-            max_prefill_tokens_per_step: 4096,
-            defaults: GenerationDefaults::default(),
-        }
-    }
-}
 
 /// A runtime ready to serve: its router and the model thread's handle.
 #[derive(Debug)]
 pub struct Runtime {
     pub router: axum::Router,
     pub model_thread: std::thread::JoinHandle<Result<(), String>>,
-}
-
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Half => "float16",
-        Kind::BFloat16 => "bfloat16",
-        _ => "float32",
-    }
 }
 
 impl Runtime {
@@ -151,18 +51,18 @@ impl Runtime {
             Ok((Arc::new(TextEncoder::load(dir, max_length)?), max_length))
         };
         let (ready_tx, ready) = watch::channel(false);
-        let (device, kind, limits) = (settings.device, settings.kind, settings.limits);
-        let info = |model_type: serde_json::Value, max_length: usize| Info {
+        let (device, kind, limits) = (settings.device, settings.kind, settings.batch);
+        let info = |model_type: serde_json::Value, max_length: usize, limits: BatchLimits| Info {
             model_id: model_id.clone(),
             served_model_name: model_id.clone(),
-            task: settings.task.as_str(),
+            task: settings.task.to_string(),
             device: crate::device::device_name(device),
             model_dtype: kind_name(kind).to_owned(),
             model_type,
             max_concurrent_requests: limits.admission.max_concurrent_requests,
             max_input_length: max_length,
             max_batch_tokens: limits.max_batch_tokens,
-            max_batch_requests: Some(limits.max_batch_sequences),
+            max_batch_requests: Some(limits.max_batch_requests),
             max_client_batch_size: settings.max_client_batch_size,
             auto_truncate: false,
             tokenization_workers: 1,
@@ -174,11 +74,13 @@ impl Runtime {
                 let (encoder, max_length) = text(&dir)?;
                 let pooling = Pooling::from_model_dir(&dir)?.unwrap_or(Pooling::Mean);
                 let load = move || {
-                    EmbeddingBackend::load(&dir, device, kind, pooling).map_err(|e| e.to_string())
+                    EmbeddingBackend::load(&dir, device, kind, pooling)
+                        .map(Encoder)
+                        .map_err(|e| e.to_string())
                 };
-                let (batcher, thread) = Batcher::start(load, limits, metrics.clone(), ready_tx);
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let task = EmbeddingTask {
-                    batcher,
+                    executor,
                     encoder,
                     model_id: model_id.clone(),
                     max_client_batch_size: settings.max_client_batch_size,
@@ -186,6 +88,7 @@ impl Runtime {
                 let info = info(
                     serde_json::json!({"embedding": {"pooling": pooling.name()}}),
                     max_length,
+                    limits,
                 );
                 (
                     info,
@@ -198,9 +101,11 @@ impl Runtime {
                 let labels = Labels::from_model_dir(&dir)?;
                 let count = labels.names.len();
                 let load = move || {
-                    ClassifierBackend::load(&dir, device, kind, count).map_err(|e| e.to_string())
+                    ClassifierBackend::load(&dir, device, kind, count)
+                        .map(Encoder)
+                        .map_err(|e| e.to_string())
                 };
-                let (batcher, thread) = Batcher::start(load, limits, metrics.clone(), ready_tx);
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let key = if settings.task == Task::Rerank {
                     "reranker"
                 } else {
@@ -215,9 +120,10 @@ impl Runtime {
                 let info = info(
                     serde_json::json!({ key: {"id2label": id2label} }),
                     max_length,
+                    limits,
                 );
                 let task = Arc::new(ClassifierTask {
-                    batcher,
+                    executor,
                     encoder,
                     labels,
                     max_client_batch_size: settings.max_client_batch_size,
@@ -242,12 +148,10 @@ impl Runtime {
                 let generation = settings.generation;
                 let model_limit = config.max_position_embeddings as usize;
                 let engine_limits = EngineLimits {
-                    max_running: generation.max_running,
-                    max_sequence_tokens: generation
-                        .max_sequence_tokens
-                        .map_or(model_limit, |n| n.min(model_limit)),
-                    max_queued: limits.admission.max_concurrent_requests,
-                    max_prefill_tokens_per_step: generation.max_prefill_tokens_per_step,
+                    max_running_sequences: generation.max_running_sequences,
+                    max_sequence_tokens: generation.max_sequence_tokens.min(model_limit),
+                    max_concurrent_requests: limits.admission.max_concurrent_requests,
+                    max_prefill_tokens: generation.max_prefill_tokens,
                     max_slowdown: limits.admission.max_slowdown,
                 };
                 let system_fingerprint = crate::tasks::generation::system_fingerprint(
@@ -262,11 +166,12 @@ impl Runtime {
                 let info = info(
                     serde_json::json!({"text-generation": {
                         "architecture": config.model_type,
-                        "max_running_sequences": engine_limits.max_running,
+                        "max_running_sequences": engine_limits.max_running_sequences,
                         "max_sequence_tokens": engine_limits.max_sequence_tokens,
                         "chat_template": templates.has_model_template(),
                     }}),
                     engine_limits.max_sequence_tokens - 1,
+                    limits,
                 );
                 let task = Arc::new(GenerationTask {
                     engine,
@@ -306,19 +211,15 @@ impl Runtime {
                         .map_err(|e| e.to_string())
                 };
                 // Requests queued while a batch runs are translated together next.
-                let (worker, thread) = ModelWorker::start_batched(
-                    load,
-                    crate::tasks::translate::TranslationModel::run_batch,
-                    limits.max_batch_sequences,
-                    limits.admission,
-                    ready_tx,
-                );
+                let limits = limits.per_row();
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let info = info(
                     serde_json::json!({"translation": {"num_beams": default_beams, "max_length": max_length}}),
                     max_length,
+                    limits,
                 );
                 let task = Arc::new(crate::tasks::translate::TranslationTask {
-                    worker,
+                    executor,
                     tokenizer,
                     default_beams,
                     max_length,
@@ -344,31 +245,26 @@ impl Runtime {
                 )?);
                 // Fails here, before the port opens, on a bad preprocessor_config.json.
                 crate::models::whisper::MelFeatures::load(&dir)?;
-                let (model_tokens, model_metrics) = (tokens.clone(), metrics.clone());
+                let model_tokens = tokens.clone();
                 let load = move || {
-                    SpeechModel::load(&dir, device, kind, model_tokens, model_metrics)
-                        .map_err(|e| e.to_string())
+                    SpeechModel::load(&dir, device, kind, model_tokens).map_err(|e| e.to_string())
                 };
                 // Requests queued while a batch runs are transcribed together next.
-                let (worker, thread) = ModelWorker::start_batched(
-                    load,
-                    SpeechModel::run_batch,
-                    limits.max_batch_sequences,
-                    limits.admission,
-                    ready_tx,
-                );
+                let limits = limits.per_row();
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let info = info(
                     serde_json::json!({"speech-recognition": {
                         "architecture": config.model_type,
                         "languages": tokens.languages.iter().map(|(code, _)| code.clone()).collect::<Vec<_>>(),
                         "translates": tokens.translate.is_some(),
-                        "max_audio_seconds": settings.audio.max_seconds,
-                        "max_upload_bytes": settings.audio.max_upload_bytes,
+                        "max_audio_seconds": settings.audio.max_audio_seconds,
+                        "max_audio_bytes": settings.audio.max_audio_bytes,
                     }}),
                     config.max_target_positions as usize,
+                    limits,
                 );
                 let task = Arc::new(SpeechRecognitionTask {
-                    worker,
+                    executor,
                     tokenizer: Arc::new(tokenizer),
                     tokens,
                     limits: settings.audio,
@@ -389,8 +285,8 @@ impl Runtime {
                 let tokenizer = Arc::new(CharacterTokenizer::load(&dir)?);
                 let load =
                     move || SpeechSynthesizer::load(&dir, device, kind).map_err(|e| e.to_string());
-                let (worker, thread) =
-                    ModelWorker::start(load, SpeechSynthesizer::run, limits.admission, ready_tx);
+                let limits = limits.one_at_a_time();
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let info = info(
                     serde_json::json!({"text-to-speech": {
                         "architecture": config.model_type,
@@ -398,9 +294,10 @@ impl Runtime {
                         "stochastic_durations": config.use_stochastic_duration_prediction,
                     }}),
                     crate::tasks::synthesize::MAX_TEXT_CHARS,
+                    limits,
                 );
                 let task = Arc::new(SpeechSynthesisTask {
-                    worker,
+                    executor,
                     tokenizer,
                     sampling_rate: config.sampling_rate,
                     defaults: crate::models::vits::Synthesis {
@@ -432,8 +329,8 @@ impl Runtime {
                     ImageGenerator::load(&dir, device, kind, model_metrics)
                         .map_err(|e| e.to_string())
                 };
-                let (worker, thread) =
-                    ModelWorker::start(load, ImageGenerator::run, limits.admission, ready_tx);
+                let limits = limits.one_at_a_time();
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let default_size = unet.sample_size.unwrap_or(64) * scale;
                 let info = info(
                     serde_json::json!({"text-to-image": {
@@ -443,9 +340,10 @@ impl Runtime {
                         "refiner": false,
                     }}),
                     length,
+                    limits,
                 );
                 let task = Arc::new(ImageTask {
-                    worker,
+                    executor,
                     prompts,
                     default_size,
                     size_multiple: scale.max(8),
@@ -458,13 +356,17 @@ impl Runtime {
                 let dtype = signature.input.dtype;
                 let load =
                     move || TabularModel::load(&dir, device, dtype).map_err(|e| e.to_string());
-                let (worker, thread) =
-                    ModelWorker::start(load, TabularModel::predict, limits.admission, ready_tx);
+                let limits = limits.one_at_a_time();
+                let (executor, thread) = Executor::start(load, limits, metrics.clone(), ready_tx);
                 let info = info(
                     serde_json::json!({"tabular": {"inputs": signature.input_schema}}),
                     0,
+                    limits,
                 );
-                let task = Arc::new(TabularTask { worker, signature });
+                let task = Arc::new(TabularTask {
+                    executor,
+                    signature,
+                });
                 (
                     info,
                     crate::tasks::tabular::routes().with_state(task),

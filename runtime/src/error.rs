@@ -5,6 +5,56 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+/// How a model pass failed. Backends return these; `ApiError` maps them to a status once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The device had no memory for the pass (a smaller load may fit: 503 with Retry-After).
+    #[error("the device ran out of memory: {0}")]
+    OutOfMemory(String),
+    /// The pass panicked; the model thread caught it and goes on.
+    #[error("the model panicked: {0}")]
+    Panicked(String),
+    /// libtorch refused an operation (a shape, a dtype, a device).
+    #[error("a tensor operation failed: {0}")]
+    Tensor(String),
+    /// The model's output cannot be turned into an answer (a value out of range, a shape that
+    /// does not match the input).
+    #[error("the model's output is unusable: {0}")]
+    Output(String),
+    #[error("the model answered {got} of a pass's {expected} jobs")]
+    WrongOutputCount { expected: usize, got: usize },
+    /// Work stopped part-way because its client left or its deadline passed.
+    #[error("abandoned: the client left or its deadline passed")]
+    Abandoned,
+}
+
+impl BackendError {
+    /// A panic's message, as the kind of failure it reports.
+    pub fn from_panic(message: String) -> BackendError {
+        if is_out_of_memory(&message) {
+            BackendError::OutOfMemory(message)
+        } else {
+            BackendError::Panicked(message)
+        }
+    }
+}
+
+/// CUDA's and the CPU allocator's words for an allocation that failed.
+fn is_out_of_memory(message: &str) -> bool {
+    message.contains("out of memory") || message.contains("DefaultCPUAllocator: can't allocate")
+}
+
+impl From<tch::TchError> for BackendError {
+    fn from(error: tch::TchError) -> Self {
+        let message = error.to_string();
+        if is_out_of_memory(&message) {
+            BackendError::OutOfMemory(message)
+        } else {
+            BackendError::Tensor(message)
+        }
+    }
+}
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -60,8 +110,12 @@ pub enum ApiError {
     Saturated { limit: f64, retry_after: u32 },
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A model pass failed (see `BackendError`).
     #[error("inference failed: {0}")]
-    Inference(String),
+    Backend(#[from] BackendError),
+    /// Work around the model failed (a blocking task died).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("no route {0}")]
     NotFound(String),
 }
@@ -76,7 +130,7 @@ impl ApiError {
                 "invalid_json",
             ),
             ApiError::InvalidField(_) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
+                StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_field",
             ),
@@ -146,10 +200,28 @@ impl ApiError {
                 "unavailable_error",
                 "shutting_down",
             ),
-            ApiError::Inference(_) => (
+            ApiError::Backend(BackendError::OutOfMemory(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "out_of_memory",
+            ),
+            ApiError::Backend(BackendError::Abandoned) => {
+                (StatusCode::GATEWAY_TIMEOUT, "timeout_error", "timeout")
+            }
+            ApiError::Backend(BackendError::Panicked(_)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "model_panicked",
+            ),
+            ApiError::Backend(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "inference_failed",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
         }
@@ -177,7 +249,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match self {
             ApiError::Saturated { retry_after, .. } => Some(retry_after),
-            ApiError::Overloaded | ApiError::Loading | ApiError::ShuttingDown => Some(1),
+            ApiError::Overloaded
+            | ApiError::Loading
+            | ApiError::ShuttingDown
+            | ApiError::Backend(BackendError::OutOfMemory(_)) => Some(1),
             _ => None,
         };
         if let Some(seconds) = retry_after {

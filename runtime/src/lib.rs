@@ -6,14 +6,15 @@
 pub mod admission;
 pub mod app;
 pub mod audio;
-pub mod batching;
 pub mod device;
 pub mod download;
+pub mod encoder;
 pub mod error;
+pub mod executor;
 pub mod generate;
 pub mod metrics;
 pub mod models;
 pub mod server;
+pub mod settings;
 pub mod tasks;
 pub mod tokenize;
-pub mod worker;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub dropped: IntCounter,
     /// Work stopped part-way because its client went away or its deadline passed.
     pub abandoned: IntCounter,
+    /// Model passes that panicked (their requests got 500; the model thread went on).
+    pub panics: IntCounter,
     /// Text generation: time to first token, time per output token, tokens in and out, and the
     /// scheduler's queues under the names endpoint pickers read.
     pub time_to_first_token: Histogram,
@@ -86,6 +88,11 @@ impl Metrics {
                 "Requests dropped before batching because the client went away.",
             )
             .expect("static metric definition"),
+            panics: IntCounter::new(
+                "infergate_runtime_model_panics_total",
+                "Model passes that panicked; their requests failed and the model thread went on.",
+            )
+            .expect("static metric definition"),
             abandoned: IntCounter::new(
                 "infergate_runtime_abandoned_total",
                 "Requests whose work stopped part-way because the client went away or the deadline passed.",
@@ -136,6 +143,7 @@ impl Metrics {
             Box::new(metrics.batch_tokens.clone()),
             Box::new(metrics.dropped.clone()),
             Box::new(metrics.abandoned.clone()),
+            Box::new(metrics.panics.clone()),
             Box::new(metrics.time_to_first_token.clone()),
             Box::new(metrics.time_per_output_token.clone()),
             Box::new(metrics.prompt_tokens.clone()),

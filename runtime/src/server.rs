@@ -42,7 +42,7 @@ where
 pub struct Info {
     pub model_id: String,
     pub served_model_name: String,
-    pub task: &'static str,
+    pub task: String,
     pub device: String,
     pub model_dtype: String,
     pub model_type: serde_json::Value,

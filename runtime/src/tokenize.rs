@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::batching::Sequence;
+use crate::encoder::Sequence;
 use crate::error::ApiError;
 use crate::models::LoadError;
 

@@ -320,30 +320,30 @@ async fn a_seed_makes_sampling_reproducible() {
 async fn bad_requests_name_the_field_and_hostile_templates_run_out_of_budget() {
     let (runtime, _) = llama(&[]).await;
     let cases = [
-        (json!({"model": "x"}), 422, "messages"),
+        (json!({"model": "x"}), 400, "messages"),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
-            422,
+            400,
             "max_tokens",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
-            422,
+            400,
             "n:",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}),
-            422,
+            400,
             "temperature",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}),
-            422,
+            400,
             "top_p",
         ),
         (
             json!({"messages": [{"role": 3, "content": "hi"}]}),
-            422,
+            400,
             "messages[0].role",
         ),
         (

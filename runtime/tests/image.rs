@@ -1,6 +1,6 @@
 //! `text-to-image` over HTTP on the tiny Stable Diffusion fixture: the seed's
 //! `/v1/generate-image`, OpenAI's `/v1/images/generations`, the endpoint root Hugging Face
-//! clients post to, seeds that reproduce an image, bad bodies answered with a 422 naming the
+//! clients post to, seeds that reproduce an image, bad bodies answered with a 400 naming the
 //! field, and a deadline that stops the denoising loop.
 
 mod support;
@@ -129,7 +129,7 @@ async fn openai_images_and_the_endpoint_root_answer_as_their_clients_expect() {
 }
 
 #[tokio::test]
-async fn bodies_out_of_range_are_422s_that_name_the_field() {
+async fn bodies_out_of_range_are_400s_that_name_the_field() {
     let runtime = start().await;
     let cases = [
         ("/v1/generate-image", json!({"prompt": ""}), "prompt"),
@@ -196,7 +196,7 @@ async fn bodies_out_of_range_are_422s_that_name_the_field() {
     ];
     for (path, body, field) in cases {
         let (status, answer) = runtime.post(path, &body.to_string()).await;
-        assert_eq!(status, 422, "{path} {body}: {answer}");
+        assert_eq!(status, 400, "{path} {body}: {answer}");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(
             message.contains(field),

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use runtime::batching::{EncoderBackend, PaddedBatch, Sequence};
+use runtime::encoder::{EncoderModel, PaddedBatch, Sequence};
 use runtime::models::LoadedEncoder;
 use runtime::models::pooling::Pooling;
 use runtime::tasks::classify::{ClassifierBackend, Labels};
@@ -83,7 +83,7 @@ fn embed(dir: &Path, pooling: Pooling, sequences: &[Sequence]) -> Vec<Vec<f32>> 
     let mut backend = EmbeddingBackend::load(dir, Device::Cpu, Kind::Float, pooling).unwrap();
     let pad_id = backend.pad_id();
     backend
-        .run(&PaddedBatch::new(sequences.iter(), pad_id))
+        .forward(&PaddedBatch::new(sequences.iter(), pad_id))
         .unwrap()
 }
 
@@ -197,7 +197,7 @@ fn bert_classifier_logits_and_probabilities_match_transformers() {
         ClassifierBackend::load(&dir, Device::Cpu, Kind::Float, labels.names.len()).unwrap();
     let pad_id = backend.pad_id();
     let logits = backend
-        .run(&PaddedBatch::new(sequences.iter(), pad_id))
+        .forward(&PaddedBatch::new(sequences.iter(), pad_id))
         .unwrap();
     for (i, row) in logits.iter().enumerate() {
         let delta = max_abs_diff(row, &floats(&reference["logits"][i]));
@@ -239,7 +239,7 @@ fn xlm_roberta_reranker_pairs_and_scores_match_transformers() {
     let mut backend = ClassifierBackend::load(&dir, Device::Cpu, Kind::Float, 1).unwrap();
     let pad_id = backend.pad_id();
     let scores = backend
-        .run(&PaddedBatch::new(sequences.iter(), pad_id))
+        .forward(&PaddedBatch::new(sequences.iter(), pad_id))
         .unwrap();
     let expected = floats(&reference["logits"]);
     let actual: Vec<f32> = scores.iter().map(|row| row[0]).collect();

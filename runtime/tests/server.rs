@@ -162,12 +162,12 @@ async fn bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving() {
     let cases: Vec<(String, u16, &str)> = vec![
         ("not json".into(), 400, "invalid_json"),
         ("{\"inputs\": \"\u{0}".into(), 400, "invalid_json"),
-        (r#"{"inputs": 42}"#.into(), 422, "invalid_field"),
-        (r#"{"inputs": []}"#.into(), 422, "invalid_field"),
-        (r#"{"input": "hi"}"#.into(), 422, "invalid_field"),
+        (r#"{"inputs": 42}"#.into(), 400, "invalid_field"),
+        (r#"{"inputs": []}"#.into(), 400, "invalid_field"),
+        (r#"{"input": "hi"}"#.into(), 400, "invalid_field"),
         (
             r#"{"inputs": "hi", "normalize": "yes"}"#.into(),
-            422,
+            400,
             "invalid_field",
         ),
         (
@@ -178,12 +178,12 @@ async fn bad_bodies_get_4xx_naming_the_problem_and_the_server_keeps_serving() {
         (json!({"inputs": long}).to_string(), 413, "input_too_long"),
         (
             r#"{"inputs": [[1, 2, 99999]]}"#.into(),
-            422,
+            400,
             "invalid_field",
         ),
         (
             r#"{"inputs": "hi", "dimensions": 0}"#.into(),
-            422,
+            400,
             "invalid_field",
         ),
         (
@@ -490,7 +490,7 @@ async fn classify_returns_every_label_best_first() {
     let (status, error) = runtime.post("/v1/classify", r#"{"inputs": 5}"#).await;
     assert_eq!(
         (status, error["error"]["code"].as_str().unwrap()),
-        (422, "invalid_field")
+        (400, "invalid_field")
     );
 }
 
@@ -542,7 +542,7 @@ async fn rerank_orders_passages_by_relevance_with_their_original_index() {
     let (status, _) = runtime
         .post("/rerank", r#"{"query": "q", "texts": []}"#)
         .await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,8 +588,8 @@ async fn tabular_predict_takes_every_mlflow_form_and_validates_the_signature() {
         ),
         (json!([[1.0, 2.0, 3.0, "four"]]), 400, "row 0 column 3"),
         (json!({"inputs": []}), 400, "inputs is empty"),
-        (json!({"rows": [[1, 2, 3, 4]]}), 422, "dataframe_split"),
-        (json!("text"), 422, "expected"),
+        (json!({"rows": [[1, 2, 3, 4]]}), 400, "dataframe_split"),
+        (json!("text"), 400, "expected"),
     ];
     for (body, status, message) in bad {
         let (actual, error) = runtime.post("/v1/predict", &body.to_string()).await;

@@ -381,19 +381,19 @@ async fn every_kind_of_bad_upload_is_a_4xx_that_names_the_problem() {
         (
             "missing file",
             post_form(&runtime, path, &[("model", "whisper-1")], None).await,
-            422,
+            400,
             "file",
         ),
         (
             "unknown field",
             post_form(&runtime, path, &[("colour", "blue")], Some(&clip())).await,
-            422,
+            400,
             "colour",
         ),
         (
             "unknown language",
             post_form(&runtime, path, &[("language", "xx")], Some(&clip())).await,
-            422,
+            400,
             "language",
         ),
         (
@@ -405,13 +405,13 @@ async fn every_kind_of_bad_upload_is_a_4xx_that_names_the_problem() {
                 Some(&clip()),
             )
             .await,
-            422,
+            400,
             "response_format",
         ),
         (
             "sampling",
             post_form(&runtime, path, &[("temperature", "0.4")], Some(&clip())).await,
-            422,
+            400,
             "temperature",
         ),
         (
@@ -423,7 +423,7 @@ async fn every_kind_of_bad_upload_is_a_4xx_that_names_the_problem() {
                 Some(&clip()),
             )
             .await,
-            422,
+            400,
             "word",
         ),
         (
@@ -448,7 +448,7 @@ async fn every_kind_of_bad_upload_is_a_4xx_that_names_the_problem() {
                 &[],
             )
             .await,
-            422,
+            400,
             "inputs",
         ),
     ];

@@ -37,16 +37,16 @@ async fn bad_translation_requests_name_the_field() {
     let (dir, _) = fixture("marian");
     let runtime = Runtime::start_task("translation", &dir, &[]).await;
     let cases: [(Value, u16, &str); 6] = [
-        (json!({"text": ""}), 422, "text[0]"),
-        (json!({"text": []}), 422, "text"),
-        (json!({"text": "a cat", "num_beams": 0}), 422, "num_beams"),
+        (json!({"text": ""}), 400, "text[0]"),
+        (json!({"text": []}), 400, "text"),
+        (json!({"text": "a cat", "num_beams": 0}), 400, "num_beams"),
         (
             json!({"text": "a cat", "max_length": 100000}),
-            422,
+            400,
             "max_length",
         ),
         (json!({"text": vec!["a cat"; 64]}), 422, "text has 64 items"),
-        (json!({"txt": "a cat"}), 422, "txt"),
+        (json!({"txt": "a cat"}), 400, "txt"),
     ];
     for (body, status, needle) in cases {
         let (got, answer) = runtime.post("/v1/translate", &body.to_string()).await;

@@ -1,7 +1,7 @@
 //! `text-to-speech` over HTTP on the tiny VITS fixture: the seed's `/v1/generate-speech` and its
 //! schema (the seed's own body, `prompt` and `description`, included), OpenAI's
 //! `/v1/audio/speech`, the endpoint root Hugging Face clients post to, seeds that reproduce a
-//! waveform, and bad bodies answered with a 422 that names the field.
+//! waveform, and bad bodies answered with a 400 that names the field.
 
 mod support;
 
@@ -172,7 +172,7 @@ async fn openai_speech_and_the_endpoint_root_answer_raw_audio() {
 }
 
 #[tokio::test]
-async fn bodies_that_violate_the_schema_are_422s_that_name_the_field() {
+async fn bodies_that_violate_the_schema_are_400s_that_name_the_field() {
     let runtime = start().await;
     let cases = [
         ("/v1/generate-speech", json!({"text": ""}), "text"),
@@ -237,7 +237,7 @@ async fn bodies_that_violate_the_schema_are_422s_that_name_the_field() {
     ];
     for (path, body, field) in cases {
         let (status, answer) = runtime.post(path, &body.to_string()).await;
-        assert_eq!(status, 422, "{path} {body}: {answer}");
+        assert_eq!(status, 400, "{path} {body}: {answer}");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(
             message.contains(field),

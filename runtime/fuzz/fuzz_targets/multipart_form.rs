@@ -18,8 +18,8 @@ fuzz_target!(|data: &[u8]| {
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
     let limits = AudioLimits {
-        max_upload_bytes: 4096,
-        max_seconds: 10,
+        max_audio_bytes: 4096,
+        max_audio_seconds: 10,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         limits,
     ));
     match parsed {
-        Ok(form) => assert!(form.file_len().is_none_or(|n| n <= limits.max_upload_bytes)),
+        Ok(form) => assert!(form.file_len().is_none_or(|n| n <= limits.max_audio_bytes)),
         Err(error) => assert!(error.status().is_client_error(), "{error}"),
     }
 });

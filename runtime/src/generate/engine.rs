@@ -5,8 +5,8 @@
 //! a single batch. A sequence whose client went away (its event receiver dropped) or whose
 //! deadline passed is stopped before the next step, so no token is computed for it after that.
 //!
-//! Memory for keys and values is fixed at start: `max_running` slots of `max_sequence_tokens`
-//! positions. When every slot is taken, new sequences wait; beyond `max_queued` in flight, or
+//! Memory for keys and values is fixed at start: `max_running_sequences` slots of `max_sequence_tokens`
+//! positions. When every slot is taken, new sequences wait; beyond `max_concurrent_requests` in flight, or
 //! when the slowdown rule (`admission`) predicts a sequence too slow, submission is refused
 //! (429).
 
@@ -22,7 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::admission::{Board, Commitment};
 use super::sampling::{SamplingParams, SeededRng, sample};
 use crate::admission::Slowdown;
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::panic_message;
 use crate::metrics::Metrics;
 use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 
@@ -30,13 +31,13 @@ use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
     /// Sequences decoded together (KV cache slots).
-    pub max_running: usize,
+    pub max_running_sequences: usize,
     /// Prompt plus generated tokens of one sequence (positions per slot).
     pub max_sequence_tokens: usize,
     /// Sequences admitted at once, running or waiting; more get 429.
-    pub max_queued: usize,
+    pub max_concurrent_requests: usize,
     /// Prompt tokens prefilled per step before the running batch decodes again.
-    pub max_prefill_tokens_per_step: usize,
+    pub max_prefill_tokens: usize,
     /// Largest predicted completion over time alone a sequence is taken at; `None`: count only.
     pub max_slowdown: Option<Slowdown>,
 }
@@ -69,7 +70,7 @@ pub enum Event {
         prompt_tokens: usize,
         generated_tokens: usize,
     },
-    Failed(String),
+    Failed(BackendError),
 }
 
 /// One sequence to generate.
@@ -159,8 +160,10 @@ impl Engine {
             .name("model".to_owned())
             .spawn(move || {
                 let model = load()?;
-                let cache =
-                    model.new_cache(limits.max_running as i64, limits.max_sequence_tokens as i64);
+                let cache = model.new_cache(
+                    limits.max_running_sequences as i64,
+                    limits.max_sequence_tokens as i64,
+                );
                 let _ = ready.send(true);
                 tch::no_grad(|| {
                     Scheduler::new(model, cache, limits, metrics, scheduler_board).run(receiver)
@@ -170,7 +173,7 @@ impl Engine {
             .expect("spawning the model thread");
         let engine = Engine {
             submissions,
-            admission: Arc::new(Semaphore::new(limits.max_queued)),
+            admission: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             board,
             limits,
         };
@@ -201,7 +204,7 @@ impl Engine {
                     submission.prompt.len(),
                     steps,
                     slowdown,
-                    self.limits.max_running,
+                    self.limits.max_running_sequences,
                     now,
                 )?,
                 None => (
@@ -254,7 +257,7 @@ impl Scheduler {
             cache,
             metrics,
             board,
-            free_slots: (0..limits.max_running as i64).rev().collect(),
+            free_slots: (0..limits.max_running_sequences as i64).rev().collect(),
             limits,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -373,7 +376,7 @@ impl Scheduler {
     /// budget of (padded) prompt tokens; always at least one, so a prompt longer than the
     /// budget still runs.
     fn admit(&mut self) {
-        let budget = self.limits.max_prefill_tokens_per_step;
+        let budget = self.limits.max_prefill_tokens;
         let mut chosen: Vec<Queued> = Vec::new();
         let mut longest = 0;
         while let Some(queued) = self.waiting.front() {
@@ -429,9 +432,9 @@ impl Scheduler {
         let logits = match forward {
             Ok(logits) => logits,
             Err(panic) => {
-                let message = panic_message(&panic);
+                let error = failed_pass(panic.as_ref(), &self.metrics);
                 for queued in batch {
-                    let _ = queued.events.send(Event::Failed(message.clone()));
+                    let _ = queued.events.send(Event::Failed(error.clone()));
                 }
                 self.free_slots.extend(slots);
                 return;
@@ -515,9 +518,9 @@ impl Scheduler {
         let logits = match forward {
             Ok(logits) => logits,
             Err(panic) => {
-                let message = panic_message(&panic);
+                let error = failed_pass(panic.as_ref(), &self.metrics);
                 for sequence in self.running.drain(..) {
-                    let _ = sequence.events.send(Event::Failed(message.clone()));
+                    let _ = sequence.events.send(Event::Failed(error.clone()));
                     self.free_slots.push(sequence.slot);
                 }
                 return;
@@ -582,10 +585,10 @@ fn choose(logits: &Tensor, sequences: &mut [Running]) -> Vec<i64> {
         .collect()
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "the model failed".to_owned())
+/// A step that panicked: its sequences fail, the scheduler goes on.
+fn failed_pass(panic: &(dyn std::any::Any + Send), metrics: &Metrics) -> BackendError {
+    let error = BackendError::from_panic(panic_message(panic));
+    tracing::error!(%error, "a decoding step panicked; its sequences fail, the model thread goes on");
+    metrics.panics.inc();
+    error
 }

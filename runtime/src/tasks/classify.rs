@@ -11,8 +11,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence, tensor_rows};
-use crate::error::ApiError;
+use crate::encoder::{EncoderJob, EncoderModel, PaddedBatch, Sequence, tensor_rows};
+use crate::error::{ApiError, BackendError};
+use crate::executor::Executor;
 use crate::models::{LoadError, LoadedEncoder, read_json};
 use crate::server::ValidJson;
 use crate::tasks::{TruncationDirection, require_right_truncation};
@@ -98,16 +99,14 @@ impl ClassifierBackend {
     }
 }
 
-impl EncoderBackend for ClassifierBackend {
-    fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
+impl EncoderModel for ClassifierBackend {
+    fn forward(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, BackendError> {
         let _guard = tch::no_grad_guard();
         let (ids, types, mask) = batch.tensors(self.device);
         let hidden = self.model.forward(&ids, &types, &mask);
-        let head = self
-            .model
-            .head
-            .as_ref()
-            .ok_or("the classifier was loaded without its head")?;
+        let head = self.model.head.as_ref().ok_or_else(|| {
+            BackendError::Output("the classifier was loaded without its head".to_owned())
+        })?;
         tensor_rows(&head.forward(&hidden))
     }
 
@@ -119,7 +118,7 @@ impl EncoderBackend for ClassifierBackend {
 /// The HTTP half of a classifier (text-classification or rerank).
 #[derive(Debug, Clone)]
 pub struct ClassifierTask {
-    pub batcher: Batcher,
+    pub executor: Executor<EncoderJob, Vec<Vec<f32>>>,
     pub encoder: Arc<TextEncoder>,
     pub labels: Labels,
     pub max_client_batch_size: usize,
@@ -144,7 +143,7 @@ impl ClassifierTask {
             });
         }
         // Admitted before tokenizing: a refused request costs no tokenizer time.
-        let admission = self.batcher.admit()?;
+        let admission = self.executor.admit()?;
         let encoder = self.encoder.clone();
         let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
             inputs
@@ -157,8 +156,8 @@ impl ClassifierTask {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
-        self.batcher.submit(admission, sequences).await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+        self.executor.submit(admission, EncoderJob(sequences)).await
     }
 
     /// Every label with its score, best first.

@@ -11,8 +11,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::batching::{Batcher, EncoderBackend, PaddedBatch, Sequence, tensor_rows};
-use crate::error::ApiError;
+use crate::encoder::{EncoderJob, EncoderModel, PaddedBatch, Sequence, tensor_rows};
+use crate::error::{ApiError, BackendError};
+use crate::executor::Executor;
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, LoadedEncoder};
 use crate::server::ValidJson;
@@ -42,8 +43,8 @@ impl EmbeddingBackend {
     }
 }
 
-impl EncoderBackend for EmbeddingBackend {
-    fn run(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
+impl EncoderModel for EmbeddingBackend {
+    fn forward(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, BackendError> {
         let _guard = tch::no_grad_guard();
         let (ids, types, mask) = batch.tensors(self.device);
         let hidden = self.encoder.forward(&ids, &types, &mask);
@@ -55,10 +56,10 @@ impl EncoderBackend for EmbeddingBackend {
     }
 }
 
-/// The HTTP half: tokenizer and the batcher in front of the model thread.
+/// The HTTP half: tokenizer and the executor in front of the model thread.
 #[derive(Debug, Clone)]
 pub struct EmbeddingTask {
-    pub batcher: Batcher,
+    pub executor: Executor<EncoderJob, Vec<Vec<f32>>>,
     pub encoder: Arc<TextEncoder>,
     pub model_id: String,
     pub max_client_batch_size: usize,
@@ -208,7 +209,7 @@ impl EmbeddingTask {
             });
         }
         // Admitted before tokenizing: a refused request costs no tokenizer time.
-        let admission = self.batcher.admit()?;
+        let admission = self.executor.admit()?;
         let encoder = self.encoder.clone();
         let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
             items
@@ -221,9 +222,12 @@ impl EmbeddingTask {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| ApiError::Inference(format!("tokenizer task failed: {e}")))??;
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
         let tokens = sequences.iter().map(|s| s.ids.len()).sum();
-        let mut vectors = self.batcher.submit(admission, sequences).await?;
+        let mut vectors = self
+            .executor
+            .submit(admission, EncoderJob(sequences))
+            .await?;
         if let Some(dimensions) = dimensions {
             let width = vectors.first().map_or(0, Vec::len);
             if dimensions == 0 || dimensions > width {

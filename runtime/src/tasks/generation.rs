@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
 use crate::generate::engine::{Engine, Event, FinishReason, StopRule, Submission};
 use crate::generate::sampling::SamplingParams;
 use crate::generate::sandbox::{RenderRequest, TemplateSandbox};
@@ -412,7 +412,7 @@ impl GenerationTask {
                 templates.render(&messages, add_generation_prompt, None)
             })
             .await
-            .map_err(|e| ApiError::Inference(e.to_string()))?,
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
         };
         rendered.map_err(|e| match e {
             TemplateError::Missing => invalid(e.to_string()),
@@ -545,7 +545,7 @@ enum Piece {
     Text { text: String, token: Option<i64> },
     Done { finish_reason: Finish },
     Timeout,
-    Failed(String),
+    Failed(BackendError),
 }
 
 /// Why the answer ended, in the words of each API.
@@ -607,8 +607,9 @@ impl Run {
             let tokenizer = self.task.tokenizer.clone();
             let Some(event) = self.events.recv().await else {
                 self.finished = true;
-                self.pieces
-                    .push_back(Piece::Failed("the model thread stopped".to_owned()));
+                self.pieces.push_back(Piece::Failed(BackendError::Output(
+                    "the model thread stopped".to_owned(),
+                )));
                 continue;
             };
             match event {
@@ -680,12 +681,12 @@ impl Run {
                 }
                 Piece::Done { finish_reason } => return Ok((text, tokens, finish_reason, self)),
                 Piece::Timeout => return Err(ApiError::Timeout),
-                Piece::Failed(message) => return Err(ApiError::Inference(message)),
+                Piece::Failed(error) => return Err(ApiError::Backend(error)),
             }
         }
-        Err(ApiError::Inference(
+        Err(ApiError::Backend(BackendError::Output(
             "the answer ended without a reason".to_owned(),
-        ))
+        )))
     }
 
     fn usage(&self) -> serde_json::Value {
@@ -826,9 +827,9 @@ impl OpenAiStream {
                     self.state = StreamState::Closed;
                     Some(error_event(&ApiError::Timeout))
                 }
-                Some(Piece::Failed(message)) => {
+                Some(Piece::Failed(error)) => {
                     self.state = StreamState::Closed;
-                    Some(error_event(&ApiError::Inference(message)))
+                    Some(error_event(&ApiError::Backend(error)))
                 }
                 None => None,
             },
@@ -1134,9 +1135,9 @@ async fn generate_stream(
                     s.closed = true;
                     error_event(&ApiError::Timeout)
                 }
-                Some(Piece::Failed(message)) => {
+                Some(Piece::Failed(error)) => {
                     s.closed = true;
-                    error_event(&ApiError::Inference(message))
+                    error_event(&ApiError::Backend(error))
                 }
                 None => return None,
             };

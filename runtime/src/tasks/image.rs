@@ -14,13 +14,13 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
 use crate::metrics::Metrics;
 use crate::models::diffusion::scheduler::Sampler;
 use crate::models::diffusion::{Denoise, StableDiffusion, load_tokenizer};
 use crate::models::{LoadError, read_json};
 use crate::server::ValidJson;
-use crate::worker::ModelWorker;
 
 /// CLIP prompts as the pipeline encodes them: start and end tokens, cut to the encoder's
 /// length (keeping the end token), padded with the tokenizer's pad token.
@@ -79,7 +79,13 @@ pub struct Job {
     pub width: i64,
     pub height: i64,
     pub seed: u64,
-    pub alive: std::sync::Weak<()>,
+}
+
+/// One image at a time: a pass is one job.
+impl Work for Job {
+    fn shape(&self) -> Shape {
+        Shape::ONE
+    }
 }
 
 /// An image: RGB bytes, row by row.
@@ -110,7 +116,7 @@ impl ImageGenerator {
         })
     }
 
-    pub fn run(&mut self, job: Job) -> Result<Image, String> {
+    fn run(&mut self, job: Job, wanted: &dyn Fn() -> bool) -> Result<Image, BackendError> {
         let scale = self.pipeline.vae.config.scale_factor();
         let channels = self.pipeline.unet.config.in_channels;
         // Drawn on the CPU from the seed, so a seed gives the same image on any device.
@@ -119,15 +125,9 @@ impl ImageGenerator {
             [1, channels, job.height / scale, job.width / scale],
             (Kind::Float, Device::Cpu),
         );
-        let alive = job.alive.clone();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.pipeline
-                .generate(&job.denoise, &latents, &|| alive.strong_count() > 0)
-        }))
-        .map_err(|_| "the model failed".to_owned())?;
-        let Some(image) = outcome else {
+        let Some(image) = self.pipeline.generate(&job.denoise, &latents, wanted) else {
             self.metrics.abandoned.inc();
-            return Err("abandoned: the client left or its deadline passed".to_owned());
+            return Err(BackendError::Abandoned);
         };
         let size = image.size();
         let rgb = Vec::<u8>::try_from(
@@ -137,13 +137,25 @@ impl ImageGenerator {
                 .to_kind(Kind::Uint8)
                 .to_device(Device::Cpu)
                 .reshape([-1]),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(Image {
             width: size[1] as u32,
             height: size[0] as u32,
             rgb,
         })
+    }
+}
+
+impl Backend for ImageGenerator {
+    type Job = Job;
+    type Output = Image;
+
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Job>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Image, BackendError>> {
+        one_at_a_time(jobs, wanted, |job, still| self.run(job, still))
     }
 }
 
@@ -180,7 +192,7 @@ pub fn png(image: &Image) -> Vec<u8> {
 /// The HTTP half.
 #[derive(Debug)]
 pub struct ImageTask {
-    pub worker: ModelWorker<Job, Image>,
+    pub executor: Executor<Job, Image>,
     pub prompts: Arc<ClipPrompts>,
     pub default_size: i64,
     /// Image sizes must be multiples of this (the VAE's and the UNet's downscaling).
@@ -275,19 +287,16 @@ impl ImageTask {
             guidance_scale,
             sampler,
         };
-        let alive = Arc::new(());
-        let image = self
-            .worker
-            .submit(Job {
+        // The model thread stops between denoising steps once this handler is dropped (client
+        // gone, deadline passed).
+        self.executor
+            .run(Job {
                 denoise,
                 width,
                 height,
                 seed: request.seed.unwrap_or_else(random_seed),
-                alive: Arc::downgrade(&alive),
             })
-            .await?;
-        drop(alive);
-        Ok(image)
+            .await
     }
 }
 
@@ -485,7 +494,7 @@ mod tests {
         assert_eq!(base_share(Some(1e300)).unwrap(), 1.0);
         for bad in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             let error = base_share(Some(bad)).unwrap_err();
-            assert_eq!(error.status(), 422, "{bad}");
+            assert_eq!(error.status(), 400, "{bad}");
             assert!(
                 error.to_string().starts_with("high_noise_frac: "),
                 "{error}"

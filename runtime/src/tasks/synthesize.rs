@@ -14,11 +14,11 @@ use base64::Engine as _;
 use serde::Deserialize;
 use tch::{Device, Kind};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
 use crate::models::vits::{Synthesis, VitsModel};
 use crate::models::{LoadError, read_json};
 use crate::server::ValidJson;
-use crate::worker::ModelWorker;
 
 /// Longest text one request may synthesise, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
@@ -109,6 +109,13 @@ pub struct Job {
     pub seed: Option<u64>,
 }
 
+/// One text at a time: a pass is one job.
+impl Work for Job {
+    fn shape(&self) -> Shape {
+        Shape::ONE
+    }
+}
+
 /// The model thread's half.
 #[derive(Debug)]
 pub struct SpeechSynthesizer {
@@ -122,23 +129,33 @@ impl SpeechSynthesizer {
         })
     }
 
-    pub fn run(&mut self, job: Job) -> Result<Vec<f32>, String> {
+    fn run(&mut self, job: Job) -> Result<Vec<f32>, BackendError> {
         if let Some(seed) = job.seed {
             // One model thread: seeding here makes this request's noise alone reproducible.
             tch::manual_seed(seed as i64);
         }
-        let waveform = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model.synthesize(&job.ids, job.synthesis)
-        }))
-        .map_err(|_| "the model failed".to_owned())?;
-        Vec::<f32>::try_from(waveform.to_device(Device::Cpu)).map_err(|e| e.to_string())
+        let waveform = self.model.synthesize(&job.ids, job.synthesis);
+        Ok(Vec::<f32>::try_from(waveform.to_device(Device::Cpu))?)
+    }
+}
+
+impl Backend for SpeechSynthesizer {
+    type Job = Job;
+    type Output = Vec<f32>;
+
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Job>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Vec<f32>, BackendError>> {
+        one_at_a_time(jobs, wanted, |job, _| self.run(job))
     }
 }
 
 /// The HTTP half.
 #[derive(Debug)]
 pub struct SpeechSynthesisTask {
-    pub worker: ModelWorker<Job, Vec<f32>>,
+    pub executor: Executor<Job, Vec<f32>>,
     pub tokenizer: Arc<CharacterTokenizer>,
     pub sampling_rate: u32,
     pub defaults: Synthesis,
@@ -266,8 +283,8 @@ impl SpeechSynthesisTask {
                 0.0..=2.0,
             )?,
         };
-        self.worker
-            .submit(Job {
+        self.executor
+            .run(Job {
                 ids,
                 synthesis,
                 seed: request.seed,

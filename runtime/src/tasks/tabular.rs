@@ -12,10 +12,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
 use crate::models::{LoadError, read_json};
 use crate::server::ValidJson;
-use crate::worker::ModelWorker;
 
 /// Element types of an MLflow tensor spec that a JSON body can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -122,8 +122,8 @@ impl Signature {
         })
     }
 
-    /// Rows of the request as a flat, validated matrix: (values, rows, columns).
-    pub fn rows(&self, rows: &[Value]) -> Result<(Vec<f64>, usize, usize), ApiError> {
+    /// Rows of the request as a flat, validated matrix.
+    pub fn rows(&self, rows: &[Value]) -> Result<Matrix, ApiError> {
         let mismatch = |message: String| ApiError::SchemaMismatch(message);
         if rows.is_empty() {
             return Err(mismatch("no rows to predict".to_owned()));
@@ -173,7 +173,11 @@ impl Signature {
                 values.push(value);
             }
         }
-        Ok((values, rows.len(), columns))
+        Ok(Matrix {
+            values,
+            rows: rows.len(),
+            columns,
+        })
     }
 }
 
@@ -236,22 +240,22 @@ impl TabularModel {
     }
 
     /// (values, rows, columns) → the output as JSON: a list per row, or a value per row.
-    pub fn predict(
+    fn predict(
         &mut self,
-        (values, rows, columns): (Vec<f64>, usize, usize),
-    ) -> Result<Value, String> {
+        Matrix {
+            values,
+            rows,
+            columns,
+        }: Matrix,
+    ) -> Result<Value, BackendError> {
         let _guard = tch::no_grad_guard();
         let input = Tensor::from_slice(&values)
             .view([rows as i64, columns as i64])
             .to_kind(self.kind)
             .to_device(self.device);
-        let output = self
-            .module
-            .forward_ts(&[input])
-            .map_err(|e| e.to_string())?;
+        let output = self.module.forward_ts(&[input])?;
         let output = output.to_kind(Kind::Double).to_device(Device::Cpu);
-        let flat = Vec::<f64>::try_from(output.flatten(0, -1))
-            .map_err(|e: tch::TchError| e.to_string())?;
+        let flat = Vec::<f64>::try_from(output.flatten(0, -1))?;
         Ok(match output.size().as_slice() {
             [_, width] if *width > 0 => json!(flat.chunks(*width as usize).collect::<Vec<_>>()),
             _ => json!(flat),
@@ -259,10 +263,38 @@ impl TabularModel {
     }
 }
 
+impl Backend for TabularModel {
+    type Job = Matrix;
+    type Output = Value;
+
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Matrix>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Value, BackendError>> {
+        one_at_a_time(jobs, wanted, |matrix, _| self.predict(matrix))
+    }
+}
+
+/// One request's rows, as the model takes them: `rows × columns` values, row by row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub values: Vec<f64>,
+    pub rows: usize,
+    pub columns: usize,
+}
+
+/// One request at a time: a pass is one job.
+impl Work for Matrix {
+    fn shape(&self) -> Shape {
+        Shape::ONE
+    }
+}
+
 /// The HTTP half.
 #[derive(Debug, Clone)]
 pub struct TabularTask {
-    pub worker: ModelWorker<(Vec<f64>, usize, usize), Value>,
+    pub executor: Executor<Matrix, Value>,
     pub signature: Arc<Signature>,
 }
 
@@ -278,7 +310,7 @@ async fn predict(
     ValidJson(body): ValidJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let matrix = task.signature.rows(&request_rows(body)?)?;
-    let data = task.worker.submit(matrix).await?;
+    let data = task.executor.run(matrix).await?;
     Ok(Json(json!({
         "data": data,
         "meta": {"input_schema": task.signature.input_schema, "output_schema": task.signature.output_schema}
@@ -323,7 +355,11 @@ mod tests {
         let floats = signature(Dtype::Float32, vec![-1, 2]);
         assert_eq!(
             floats.rows(&[json!([1, 2.5]), json!([3, 4])]).unwrap(),
-            (vec![1.0, 2.5, 3.0, 4.0], 2, 2)
+            Matrix {
+                values: vec![1.0, 2.5, 3.0, 4.0],
+                rows: 2,
+                columns: 2
+            }
         );
         let short = floats.rows(&[json!([1.0])]).unwrap_err().to_string();
         assert!(

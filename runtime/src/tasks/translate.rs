@@ -13,11 +13,11 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work};
 use crate::models::marian::{DecoderCache, MarianModel};
 use crate::models::{LoadError, read_json, sentencepiece};
 use crate::server::ValidJson;
-use crate::worker::ModelWorker;
 
 /// Marian's tokenization: SentencePiece pieces of the source model mapped through the shared
 /// `vocab.json`, EOS appended; decoding joins target pieces.
@@ -341,8 +341,22 @@ fn beam(
         .collect()
 }
 
-/// A batch of sources (token ids) and how to search their translations.
-pub type Job = (Vec<Vec<i64>>, Search);
+/// One request's sources (token ids) and how to search their translations.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub sources: Vec<Vec<i64>>,
+    pub search: Search,
+}
+
+/// A pass holds up to `max_batch_requests` texts, each a row.
+impl Work for Job {
+    fn shape(&self) -> Shape {
+        Shape {
+            rows: self.sources.len(),
+            width: 1,
+        }
+    }
+}
 
 /// The model thread's half.
 #[derive(Debug)]
@@ -356,13 +370,22 @@ impl TranslationModel {
             model: MarianModel::load(dir, device, kind)?,
         })
     }
+}
+
+impl Backend for TranslationModel {
+    type Job = Job;
+    type Output = Vec<Vec<i64>>;
 
     /// Translates the jobs queued together: jobs that search alike run as one batch.
-    pub fn run_batch(&mut self, jobs: Vec<Job>) -> Vec<Result<Vec<Vec<i64>>, String>> {
-        let mut answers: Vec<Option<Result<Vec<Vec<i64>>, String>>> =
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Job>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Vec<Vec<i64>>, BackendError>> {
+        let mut answers: Vec<Option<Result<Vec<Vec<i64>>, BackendError>>> =
             jobs.iter().map(|_| None).collect();
         let mut groups: Vec<(Search, Vec<usize>)> = Vec::new();
-        for (index, (_, search)) in jobs.iter().enumerate() {
+        for (index, Job { search, .. }) in jobs.iter().enumerate() {
             match groups
                 .iter_mut()
                 .find(|(s, _)| s.beams == search.beams && s.max_length == search.max_length)
@@ -372,26 +395,20 @@ impl TranslationModel {
             }
         }
         for (search, members) in groups {
-            let sources: Vec<Vec<i64>> = members.iter().flat_map(|&i| jobs[i].0.clone()).collect();
-            let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                translate(&self.model, &sources, search)
-            }));
-            let mut outputs = match outputs {
-                Ok(outputs) => outputs.into_iter(),
-                Err(_) => {
-                    for &i in &members {
-                        answers[i] = Some(Err("the model failed".to_owned()));
-                    }
-                    continue;
-                }
-            };
+            // A group whose clients all left is not translated.
+            let members: Vec<usize> = members.into_iter().filter(|&i| wanted.still(i)).collect();
+            let sources: Vec<Vec<i64>> = members
+                .iter()
+                .flat_map(|&i| jobs[i].sources.clone())
+                .collect();
+            let mut outputs = translate(&self.model, &sources, search).into_iter();
             for &i in &members {
-                answers[i] = Some(Ok(outputs.by_ref().take(jobs[i].0.len()).collect()));
+                answers[i] = Some(Ok(outputs.by_ref().take(jobs[i].sources.len()).collect()));
             }
         }
         answers
             .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err("not translated".to_owned())))
+            .map(|answer| answer.unwrap_or(Err(BackendError::Abandoned)))
             .collect()
     }
 }
@@ -399,7 +416,7 @@ impl TranslationModel {
 /// The HTTP half.
 #[derive(Debug)]
 pub struct TranslationTask {
-    pub worker: ModelWorker<Job, Vec<Vec<i64>>>,
+    pub executor: Executor<Job, Vec<Vec<i64>>>,
     pub tokenizer: Arc<MarianTokenizer>,
     pub default_beams: usize,
     pub max_length: usize,
@@ -576,8 +593,11 @@ impl TranslationTask {
             sources.push(ids);
         }
         let outputs = self
-            .worker
-            .submit((sources, Search { beams, max_length }))
+            .executor
+            .run(Job {
+                sources,
+                search: Search { beams, max_length },
+            })
             .await?;
         Ok(outputs
             .iter()

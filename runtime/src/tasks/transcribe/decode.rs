@@ -3,7 +3,6 @@
 //! timestamps the model predicts.
 
 use std::path::Path;
-use std::sync::Weak;
 
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -388,19 +387,16 @@ fn choose_on_host(
         .collect()
 }
 
-/// Whether a request still wants its answer: the HTTP handler holds the strong side.
-pub type Alive = Weak<()>;
-
 /// Greedy decoding of `prompts` (all the same length), one row of `encoded` each, for at most
-/// `max_new_tokens` tokens. Rows whose client has gone (`alive`) stop; when all have, decoding
-/// ends and `None` is returned for them.
+/// `max_new_tokens` tokens. Rows no longer wanted (`wanted(row)` false: the client left) stop;
+/// when all have, decoding ends and `None` is returned for them.
 pub fn generate(
     model: &WhisperModel,
     tokens: &SpeechTokens,
     encoded: &Encoded,
     prompts: &[Vec<i64>],
     timestamps: &[bool],
-    alive: &[Alive],
+    wanted: &dyn Fn(usize) -> bool,
     max_new_tokens: usize,
 ) -> Vec<Option<Generated>> {
     let _guard = tch::no_grad_guard();
@@ -438,7 +434,7 @@ pub fn generate(
     let first_mask = &later_mask + suppression_mask(&tokens.begin_suppress, vocab, device);
     for _ in 0..max_new_tokens {
         for (row, done) in finished.iter_mut().enumerate() {
-            if !*done && alive[row].strong_count() == 0 {
+            if !*done && !wanted(row) {
                 *done = true;
             }
         }
@@ -477,7 +473,7 @@ pub fn generate(
     outputs
         .into_iter()
         .enumerate()
-        .map(|(row, output)| (alive[row].strong_count() > 0).then_some(output))
+        .map(|(row, output)| wanted(row).then_some(output))
         .collect()
 }
 
@@ -603,7 +599,6 @@ pub fn split_segments(
 pub struct LongForm {
     pub samples: Vec<f32>,
     pub options: DecodeOptions,
-    pub alive: Alive,
     /// Where the next window starts, in mel frames.
     pub seek: i64,
     pub segments: Vec<Segment>,
@@ -615,17 +610,19 @@ impl LongForm {
     }
 
     fn done(&self, hop: usize) -> bool {
-        self.seek >= self.total_frames(hop) || self.alive.strong_count() == 0
+        self.seek >= self.total_frames(hop)
     }
 }
 
 /// Transcribes every job's audio together: each round encodes the next window of every job
 /// still going as one batch and decodes those whose prompts are the same length together.
+/// A job no longer wanted (`wanted(index)` false: its client left) stops where it is.
 pub fn transcribe(
     model: &WhisperModel,
     features: &MelFeatures,
     tokens: &SpeechTokens,
     jobs: &mut [LongForm],
+    wanted: &dyn Fn(usize) -> bool,
 ) {
     let hop = features.config.hop_length as usize;
     let window_frames = features.frames();
@@ -636,7 +633,9 @@ pub fn transcribe(
         job.options.timestamps &= tokens.has_timestamps();
     }
     loop {
-        let active: Vec<usize> = (0..jobs.len()).filter(|&i| !jobs[i].done(hop)).collect();
+        let active: Vec<usize> = (0..jobs.len())
+            .filter(|&i| !jobs[i].done(hop) && wanted(i))
+            .collect();
         if active.is_empty() {
             return;
         }
@@ -678,17 +677,13 @@ pub fn transcribe(
                 .iter()
                 .map(|&r| jobs[active[r]].options.timestamps)
                 .collect();
-            let alive: Vec<Alive> = rows
-                .iter()
-                .map(|&r| jobs[active[r]].alive.clone())
-                .collect();
             let outputs = generate(
                 model,
                 tokens,
                 &encoded.select(&index),
                 &group_prompts,
                 &timestamps,
-                &alive,
+                &|row| wanted(active[rows[row]]),
                 max_length.saturating_sub(length),
             );
             for (&r, output) in rows.iter().zip(outputs) {

@@ -24,18 +24,18 @@ use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 
 use crate::audio::{AudioError, decode_to_16k};
-use crate::error::ApiError;
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work};
 use crate::metrics::Metrics;
 use crate::models::LoadError;
 use crate::models::whisper::{MelFeatures, WhisperModel};
-use crate::worker::ModelWorker;
 use decode::{DecodeOptions, LongForm, Segment, SpeechTask, SpeechTokens};
 
 /// Sizes an upload may have (docs/architecture.md, limits).
 #[derive(Debug, Clone, Copy)]
 pub struct AudioLimits {
-    pub max_upload_bytes: usize,
-    pub max_seconds: u64,
+    pub max_audio_bytes: usize,
+    pub max_audio_seconds: u64,
 }
 
 /// One request for the model thread.
@@ -43,7 +43,13 @@ pub struct AudioLimits {
 pub struct Job {
     pub samples: Vec<f32>,
     pub options: DecodeOptions,
-    pub alive: decode::Alive,
+}
+
+/// Requests are batched by count: a pass transcribes up to `max_batch_requests` of them.
+impl Work for Job {
+    fn shape(&self) -> Shape {
+        Shape::ONE
+    }
 }
 
 /// The model thread's answer: the language decoded in, and the segments.
@@ -59,7 +65,6 @@ pub struct SpeechModel {
     model: WhisperModel,
     features: MelFeatures,
     tokens: Arc<SpeechTokens>,
-    metrics: Metrics,
 }
 
 impl SpeechModel {
@@ -68,42 +73,51 @@ impl SpeechModel {
         device: Device,
         kind: Kind,
         tokens: Arc<SpeechTokens>,
-        metrics: Metrics,
     ) -> Result<SpeechModel, LoadError> {
         Ok(SpeechModel {
             model: WhisperModel::load(dir, device, kind)?,
             features: MelFeatures::load(dir)?,
             tokens,
-            metrics,
         })
     }
+}
+
+impl Backend for SpeechModel {
+    type Job = Job;
+    type Output = Transcript;
 
     /// Transcribes the jobs queued together.
-    pub fn run_batch(&mut self, jobs: Vec<Job>) -> Vec<Result<Transcript, String>> {
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Job>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Transcript, BackendError>> {
         let mut long: Vec<LongForm> = jobs
             .into_iter()
             .map(|job| LongForm {
                 samples: job.samples,
                 options: job.options,
-                alive: job.alive,
                 seek: 0,
                 segments: Vec::new(),
             })
             .collect();
-        let started = std::time::Instant::now();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decode::transcribe(&self.model, &self.features, &self.tokens, &mut long)
-        }));
-        self.metrics
-            .inference_seconds
-            .observe(started.elapsed().as_secs_f64());
+        decode::transcribe(
+            &self.model,
+            &self.features,
+            &self.tokens,
+            &mut long,
+            &|index| wanted.still(index),
+        );
         long.into_iter()
-            .map(|job| match &outcome {
-                Ok(()) => Ok(Transcript {
+            .enumerate()
+            .map(|(index, job)| {
+                if !wanted.still(index) {
+                    return Err(BackendError::Abandoned);
+                }
+                Ok(Transcript {
                     language: job.options.language,
                     segments: job.segments,
-                }),
-                Err(_) => Err("the model failed".to_owned()),
+                })
             })
             .collect()
     }
@@ -112,7 +126,7 @@ impl SpeechModel {
 /// The HTTP half.
 #[derive(Debug)]
 pub struct SpeechRecognitionTask {
-    pub worker: ModelWorker<Job, Transcript>,
+    pub executor: Executor<Job, Transcript>,
     pub tokenizer: Arc<Tokenizer>,
     pub tokens: Arc<SpeechTokens>,
     pub limits: AudioLimits,
@@ -234,7 +248,7 @@ where
             "send the audio as multipart/form-data with a `file` field".to_owned(),
         )
     })?;
-    let upload = limits.max_upload_bytes as u64;
+    let upload = limits.max_audio_bytes as u64;
     let constraints = multer::Constraints::new()
         .allowed_fields(FORM_FIELDS.to_vec())
         .size_limit(
@@ -437,24 +451,15 @@ impl SpeechRecognitionTask {
             .acquire()
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
-        let max_seconds = self.limits.max_seconds;
+        let max_seconds = self.limits.max_audio_seconds;
         let decoded = tokio::task::spawn_blocking(move || decode_to_16k(audio, max_seconds))
             .await
-            .map_err(|_| ApiError::Inference("audio decoding failed".to_owned()))?;
+            .map_err(|_| ApiError::Internal("audio decoding failed".to_owned()))?;
         drop(decoding);
         let (samples, seconds) = decoded.map_err(|e| audio_error(field, e))?;
         // The model thread stops this request's work once this handler is dropped (client
         // gone, deadline passed).
-        let alive = Arc::new(());
-        let transcript = self
-            .worker
-            .submit(Job {
-                samples,
-                options,
-                alive: Arc::downgrade(&alive),
-            })
-            .await?;
-        drop(alive);
+        let transcript = self.executor.run(Job { samples, options }).await?;
         Ok((transcript, seconds))
     }
 
@@ -724,7 +729,7 @@ async fn root(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let limit = task.limits.max_upload_bytes * 4 / 3 + 64 * 1024;
+    let limit = task.limits.max_audio_bytes * 4 / 3 + 64 * 1024;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| ApiError::BodyTooLarge { limit })?;
@@ -738,9 +743,9 @@ async fn root(
     } else {
         (body, RootParameters::default())
     };
-    if audio.len() > task.limits.max_upload_bytes {
+    if audio.len() > task.limits.max_audio_bytes {
         return Err(ApiError::BodyTooLarge {
-            limit: task.limits.max_upload_bytes,
+            limit: task.limits.max_audio_bytes,
         });
     }
     let options = task.options(&SpeechRequest {

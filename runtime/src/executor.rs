@@ -1,0 +1,466 @@
+//! The one executor every task's model runs on. One OS thread owns the model (libtorch objects
+//! never leave it) and runs passes over batches of jobs; HTTP handlers submit jobs through an
+//! [`Executor`] handle and await their answer.
+//!
+//! What every task gets from it, written once:
+//! - admission (`admission`): a count taken before any work is spent on a request, and the
+//!   queue rule checked as the job is queued; each pass is timed into the cost model;
+//! - batching: the oldest waiting job, joined by waiting jobs largest first while the pass stays
+//!   within `max_batch_requests` rows and `max_batch_tokens` padded units (rows × widest row);
+//! - a job whose client left (its handler dropped: the client closed the connection or its
+//!   deadline passed, see `server::enforce_deadline`) is dropped before its pass, and a long
+//!   pass can ask between its own steps whether each job is still wanted ([`Wanted`]);
+//! - a panic in a pass (libtorch turns CUDA out of memory and shape errors into panics) fails
+//!   that pass's jobs with a 500 naming it; the thread and the process live on.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::admission::{Admission, AdmissionLimits, Gate, Queued};
+use crate::error::{ApiError, BackendError};
+use crate::metrics::Metrics;
+
+/// Where a job sits in a pass: `rows` inputs of at most `width` units (tokens) each. A pass
+/// costs its rows times its widest row, as padded inputs do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub rows: usize,
+    pub width: usize,
+}
+
+impl Shape {
+    /// A job that counts as one unit: the tasks whose cost is per request.
+    pub const ONE: Shape = Shape { rows: 1, width: 1 };
+
+    pub fn units(self) -> usize {
+        self.rows * self.width
+    }
+}
+
+/// A job as handlers build it.
+pub trait Work: Send + 'static {
+    fn shape(&self) -> Shape;
+}
+
+/// A task's model, as the executor drives it.
+pub trait Backend: 'static {
+    type Job: Work;
+    type Output: Send + 'static;
+
+    /// Runs one pass over `jobs`: one result per job, in order. A long pass should stop work
+    /// on jobs `wanted` no longer wants and answer them `BackendError::Abandoned`.
+    fn run_batch(
+        &mut self,
+        jobs: Vec<Self::Job>,
+        wanted: &Wanted<'_>,
+    ) -> Vec<Result<Self::Output, BackendError>>;
+}
+
+/// Bounds of a pass and of admission.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchLimits {
+    /// Padded units (rows × widest row) in one pass.
+    pub max_batch_tokens: usize,
+    /// Rows in one pass.
+    pub max_batch_requests: usize,
+    pub admission: AdmissionLimits,
+}
+
+impl BatchLimits {
+    /// For jobs whose rows are one unit each (`width` 1): a pass holds `max_batch_requests`
+    /// rows.
+    pub fn per_row(self) -> BatchLimits {
+        BatchLimits {
+            max_batch_tokens: self.max_batch_requests,
+            ..self
+        }
+    }
+
+    /// For models that take one job per pass.
+    pub fn one_at_a_time(self) -> BatchLimits {
+        BatchLimits {
+            max_batch_tokens: 1,
+            max_batch_requests: 1,
+            ..self
+        }
+    }
+}
+
+/// Whether each job of a running pass is still wanted: its client has not left.
+pub struct Wanted<'a> {
+    closed: Vec<Box<dyn Fn() -> bool + 'a>>,
+}
+
+impl std::fmt::Debug for Wanted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wanted")
+            .field("jobs", &self.closed.len())
+            .finish()
+    }
+}
+
+impl Wanted<'_> {
+    /// Whether job `index` of the pass still has a client waiting for it.
+    pub fn still(&self, index: usize) -> bool {
+        self.closed.get(index).is_some_and(|closed| !closed())
+    }
+
+    /// Whether any job of the pass does.
+    pub fn any(&self) -> bool {
+        (0..self.closed.len()).any(|index| self.still(index))
+    }
+}
+
+type Reply<O> = oneshot::Sender<Result<O, BackendError>>;
+
+struct Entry<J, O> {
+    job: J,
+    shape: Shape,
+    reply: Reply<O>,
+    enqueued: Instant,
+    /// Holds the admission slot until the job is answered or dropped.
+    admission: Admission,
+    /// Its units on the queue, until its pass starts.
+    queued: Option<Queued>,
+}
+
+impl<J, O> std::fmt::Debug for Entry<J, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("shape", &self.shape).finish()
+    }
+}
+
+/// The handle handlers submit jobs through.
+pub struct Executor<J, O> {
+    jobs: mpsc::UnboundedSender<Entry<J, O>>,
+    gate: Gate,
+    limits: BatchLimits,
+}
+
+impl<J, O> Clone for Executor<J, O> {
+    fn clone(&self) -> Self {
+        Executor {
+            jobs: self.jobs.clone(),
+            gate: self.gate.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+impl<J, O> std::fmt::Debug for Executor<J, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl<J: Work, O: Send + 'static> Executor<J, O> {
+    /// Starts the model thread. `load` runs on it; `ready` turns true once it has loaded. A
+    /// failed load is returned by the join handle.
+    pub fn start<B, L>(
+        load: L,
+        limits: BatchLimits,
+        metrics: Metrics,
+        ready: watch::Sender<bool>,
+    ) -> (Self, JoinHandle<Result<(), String>>)
+    where
+        B: Backend<Job = J, Output = O>,
+        L: FnOnce() -> Result<B, String> + Send + 'static,
+    {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let gate = Gate::new(limits.admission, limits.max_batch_tokens);
+        let model_gate = gate.clone();
+        let thread = std::thread::Builder::new()
+            .name("model".to_owned())
+            .spawn(move || {
+                let backend = load()?;
+                let _ = ready.send(true);
+                tch::no_grad(|| run_passes(backend, receiver, limits, &model_gate, &metrics));
+                Ok(())
+            })
+            .expect("spawning the model thread");
+        (Executor { jobs, gate, limits }, thread)
+    }
+
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// Admits a request, or refuses it at once (429) when the count limit is reached. Taken
+    /// before any work is spent on the request (tokenizing included).
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        self.gate.admit()
+    }
+
+    /// Runs an admitted job in the next passes, or refuses it at once (429) when the queue
+    /// rule does.
+    pub async fn submit(&self, admission: Admission, job: J) -> Result<O, ApiError> {
+        let shape = job.shape();
+        let now = Instant::now();
+        let queued = self.gate.queue(shape.units(), now)?;
+        let (reply, answer) = oneshot::channel();
+        let entry = Entry {
+            job,
+            shape,
+            reply,
+            enqueued: now,
+            admission,
+            queued: Some(queued),
+        };
+        self.jobs.send(entry).map_err(|_| ApiError::ShuttingDown)?;
+        match answer.await {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(error)) => Err(ApiError::Backend(error)),
+            Err(_) => Err(ApiError::ShuttingDown),
+        }
+    }
+
+    /// `admit` and `submit` in one, for handlers with no work between them.
+    pub async fn run(&self, job: J) -> Result<O, ApiError> {
+        let admission = self.admit()?;
+        self.submit(admission, job).await
+    }
+}
+
+/// The model thread's loop: take every job that arrived, drop those nobody waits for, run the
+/// next pass, answer.
+fn run_passes<B: Backend>(
+    mut backend: B,
+    mut receiver: mpsc::UnboundedReceiver<Entry<B::Job, B::Output>>,
+    limits: BatchLimits,
+    gate: &Gate,
+    metrics: &Metrics,
+) {
+    let mut waiting: VecDeque<Entry<B::Job, B::Output>> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match receiver.blocking_recv() {
+                Some(entry) => waiting.push_back(entry),
+                None => return,
+            }
+        }
+        while let Ok(entry) = receiver.try_recv() {
+            waiting.push_back(entry);
+        }
+        waiting.retain(|entry| {
+            let gone = entry.reply.is_closed();
+            if gone {
+                metrics.dropped.inc();
+            }
+            !gone
+        });
+        let shapes: Vec<Shape> = waiting.iter().map(|entry| entry.shape).collect();
+        let chosen = next_pass(&shapes, limits);
+        if chosen.is_empty() {
+            continue;
+        }
+        // Take from the back so that the remaining indices stay valid; then oldest first.
+        let mut pass: Vec<_> = chosen
+            .iter()
+            .rev()
+            .filter_map(|&index| waiting.remove(index))
+            .collect();
+        pass.reverse();
+        run_pass(&mut backend, pass, gate, metrics);
+    }
+}
+
+/// The jobs of the next pass, as indices into `waiting` (oldest first) in ascending order: the
+/// oldest, then the others largest first while the pass stays within the limits. The oldest
+/// always runs, even alone over the limits, so no job waits forever.
+pub fn next_pass(waiting: &[Shape], limits: BatchLimits) -> Vec<usize> {
+    let Some(oldest) = waiting.first() else {
+        return Vec::new();
+    };
+    let (mut rows, mut width) = (oldest.rows, oldest.width);
+    let mut order: Vec<usize> = (1..waiting.len()).collect();
+    order.sort_by_key(|&index| std::cmp::Reverse(waiting[index].units()));
+    let mut chosen = vec![0];
+    for index in order {
+        let candidate = waiting[index];
+        let (new_rows, new_width) = (rows + candidate.rows, width.max(candidate.width));
+        if new_rows <= limits.max_batch_requests && new_rows * new_width <= limits.max_batch_tokens
+        {
+            (rows, width) = (new_rows, new_width);
+            chosen.push(index);
+        }
+    }
+    chosen.sort_unstable();
+    chosen
+}
+
+fn run_pass<B: Backend>(
+    backend: &mut B,
+    mut entries: Vec<Entry<B::Job, B::Output>>,
+    gate: &Gate,
+    metrics: &Metrics,
+) {
+    let started = Instant::now();
+    let mut rows = 0;
+    let mut width = 0;
+    for entry in &mut entries {
+        metrics
+            .queue_seconds
+            .observe(started.duration_since(entry.enqueued).as_secs_f64());
+        // Its units now count as the running pass, not as queued.
+        entry.queued = None;
+        rows += entry.shape.rows;
+        width = usize::max(width, entry.shape.width);
+    }
+    metrics.batch_sequences.observe(rows as f64);
+    metrics.batch_tokens.observe((rows * width) as f64);
+
+    let mut jobs = Vec::with_capacity(entries.len());
+    let mut answers = Vec::with_capacity(entries.len());
+    for entry in entries {
+        jobs.push(entry.job);
+        answers.push((entry.reply, entry.admission));
+    }
+    let count = jobs.len();
+    gate.pass_started(rows * width, started);
+    let results = {
+        let wanted = Wanted {
+            closed: answers
+                .iter()
+                .map(|(reply, _)| Box::new(|| reply.is_closed()) as Box<dyn Fn() -> bool + '_>)
+                .collect(),
+        };
+        catch_unwind(AssertUnwindSafe(|| backend.run_batch(jobs, &wanted)))
+    };
+    let ended = Instant::now();
+    gate.pass_ended(ended);
+    metrics
+        .inference_seconds
+        .observe(ended.duration_since(started).as_secs_f64());
+    let results = match results {
+        Ok(results) if results.len() == count => results,
+        Ok(results) => {
+            let error = BackendError::WrongOutputCount {
+                expected: count,
+                got: results.len(),
+            };
+            tracing::error!(%error, "a model pass failed");
+            failed(&error, count)
+        }
+        Err(panic) => {
+            let error = BackendError::from_panic(panic_message(panic.as_ref()));
+            tracing::error!(%error, jobs = count, "a model pass panicked; its jobs fail, the model thread goes on");
+            metrics.panics.inc();
+            failed(&error, count)
+        }
+    };
+    for (result, (reply, admission)) in results.into_iter().zip(answers) {
+        // The slot is free before the client hears back, so its next request finds it free.
+        drop(admission);
+        let _ = reply.send(result);
+    }
+}
+
+/// Runs a pass's jobs one after another, for backends that take one job at a time: a job no
+/// longer wanted when its turn comes is answered `Abandoned` unrun; `run` gets a check it can
+/// call between its own steps.
+pub fn one_at_a_time<J, O>(
+    jobs: Vec<J>,
+    wanted: &Wanted<'_>,
+    mut run: impl FnMut(J, &dyn Fn() -> bool) -> Result<O, BackendError>,
+) -> Vec<Result<O, BackendError>> {
+    jobs.into_iter()
+        .enumerate()
+        .map(|(index, job)| {
+            if !wanted.still(index) {
+                return Err(BackendError::Abandoned);
+            }
+            run(job, &|| wanted.still(index))
+        })
+        .collect()
+}
+
+/// `count` answers of `error`.
+pub fn failed<O>(error: &BackendError, count: usize) -> Vec<Result<O, BackendError>> {
+    (0..count).map(|_| Err(error.clone())).collect()
+}
+
+/// The text of a panic's payload (`panic!` with a message gives a `String` or a `&str`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rows: usize, units: usize) -> BatchLimits {
+        BatchLimits {
+            max_batch_tokens: units,
+            max_batch_requests: rows,
+            admission: AdmissionLimits::default(),
+        }
+    }
+
+    fn shape(rows: usize, width: usize) -> Shape {
+        Shape { rows, width }
+    }
+
+    #[test]
+    fn the_oldest_job_runs_first_joined_by_the_largest_that_fit() {
+        let waiting = [shape(1, 10), shape(1, 4), shape(2, 30), shape(1, 20)];
+        // 10 + the 60-unit job = 3 rows × 30 = 90 ≤ 100; then 4 rows × 30 = 120 > 100 twice.
+        assert_eq!(next_pass(&waiting, limits(64, 100)), [0, 2]);
+        assert_eq!(next_pass(&waiting, limits(3, 1000)), [0, 2]);
+        assert_eq!(next_pass(&waiting, limits(64, 1000)), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_oldest_job_runs_even_when_alone_it_breaks_the_limits() {
+        assert_eq!(next_pass(&[shape(8, 100), shape(1, 1)], limits(4, 64)), [0]);
+        assert!(next_pass(&[], limits(4, 64)).is_empty());
+    }
+
+    struct Echo;
+
+    impl Work for i64 {
+        fn shape(&self) -> Shape {
+            Shape::ONE
+        }
+    }
+
+    impl Backend for Echo {
+        type Job = i64;
+        type Output = i64;
+
+        fn run_batch(&mut self, jobs: Vec<i64>, _: &Wanted<'_>) -> Vec<Result<i64, BackendError>> {
+            assert!(!jobs.contains(&-1), "the marked input -1");
+            jobs.into_iter().map(Ok).collect()
+        }
+    }
+
+    fn started() -> Executor<i64, i64> {
+        let (ready, _) = watch::channel(false);
+        let (executor, _thread) = Executor::start(|| Ok(Echo), limits(8, 8), Metrics::new(), ready);
+        executor
+    }
+
+    #[tokio::test]
+    async fn a_pass_that_panics_fails_its_jobs_and_the_next_pass_runs() {
+        let executor = started();
+        let error = executor.run(-1).await.unwrap_err();
+        assert_eq!(
+            error.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert!(
+            error.to_string().contains("the marked input -1"),
+            "names the failure: {error}"
+        );
+        assert_eq!(executor.run(7).await.unwrap(), 7);
+    }
+}

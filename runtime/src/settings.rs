@@ -1,0 +1,467 @@
+//! The runtime's settings: the command line and environment (`Args`) resolved once, with every
+//! default and check in one place, into the `Settings` a runtime is built from. Each setting has
+//! one name from flag to field to `/info`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tch::{Device, Kind};
+
+use crate::admission::{AdmissionLimits, Slowdown};
+use crate::executor::BatchLimits;
+use crate::tasks::generation::GenerationDefaults;
+use crate::tasks::transcribe::AudioLimits;
+
+/// Tasks this runtime serves natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Task {
+    Embedding,
+    TextClassification,
+    Rerank,
+    Tabular,
+    TextGeneration,
+    Translation,
+    SpeechRecognition,
+    TextToSpeech,
+    TextToImage,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self
+            .to_possible_value()
+            .expect("every task has a name on the command line");
+        f.write_str(value.get_name())
+    }
+}
+
+/// Serves a model from a local directory (Hugging Face layout) for one task.
+#[derive(Debug, Parser)]
+#[command(
+    name = "infergate-runtime",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// What the model does.
+    #[arg(long, env = "INFERGATE_TASK", required = true)]
+    pub task: Option<Task>,
+
+    /// Directory with config.json, model.safetensors and tokenizer.json; for tabular, model.pt
+    /// (TorchScript) and signature.json (MLflow tensor spec).
+    #[arg(long, env = "INFERGATE_MODEL_DIR", required = true)]
+    pub model_dir: Option<PathBuf>,
+
+    /// Address to serve HTTP on.
+    #[arg(long, env = "INFERGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Name reported by /info and /v1/models; the directory's name when unset.
+    #[arg(long, env = "INFERGATE_MODEL_ID")]
+    pub model_id: Option<String>,
+
+    /// Padded tokens (inputs × longest input) in one forward pass of an encoder.
+    #[arg(long, env = "INFERGATE_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+
+    /// Inputs in one forward pass (texts for encoders and translation, uploads for speech
+    /// recognition; text to speech, text to image and tabular run one request at a time).
+    #[arg(long, env = "INFERGATE_MAX_BATCH_REQUESTS", default_value_t = 64)]
+    pub max_batch_requests: usize,
+
+    /// Requests admitted at once; more get 429 with Retry-After. Default (docs/architecture.md,
+    /// limits): 128 for text-generation, 512 for the other tasks.
+    #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+
+    /// Largest predicted slowdown a request is taken at: its completion time behind the work
+    /// already taken (for text generation: the running and waiting sequences), over its time
+    /// on an idle model, from the model's measured cost per pass stretched by the measured
+    /// error of those predictions; nor may it push a request already taken past that bound.
+    /// Beyond it, 429 with Retry-After at once. This bound holds once the model has been busy
+    /// without a break for 8 times the request's time alone; earlier, --burst-slowdown does.
+    /// 0 turns the rule off (the count limit alone).
+    #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
+    pub max_slowdown: f64,
+
+    /// The slowdown bound early in a busy period, so that requests bunching up by chance on a
+    /// model that keeps up are queued rather than refused. Default: twice --max-slowdown;
+    /// equal to it, no allowance for bursts.
+    #[arg(long, env = "INFERGATE_BURST_SLOWDOWN")]
+    pub burst_slowdown: Option<f64>,
+
+    /// Inputs in one request; more get 422.
+    #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
+    pub max_client_batch_size: usize,
+
+    /// Weight precision: float32, float16 or bfloat16 (half precision needs CUDA). Default:
+    /// float16 for text-to-image on CUDA, float32 otherwise.
+    #[arg(long, env = "INFERGATE_DTYPE")]
+    pub dtype: Option<String>,
+
+    /// libtorch intra-op threads; libtorch's default (the machine's cores) when unset.
+    #[arg(long, env = "INFERGATE_TORCH_THREADS")]
+    pub torch_threads: Option<i32>,
+
+    /// text-generation: sequences decoded together (the KV cache's slots, allocated at start).
+    #[arg(long, env = "INFERGATE_MAX_RUNNING_SEQUENCES", default_value_t = 32)]
+    pub max_running_sequences: usize,
+
+    /// text-generation: prompt plus generated tokens of one sequence (at most the model's
+    /// max_position_embeddings).
+    #[arg(long, env = "INFERGATE_MAX_SEQUENCE_TOKENS", default_value_t = 4096)]
+    pub max_sequence_tokens: usize,
+
+    /// text-generation: prompt tokens prefilled between two decode steps of the running batch.
+    #[arg(long, env = "INFERGATE_MAX_PREFILL_TOKENS", default_value_t = 4096)]
+    pub max_prefill_tokens: usize,
+
+    /// text-generation: sampling defaults for requests that set none.
+    #[arg(long, env = "INFERGATE_DEFAULT_TEMPERATURE", default_value_t = 0.7)]
+    pub default_temperature: f32,
+    #[arg(long, env = "INFERGATE_DEFAULT_TOP_P", default_value_t = 0.9)]
+    pub default_top_p: f32,
+    #[arg(long, env = "INFERGATE_DEFAULT_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub default_max_new_tokens: usize,
+
+    /// speech-recognition: largest audio upload, in bytes; larger ones get 413.
+    #[arg(long, env = "INFERGATE_MAX_AUDIO_BYTES", default_value_t = 25 * 1024 * 1024)]
+    pub max_audio_bytes: usize,
+
+    /// speech-recognition: longest audio, in seconds; longer gets 413 (decoding stops there).
+    #[arg(long, env = "INFERGATE_MAX_AUDIO_SECONDS", default_value_t = 600)]
+    pub max_audio_seconds: u64,
+
+    /// Log lines as JSON objects instead of text.
+    #[arg(long, env = "INFERGATE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch the model of an https:// ModelDeployment into DEST (the operator runs this as the
+    /// runtime pod's init container): checks --sha256, unpacks .tar/.tar.gz/.tgz archives.
+    Download {
+        #[arg(long)]
+        url: String,
+        /// Lower-case hex SHA-256 the downloaded body must have.
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        dest: PathBuf,
+    },
+    /// The chat-template sandbox's helper: renders JSON-line requests from stdin (started by
+    /// the runtime itself under a memory limit; not for direct use).
+    #[command(hide = true)]
+    RenderTemplates,
+}
+
+/// Everything needed to start a runtime.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub task: Task,
+    pub model_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub model_id: Option<String>,
+    pub batch: BatchLimits,
+    pub max_client_batch_size: usize,
+    pub device: Device,
+    pub kind: Kind,
+    pub torch_threads: Option<i32>,
+    pub generation: GenerationSettings,
+    pub audio: AudioLimits,
+}
+
+/// Sizes and defaults of text generation.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationSettings {
+    /// Sequences decoded together (KV cache slots).
+    pub max_running_sequences: usize,
+    /// Prompt plus output tokens of one sequence, capped at the model's
+    /// `max_position_embeddings`.
+    pub max_sequence_tokens: usize,
+    /// Prompt tokens prefilled between two decode steps.
+    pub max_prefill_tokens: usize,
+    pub defaults: GenerationDefaults,
+}
+
+/// A setting that cannot be served, named by its flag.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SettingsError {
+    #[error("--dtype {0} needs a CUDA device; this machine has none")]
+    HalfPrecisionWithoutCuda(String),
+    #[error("--dtype {0:?}: expected float32, float16 or bfloat16")]
+    UnknownDtype(String),
+    #[error("--max-slowdown {0}: expected 0 (off) or a number of at least 1")]
+    MaxSlowdown(f64),
+    #[error("--burst-slowdown {burst}: expected a number of at least --max-slowdown ({sustained})")]
+    BurstSlowdown { burst: f64, sustained: f64 },
+    #[error("{0}: expected at least 1")]
+    Zero(&'static str),
+}
+
+/// The name each precision has on the command line and in `/info`.
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+impl Settings {
+    /// The settings of serving `task` from `model_dir` as `args` ask, on `device`.
+    pub fn resolve(
+        args: Args,
+        task: Task,
+        model_dir: PathBuf,
+        device: Device,
+    ) -> Result<Settings, SettingsError> {
+        for (flag, value) in [
+            ("--max-batch-tokens", args.max_batch_tokens),
+            ("--max-batch-requests", args.max_batch_requests),
+            ("--max-client-batch-size", args.max_client_batch_size),
+            ("--max-running-sequences", args.max_running_sequences),
+            ("--max-sequence-tokens", args.max_sequence_tokens),
+            ("--max-prefill-tokens", args.max_prefill_tokens),
+            (
+                "--max-concurrent-requests",
+                args.max_concurrent_requests.unwrap_or(1),
+            ),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::Zero(flag));
+            }
+        }
+        let dtype = args.dtype.unwrap_or_else(|| {
+            // Stable Diffusion's weights are published for half precision; on a GPU it is what
+            // users run.
+            if task == Task::TextToImage && device.is_cuda() {
+                "float16".to_owned()
+            } else {
+                "float32".to_owned()
+            }
+        });
+        let kind = match dtype.as_str() {
+            "float32" => Kind::Float,
+            "float16" if device.is_cuda() => Kind::Half,
+            "bfloat16" if device.is_cuda() => Kind::BFloat16,
+            "float16" | "bfloat16" => return Err(SettingsError::HalfPrecisionWithoutCuda(dtype)),
+            _ => return Err(SettingsError::UnknownDtype(dtype)),
+        };
+        Ok(Settings {
+            task,
+            model_dir,
+            listen: args.listen,
+            model_id: args.model_id,
+            batch: BatchLimits {
+                max_batch_tokens: args.max_batch_tokens,
+                max_batch_requests: args.max_batch_requests,
+                admission: AdmissionLimits {
+                    max_concurrent_requests: args.max_concurrent_requests.unwrap_or(
+                        if task == Task::TextGeneration {
+                            128
+                        } else {
+                            512
+                        },
+                    ),
+                    max_slowdown: slowdown(args.max_slowdown, args.burst_slowdown)?,
+                },
+            },
+            max_client_batch_size: args.max_client_batch_size,
+            device,
+            kind,
+            torch_threads: args.torch_threads,
+            generation: GenerationSettings {
+                max_running_sequences: args.max_running_sequences,
+                max_sequence_tokens: args.max_sequence_tokens,
+                max_prefill_tokens: args.max_prefill_tokens,
+                defaults: GenerationDefaults {
+                    temperature: args.default_temperature,
+                    top_p: args.default_top_p,
+                    max_new_tokens: args.default_max_new_tokens,
+                },
+            },
+            audio: AudioLimits {
+                max_audio_bytes: args.max_audio_bytes,
+                max_audio_seconds: args.max_audio_seconds,
+            },
+        })
+    }
+}
+
+/// The slowdown rule of `--max-slowdown` and `--burst-slowdown`; `None` when turned off.
+fn slowdown(sustained: f64, burst: Option<f64>) -> Result<Option<Slowdown>, SettingsError> {
+    if sustained == 0.0 {
+        return Ok(None);
+    }
+    // Below 1 even a request on an idle model would be refused.
+    if !(sustained >= 1.0 && sustained.is_finite()) {
+        return Err(SettingsError::MaxSlowdown(sustained));
+    }
+    let burst = burst.unwrap_or(2.0 * sustained);
+    if !(burst >= sustained && burst.is_finite()) {
+        return Err(SettingsError::BurstSlowdown { burst, sustained });
+    }
+    Ok(Some(Slowdown { sustained, burst }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(task: Task, flags: &[&str], device: Device) -> Result<Settings, SettingsError> {
+        let name = task.to_string();
+        let mut argv = vec!["infergate-runtime", "--task", &name, "--model-dir", "/m"];
+        argv.extend(flags);
+        let args = Args::try_parse_from(argv).expect("flags parse");
+        let task = args.task.expect("--task given");
+        Settings::resolve(args, task, "/m".into(), device)
+    }
+
+    #[test]
+    fn tasks_are_named_on_the_command_line_as_in_the_crd() {
+        let names: Vec<String> = Task::value_variants().iter().map(Task::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "embedding",
+                "text-classification",
+                "rerank",
+                "tabular",
+                "text-generation",
+                "translation",
+                "speech-recognition",
+                "text-to-speech",
+                "text-to-image"
+            ]
+        );
+        let unknown = Args::try_parse_from(["r", "--task", "summarization", "--model-dir", "/m"])
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("possible values: embedding"), "{unknown}");
+    }
+
+    #[test]
+    fn text_generation_admits_fewer_requests_at_once_than_the_other_tasks() {
+        let admitted = |task| {
+            resolved(task, &[], Device::Cpu)
+                .unwrap()
+                .batch
+                .admission
+                .max_concurrent_requests
+        };
+        assert_eq!(admitted(Task::TextGeneration), 128);
+        assert_eq!(admitted(Task::Embedding), 512);
+        let set = resolved(
+            Task::TextGeneration,
+            &["--max-concurrent-requests", "9"],
+            Device::Cpu,
+        );
+        assert_eq!(set.unwrap().batch.admission.max_concurrent_requests, 9);
+    }
+
+    #[test]
+    fn half_precision_is_the_default_only_for_images_on_a_gpu() {
+        let kind = |task, device| resolved(task, &[], device).unwrap().kind;
+        assert_eq!(kind(Task::TextToImage, Device::Cuda(0)), Kind::Half);
+        assert_eq!(kind(Task::TextToImage, Device::Cpu), Kind::Float);
+        assert_eq!(kind(Task::TextGeneration, Device::Cuda(0)), Kind::Float);
+        assert_eq!(
+            resolved(
+                Task::TextGeneration,
+                &["--dtype", "bfloat16"],
+                Device::Cuda(0)
+            )
+            .unwrap()
+            .kind,
+            Kind::BFloat16
+        );
+    }
+
+    #[test]
+    fn a_dtype_the_device_cannot_run_is_refused_by_name() {
+        assert_eq!(
+            resolved(Task::Embedding, &["--dtype", "float16"], Device::Cpu).unwrap_err(),
+            SettingsError::HalfPrecisionWithoutCuda("float16".to_owned())
+        );
+        let unknown = resolved(Task::Embedding, &["--dtype", "fp8"], Device::Cpu).unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "--dtype \"fp8\": expected float32, float16 or bfloat16"
+        );
+    }
+
+    #[test]
+    fn the_slowdown_rule_allows_bursts_twice_the_bound_unless_told_otherwise() {
+        let rule = |flags: &[&str]| {
+            resolved(Task::Embedding, flags, Device::Cpu).map(|s| s.batch.admission.max_slowdown)
+        };
+        assert_eq!(rule(&[]).unwrap(), Some(Slowdown::new(2.0)));
+        assert_eq!(
+            rule(&["--max-slowdown", "3", "--burst-slowdown", "3"]).unwrap(),
+            Some(Slowdown {
+                sustained: 3.0,
+                burst: 3.0
+            })
+        );
+        assert_eq!(rule(&["--max-slowdown", "0"]).unwrap(), None);
+        assert_eq!(
+            rule(&["--max-slowdown", "0.5"]).unwrap_err(),
+            SettingsError::MaxSlowdown(0.5)
+        );
+        assert!(matches!(
+            rule(&["--burst-slowdown", "1.5"]).unwrap_err(),
+            SettingsError::BurstSlowdown { .. }
+        ));
+        assert!(rule(&["--max-slowdown", "NaN"]).is_err());
+    }
+
+    #[test]
+    fn sizes_of_zero_are_refused_by_flag() {
+        assert_eq!(
+            resolved(Task::Embedding, &["--max-batch-requests", "0"], Device::Cpu).unwrap_err(),
+            SettingsError::Zero("--max-batch-requests")
+        );
+    }
+
+    #[test]
+    fn every_flag_reaches_its_setting_under_the_same_name() {
+        let settings = resolved(
+            Task::TextGeneration,
+            &[
+                "--max-batch-tokens",
+                "100",
+                "--max-batch-requests",
+                "7",
+                "--max-running-sequences",
+                "3",
+                "--max-sequence-tokens",
+                "512",
+                "--max-prefill-tokens",
+                "256",
+                "--max-audio-bytes",
+                "1000",
+                "--max-audio-seconds",
+                "30",
+                "--torch-threads",
+                "2",
+            ],
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(settings.batch.max_batch_tokens, 100);
+        assert_eq!(settings.batch.max_batch_requests, 7);
+        assert_eq!(settings.generation.max_running_sequences, 3);
+        assert_eq!(settings.generation.max_sequence_tokens, 512);
+        assert_eq!(settings.generation.max_prefill_tokens, 256);
+        assert_eq!(settings.audio.max_audio_bytes, 1000);
+        assert_eq!(settings.audio.max_audio_seconds, 30);
+        assert_eq!(settings.torch_threads, Some(2));
+    }
+}
