@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod app;
 pub mod audio;
+pub mod decode;
 pub mod device;
 pub mod download;
 pub mod encoder;

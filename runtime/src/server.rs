@@ -45,7 +45,7 @@ pub struct Info {
     pub task: String,
     pub device: String,
     pub model_dtype: String,
-    pub model_type: serde_json::Value,
+    pub model_type: crate::tasks::ModelType,
     pub max_concurrent_requests: usize,
     pub max_input_length: usize,
     pub max_batch_tokens: usize,
@@ -202,4 +202,11 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down: finishing requests in progress");
+}
+
+/// Seconds since the Unix epoch: the `created` of OpenAI-shaped responses.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -10,8 +10,8 @@ use tch::{Device, Kind};
 
 use crate::admission::{AdmissionLimits, Slowdown};
 use crate::executor::BatchLimits;
-use crate::tasks::generation::GenerationDefaults;
-use crate::tasks::transcribe::AudioLimits;
+use crate::tasks::speech_recognition::AudioLimits;
+use crate::tasks::text_generation::http::GenerationDefaults;
 
 /// Tasks this runtime serves natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

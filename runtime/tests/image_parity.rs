@@ -11,7 +11,7 @@ use std::path::Path;
 
 use runtime::models::diffusion::scheduler::Sampler;
 use runtime::models::diffusion::{Denoise, StableDiffusion};
-use runtime::tasks::image::ClipPrompts;
+use runtime::tasks::text_to_image::http::ClipPrompts;
 use tch::{Device, Kind, Tensor};
 
 fn reference(dir: &Path) -> HashMap<String, Tensor> {

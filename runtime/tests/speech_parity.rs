@@ -11,10 +11,8 @@ mod support;
 use std::path::Path;
 
 use runtime::audio::{TARGET_RATE, decode_to_16k};
+use runtime::decode::whisper::{DecodeOptions, SpeechTask, SpeechTokens, generate, prompt};
 use runtime::models::whisper::{DecoderCache, MelFeatures, WhisperModel};
-use runtime::tasks::transcribe::decode::{
-    DecodeOptions, SpeechTask, SpeechTokens, generate, prompt,
-};
 use support::ids;
 use tch::{Device, Kind, Tensor};
 
@@ -260,7 +258,7 @@ fn eos0_greedy_matches(case: &str) {
     let encoded = tch::no_grad(|| model.encode(&features.compute(&samples).unsqueeze(0)));
     let language = match case["language"].as_str() {
         Some(code) => tokens.language_token(code).unwrap(),
-        None => runtime::tasks::transcribe::decode::detect_language(&model, &tokens, &encoded)[0],
+        None => runtime::decode::whisper::detect_language(&model, &tokens, &encoded)[0],
     };
     assert_eq!(
         tokens.language_code(language),

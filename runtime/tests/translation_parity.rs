@@ -3,8 +3,9 @@
 
 mod support;
 
+use runtime::decode::beam::{Search, translate};
 use runtime::models::marian::{DecoderCache, MarianModel};
-use runtime::tasks::translate::{MarianTokenizer, Search, translate};
+use runtime::tasks::translation::tokenizer::MarianTokenizer;
 use support::ids;
 use tch::{Device, Kind, Tensor};
 

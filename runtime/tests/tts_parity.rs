@@ -6,7 +6,7 @@
 mod support;
 
 use runtime::models::vits::{Synthesis, VitsModel};
-use runtime::tasks::synthesize::CharacterTokenizer;
+use runtime::tasks::text_to_speech::http::CharacterTokenizer;
 use support::ids;
 use tch::{Device, Kind, Tensor};
 

@@ -5,7 +5,8 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use runtime::tasks::transcribe::{AudioLimits, parse_form};
+use runtime::tasks::speech_recognition::AudioLimits;
+use runtime::tasks::speech_recognition::form::parse_form;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the chunk size, so that boundaries fall anywhere.

@@ -4,7 +4,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use runtime::tasks::{classify, embed, generation, image, synthesize, translate};
+use runtime::tasks::classification::http as classify;
+use runtime::tasks::embedding::http as embed;
+use runtime::tasks::text_generation::http as generation;
+use runtime::tasks::text_to_image::http as image;
+use runtime::tasks::text_to_speech::http as synthesize;
+use runtime::tasks::translation::http as translate;
 
 fn accepts<T: for<'de> serde::Deserialize<'de>>(data: &[u8]) -> bool {
     serde_json::from_slice::<T>(data).is_ok()

@@ -1,17 +1,14 @@
-//! `rerank`: TEI's `/rerank` over a cross-encoder (one output: the relevance of a passage to the
-//! query); results best first with their original index.
+//! The HTTP half of `rerank`: TEI's `/rerank` over the classifier backend.
 
-use std::sync::Arc;
-
+use crate::error::ApiError;
+use crate::server::ValidJson;
+use crate::tasks::classification::http::{ClassifierTask, Pair};
+use crate::tasks::{TruncationDirection, require_right_truncation};
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-
-use crate::error::ApiError;
-use crate::server::ValidJson;
-use crate::tasks::classify::{ClassifierTask, Pair};
-use crate::tasks::{TruncationDirection, require_right_truncation};
+use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,9 +1,13 @@
-//! `text-to-image`: Stable Diffusion behind the seed's `/v1/generate-image`, OpenAI's
-//! `/v1/images/generations`, and the endpoint root Hugging Face clients post prompts to.
+//! The HTTP half of `text-to-image`: the seed's `/v1/generate-image`, OpenAI's
+//! `/v1/images/generations` and the endpoint root; prompts tokenized for CLIP, images as PNG.
 
-use std::path::Path;
-use std::sync::Arc;
-
+use super::backend::{Image, Job};
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::models::diffusion::scheduler::Sampler;
+use crate::models::diffusion::{Denoise, load_tokenizer};
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -11,16 +15,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor};
+use std::path::Path;
+use std::sync::Arc;
 use tokenizers::Tokenizer;
-
-use crate::error::{ApiError, BackendError};
-use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
-use crate::metrics::Metrics;
-use crate::models::diffusion::scheduler::Sampler;
-use crate::models::diffusion::{Denoise, StableDiffusion, load_tokenizer};
-use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
 
 /// CLIP prompts as the pipeline encodes them: start and end tokens, cut to the encoder's
 /// length (keeping the end token), padded with the tokenizer's pad token.
@@ -69,93 +66,6 @@ impl ClipPrompts {
         }
         ids.resize(self.length, self.pad);
         Ok(ids)
-    }
-}
-
-/// One image for the model thread.
-#[derive(Debug)]
-pub struct Job {
-    pub denoise: Denoise,
-    pub width: i64,
-    pub height: i64,
-    pub seed: u64,
-}
-
-/// One image at a time: a pass is one job.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
-
-/// An image: RGB bytes, row by row.
-#[derive(Debug)]
-pub struct Image {
-    pub width: u32,
-    pub height: u32,
-    pub rgb: Vec<u8>,
-}
-
-/// The model thread's half.
-#[derive(Debug)]
-pub struct ImageGenerator {
-    pipeline: StableDiffusion,
-    metrics: Metrics,
-}
-
-impl ImageGenerator {
-    pub fn load(
-        dir: &Path,
-        device: Device,
-        kind: Kind,
-        metrics: Metrics,
-    ) -> Result<ImageGenerator, LoadError> {
-        Ok(ImageGenerator {
-            pipeline: StableDiffusion::load(dir, device, kind)?,
-            metrics,
-        })
-    }
-
-    fn run(&mut self, job: Job, wanted: &dyn Fn() -> bool) -> Result<Image, BackendError> {
-        let scale = self.pipeline.vae.config.scale_factor();
-        let channels = self.pipeline.unet.config.in_channels;
-        // Drawn on the CPU from the seed, so a seed gives the same image on any device.
-        tch::manual_seed(job.seed as i64);
-        let latents = Tensor::randn(
-            [1, channels, job.height / scale, job.width / scale],
-            (Kind::Float, Device::Cpu),
-        );
-        let Some(image) = self.pipeline.generate(&job.denoise, &latents, wanted) else {
-            self.metrics.abandoned.inc();
-            return Err(BackendError::Abandoned);
-        };
-        let size = image.size();
-        let rgb = Vec::<u8>::try_from(
-            (image * 255.0)
-                .round()
-                .clamp(0.0, 255.0)
-                .to_kind(Kind::Uint8)
-                .to_device(Device::Cpu)
-                .reshape([-1]),
-        )?;
-        Ok(Image {
-            width: size[1] as u32,
-            height: size[0] as u32,
-            rgb,
-        })
-    }
-}
-
-impl Backend for ImageGenerator {
-    type Job = Job;
-    type Output = Image;
-
-    fn run_batch(
-        &mut self,
-        jobs: Vec<Job>,
-        wanted: &Wanted<'_>,
-    ) -> Vec<Result<Image, BackendError>> {
-        one_at_a_time(jobs, wanted, |job, still| self.run(job, still))
     }
 }
 
@@ -411,7 +321,7 @@ async fn openai_images(
         }));
     }
     Ok(Json(
-        serde_json::json!({"created": crate::tasks::generation::unix_now(), "data": data}),
+        serde_json::json!({"created": crate::server::unix_now(), "data": data}),
     ))
 }
 

@@ -1,21 +1,13 @@
-//! `tabular`: a TorchScript `model.pt` with an MLflow tensor-spec `signature.json`, served on
-//! `/v1/predict`. Requests are validated against the signature (shape and dtype) before the
-//! model sees them.
+//! An MLflow tensor-spec signature and the request forms MLflow serving accepts: rows are
+//! checked against it (shape and dtype) before the model sees them.
 
-use std::path::Path;
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{Value, json};
-use tch::{CModule, Device, Kind, Tensor};
-
-use crate::error::{ApiError, BackendError};
-use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
+use super::backend::Matrix;
+use crate::error::ApiError;
 use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+use tch::Kind;
 
 /// Element types of an MLflow tensor spec that a JSON body can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -28,7 +20,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    fn kind(self) -> Kind {
+    pub fn kind(self) -> Kind {
         match self {
             Dtype::Float32 => Kind::Float,
             Dtype::Float64 => Kind::Double,
@@ -220,105 +212,10 @@ pub fn request_rows(body: Value) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-/// The model thread's half.
-#[derive(Debug)]
-pub struct TabularModel {
-    module: CModule,
-    device: Device,
-    kind: Kind,
-}
-
-impl TabularModel {
-    pub fn load(dir: &Path, device: Device, dtype: Dtype) -> Result<TabularModel, LoadError> {
-        let mut module = CModule::load_on_device(dir.join("model.pt"), device)?;
-        module.set_eval();
-        Ok(TabularModel {
-            module,
-            device,
-            kind: dtype.kind(),
-        })
-    }
-
-    /// (values, rows, columns) → the output as JSON: a list per row, or a value per row.
-    fn predict(
-        &mut self,
-        Matrix {
-            values,
-            rows,
-            columns,
-        }: Matrix,
-    ) -> Result<Value, BackendError> {
-        let _guard = tch::no_grad_guard();
-        let input = Tensor::from_slice(&values)
-            .view([rows as i64, columns as i64])
-            .to_kind(self.kind)
-            .to_device(self.device);
-        let output = self.module.forward_ts(&[input])?;
-        let output = output.to_kind(Kind::Double).to_device(Device::Cpu);
-        let flat = Vec::<f64>::try_from(output.flatten(0, -1))?;
-        Ok(match output.size().as_slice() {
-            [_, width] if *width > 0 => json!(flat.chunks(*width as usize).collect::<Vec<_>>()),
-            _ => json!(flat),
-        })
-    }
-}
-
-impl Backend for TabularModel {
-    type Job = Matrix;
-    type Output = Value;
-
-    fn run_batch(
-        &mut self,
-        jobs: Vec<Matrix>,
-        wanted: &Wanted<'_>,
-    ) -> Vec<Result<Value, BackendError>> {
-        one_at_a_time(jobs, wanted, |matrix, _| self.predict(matrix))
-    }
-}
-
-/// One request's rows, as the model takes them: `rows × columns` values, row by row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Matrix {
-    pub values: Vec<f64>,
-    pub rows: usize,
-    pub columns: usize,
-}
-
-/// One request at a time: a pass is one job.
-impl Work for Matrix {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
-
-/// The HTTP half.
-#[derive(Debug, Clone)]
-pub struct TabularTask {
-    pub executor: Executor<Matrix, Value>,
-    pub signature: Arc<Signature>,
-}
-
-pub fn routes() -> Router<Arc<TabularTask>> {
-    Router::new()
-        .route("/v1/predict", post(predict))
-        .route("/predict", post(predict))
-        .route("/invocations", post(predict))
-}
-
-async fn predict(
-    State(task): State<Arc<TabularTask>>,
-    ValidJson(body): ValidJson<Value>,
-) -> Result<Json<Value>, ApiError> {
-    let matrix = task.signature.rows(&request_rows(body)?)?;
-    let data = task.executor.run(matrix).await?;
-    Ok(Json(json!({
-        "data": data,
-        "meta": {"input_schema": task.signature.input_schema, "output_schema": task.signature.output_schema}
-    })))
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn signature(dtype: Dtype, shape: Vec<i64>) -> Signature {

@@ -1,16 +1,14 @@
-//! `speech-recognition`: Whisper behind the seed's `POST /v1/transcript`, OpenAI's
-//! `/v1/audio/transcriptions` and `/v1/audio/translations`, and the endpoint root Hugging Face
-//! clients post raw audio to.
-//!
-//! The HTTP half reads the upload (multipart with explicit limits, or a raw body), decodes and
-//! resamples it on the blocking pool, and hands 16 kHz samples to the model thread, which
-//! transcribes every request queued meanwhile together, window by window.
+//! The HTTP half of `speech-recognition`: uploads read (multipart with explicit limits, or a raw
+//! body), decoded and resampled on the blocking pool; transcripts as JSON, text or subtitles.
 
-pub mod decode;
-
-use std::path::Path;
-use std::sync::Arc;
-
+use super::AudioLimits;
+use super::backend::{Job, Transcript};
+use super::form::read_form;
+use crate::audio::{AudioError, decode_to_16k};
+use crate::decode::whisper::{DecodeOptions, SpeechTask, SpeechTokens};
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::metrics::Metrics;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -19,109 +17,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
-use tch::{Device, Kind};
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
-
-use crate::audio::{AudioError, decode_to_16k};
-use crate::error::{ApiError, BackendError};
-use crate::executor::{Backend, Executor, Shape, Wanted, Work};
-use crate::metrics::Metrics;
-use crate::models::LoadError;
-use crate::models::whisper::{MelFeatures, WhisperModel};
-use decode::{DecodeOptions, LongForm, Segment, SpeechTask, SpeechTokens};
-
-/// Sizes an upload may have (docs/architecture.md, limits).
-#[derive(Debug, Clone, Copy)]
-pub struct AudioLimits {
-    pub max_audio_bytes: usize,
-    pub max_audio_seconds: u64,
-}
-
-/// One request for the model thread.
-#[derive(Debug)]
-pub struct Job {
-    pub samples: Vec<f32>,
-    pub options: DecodeOptions,
-}
-
-/// Requests are batched by count: a pass transcribes up to `max_batch_requests` of them.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
-
-/// The model thread's answer: the language decoded in, and the segments.
-#[derive(Debug)]
-pub struct Transcript {
-    pub language: Option<i64>,
-    pub segments: Vec<Segment>,
-}
-
-/// The model thread's half.
-#[derive(Debug)]
-pub struct SpeechModel {
-    model: WhisperModel,
-    features: MelFeatures,
-    tokens: Arc<SpeechTokens>,
-}
-
-impl SpeechModel {
-    pub fn load(
-        dir: &Path,
-        device: Device,
-        kind: Kind,
-        tokens: Arc<SpeechTokens>,
-    ) -> Result<SpeechModel, LoadError> {
-        Ok(SpeechModel {
-            model: WhisperModel::load(dir, device, kind)?,
-            features: MelFeatures::load(dir)?,
-            tokens,
-        })
-    }
-}
-
-impl Backend for SpeechModel {
-    type Job = Job;
-    type Output = Transcript;
-
-    /// Transcribes the jobs queued together.
-    fn run_batch(
-        &mut self,
-        jobs: Vec<Job>,
-        wanted: &Wanted<'_>,
-    ) -> Vec<Result<Transcript, BackendError>> {
-        let mut long: Vec<LongForm> = jobs
-            .into_iter()
-            .map(|job| LongForm {
-                samples: job.samples,
-                options: job.options,
-                seek: 0,
-                segments: Vec::new(),
-            })
-            .collect();
-        decode::transcribe(
-            &self.model,
-            &self.features,
-            &self.tokens,
-            &mut long,
-            &|index| wanted.still(index),
-        );
-        long.into_iter()
-            .enumerate()
-            .map(|(index, job)| {
-                if !wanted.still(index) {
-                    return Err(BackendError::Abandoned);
-                }
-                Ok(Transcript {
-                    language: job.options.language,
-                    segments: job.segments,
-                })
-            })
-            .collect()
-    }
-}
 
 /// The HTTP half.
 #[derive(Debug)]
@@ -157,130 +55,6 @@ pub fn routes() -> Router<Arc<SpeechRecognitionTask>> {
         .route("/transcript", post(transcript))
         .route("/v1/audio/transcriptions", post(openai_transcriptions))
         .route("/v1/audio/translations", post(openai_translations))
-}
-
-/// Form fields the multipart endpoints take; any other is refused by name.
-const FORM_FIELDS: &[&str] = &[
-    "file",
-    "model",
-    "language",
-    "prompt",
-    "response_format",
-    "temperature",
-    "timestamp_granularities[]",
-    "timestamp_granularities",
-    "stream",
-    "task",
-];
-/// Fields a form may carry in all, counting repeats.
-const MAX_FORM_FIELDS: usize = 16;
-/// Size of each text field.
-const MAX_TEXT_FIELD_BYTES: u64 = 64 * 1024;
-
-/// A multipart form: the audio file and the text fields.
-#[derive(Debug, Default)]
-pub struct Form {
-    file: Option<Bytes>,
-    fields: Vec<(String, String)>,
-}
-
-impl Form {
-    /// Size of the uploaded file, when the form has one.
-    pub fn file_len(&self) -> Option<usize> {
-        self.file.as_ref().map(Bytes::len)
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn form_error(error: multer::Error) -> ApiError {
-    match error {
-        multer::Error::UnknownField { field_name } => ApiError::InvalidField(format!(
-            "{}: not a field of this endpoint; fields: {}",
-            field_name.unwrap_or_default(),
-            FORM_FIELDS.join(", ")
-        )),
-        multer::Error::FieldSizeExceeded { limit, field_name } => ApiError::FieldTooLarge {
-            field: field_name.unwrap_or_default(),
-            limit,
-        },
-        multer::Error::StreamSizeExceeded { limit } => ApiError::BodyTooLarge {
-            limit: limit as usize,
-        },
-        other => ApiError::MalformedBody(format!("multipart body: {other}")),
-    }
-}
-
-async fn read_form(request: Request, limits: AudioLimits) -> Result<Form, ApiError> {
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    parse_form(
-        &content_type,
-        request.into_body().into_data_stream(),
-        limits,
-    )
-    .await
-}
-
-/// Reads a multipart body with this endpoint's limits: the fields it knows, at most
-/// `MAX_FORM_FIELDS` of them, text fields of `MAX_TEXT_FIELD_BYTES`, one `file` of the upload
-/// limit (multer sets none by default).
-pub async fn parse_form<S, E>(
-    content_type: &str,
-    body: S,
-    limits: AudioLimits,
-) -> Result<Form, ApiError>
-where
-    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
-{
-    let boundary = multer::parse_boundary(content_type).map_err(|_| {
-        ApiError::UnsupportedMediaType(
-            "send the audio as multipart/form-data with a `file` field".to_owned(),
-        )
-    })?;
-    let upload = limits.max_audio_bytes as u64;
-    let constraints = multer::Constraints::new()
-        .allowed_fields(FORM_FIELDS.to_vec())
-        .size_limit(
-            multer::SizeLimit::new()
-                .whole_stream(upload + MAX_FORM_FIELDS as u64 * MAX_TEXT_FIELD_BYTES)
-                .per_field(MAX_TEXT_FIELD_BYTES)
-                .for_field("file", upload),
-        );
-    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
-    let mut form = Form::default();
-    let mut count = 0;
-    while let Some(field) = multipart.next_field().await.map_err(form_error)? {
-        count += 1;
-        if count > MAX_FORM_FIELDS {
-            return Err(ApiError::InvalidField(format!(
-                "the form has more than {MAX_FORM_FIELDS} fields"
-            )));
-        }
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" {
-            if form.file.is_some() {
-                return Err(ApiError::InvalidField(
-                    "file: one audio file per request".to_owned(),
-                ));
-            }
-            form.file = Some(field.bytes().await.map_err(form_error)?);
-        } else {
-            let text = field.text().await.map_err(form_error)?;
-            form.fields.push((name, text));
-        }
-    }
-    Ok(form)
 }
 
 /// How the OpenAI endpoints answer.

@@ -1,10 +1,12 @@
-//! `text-to-speech`: VITS (MMS-TTS) behind the seed's `/v1/generate-speech` and its schema,
-//! OpenAI's `/v1/audio/speech`, and the endpoint root Hugging Face clients post text to.
+//! The HTTP half of `text-to-speech`: the seed's `/v1/generate-speech`, OpenAI's `/v1/audio/speech`
+//! and the endpoint root; characters tokenized as VITS expects, waveforms as WAV.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
-
+use super::backend::Job;
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::models::vits::Synthesis;
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -12,13 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
-use tch::{Device, Kind};
-
-use crate::error::{ApiError, BackendError};
-use crate::executor::{Backend, Executor, Shape, Wanted, Work, one_at_a_time};
-use crate::models::vits::{Synthesis, VitsModel};
-use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
 
 /// Longest text one request may synthesise, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
@@ -98,57 +96,6 @@ impl CharacterTokenizer {
             interspersed[2 * i + 1] = id;
         }
         interspersed
-    }
-}
-
-/// One request for the model thread.
-#[derive(Debug)]
-pub struct Job {
-    pub ids: Vec<i64>,
-    pub synthesis: Synthesis,
-    pub seed: Option<u64>,
-}
-
-/// One text at a time: a pass is one job.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
-
-/// The model thread's half.
-#[derive(Debug)]
-pub struct SpeechSynthesizer {
-    model: VitsModel,
-}
-
-impl SpeechSynthesizer {
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<SpeechSynthesizer, LoadError> {
-        Ok(SpeechSynthesizer {
-            model: VitsModel::load(dir, device, kind)?,
-        })
-    }
-
-    fn run(&mut self, job: Job) -> Result<Vec<f32>, BackendError> {
-        if let Some(seed) = job.seed {
-            // One model thread: seeding here makes this request's noise alone reproducible.
-            tch::manual_seed(seed as i64);
-        }
-        let waveform = self.model.synthesize(&job.ids, job.synthesis);
-        Ok(Vec::<f32>::try_from(waveform.to_device(Device::Cpu))?)
-    }
-}
-
-impl Backend for SpeechSynthesizer {
-    type Job = Job;
-    type Output = Vec<f32>;
-
-    fn run_batch(
-        &mut self,
-        jobs: Vec<Job>,
-        wanted: &Wanted<'_>,
-    ) -> Vec<Result<Vec<f32>, BackendError>> {
-        one_at_a_time(jobs, wanted, |job, _| self.run(job))
     }
 }
 

@@ -1,60 +1,18 @@
-//! `embedding`: TEI's `/embed` and OpenAI's `/v1/embeddings` over a BERT-family encoder with
-//! sentence-transformers pooling.
+//! The HTTP half of `embedding`: TEI's `/embed` and `/similarity`, OpenAI's `/v1/embeddings`,
+//! and the endpoint root.
 
-use std::path::Path;
-use std::sync::Arc;
-
+use crate::encoder::{EncoderJob, Sequence};
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::server::ValidJson;
+use crate::tasks::{TruncationDirection, require_right_truncation};
+use crate::tokenize::TextEncoder;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind};
-
-use crate::encoder::{EncoderJob, EncoderModel, PaddedBatch, Sequence, tensor_rows};
-use crate::error::{ApiError, BackendError};
-use crate::executor::Executor;
-use crate::models::pooling::Pooling;
-use crate::models::{LoadError, LoadedEncoder};
-use crate::server::ValidJson;
-use crate::tasks::{TruncationDirection, require_right_truncation};
-use crate::tokenize::TextEncoder;
-
-/// The model thread's half: encoder and pooling.
-#[derive(Debug)]
-pub struct EmbeddingBackend {
-    encoder: LoadedEncoder,
-    pooling: Pooling,
-    device: Device,
-}
-
-impl EmbeddingBackend {
-    pub fn load(
-        dir: &Path,
-        device: Device,
-        kind: Kind,
-        pooling: Pooling,
-    ) -> Result<EmbeddingBackend, LoadError> {
-        Ok(EmbeddingBackend {
-            encoder: LoadedEncoder::load(dir, device, kind)?,
-            pooling,
-            device,
-        })
-    }
-}
-
-impl EncoderModel for EmbeddingBackend {
-    fn forward(&mut self, batch: &PaddedBatch) -> Result<Vec<Vec<f32>>, BackendError> {
-        let _guard = tch::no_grad_guard();
-        let (ids, types, mask) = batch.tensors(self.device);
-        let hidden = self.encoder.forward(&ids, &types, &mask);
-        tensor_rows(&self.pooling.apply(&hidden, &mask))
-    }
-
-    fn pad_id(&self) -> i64 {
-        self.encoder.config.pad_token_id
-    }
-}
+use std::sync::Arc;
 
 /// The HTTP half: tokenizer and the executor in front of the model thread.
 #[derive(Debug, Clone)]

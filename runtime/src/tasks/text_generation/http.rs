@@ -1,29 +1,5 @@
-//! `text-generation`: OpenAI's `/v1/chat/completions` and `/v1/completions`, streamed (SSE) or
-//! not, and TGI's `/generate` and `/generate_stream`, over the continuous-batching engine.
-//!
-//! The chat route also takes the TGI-style body the seed's clients send,
-//! `{"inputs", "max_new_tokens", "do_sample", "stream"}` (also with those under `parameters`):
-//! `inputs` is the prompt as is (no chat template, as TGI's `/generate`), and the answer has the
-//! chat completion format, streamed or not.
-
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
-use axum::Extension;
-use axum::extract::State;
-use axum::http::{HeaderValue, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
-use futures::Stream;
-use serde::Deserialize;
-use tokenizers::Tokenizer;
-use tokio::sync::{Semaphore, mpsc};
+//! The HTTP half of `text-generation`: OpenAI's chat and completions (with SSE), TGI's
+//! `/generate` and `/generate_stream`, tokenize routes; prompts rendered from chat templates.
 
 use crate::error::{ApiError, BackendError};
 use crate::generate::engine::{Engine, Event, FinishReason, StopRule, Submission};
@@ -33,6 +9,23 @@ use crate::generate::template::{ChatTemplates, MAX_TEMPLATE_BYTES, Message, Temp
 use crate::generate::text::{IncrementalDecoder, StopStrings};
 use crate::models::{LoadError, read_json};
 use crate::server::{RequestDeadline, ValidJson};
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+use tokio::sync::{Semaphore, mpsc};
 
 /// Sampling defaults when a request sets none (docs/architecture.md, runtime contract).
 #[derive(Debug, Clone, Copy)]
@@ -698,13 +691,6 @@ impl Run {
     }
 }
 
-/// Seconds since the Unix epoch, for OpenAI's `created` fields.
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn completion_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", fresh_seed())
 }
@@ -910,7 +896,7 @@ async fn answer_openai(
 ) -> Result<Response, ApiError> {
     let run = Run::start(task.clone(), plan, false)?;
     let id = completion_id(if chat { "chatcmpl" } else { "cmpl" });
-    let created = unix_now();
+    let created = crate::server::unix_now();
     if stream {
         return Ok(openai_stream(OpenAiStream {
             run,
