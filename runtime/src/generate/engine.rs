@@ -27,6 +27,49 @@ use crate::executor::panic_message;
 use crate::metrics::Metrics;
 use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 
+/// What the scheduler drives: a decoder whose keys and values live in a cache of fixed slots.
+/// The model thread's panics in `forward` (CUDA out of memory, a shape error) fail the step's
+/// sequences; the scheduler goes on.
+pub trait Decoder: 'static {
+    type Cache;
+
+    /// A cache of `slots` sequences of up to `positions` tokens each.
+    fn new_cache(&self, slots: i64, positions: i64) -> Self::Cache;
+
+    fn device(&self) -> tch::Device;
+
+    /// Runs `tokens` [rows, length], row `i` placed in the cache at `placements[i]`.
+    fn forward(
+        &self,
+        tokens: &Tensor,
+        placements: &[Placement],
+        cache: &mut Self::Cache,
+        logits: Logits<'_>,
+    ) -> Tensor;
+}
+
+impl Decoder for LlamaModel {
+    type Cache = KvCache;
+
+    fn new_cache(&self, slots: i64, positions: i64) -> KvCache {
+        LlamaModel::new_cache(self, slots, positions)
+    }
+
+    fn device(&self) -> tch::Device {
+        LlamaModel::device(self)
+    }
+
+    fn forward(
+        &self,
+        tokens: &Tensor,
+        placements: &[Placement],
+        cache: &mut KvCache,
+        logits: Logits<'_>,
+    ) -> Tensor {
+        LlamaModel::forward(self, tokens, placements, cache, logits)
+    }
+}
+
 /// Sizes of the scheduler.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
@@ -144,14 +187,15 @@ impl std::fmt::Debug for QueuedHandle {
 
 impl Engine {
     /// Starts the model thread: `load` builds the decoder there; `/health` turns ready after.
-    pub fn start<L>(
+    pub fn start<M, L>(
         load: L,
         limits: EngineLimits,
         metrics: Metrics,
         ready: watch::Sender<bool>,
     ) -> (Engine, JoinHandle<Result<(), String>>)
     where
-        L: FnOnce() -> Result<LlamaModel, String> + Send + 'static,
+        M: Decoder,
+        L: FnOnce() -> Result<M, String> + Send + 'static,
     {
         let (submissions, receiver) = std_mpsc::channel::<QueuedHandle>();
         let board = Arc::new(Mutex::new(Board::default()));
@@ -233,9 +277,9 @@ impl Engine {
     }
 }
 
-struct Scheduler {
-    model: LlamaModel,
-    cache: KvCache,
+struct Scheduler<M: Decoder> {
+    model: M,
+    cache: M::Cache,
     limits: EngineLimits,
     metrics: Metrics,
     board: Arc<Mutex<Board>>,
@@ -244,14 +288,14 @@ struct Scheduler {
     running: Vec<Running>,
 }
 
-impl Scheduler {
+impl<M: Decoder> Scheduler<M> {
     fn new(
-        model: LlamaModel,
-        cache: KvCache,
+        model: M,
+        cache: M::Cache,
         limits: EngineLimits,
         metrics: Metrics,
         board: Arc<Mutex<Board>>,
-    ) -> Scheduler {
+    ) -> Self {
         Scheduler {
             model,
             cache,
