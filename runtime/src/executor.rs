@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::admission::{Admission, AdmissionLimits, Gate, Queued};
+use crate::admission::{Admission, AdmissionLimits, Gate, Queued as QueuedUnits};
 use crate::error::{ApiError, BackendError};
 use crate::metrics::Metrics;
 
@@ -115,35 +115,88 @@ impl Wanted<'_> {
     }
 }
 
-type Reply<O> = oneshot::Sender<Result<O, BackendError>>;
-
-struct Entry<J, O> {
-    job: J,
-    shape: Shape,
-    reply: Reply<O>,
-    enqueued: Instant,
-    /// Holds the admission slot until the job is answered or dropped.
-    admission: Admission,
-    /// Its units on the queue, until its pass starts.
-    queued: Option<Queued>,
+/// A job of a stepping backend, as the executor holds it before it starts: it answers its
+/// client itself (one-shot jobs through a reply channel, sequences through their token stream).
+pub trait Queued: Work {
+    /// Whether its client is gone: the job is dropped unrun.
+    fn abandoned(&self) -> bool;
+    /// The instant past which it must not start.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// Answers a job whose deadline passed before it started.
+    fn expire(self);
 }
 
-impl<J, O> std::fmt::Debug for Entry<J, O> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry").field("shape", &self.shape).finish()
+/// A backend whose jobs may span many passes (text generation's continuous batching): each
+/// pass starts some waiting jobs, which join those still running. One-shot backends
+/// (`Backend`) run on it through `OneShot`, whose jobs all end in the pass they start in.
+pub trait StepBackend: 'static {
+    type Job: Queued;
+
+    /// What the next pass has room to start: rows and padded units.
+    fn room(&self) -> Room;
+
+    /// The waiting jobs to start in the next pass, as ascending indices into `waiting` (oldest
+    /// first). By default, `next_pass`'s packing.
+    fn select(&self, waiting: &[Shape], room: Room) -> Vec<usize> {
+        next_pass(waiting, room)
+    }
+
+    /// Whether jobs are still running in it (the executor then goes on stepping rather than
+    /// waiting for new jobs).
+    fn is_busy(&self) -> bool;
+
+    /// One pass: `starting` join the running jobs, each with the admission slot it holds
+    /// until it ends. Jobs must be kept where `fail_running` finds them before any model work.
+    fn step(&mut self, starting: Vec<Started<Self::Job>>);
+
+    /// After `step` panicked: answers every job it holds with `error` and frees what they held.
+    fn fail_running(&mut self, error: &BackendError);
+}
+
+/// Room in a pass for starting jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub rows: usize,
+    pub units: usize,
+}
+
+impl From<BatchLimits> for Room {
+    fn from(limits: BatchLimits) -> Room {
+        Room {
+            rows: limits.max_batch_requests,
+            units: limits.max_batch_tokens,
+        }
     }
 }
 
-/// The handle handlers submit jobs through.
-pub struct Executor<J, O> {
-    jobs: mpsc::UnboundedSender<Entry<J, O>>,
+/// A job starting in a pass, with the admission slot it holds until it is answered.
+#[derive(Debug)]
+pub struct Started<J> {
+    pub job: J,
+    pub admission: Admission,
+}
+
+struct Entry<J> {
+    job: J,
+    shape: Shape,
+    enqueued: Instant,
+    admission: Admission,
+    /// Holds its units on the admission queue until it starts (dropped with the entry).
+    _queued: QueuedUnits,
+}
+
+/// The handle that submits jobs to a stepping backend's model thread.
+pub struct Queue<J> {
+    jobs: mpsc::UnboundedSender<Entry<J>>,
     gate: Gate,
     limits: BatchLimits,
 }
 
-impl<J, O> Clone for Executor<J, O> {
+impl<J> Clone for Queue<J> {
     fn clone(&self) -> Self {
-        Executor {
+        Queue {
             jobs: self.jobs.clone(),
             gate: self.gate.clone(),
             limits: self.limits,
@@ -151,26 +204,26 @@ impl<J, O> Clone for Executor<J, O> {
     }
 }
 
-impl<J, O> std::fmt::Debug for Executor<J, O> {
+impl<J> std::fmt::Debug for Queue<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor")
+        f.debug_struct("Queue")
             .field("limits", &self.limits)
             .finish()
     }
 }
 
-impl<J: Work, O: Send + 'static> Executor<J, O> {
+impl<J: Queued> Queue<J> {
     /// Starts the model thread. `load` runs on it; `ready` turns true once it has loaded. A
     /// failed load is returned by the join handle.
-    pub fn start<B, L>(
+    pub fn start<S, L>(
         load: L,
         limits: BatchLimits,
         metrics: Metrics,
         ready: watch::Sender<bool>,
     ) -> (Self, JoinHandle<Result<(), String>>)
     where
-        B: Backend<Job = J, Output = O>,
-        L: FnOnce() -> Result<B, String> + Send + 'static,
+        S: StepBackend<Job = J>,
+        L: FnOnce() -> Result<S, String> + Send + 'static,
     {
         let (jobs, receiver) = mpsc::unbounded_channel();
         let gate = Gate::new(limits.admission, limits.max_batch_tokens);
@@ -180,11 +233,11 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
             .spawn(move || {
                 let backend = load()?;
                 let _ = ready.send(true);
-                tch::no_grad(|| run_passes(backend, receiver, limits, &model_gate, &metrics));
+                tch::no_grad(|| run_steps(backend, receiver, &model_gate, &metrics));
                 Ok(())
             })
             .expect("spawning the model thread");
-        (Executor { jobs, gate, limits }, thread)
+        (Queue { jobs, gate, limits }, thread)
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -197,22 +250,291 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
         self.gate.admit()
     }
 
-    /// Runs an admitted job in the next passes, or refuses it at once (429) when the queue
+    /// Queues an admitted job for the next passes, or refuses it at once (429) when the queue
     /// rule does.
-    pub async fn submit(&self, admission: Admission, job: J) -> Result<O, ApiError> {
+    pub fn enqueue(&self, admission: Admission, job: J) -> Result<(), ApiError> {
         let shape = job.shape();
         let now = Instant::now();
         let queued = self.gate.queue(shape.units(), now)?;
-        let (reply, answer) = oneshot::channel();
         let entry = Entry {
             job,
             shape,
-            reply,
             enqueued: now,
             admission,
-            queued: Some(queued),
+            _queued: queued,
         };
-        self.jobs.send(entry).map_err(|_| ApiError::ShuttingDown)?;
+        self.jobs.send(entry).map_err(|_| ApiError::ShuttingDown)
+    }
+}
+
+/// The model thread's loop: take every job that arrived, drop those nobody waits for or whose
+/// deadline passed, start what the next pass has room for, run the pass.
+fn run_steps<S: StepBackend>(
+    mut backend: S,
+    mut receiver: mpsc::UnboundedReceiver<Entry<S::Job>>,
+    gate: &Gate,
+    metrics: &Metrics,
+) {
+    let mut waiting: VecDeque<Entry<S::Job>> = VecDeque::new();
+    loop {
+        if waiting.is_empty() && !backend.is_busy() {
+            match receiver.blocking_recv() {
+                Some(entry) => waiting.push_back(entry),
+                None => return,
+            }
+        }
+        while let Ok(entry) = receiver.try_recv() {
+            waiting.push_back(entry);
+        }
+        let now = Instant::now();
+        for entry in std::mem::take(&mut waiting) {
+            if entry.job.abandoned() {
+                metrics.dropped.inc();
+            } else if entry.job.deadline().is_some_and(|deadline| deadline <= now) {
+                entry.job.expire();
+            } else {
+                waiting.push_back(entry);
+            }
+        }
+        let shapes: Vec<Shape> = waiting.iter().map(|entry| entry.shape).collect();
+        let chosen = backend.select(&shapes, backend.room());
+        if chosen.is_empty() && !backend.is_busy() {
+            continue;
+        }
+        // Take from the back so that the remaining indices stay valid; then oldest first.
+        let mut starting: Vec<Entry<S::Job>> = chosen
+            .iter()
+            .rev()
+            .filter_map(|&index| waiting.remove(index))
+            .collect();
+        starting.reverse();
+        metrics.waiting.set(waiting.len() as i64);
+        let (mut rows, mut width) = (0, 0);
+        for entry in &starting {
+            metrics
+                .queue_seconds
+                .observe(now.duration_since(entry.enqueued).as_secs_f64());
+            rows += entry.shape.rows;
+            width = usize::max(width, entry.shape.width);
+        }
+        let starting: Vec<Started<S::Job>> = starting
+            .into_iter()
+            // Dropping `queued` moves the job's units from the queue to the running pass.
+            .map(|entry| Started {
+                job: entry.job,
+                admission: entry.admission,
+            })
+            .collect();
+        let started = Instant::now();
+        gate.pass_started(rows * width, started);
+        let stepped = catch_unwind(AssertUnwindSafe(|| backend.step(starting)));
+        let ended = Instant::now();
+        gate.pass_ended(ended);
+        metrics
+            .inference_seconds
+            .observe(ended.duration_since(started).as_secs_f64());
+        if let Err(panic) = stepped {
+            let error = BackendError::from_panic(panic_message(panic.as_ref()));
+            tracing::error!(%error, "a model pass panicked; its jobs fail, the model thread goes on");
+            metrics.panics.inc();
+            backend.fail_running(&error);
+        }
+    }
+}
+
+/// The jobs of the next pass, as indices into `waiting` (oldest first) in ascending order: the
+/// oldest, then the others largest first while the pass stays within `room`. The oldest always
+/// runs when there is a row for it, even alone over the units, so no job waits forever.
+pub fn next_pass(waiting: &[Shape], room: Room) -> Vec<usize> {
+    let Some(oldest) = waiting.first() else {
+        return Vec::new();
+    };
+    if room.rows == 0 {
+        return Vec::new();
+    }
+    let (mut rows, mut width) = (oldest.rows, oldest.width);
+    let mut order: Vec<usize> = (1..waiting.len()).collect();
+    order.sort_by_key(|&index| std::cmp::Reverse(waiting[index].units()));
+    let mut chosen = vec![0];
+    for index in order {
+        let candidate = waiting[index];
+        let (new_rows, new_width) = (rows + candidate.rows, width.max(candidate.width));
+        if new_rows <= room.rows && new_rows * new_width <= room.units {
+            (rows, width) = (new_rows, new_width);
+            chosen.push(index);
+        }
+    }
+    chosen.sort_unstable();
+    chosen
+}
+
+type Reply<O> = oneshot::Sender<Result<O, BackendError>>;
+
+/// A one-shot job with where to answer it.
+pub struct Answered<J, O> {
+    job: J,
+    reply: Reply<O>,
+}
+
+impl<J: Work, O: Send + 'static> Work for Answered<J, O> {
+    fn shape(&self) -> Shape {
+        self.job.shape()
+    }
+}
+
+impl<J: Work, O: Send + 'static> Queued for Answered<J, O> {
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn expire(self) {
+        let _ = self.reply.send(Err(BackendError::Abandoned));
+    }
+}
+
+impl<J, O> std::fmt::Debug for Answered<J, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answered").finish_non_exhaustive()
+    }
+}
+
+/// Runs a one-shot `Backend` on the executor: every job of a pass ends in it.
+pub struct OneShot<B: Backend> {
+    backend: B,
+    limits: BatchLimits,
+    metrics: Metrics,
+    /// Where to answer the jobs of the running pass; what `fail_running` answers after a panic.
+    replies: Vec<(Reply<B::Output>, Admission)>,
+}
+
+impl<B: Backend> std::fmt::Debug for OneShot<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneShot")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> StepBackend for OneShot<B> {
+    type Job = Answered<B::Job, B::Output>;
+
+    fn room(&self) -> Room {
+        self.limits.into()
+    }
+
+    fn is_busy(&self) -> bool {
+        false
+    }
+
+    fn step(&mut self, starting: Vec<Started<Self::Job>>) {
+        let (mut rows, mut width) = (0, 0);
+        let mut jobs = Vec::with_capacity(starting.len());
+        for Started { job, admission } in starting {
+            let shape = job.job.shape();
+            (rows, width) = (rows + shape.rows, width.max(shape.width));
+            jobs.push(job.job);
+            self.replies.push((job.reply, admission));
+        }
+        self.metrics.batch_sequences.observe(rows as f64);
+        self.metrics.batch_tokens.observe((rows * width) as f64);
+        let count = jobs.len();
+        let results = {
+            let wanted = Wanted {
+                closed: self
+                    .replies
+                    .iter()
+                    .map(|(reply, _)| Box::new(|| reply.is_closed()) as Box<dyn Fn() -> bool + '_>)
+                    .collect(),
+            };
+            self.backend.run_batch(jobs, &wanted)
+        };
+        let results = if results.len() == count {
+            results
+        } else {
+            let error = BackendError::WrongOutputCount {
+                expected: count,
+                got: results.len(),
+            };
+            tracing::error!(%error, "a model pass failed");
+            failed(&error, count)
+        };
+        for (result, (reply, admission)) in results.into_iter().zip(self.replies.drain(..)) {
+            // The slot is free before the client hears back, so its next request finds it free.
+            drop(admission);
+            let _ = reply.send(result);
+        }
+    }
+
+    fn fail_running(&mut self, error: &BackendError) {
+        for (reply, admission) in self.replies.drain(..) {
+            drop(admission);
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// The handle handlers submit one-shot jobs through.
+pub struct Executor<J, O> {
+    queue: Queue<Answered<J, O>>,
+}
+
+impl<J, O> Clone for Executor<J, O> {
+    fn clone(&self) -> Self {
+        Executor {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<J, O> std::fmt::Debug for Executor<J, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("limits", &self.queue.limits)
+            .finish()
+    }
+}
+
+impl<J: Work, O: Send + 'static> Executor<J, O> {
+    /// Starts the model thread of a one-shot backend. `load` runs on it; `ready` turns true
+    /// once it has loaded. A failed load is returned by the join handle.
+    pub fn start<B, L>(
+        load: L,
+        limits: BatchLimits,
+        metrics: Metrics,
+        ready: watch::Sender<bool>,
+    ) -> (Self, JoinHandle<Result<(), String>>)
+    where
+        B: Backend<Job = J, Output = O>,
+        L: FnOnce() -> Result<B, String> + Send + 'static,
+    {
+        let pass_metrics = metrics.clone();
+        let load = move || {
+            load().map(|backend| OneShot {
+                backend,
+                limits,
+                metrics: pass_metrics,
+                replies: Vec::new(),
+            })
+        };
+        let (queue, thread) = Queue::start(load, limits, metrics, ready);
+        (Executor { queue }, thread)
+    }
+
+    pub fn limits(&self) -> BatchLimits {
+        self.queue.limits
+    }
+
+    /// Admits a request, or refuses it at once (429) when the count limit is reached. Taken
+    /// before any work is spent on the request (tokenizing included).
+    pub fn admit(&self) -> Result<Admission, ApiError> {
+        self.queue.admit()
+    }
+
+    /// Runs an admitted job in the next passes, or refuses it at once (429) when the queue
+    /// rule does.
+    pub async fn submit(&self, admission: Admission, job: J) -> Result<O, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.enqueue(admission, Answered { job, reply })?;
         match answer.await {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(error)) => Err(ApiError::Backend(error)),
@@ -224,140 +546,6 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
     pub async fn run(&self, job: J) -> Result<O, ApiError> {
         let admission = self.admit()?;
         self.submit(admission, job).await
-    }
-}
-
-/// The model thread's loop: take every job that arrived, drop those nobody waits for, run the
-/// next pass, answer.
-fn run_passes<B: Backend>(
-    mut backend: B,
-    mut receiver: mpsc::UnboundedReceiver<Entry<B::Job, B::Output>>,
-    limits: BatchLimits,
-    gate: &Gate,
-    metrics: &Metrics,
-) {
-    let mut waiting: VecDeque<Entry<B::Job, B::Output>> = VecDeque::new();
-    loop {
-        if waiting.is_empty() {
-            match receiver.blocking_recv() {
-                Some(entry) => waiting.push_back(entry),
-                None => return,
-            }
-        }
-        while let Ok(entry) = receiver.try_recv() {
-            waiting.push_back(entry);
-        }
-        waiting.retain(|entry| {
-            let gone = entry.reply.is_closed();
-            if gone {
-                metrics.dropped.inc();
-            }
-            !gone
-        });
-        let shapes: Vec<Shape> = waiting.iter().map(|entry| entry.shape).collect();
-        let chosen = next_pass(&shapes, limits);
-        if chosen.is_empty() {
-            continue;
-        }
-        // Take from the back so that the remaining indices stay valid; then oldest first.
-        let mut pass: Vec<_> = chosen
-            .iter()
-            .rev()
-            .filter_map(|&index| waiting.remove(index))
-            .collect();
-        pass.reverse();
-        run_pass(&mut backend, pass, gate, metrics);
-    }
-}
-
-/// The jobs of the next pass, as indices into `waiting` (oldest first) in ascending order: the
-/// oldest, then the others largest first while the pass stays within the limits. The oldest
-/// always runs, even alone over the limits, so no job waits forever.
-pub fn next_pass(waiting: &[Shape], limits: BatchLimits) -> Vec<usize> {
-    let Some(oldest) = waiting.first() else {
-        return Vec::new();
-    };
-    let (mut rows, mut width) = (oldest.rows, oldest.width);
-    let mut order: Vec<usize> = (1..waiting.len()).collect();
-    order.sort_by_key(|&index| std::cmp::Reverse(waiting[index].units()));
-    let mut chosen = vec![0];
-    for index in order {
-        let candidate = waiting[index];
-        let (new_rows, new_width) = (rows + candidate.rows, width.max(candidate.width));
-        if new_rows <= limits.max_batch_requests && new_rows * new_width <= limits.max_batch_tokens
-        {
-            (rows, width) = (new_rows, new_width);
-            chosen.push(index);
-        }
-    }
-    chosen.sort_unstable();
-    chosen
-}
-
-fn run_pass<B: Backend>(
-    backend: &mut B,
-    mut entries: Vec<Entry<B::Job, B::Output>>,
-    gate: &Gate,
-    metrics: &Metrics,
-) {
-    let started = Instant::now();
-    let mut rows = 0;
-    let mut width = 0;
-    for entry in &mut entries {
-        metrics
-            .queue_seconds
-            .observe(started.duration_since(entry.enqueued).as_secs_f64());
-        // Its units now count as the running pass, not as queued.
-        entry.queued = None;
-        rows += entry.shape.rows;
-        width = usize::max(width, entry.shape.width);
-    }
-    metrics.batch_sequences.observe(rows as f64);
-    metrics.batch_tokens.observe((rows * width) as f64);
-
-    let mut jobs = Vec::with_capacity(entries.len());
-    let mut answers = Vec::with_capacity(entries.len());
-    for entry in entries {
-        jobs.push(entry.job);
-        answers.push((entry.reply, entry.admission));
-    }
-    let count = jobs.len();
-    gate.pass_started(rows * width, started);
-    let results = {
-        let wanted = Wanted {
-            closed: answers
-                .iter()
-                .map(|(reply, _)| Box::new(|| reply.is_closed()) as Box<dyn Fn() -> bool + '_>)
-                .collect(),
-        };
-        catch_unwind(AssertUnwindSafe(|| backend.run_batch(jobs, &wanted)))
-    };
-    let ended = Instant::now();
-    gate.pass_ended(ended);
-    metrics
-        .inference_seconds
-        .observe(ended.duration_since(started).as_secs_f64());
-    let results = match results {
-        Ok(results) if results.len() == count => results,
-        Ok(results) => {
-            let error = BackendError::WrongOutputCount {
-                expected: count,
-                got: results.len(),
-            };
-            tracing::error!(%error, "a model pass failed");
-            failed(&error, count)
-        }
-        Err(panic) => {
-            let error = BackendError::from_panic(panic_message(panic.as_ref()));
-            tracing::error!(%error, jobs = count, "a model pass panicked; its jobs fail, the model thread goes on");
-            metrics.panics.inc();
-            failed(&error, count)
-        }
-    };
-    for (result, (reply, admission)) in results.into_iter().zip(answers) {
-        // The slot is free before the client hears back, so its next request finds it free.
-        drop(admission);
-        let _ = reply.send(result);
     }
 }
 
@@ -406,6 +594,10 @@ mod tests {
         }
     }
 
+    fn room(rows: usize, units: usize) -> Room {
+        Room { rows, units }
+    }
+
     fn shape(rows: usize, width: usize) -> Shape {
         Shape { rows, width }
     }
@@ -414,15 +606,15 @@ mod tests {
     fn the_oldest_job_runs_first_joined_by_the_largest_that_fit() {
         let waiting = [shape(1, 10), shape(1, 4), shape(2, 30), shape(1, 20)];
         // 10 + the 60-unit job = 3 rows × 30 = 90 ≤ 100; then 4 rows × 30 = 120 > 100 twice.
-        assert_eq!(next_pass(&waiting, limits(64, 100)), [0, 2]);
-        assert_eq!(next_pass(&waiting, limits(3, 1000)), [0, 2]);
-        assert_eq!(next_pass(&waiting, limits(64, 1000)), [0, 1, 2, 3]);
+        assert_eq!(next_pass(&waiting, room(64, 100)), [0, 2]);
+        assert_eq!(next_pass(&waiting, room(3, 1000)), [0, 2]);
+        assert_eq!(next_pass(&waiting, room(64, 1000)), [0, 1, 2, 3]);
     }
 
     #[test]
     fn the_oldest_job_runs_even_when_alone_it_breaks_the_limits() {
-        assert_eq!(next_pass(&[shape(8, 100), shape(1, 1)], limits(4, 64)), [0]);
-        assert!(next_pass(&[], limits(4, 64)).is_empty());
+        assert_eq!(next_pass(&[shape(8, 100), shape(1, 1)], room(4, 64)), [0]);
+        assert!(next_pass(&[], room(4, 64)).is_empty());
     }
 
     struct Echo;

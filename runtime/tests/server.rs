@@ -329,6 +329,7 @@ async fn a_refused_request_costs_no_tokenizing() {
     // before truncation) than to read.
     let heavy = json!({"inputs": vec!["tokens ".repeat(1150); 32], "truncate": true}).to_string();
     let client = reqwest::Client::new();
+    let admitted = Instant::now();
     let busy = tokio::spawn(
         client
             .post(format!("{}/embed", runtime.url))
@@ -348,12 +349,17 @@ async fn a_refused_request_costs_no_tokenizing() {
         }
     }
     assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    let admitted_took = admitted.elapsed();
     assert!(refused > 0, "nothing was refused while the slot was taken");
-    eprintln!("{refused} refused, slowest {slowest_refusal:?}");
+    eprintln!(
+        "{refused} refused, slowest {slowest_refusal:?}; the admitted one took {admitted_took:?}"
+    );
+    // Relative to the admitted request's own tokenizing and pass, so that the bound holds on a
+    // loaded machine, where both slow down alike. Tokenizing before the refusal made each
+    // refusal cost about what the admitted request took.
     assert!(
-        // Tokenizing first made it over a second in this debug build.
-        slowest_refusal < Duration::from_millis(100),
-        "a refusal took {slowest_refusal:?}"
+        slowest_refusal * 5 < admitted_took,
+        "a refusal took {slowest_refusal:?}, the admitted request {admitted_took:?}"
     );
 }
 

@@ -30,14 +30,14 @@ pub struct Commitment {
     pub promise: Option<Instant>,
 }
 
-/// What the scheduler last published, plus the sequences submitted since.
+/// What the scheduler last published (the running sequences), plus the sequences taken and not
+/// yet started.
 #[derive(Debug, Default)]
 pub struct Board {
     pub step_times: StepTimes,
     pub prefill_cost: PassCost,
     pub running: Vec<Commitment>,
-    pub waiting: Vec<Commitment>,
-    /// Submitted, not yet seen by the scheduler, by submission number.
+    /// Taken, not yet started, by submission number.
     pub submitted: HashMap<u64, Commitment>,
     pub submissions: u64,
     pub busy: BusyPeriod,
@@ -95,13 +95,12 @@ impl Board {
         Ok((self.submissions, commitment))
     }
 
-    /// Running first, then waiting in order, then those the scheduler has not seen yet.
+    /// Running first, then those not yet started, in the order they were taken.
     fn taken(&self) -> impl Iterator<Item = Commitment> + '_ {
         let mut submitted: Vec<(&u64, &Commitment)> = self.submitted.iter().collect();
         submitted.sort_unstable_by_key(|(number, _)| **number);
         self.running
             .iter()
-            .chain(&self.waiting)
             .copied()
             .chain(submitted.into_iter().map(|(_, c)| *c))
     }

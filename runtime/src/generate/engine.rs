@@ -1,29 +1,28 @@
-//! The continuous-batching scheduler: one model thread owns the decoder and its KV cache and
-//! loops over steps. Between steps, new sequences are admitted (prefilled into a free cache
-//! slot, up to a budget of prompt tokens per step so decoding never stalls behind long
-//! prompts) and finished ones leave; each step decodes one token for every running sequence in
-//! a single batch. A sequence whose client went away (its event receiver dropped) or whose
-//! deadline passed is stopped before the next step, so no token is computed for it after that.
+//! Continuous batching, as a backend of the executor (`crate::executor::StepBackend`): the
+//! model thread owns the decoder and its KV cache, and each pass (a step) prefills the
+//! sequences starting in it into free cache slots, up to a budget of prompt tokens so decoding
+//! never stalls behind long prompts, then decodes one token for every running sequence in a
+//! single batch. Finished sequences leave between steps. A sequence whose client went away (its
+//! event receiver dropped) or whose deadline passed is stopped before the next step, so no
+//! token is computed for it after that; the executor does the same for those still waiting.
 //!
-//! Memory for keys and values is fixed at start: `max_running_sequences` slots of `max_sequence_tokens`
-//! positions. When every slot is taken, new sequences wait; beyond `max_concurrent_requests` in flight, or
-//! when the slowdown rule (`admission`) predicts a sequence too slow, submission is refused
-//! (429).
+//! Memory for keys and values is fixed at start: `max_running_sequences` slots of
+//! `max_sequence_tokens` positions. When every slot is taken, new sequences wait; beyond
+//! `max_concurrent_requests` in flight, or when the slowdown rule (`admission`) predicts a
+//! sequence too slow, submission is refused (429).
 
-use std::collections::VecDeque;
-use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::admission::{Board, Commitment};
 use super::sampling::{SamplingParams, SeededRng, sample};
-use crate::admission::Slowdown;
+use crate::admission::{Admission, AdmissionLimits, Slowdown};
 use crate::error::{ApiError, BackendError};
-use crate::executor::panic_message;
+use crate::executor::{BatchLimits, Queue, Queued, Room, Shape, Started, StepBackend, Work};
 use crate::metrics::Metrics;
 use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 
@@ -125,14 +124,55 @@ pub struct Submission {
     pub deadline: Option<Instant>,
 }
 
-struct Queued {
+/// A sequence waiting to start: what it asks for, where its events go, and its place on the
+/// admission board.
+struct Sequence {
     submission: Submission,
     events: mpsc::UnboundedSender<Event>,
     submitted: Instant,
-    admission: OwnedSemaphorePermit,
-    /// Its number on the board and what it was taken with.
+    taken: Taken,
+}
+
+/// A sequence's commitment on the board, from its admission until it starts: dropped unrun
+/// (client gone, deadline passed), it leaves the board.
+struct Taken {
+    board: Arc<Mutex<Board>>,
     number: u64,
     commitment: Commitment,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        lock(&self.board).submitted.remove(&self.number);
+    }
+}
+
+impl Work for Sequence {
+    /// A prompt is a row of its tokens: the prefill budget bounds rows × the longest prompt.
+    fn shape(&self) -> Shape {
+        Shape {
+            rows: 1,
+            width: self.submission.prompt.len(),
+        }
+    }
+}
+
+impl Queued for Sequence {
+    fn abandoned(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.submission.deadline
+    }
+
+    fn expire(self) {
+        let _ = self.events.send(Event::Finished {
+            reason: FinishReason::Deadline,
+            prompt_tokens: self.submission.prompt.len(),
+            generated_tokens: 0,
+        });
+    }
 }
 
 struct Running {
@@ -145,7 +185,7 @@ struct Running {
     deadline: Option<Instant>,
     events: mpsc::UnboundedSender<Event>,
     last_token_at: Instant,
-    admission: OwnedSemaphorePermit,
+    admission: Admission,
     promise: Option<Instant>,
 }
 
@@ -170,18 +210,16 @@ fn lock(board: &Mutex<Board>) -> MutexGuard<'_, Board> {
 /// The async side: submits sequences to the model thread.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    submissions: std_mpsc::Sender<QueuedHandle>,
-    admission: Arc<Semaphore>,
+    queue: Queue<Sequence>,
     board: Arc<Mutex<Board>>,
     pub limits: EngineLimits,
 }
 
-/// `Queued` without its `Debug`-less parts exposed; what crosses the channel.
-struct QueuedHandle(Queued);
-
-impl std::fmt::Debug for QueuedHandle {
+impl std::fmt::Debug for Sequence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Queued")
+        f.debug_struct("Sequence")
+            .field("prompt", &self.submission.prompt.len())
+            .finish()
     }
 }
 
@@ -197,27 +235,36 @@ impl Engine {
         M: Decoder,
         L: FnOnce() -> Result<M, String> + Send + 'static,
     {
-        let (submissions, receiver) = std_mpsc::channel::<QueuedHandle>();
         let board = Arc::new(Mutex::new(Board::default()));
         let scheduler_board = board.clone();
-        let thread = std::thread::Builder::new()
-            .name("model".to_owned())
-            .spawn(move || {
-                let model = load()?;
-                let cache = model.new_cache(
-                    limits.max_running_sequences as i64,
-                    limits.max_sequence_tokens as i64,
-                );
-                let _ = ready.send(true);
-                tch::no_grad(|| {
-                    Scheduler::new(model, cache, limits, metrics, scheduler_board).run(receiver)
-                });
-                Ok(())
-            })
-            .expect("spawning the model thread");
+        let scheduler_metrics = metrics.clone();
+        let load = move || {
+            let model = load()?;
+            let cache = model.new_cache(
+                limits.max_running_sequences as i64,
+                limits.max_sequence_tokens as i64,
+            );
+            Ok(Scheduler::new(
+                model,
+                cache,
+                limits,
+                scheduler_metrics,
+                scheduler_board,
+            ))
+        };
+        // The queue's gate counts requests; the board's replay of the schedule is the
+        // slowdown rule, so the gate's own is off.
+        let batch = BatchLimits {
+            max_batch_tokens: limits.max_prefill_tokens,
+            max_batch_requests: limits.max_running_sequences,
+            admission: AdmissionLimits {
+                max_concurrent_requests: limits.max_concurrent_requests,
+                max_slowdown: None,
+            },
+        };
+        let (queue, thread) = Queue::start(load, batch, metrics, ready);
         let engine = Engine {
-            submissions,
-            admission: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            queue,
             board,
             limits,
         };
@@ -230,11 +277,7 @@ impl Engine {
         &self,
         submission: Submission,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded)?;
+        let admission = self.queue.admit()?;
         let steps = submission.stop.max_new_tokens.min(
             self.limits
                 .max_sequence_tokens
@@ -243,36 +286,41 @@ impl Engine {
         let now = Instant::now();
         let (number, commitment) = {
             let mut board = lock(&self.board);
+            let prompt_tokens = submission.prompt.len();
             match self.limits.max_slowdown {
                 Some(slowdown) => board.admit(
-                    submission.prompt.len(),
+                    prompt_tokens,
                     steps,
                     slowdown,
                     self.limits.max_running_sequences,
                     now,
                 )?,
-                None => (
-                    0,
-                    Commitment {
+                None => {
+                    let commitment = Commitment {
                         steps_left: steps,
-                        prompt_tokens: submission.prompt.len(),
+                        prompt_tokens,
                         promise: None,
-                    },
-                ),
+                    };
+                    board.submissions += 1;
+                    let number = board.submissions;
+                    board.submitted.insert(number, commitment);
+                    (number, commitment)
+                }
             }
         };
-        let (events, receiver) = mpsc::unbounded_channel();
-        let queued = Queued {
-            submission,
-            events,
-            submitted: now,
-            admission: permit,
+        let taken = Taken {
+            board: self.board.clone(),
             number,
             commitment,
         };
-        self.submissions
-            .send(QueuedHandle(queued))
-            .map_err(|_| ApiError::ShuttingDown)?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let sequence = Sequence {
+            submission,
+            events,
+            submitted: now,
+            taken,
+        };
+        self.queue.enqueue(admission, sequence)?;
         Ok(receiver)
     }
 }
@@ -284,8 +332,79 @@ struct Scheduler<M: Decoder> {
     metrics: Metrics,
     board: Arc<Mutex<Board>>,
     free_slots: Vec<i64>,
-    waiting: VecDeque<Queued>,
+    /// Sequences starting in the current step, until their prefill has run.
+    starting: Vec<Started<Sequence>>,
     running: Vec<Running>,
+}
+
+impl<M: Decoder> StepBackend for Scheduler<M> {
+    type Job = Sequence;
+
+    /// A free cache slot per starting sequence, within the per-step budget of prompt tokens.
+    fn room(&self) -> Room {
+        Room {
+            rows: self.free_slots.len(),
+            units: self.limits.max_prefill_tokens,
+        }
+    }
+
+    /// First come, first prefilled, while they fit: always at least one when a slot is free,
+    /// so a prompt longer than the budget still runs.
+    fn select(&self, waiting: &[Shape], room: Room) -> Vec<usize> {
+        let mut longest = 0;
+        let mut chosen = Vec::new();
+        for (index, shape) in waiting.iter().enumerate() {
+            let padded = (chosen.len() + 1) * longest.max(shape.width);
+            if chosen.len() == room.rows || (!chosen.is_empty() && padded > room.units) {
+                break;
+            }
+            longest = longest.max(shape.width);
+            chosen.push(index);
+        }
+        chosen
+    }
+
+    fn is_busy(&self) -> bool {
+        !self.running.is_empty()
+    }
+
+    fn step(&mut self, starting: Vec<Started<Sequence>>) {
+        self.drop_abandoned();
+        {
+            // On the board as running from now, so that admission never misses them while
+            // they prefill.
+            let mut board = lock(&self.board);
+            for started in &starting {
+                let taken = &started.job.taken;
+                board.submitted.remove(&taken.number);
+                board.running.push(Commitment {
+                    prompt_tokens: 0,
+                    ..taken.commitment
+                });
+            }
+        }
+        self.starting = starting;
+        self.prefill();
+        self.decode();
+        self.publish();
+        self.metrics.running.set(self.running.len() as i64);
+    }
+
+    fn fail_running(&mut self, error: &BackendError) {
+        for started in self.starting.drain(..) {
+            let _ = started.job.events.send(Event::Failed(error.clone()));
+        }
+        for sequence in self.running.drain(..) {
+            let _ = sequence.events.send(Event::Failed(error.clone()));
+            self.free_slots.push(sequence.slot);
+        }
+        // Slots of a prefill that failed part-way hold nothing anyone reads.
+        self.free_slots = (0..self.limits.max_running_sequences as i64)
+            .rev()
+            .collect();
+        self.publish();
+        self.metrics.running.set(0);
+    }
 }
 
 impl<M: Decoder> Scheduler<M> {
@@ -303,42 +422,12 @@ impl<M: Decoder> Scheduler<M> {
             board,
             free_slots: (0..limits.max_running_sequences as i64).rev().collect(),
             limits,
-            waiting: VecDeque::new(),
+            starting: Vec::new(),
             running: Vec::new(),
         }
     }
 
-    fn run(mut self, receiver: std_mpsc::Receiver<QueuedHandle>) {
-        loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
-                match receiver.recv() {
-                    Ok(QueuedHandle(queued)) => self.receive(queued),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(QueuedHandle(queued)) = receiver.try_recv() {
-                self.receive(queued);
-            }
-            self.drop_abandoned();
-            self.admit();
-            self.decode();
-            self.publish();
-            self.metrics.running.set(self.running.len() as i64);
-            self.metrics.waiting.set(self.waiting.len() as i64);
-        }
-    }
-
-    /// Takes a submission into the waiting queue, on the board as well.
-    fn receive(&mut self, queued: Queued) {
-        let mut board = lock(&self.board);
-        if board.submitted.remove(&queued.number).is_some() {
-            board.waiting.push(queued.commitment);
-        }
-        drop(board);
-        self.waiting.push_back(queued);
-    }
-
-    /// Puts the running and waiting sequences on the board for admission to read.
+    /// Puts the running sequences on the board for admission to read.
     fn publish(&self) {
         let max_sequence_tokens = self.limits.max_sequence_tokens;
         let mut board = lock(&self.board);
@@ -351,39 +440,22 @@ impl<M: Decoder> Scheduler<M> {
                 promise: sequence.promise,
             })
             .collect();
-        board.waiting = self.waiting.iter().map(|q| q.commitment).collect();
-        if board.running.is_empty() && board.waiting.is_empty() && board.submitted.is_empty() {
+        if board.running.is_empty() && board.submitted.is_empty() {
             board.busy.went_idle(Instant::now());
         }
     }
 
-    /// Ends sequences nobody waits for, or whose deadline passed, before spending a step on them.
+    /// Ends running sequences nobody waits for, or whose deadline passed, before spending a
+    /// step on them.
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
-        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| d <= now);
-        let metrics = &self.metrics;
-        self.waiting.retain(|queued| {
-            if queued.events.is_closed() {
-                metrics.dropped.inc();
-                return false;
-            }
-            if expired(queued.submission.deadline) {
-                let _ = queued.events.send(Event::Finished {
-                    reason: FinishReason::Deadline,
-                    prompt_tokens: queued.submission.prompt.len(),
-                    generated_tokens: 0,
-                });
-                return false;
-            }
-            true
-        });
         let mut index = 0;
         while index < self.running.len() {
             let sequence = &self.running[index];
             if sequence.events.is_closed() {
                 self.metrics.abandoned.inc();
                 self.free(index, None);
-            } else if expired(sequence.deadline) {
+            } else if sequence.deadline.is_some_and(|d| d <= now) {
                 self.metrics.abandoned.inc();
                 self.free(index, Some(FinishReason::Deadline));
             } else {
@@ -416,50 +488,41 @@ impl<M: Decoder> Scheduler<M> {
         self.free_slots.push(slot);
     }
 
-    /// Prefills waiting sequences into free slots in one forward pass, within the per-step
-    /// budget of (padded) prompt tokens; always at least one, so a prompt longer than the
-    /// budget still runs.
-    fn admit(&mut self) {
-        let budget = self.limits.max_prefill_tokens;
-        let mut chosen: Vec<Queued> = Vec::new();
-        let mut longest = 0;
-        while let Some(queued) = self.waiting.front() {
-            let len = queued.submission.prompt.len();
-            let padded = (chosen.len() + 1) * longest.max(len);
-            if chosen.len() == self.free_slots.len() || (!chosen.is_empty() && padded > budget) {
-                break;
-            }
-            longest = longest.max(len);
-            chosen.push(self.waiting.pop_front().expect("front exists"));
+    /// Prefills the starting sequences into free slots in one forward pass.
+    fn prefill(&mut self) {
+        if self.starting.is_empty() {
+            return;
         }
-        if !chosen.is_empty() {
-            self.prefill(chosen, longest);
-        }
-    }
-
-    fn prefill(&mut self, batch: Vec<Queued>, longest: usize) {
-        let slots: Vec<i64> = batch
+        let longest = self
+            .starting
             .iter()
-            .map(|_| self.free_slots.pop().expect("a free slot per sequence"))
+            .map(|s| s.job.submission.prompt.len())
+            .max()
+            .unwrap_or(0);
+        let slots: Vec<i64> = self
+            .starting
+            .iter()
+            .map(|_| {
+                self.free_slots
+                    .pop()
+                    .expect("a free slot per starting sequence")
+            })
             .collect();
-        for queued in &batch {
-            self.metrics
-                .queue_seconds
-                .observe(queued.submitted.elapsed().as_secs_f64());
-        }
-        let padded: Vec<i64> = batch
+        let padded: Vec<i64> = self
+            .starting
             .iter()
-            .flat_map(|q| {
-                let prompt = &q.submission.prompt;
+            .flat_map(|s| {
+                let prompt = &s.job.submission.prompt;
                 prompt
                     .iter()
                     .copied()
                     .chain(std::iter::repeat_n(0, longest - prompt.len()))
             })
             .collect();
-        let last: Vec<i64> = batch
+        let last: Vec<i64> = self
+            .starting
             .iter()
-            .map(|q| q.submission.prompt.len() as i64 - 1)
+            .map(|s| s.job.submission.prompt.len() as i64 - 1)
             .collect();
         let placements: Vec<Placement> = slots
             .iter()
@@ -467,44 +530,34 @@ impl<M: Decoder> Scheduler<M> {
             .collect();
         let started = Instant::now();
         let tokens = Tensor::from_slice(&padded)
-            .view([batch.len() as i64, longest as i64])
+            .view([self.starting.len() as i64, longest as i64])
             .to_device(self.model.device());
-        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model
-                .forward(&tokens, &placements, &mut self.cache, Logits::At(&last))
-        }));
-        let logits = match forward {
-            Ok(logits) => logits,
-            Err(panic) => {
-                let error = failed_pass(panic.as_ref(), &self.metrics);
-                for queued in batch {
-                    let _ = queued.events.send(Event::Failed(error.clone()));
-                }
-                self.free_slots.extend(slots);
-                return;
-            }
-        };
+        let logits = self
+            .model
+            .forward(&tokens, &placements, &mut self.cache, Logits::At(&last));
         let seconds = started.elapsed().as_secs_f64();
-        self.metrics.inference_seconds.observe(seconds);
         self.metrics.batch_tokens.observe(padded.len() as f64);
         lock(&self.board)
             .prefill_cost
             .observe(padded.len() as f64, seconds);
-        let mut sequences = Vec::with_capacity(batch.len());
-        let mut submitted_at = Vec::with_capacity(batch.len());
-        for (queued, slot) in batch.into_iter().zip(slots) {
-            let Queued {
-                submission,
-                events,
-                submitted,
+        let mut sequences = Vec::with_capacity(self.starting.len());
+        let mut submitted_at = Vec::with_capacity(self.starting.len());
+        for (started, slot) in self.starting.drain(..).zip(slots) {
+            let Started {
+                job:
+                    Sequence {
+                        submission,
+                        events,
+                        submitted,
+                        taken,
+                    },
                 admission,
-                commitment,
-                ..
-            } = queued;
+            } = started;
             self.metrics
                 .prompt_tokens
                 .inc_by(submission.prompt.len() as u64);
             submitted_at.push(submitted);
+            let promise = taken.commitment.promise;
             sequences.push(Running {
                 slot,
                 prompt_len: submission.prompt.len(),
@@ -516,7 +569,7 @@ impl<M: Decoder> Scheduler<M> {
                 events,
                 last_token_at: Instant::now(),
                 admission,
-                promise: commitment.promise,
+                promise,
             });
         }
         let first_tokens = choose(&logits, &mut sequences);
@@ -534,7 +587,7 @@ impl<M: Decoder> Scheduler<M> {
 
     /// One decode step of every running sequence.
     fn decode(&mut self) {
-        // Sequences admitted this step already have their first token; all decode together.
+        // Sequences prefilled this step already have their first token; all decode together.
         if self.running.is_empty() {
             return;
         }
@@ -555,23 +608,10 @@ impl<M: Decoder> Scheduler<M> {
         let tokens = Tensor::from_slice(&last)
             .to_device(self.model.device())
             .unsqueeze(1);
-        let forward = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.model
-                .forward(&tokens, &placements, &mut self.cache, Logits::Last)
-        }));
-        let logits = match forward {
-            Ok(logits) => logits,
-            Err(panic) => {
-                let error = failed_pass(panic.as_ref(), &self.metrics);
-                for sequence in self.running.drain(..) {
-                    let _ = sequence.events.send(Event::Failed(error.clone()));
-                    self.free_slots.push(sequence.slot);
-                }
-                return;
-            }
-        };
+        let logits = self
+            .model
+            .forward(&tokens, &placements, &mut self.cache, Logits::Last);
         let seconds = started.elapsed().as_secs_f64();
-        self.metrics.inference_seconds.observe(seconds);
         self.metrics
             .batch_sequences
             .observe(self.running.len() as f64);
@@ -627,12 +667,4 @@ fn choose(logits: &Tensor, sequences: &mut [Running]) -> Vec<i64> {
         .zip(host.chunks_mut(vocab as usize))
         .map(|(sequence, row)| sample(row, &sequence.sampling, &sequence.tokens, &mut sequence.rng))
         .collect()
-}
-
-/// A step that panicked: its sequences fail, the scheduler goes on.
-fn failed_pass(panic: &(dyn std::any::Any + Send), metrics: &Metrics) -> BackendError {
-    let error = BackendError::from_panic(panic_message(panic));
-    tracing::error!(%error, "a decoding step panicked; its sequences fail, the model thread goes on");
-    metrics.panics.inc();
-    error
 }
