@@ -2,50 +2,42 @@
 //! their checkpoint names, keys and values computed once and reused (cross-attention, the
 //! decoder's cache), scaled dot-product attention.
 
-use tch::{Tensor, nn, nn::Module};
+use tch::Tensor;
+
+use super::LoadError;
+use super::layers::Linear;
+use super::weights::NamedWeights;
 
 #[derive(Debug)]
 pub struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     heads: i64,
 }
 
 impl Attention {
-    /// `q_proj`, `k_proj`, `v_proj` and `out_proj` under `p`; Whisper's key projection has no
-    /// bias (`key_bias` false).
-    pub fn new(p: nn::Path, dim: i64, heads: i64, key_bias: bool) -> Attention {
+    /// `q_proj`, `k_proj`, `v_proj` and `out_proj` under `prefix`, laid out for few rows;
+    /// Whisper's key projection has no bias (`key_bias` false).
+    pub fn load(
+        w: &NamedWeights,
+        prefix: &str,
+        dim: i64,
+        heads: i64,
+        key_bias: bool,
+    ) -> Result<Attention, LoadError> {
         let linear = |name: &str, bias: bool| {
-            nn::linear(
-                &p / name,
-                dim,
-                dim,
-                nn::LinearConfig {
-                    bias,
-                    ..Default::default()
-                },
-            )
+            Linear::sized(w, &format!("{prefix}.{name}"), [dim, dim], bias)
+                .map(Linear::favour_few_rows)
         };
-        Attention {
-            q_proj: linear("q_proj", true),
-            k_proj: linear("k_proj", key_bias),
-            v_proj: linear("v_proj", true),
-            out_proj: linear("out_proj", true),
+        Ok(Attention {
+            q_proj: linear("q_proj", true)?,
+            k_proj: linear("k_proj", key_bias)?,
+            v_proj: linear("v_proj", true)?,
+            out_proj: linear("out_proj", true)?,
             heads,
-        }
-    }
-
-    pub fn favour_few_rows(&mut self) {
-        for linear in [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.out_proj,
-        ] {
-            super::favour_few_rows(&mut linear.ws);
-        }
+        })
     }
 
     /// [batch, seq, dim] → [batch, heads, seq, head_dim]

@@ -3,10 +3,15 @@
 //!
 //! Reference: transformers v5.24.0, `models/bert/modeling_bert.py` and
 //! `models/roberta/modeling_roberta.py` (https://github.com/huggingface/transformers/tree/v5.24.0).
-//! Parameter paths equal the checkpoint's, so safetensors load without a mapping table.
+//! Weights are read by their checkpoint names, under the prefix a task model's checkpoint gives
+//! the encoder (`bert.`, `roberta.`).
 
 use serde::Deserialize;
-use tch::{Kind, Tensor, nn, nn::Module};
+use tch::{Kind, Tensor};
+
+use super::LoadError;
+use super::layers::{Embedding, LayerNorm, Linear};
+use super::weights::NamedWeights;
 
 /// `config.json` of a BERT-family checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -96,38 +101,31 @@ impl BertConfig {
     }
 }
 
-fn layer_norm(p: nn::Path, cfg: &BertConfig) -> nn::LayerNorm {
-    nn::layer_norm(
-        p,
-        vec![cfg.hidden_size],
-        nn::LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        },
-    )
+fn layer_norm(w: &NamedWeights, prefix: &str, cfg: &BertConfig) -> Result<LayerNorm, LoadError> {
+    LayerNorm::sized(w, prefix, cfg.hidden_size, cfg.layer_norm_eps)
 }
 
 /// `BertEmbeddings`: word + position + token type, then LayerNorm.
 #[derive(Debug)]
 struct Embeddings {
-    word: nn::Embedding,
-    position: nn::Embedding,
-    token_type: nn::Embedding,
-    layer_norm: nn::LayerNorm,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    layer_norm: LayerNorm,
     roberta_padding_idx: Option<i64>,
 }
 
 impl Embeddings {
-    fn new(p: nn::Path, cfg: &BertConfig) -> Embeddings {
-        let embedding =
-            |name: &str, n| nn::embedding(&p / name, n, cfg.hidden_size, Default::default());
-        Embeddings {
-            word: embedding("word_embeddings", cfg.vocab_size),
-            position: embedding("position_embeddings", cfg.max_position_embeddings),
-            token_type: embedding("token_type_embeddings", cfg.type_vocab_size),
-            layer_norm: layer_norm(&p / "LayerNorm", cfg),
+    fn load(w: &NamedWeights, p: &str, cfg: &BertConfig) -> Result<Embeddings, LoadError> {
+        let table =
+            |name: &str, rows| Embedding::sized(w, &format!("{p}.{name}"), rows, cfg.hidden_size);
+        Ok(Embeddings {
+            word: table("word_embeddings", cfg.vocab_size)?,
+            position: table("position_embeddings", cfg.max_position_embeddings)?,
+            token_type: table("token_type_embeddings", cfg.type_vocab_size)?,
+            layer_norm: layer_norm(w, &format!("{p}.LayerNorm"), cfg)?,
             roberta_padding_idx: cfg.is_roberta().then_some(cfg.pad_token_id),
-        }
+        })
     }
 
     /// input_ids, token_type_ids, attention_mask: [batch, seq] → [batch, seq, hidden]
@@ -155,73 +153,44 @@ impl Embeddings {
 /// `BertSelfAttention` + `BertSelfOutput`.
 #[derive(Debug)]
 struct Attention {
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    output: nn::Linear,
-    layer_norm: nn::LayerNorm,
+    /// Query, key and value stacked, for one matmul instead of three.
+    qkv: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
     heads: i64,
     head_dim: i64,
-    /// Query, key and value weights and biases stacked, for one matmul instead of three. Built
-    /// by [`BertModel::fuse`] after the weights are loaded: tensors derived before
-    /// `VarStore::load` would keep the initial values (tch-rs#838).
-    fused_qkv: Option<(Tensor, Tensor)>,
 }
 
 impl Attention {
-    fn new(p: nn::Path, cfg: &BertConfig) -> Attention {
-        let linear =
-            |p: nn::Path| nn::linear(p, cfg.hidden_size, cfg.hidden_size, Default::default());
-        Attention {
-            query: linear(&p / "self" / "query"),
-            key: linear(&p / "self" / "key"),
-            value: linear(&p / "self" / "value"),
-            output: linear(&p / "output" / "dense"),
-            layer_norm: layer_norm(&p / "output" / "LayerNorm", cfg),
+    fn load(w: &NamedWeights, p: &str, cfg: &BertConfig) -> Result<Attention, LoadError> {
+        let h = cfg.hidden_size;
+        let linear = |name: &str| Linear::sized(w, &format!("{p}.{name}"), [h, h], true);
+        Ok(Attention {
+            qkv: Linear::concat(&[
+                linear("self.query")?,
+                linear("self.key")?,
+                linear("self.value")?,
+            ])
+            .favour_few_rows(),
+            output: linear("output.dense")?.favour_few_rows(),
+            layer_norm: layer_norm(w, &format!("{p}.output.LayerNorm"), cfg)?,
             heads: cfg.num_attention_heads,
-            head_dim: cfg.hidden_size / cfg.num_attention_heads,
-            fused_qkv: None,
-        }
-    }
-
-    fn fuse(&mut self) {
-        let linears = [&self.query, &self.key, &self.value];
-        let mut weight = Tensor::cat(&linears.map(|l| &l.ws), 0);
-        super::favour_few_rows(&mut weight);
-        super::favour_few_rows(&mut self.output.ws);
-        let bias = linears.map(|l| {
-            l.bs.as_ref()
-                .map_or_else(|| l.ws.zeros_like().select(1, 0), Tensor::shallow_clone)
-        });
-        self.fused_qkv = Some((weight, Tensor::cat(&bias, 0)));
+            head_dim: h / cfg.num_attention_heads,
+        })
     }
 
     /// x: [batch, seq, hidden]; mask_bias: [batch, 1, 1, seq] (0 or a large negative number)
     fn forward(&self, x: &Tensor, mask_bias: &Tensor) -> Tensor {
         let (batch, seq, hidden) = x.size3().expect("hidden states are 3-D");
-        let (q, k, v) = match &self.fused_qkv {
-            Some((weight, bias)) => {
-                let qkv = x.linear(weight, Some(bias)).chunk(3, -1);
-                (
-                    qkv[0].shallow_clone(),
-                    qkv[1].shallow_clone(),
-                    qkv[2].shallow_clone(),
-                )
-            }
-            None => (
-                self.query.forward(x),
-                self.key.forward(x),
-                self.value.forward(x),
-            ),
-        };
-        let split = |t: Tensor| {
+        let qkv = self.qkv.forward(x).chunk(3, -1);
+        let split = |t: &Tensor| {
             t.reshape([batch, seq, self.heads, self.head_dim])
                 .transpose(1, 2)
         };
         let context = Tensor::scaled_dot_product_attention(
-            &split(q),
-            &split(k),
-            &split(v),
+            &split(&qkv[0]),
+            &split(&qkv[1]),
+            &split(&qkv[2]),
             Some(mask_bias),
             0.0,
             false,
@@ -239,31 +208,25 @@ impl Attention {
 #[derive(Debug)]
 struct Layer {
     attention: Attention,
-    intermediate: nn::Linear,
-    output: nn::Linear,
-    layer_norm: nn::LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
     activation: Activation,
 }
 
 impl Layer {
-    fn new(p: nn::Path, cfg: &BertConfig) -> Layer {
-        Layer {
-            attention: Attention::new(&p / "attention", cfg),
-            intermediate: nn::linear(
-                &p / "intermediate" / "dense",
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                Default::default(),
-            ),
-            output: nn::linear(
-                &p / "output" / "dense",
-                cfg.intermediate_size,
-                cfg.hidden_size,
-                Default::default(),
-            ),
-            layer_norm: layer_norm(&p / "output" / "LayerNorm", cfg),
+    fn load(w: &NamedWeights, p: &str, cfg: &BertConfig) -> Result<Layer, LoadError> {
+        let (h, inner) = (cfg.hidden_size, cfg.intermediate_size);
+        let linear = |name: &str, shape| {
+            Linear::sized(w, &format!("{p}.{name}"), shape, true).map(Linear::favour_few_rows)
+        };
+        Ok(Layer {
+            attention: Attention::load(w, &format!("{p}.attention"), cfg)?,
+            intermediate: linear("intermediate.dense", [inner, h])?,
+            output: linear("output.dense", [h, inner])?,
+            layer_norm: layer_norm(w, &format!("{p}.output.LayerNorm"), cfg)?,
             activation: cfg.hidden_act,
-        }
+        })
     }
 
     fn forward(&self, x: &Tensor, mask_bias: &Tensor) -> Tensor {
@@ -282,25 +245,15 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    /// Stacks each layer's query, key and value projections and lays the weights out for
-    /// [`super::favour_few_rows`]; call once the weights are loaded and converted to their final
-    /// dtype.
-    pub fn fuse(&mut self) {
-        for layer in &mut self.layers {
-            layer.attention.fuse();
-            super::favour_few_rows(&mut layer.intermediate.ws);
-            super::favour_few_rows(&mut layer.output.ws);
-        }
-    }
-
-    pub fn new(p: nn::Path, cfg: &BertConfig) -> BertModel {
+    /// The encoder whose tensor names start with `prefix` (`bert.`, `roberta.` or nothing).
+    pub fn load(w: &NamedWeights, prefix: &str, cfg: &BertConfig) -> Result<BertModel, LoadError> {
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(&p / "encoder" / "layer" / i, cfg))
-            .collect();
-        BertModel {
-            embeddings: Embeddings::new(&p / "embeddings", cfg),
+            .map(|i| Layer::load(w, &format!("{prefix}encoder.layer.{i}"), cfg))
+            .collect::<Result<_, _>>()?;
+        Ok(BertModel {
+            embeddings: Embeddings::load(w, &format!("{prefix}embeddings"), cfg)?,
             layers,
-        }
+        })
     }
 
     /// input_ids, token_type_ids, attention_mask: [batch, seq] (Int64) → [batch, seq, hidden]

@@ -5,7 +5,7 @@
 //! Reference: transformers v5.24.0, `models/llama/modeling_llama.py`,
 //! `models/mistral/modeling_mistral.py`, `models/qwen2/modeling_qwen2.py` and
 //! `modeling_rope_utils.py` (https://github.com/huggingface/transformers/tree/v5.24.0).
-//! Parameter paths equal the checkpoint's, so safetensors load without a mapping table.
+//! Weights are read by their checkpoint names.
 //!
 //! Keys and values live in a [`KvCache`] of fixed slots: each running sequence owns one slot of
 //! `max_sequence_tokens` positions, so the memory for keys and values is allocated once and
@@ -14,9 +14,18 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor};
 
-use super::{LoadError, load_strict, read_json, weight_files};
+use super::layers::{Embedding, Linear};
+use super::weights::NamedWeights;
+use super::{LoadError, read_json, weight_files};
+
+/// Checkpoint tensors no Llama-family model reads: the rotary inverse frequencies that older
+/// transformers versions saved in every layer (they are computed from the config).
+const UNREAD: &str = "*.rotary_emb.inv_freq";
+/// With tied embeddings, a copy of `model.embed_tokens.weight` that some checkpoints still
+/// carry; the embeddings are the output projection.
+const TIED_HEAD: &str = "lm_head.weight";
 
 /// Rope parameters, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -214,11 +223,11 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: nn::Path, size: i64, eps: f64) -> RmsNorm {
-        RmsNorm {
-            weight: p.ones("weight", &[size]),
-            eps,
-        }
+    fn load(w: &NamedWeights, prefix: &str, cfg: &LlamaConfig) -> Result<RmsNorm, LoadError> {
+        Ok(RmsNorm {
+            weight: w.get_sized(&format!("{prefix}.weight"), &[cfg.hidden_size])?,
+            eps: cfg.rms_norm_eps,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -230,87 +239,55 @@ impl RmsNorm {
     }
 }
 
-fn linear(p: nn::Path, inputs: i64, outputs: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        p,
-        inputs,
-        outputs,
-        nn::LinearConfig {
-            bias,
-            ..Default::default()
-        },
-    )
-}
-
 #[derive(Debug)]
 struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    /// q, k and v as one layer: one matmul instead of three.
+    qkv: Linear,
+    o_proj: Linear,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
-    /// q, k and v as one matrix (and bias), made after loading: one matmul instead of three.
-    fused: Option<(Tensor, Option<Tensor>)>,
 }
 
 impl Attention {
-    fn new(p: nn::Path, cfg: &LlamaConfig) -> Attention {
+    fn load(w: &NamedWeights, p: &str, cfg: &LlamaConfig) -> Result<Attention, LoadError> {
         let (heads, kv_heads, head_dim) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let bias = cfg.qkv_bias();
-        Attention {
-            q_proj: linear(&p / "q_proj", cfg.hidden_size, heads * head_dim, bias),
-            k_proj: linear(&p / "k_proj", cfg.hidden_size, kv_heads * head_dim, bias),
-            v_proj: linear(&p / "v_proj", cfg.hidden_size, kv_heads * head_dim, bias),
+        let linear =
+            |name: &str, shape, bias| Linear::sized(w, &format!("{p}.{name}"), shape, bias);
+        let (hidden, bias) = (cfg.hidden_size, cfg.qkv_bias());
+        Ok(Attention {
+            qkv: Linear::concat(&[
+                linear("q_proj", [heads * head_dim, hidden], bias)?,
+                linear("k_proj", [kv_heads * head_dim, hidden], bias)?,
+                linear("v_proj", [kv_heads * head_dim, hidden], bias)?,
+            ])
+            .favour_few_rows(),
             o_proj: linear(
-                &p / "o_proj",
-                heads * head_dim,
-                cfg.hidden_size,
+                "o_proj",
+                [hidden, heads * head_dim],
                 cfg.attention_bias.unwrap_or(false),
-            ),
+            )?
+            .favour_few_rows(),
             heads,
             kv_heads,
             head_dim,
-            fused: None,
-        }
-    }
-
-    fn fuse(&mut self) {
-        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let mut weight = Tensor::cat(&parts.map(|l| &l.ws), 0);
-        super::favour_few_rows(&mut weight);
-        super::favour_few_rows(&mut self.o_proj.ws);
-        let bias = self.q_proj.bs.is_some().then(|| {
-            Tensor::cat(
-                &parts.map(|l| l.bs.as_ref().expect("all three have biases")),
-                0,
-            )
-        });
-        self.fused = Some((weight, bias));
+        })
     }
 
     /// q, k, v of `x` [batch, seq, hidden] as [batch, heads, seq, head_dim].
     fn project(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (batch, seq, _) = x.size3().expect("hidden states are 3-D");
-        let (q, k, v) = match &self.fused {
-            Some((weight, bias)) => {
-                let qkv = x.linear(weight, bias.as_ref());
-                let q_width = self.heads * self.head_dim;
-                let kv_width = self.kv_heads * self.head_dim;
-                let parts = qkv.split_with_sizes([q_width, kv_width, kv_width], -1);
-                (
-                    parts[0].shallow_clone(),
-                    parts[1].shallow_clone(),
-                    parts[2].shallow_clone(),
-                )
-            }
-            None => (
-                self.q_proj.forward(x),
-                self.k_proj.forward(x),
-                self.v_proj.forward(x),
-            ),
-        };
+        let q_width = self.heads * self.head_dim;
+        let kv_width = self.kv_heads * self.head_dim;
+        let qkv = self
+            .qkv
+            .forward(x)
+            .split_with_sizes([q_width, kv_width, kv_width], -1);
+        let (q, k, v) = (
+            qkv[0].shallow_clone(),
+            qkv[1].shallow_clone(),
+            qkv[2].shallow_clone(),
+        );
         let split = |t: Tensor, heads: i64| {
             t.reshape([batch, seq, heads, self.head_dim])
                 .transpose(1, 2)
@@ -331,49 +308,32 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotated * sin
 }
 
+/// The gated feed-forward block: down(silu(gate(x)) · up(x)).
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
-    /// gate and up as one matrix, made after loading.
-    fused: Option<Tensor>,
+    /// gate and up as one layer: one matmul instead of two.
+    gate_up: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
-    fn new(p: nn::Path, cfg: &LlamaConfig) -> Mlp {
-        Mlp {
-            gate_proj: linear(
-                &p / "gate_proj",
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.mlp_bias,
-            ),
-            up_proj: linear(
-                &p / "up_proj",
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.mlp_bias,
-            ),
-            down_proj: linear(
-                &p / "down_proj",
-                cfg.intermediate_size,
-                cfg.hidden_size,
-                cfg.mlp_bias,
-            ),
-            fused: None,
-        }
+    fn load(w: &NamedWeights, p: &str, cfg: &LlamaConfig) -> Result<Mlp, LoadError> {
+        let (hidden, inner) = (cfg.hidden_size, cfg.intermediate_size);
+        let linear =
+            |name: &str, shape| Linear::sized(w, &format!("{p}.{name}"), shape, cfg.mlp_bias);
+        Ok(Mlp {
+            gate_up: Linear::concat(&[
+                linear("gate_proj", [inner, hidden])?,
+                linear("up_proj", [inner, hidden])?,
+            ])
+            .favour_few_rows(),
+            down_proj: linear("down_proj", [hidden, inner])?.favour_few_rows(),
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (gate, up) = match &self.fused {
-            Some(weight) => {
-                let both = x.linear::<&Tensor>(weight, None).chunk(2, -1);
-                (both[0].shallow_clone(), both[1].shallow_clone())
-            }
-            None => (self.gate_proj.forward(x), self.up_proj.forward(x)),
-        };
-        self.down_proj.forward(&(gate.silu() * up))
+        let both = self.gate_up.forward(x).chunk(2, -1);
+        self.down_proj.forward(&(both[0].silu() * &both[1]))
     }
 }
 
@@ -425,87 +385,55 @@ pub enum Logits<'a> {
 #[derive(Debug)]
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    embed_tokens: nn::Embedding,
+    embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Option<nn::Linear>,
+    /// The output projection, unless tied to the embeddings.
+    lm_head: Option<Linear>,
     inv_freq: Tensor,
     device: Device,
     kind: Kind,
-    _vs: nn::VarStore,
 }
 
 impl LlamaModel {
     /// Loads the checkpoint in `dir` (single file or shards) in `kind` on `device`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LlamaModel, LoadError> {
         let config = LlamaConfig::load(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let model = &root / "model";
-        let embed_tokens = nn::embedding(
-            &model / "embed_tokens",
-            config.vocab_size,
-            config.hidden_size,
-            Default::default(),
-        );
+        let w = NamedWeights::load(&weight_files(dir)?, device, kind)?;
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let p = &model / "layers" / i;
-                Layer {
-                    input_layernorm: RmsNorm::new(
-                        &p / "input_layernorm",
-                        config.hidden_size,
-                        config.rms_norm_eps,
-                    ),
-                    self_attn: Attention::new(&p / "self_attn", &config),
-                    post_attention_layernorm: RmsNorm::new(
-                        &p / "post_attention_layernorm",
-                        config.hidden_size,
-                        config.rms_norm_eps,
-                    ),
-                    mlp: Mlp::new(&p / "mlp", &config),
-                }
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_layernorm: RmsNorm::load(&w, &format!("{p}.input_layernorm"), &config)?,
+                    self_attn: Attention::load(&w, &format!("{p}.self_attn"), &config)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &w,
+                        &format!("{p}.post_attention_layernorm"),
+                        &config,
+                    )?,
+                    mlp: Mlp::load(&w, &format!("{p}.mlp"), &config)?,
+                })
             })
-            .collect();
-        let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
-        let lm_head = (!config.tie_word_embeddings).then(|| {
-            linear(
-                &root / "lm_head",
-                config.hidden_size,
-                config.vocab_size,
-                false,
-            )
-        });
-        load_strict(&mut vs, &weight_files(dir)?)?;
-        vs.set_kind(kind);
-        vs.freeze();
-        let inv_freq = config.inverse_frequencies(device);
-        let mut model = LlamaModel {
-            config,
-            embed_tokens,
+            .collect::<Result<_, LoadError>>()?;
+        let model = LlamaModel {
+            embed_tokens: Embedding::sized(&w, "model.embed_tokens", vocab, hidden)?,
             layers,
-            norm,
-            lm_head,
-            inv_freq,
+            norm: RmsNorm::load(&w, "model.norm", &config)?,
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| Linear::sized(&w, "lm_head", [vocab, hidden], false))
+                .transpose()?,
+            inv_freq: config.inverse_frequencies(device),
+            config,
             device,
             kind,
-            _vs: vs,
         };
-        tch::no_grad(|| {
-            for layer in &mut model.layers {
-                layer.self_attn.fuse();
-                let mlp = &mut layer.mlp;
-                if model.config.mlp_bias {
-                    super::favour_few_rows(&mut mlp.gate_proj.ws);
-                    super::favour_few_rows(&mut mlp.up_proj.ws);
-                } else {
-                    let mut fused = Tensor::cat(&[&mlp.gate_proj.ws, &mlp.up_proj.ws], 0);
-                    super::favour_few_rows(&mut fused);
-                    mlp.fused = Some(fused);
-                }
-                super::favour_few_rows(&mut mlp.down_proj.ws);
-            }
-        });
+        let unread: &[&str] = if model.config.tie_word_embeddings {
+            &[UNREAD, TIED_HEAD]
+        } else {
+            &[UNREAD]
+        };
+        w.finish(unread)?;
         Ok(model)
     }
 
@@ -644,7 +572,7 @@ impl LlamaModel {
         let hidden = self.norm.forward(&hidden);
         let output = match &self.lm_head {
             Some(head) => head.forward(&hidden),
-            None => hidden.linear::<&Tensor>(&self.embed_tokens.ws, None),
+            None => hidden.linear::<&Tensor>(&self.embed_tokens.weight, None),
         }
         .to_kind(Kind::Float);
         match logits {

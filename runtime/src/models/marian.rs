@@ -4,16 +4,29 @@
 //! √d_model, and a `final_logits_bias`.
 //!
 //! Reference: transformers v5.24.0, `models/marian/modeling_marian.py`
-//! (https://github.com/huggingface/transformers/tree/v5.24.0). Parameter paths equal the
-//! checkpoint's.
+//! (https://github.com/huggingface/transformers/tree/v5.24.0). Weights are read by their
+//! checkpoint names.
 
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor};
 
 use super::attention::Attention;
-use super::{LoadError, load_strict, read_json, weight_files};
+use super::layers::{Embedding, LayerNorm, Linear};
+use super::weights::NamedWeights;
+use super::{LoadError, read_json, weight_files};
+
+/// Checkpoint tensors no Marian model reads: copies of `model.shared.weight` under the names it
+/// is tied to (the config must share and tie them), which checkpoints saved before transformers
+/// deduplicated tied weights carry, and the sinusoidal position tables, which are computed.
+const UNREAD: [&str; 5] = [
+    "model.encoder.embed_tokens.weight",
+    "model.decoder.embed_tokens.weight",
+    "lm_head.weight",
+    "model.encoder.embed_positions.weight",
+    "model.decoder.embed_positions.weight",
+];
 
 /// `config.json` of a Marian checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +48,8 @@ pub struct MarianConfig {
     pub scale_embedding: bool,
     #[serde(default = "default_true")]
     pub share_encoder_decoder_embeddings: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
     #[serde(default = "default_activation")]
     pub activation_function: String,
     #[serde(default)]
@@ -67,6 +82,9 @@ impl MarianConfig {
         }
         if !self.share_encoder_decoder_embeddings {
             return Err("separate encoder and decoder vocabularies (share_encoder_decoder_embeddings: false) are not supported".to_owned());
+        }
+        if !self.tie_word_embeddings {
+            return Err("an output projection apart from the embeddings (tie_word_embeddings: false) is not supported".to_owned());
         }
         if !matches!(
             self.activation_function.as_str(),
@@ -104,44 +122,70 @@ fn sinusoidal_positions(positions: i64, dim: i64) -> Tensor {
     Tensor::from_slice(&table).view([positions, dim])
 }
 
-fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![dim], Default::default())
+/// The feed-forward block's two layers, laid out for few rows.
+fn feed_forward(
+    w: &NamedWeights,
+    p: &str,
+    dim: i64,
+    inner: i64,
+) -> Result<(Linear, Linear), LoadError> {
+    let linear = |name: &str, shape| {
+        Linear::sized(w, &format!("{p}.{name}"), shape, true).map(Linear::favour_few_rows)
+    };
+    Ok((linear("fc1", [inner, dim])?, linear("fc2", [dim, inner])?))
 }
 
 #[derive(Debug)]
 struct EncoderLayer {
     self_attn: Attention,
-    self_attn_layer_norm: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
-    final_layer_norm: nn::LayerNorm,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
 }
 
 #[derive(Debug)]
 struct DecoderLayer {
     self_attn: Attention,
-    self_attn_layer_norm: nn::LayerNorm,
+    self_attn_layer_norm: LayerNorm,
     encoder_attn: Attention,
-    encoder_attn_layer_norm: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
-    final_layer_norm: nn::LayerNorm,
+    encoder_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
 }
 
 impl EncoderLayer {
-    fn favour_few_rows(&mut self) {
-        self.self_attn.favour_few_rows();
-        super::favour_few_rows(&mut self.fc1.ws);
-        super::favour_few_rows(&mut self.fc2.ws);
+    fn load(w: &NamedWeights, p: &str, cfg: &MarianConfig) -> Result<EncoderLayer, LoadError> {
+        let dim = cfg.d_model;
+        let norm = |name: &str| LayerNorm::sized(w, &format!("{p}.{name}"), dim, 1e-5);
+        let heads = cfg.encoder_attention_heads;
+        let (fc1, fc2) = feed_forward(w, p, dim, cfg.encoder_ffn_dim)?;
+        Ok(EncoderLayer {
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), dim, heads, true)?,
+            self_attn_layer_norm: norm("self_attn_layer_norm")?,
+            fc1,
+            fc2,
+            final_layer_norm: norm("final_layer_norm")?,
+        })
     }
 }
 
 impl DecoderLayer {
-    fn favour_few_rows(&mut self) {
-        self.self_attn.favour_few_rows();
-        self.encoder_attn.favour_few_rows();
-        super::favour_few_rows(&mut self.fc1.ws);
-        super::favour_few_rows(&mut self.fc2.ws);
+    fn load(w: &NamedWeights, p: &str, cfg: &MarianConfig) -> Result<DecoderLayer, LoadError> {
+        let dim = cfg.d_model;
+        let norm = |name: &str| LayerNorm::sized(w, &format!("{p}.{name}"), dim, 1e-5);
+        let heads = cfg.decoder_attention_heads;
+        let (fc1, fc2) = feed_forward(w, p, dim, cfg.decoder_ffn_dim)?;
+        Ok(DecoderLayer {
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), dim, heads, true)?,
+            self_attn_layer_norm: norm("self_attn_layer_norm")?,
+            encoder_attn: Attention::load(w, &format!("{p}.encoder_attn"), dim, heads, true)?,
+            encoder_attn_layer_norm: norm("encoder_attn_layer_norm")?,
+            fc1,
+            fc2,
+            final_layer_norm: norm("final_layer_norm")?,
+        })
     }
 }
 
@@ -191,99 +235,44 @@ impl DecoderCache {
 #[derive(Debug)]
 pub struct MarianModel {
     pub config: MarianConfig,
-    shared: nn::Embedding,
+    shared: Embedding,
     final_logits_bias: Tensor,
     encoder: Vec<EncoderLayer>,
     decoder: Vec<DecoderLayer>,
     positions: Tensor,
     embed_scale: f64,
     device: Device,
-    _vs: nn::VarStore,
 }
 
 impl MarianModel {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<MarianModel, LoadError> {
         let config = MarianConfig::load(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let model = &root / "model";
-        let dim = config.d_model;
-        let shared = nn::embedding(
-            &model / "shared",
-            config.vocab_size,
-            dim,
-            Default::default(),
-        );
-        let final_logits_bias = root.zeros("final_logits_bias", &[1, config.vocab_size]);
-        let mut encoder: Vec<EncoderLayer> = (0..config.encoder_layers)
-            .map(|i| {
-                let p = &model / "encoder" / "layers" / i;
-                EncoderLayer {
-                    self_attn: Attention::new(
-                        &p / "self_attn",
-                        dim,
-                        config.encoder_attention_heads,
-                        true,
-                    ),
-                    self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
-                    fc1: nn::linear(&p / "fc1", dim, config.encoder_ffn_dim, Default::default()),
-                    fc2: nn::linear(&p / "fc2", config.encoder_ffn_dim, dim, Default::default()),
-                    final_layer_norm: layer_norm(&p / "final_layer_norm", dim),
-                }
-            })
-            .collect();
-        let mut decoder: Vec<DecoderLayer> = (0..config.decoder_layers)
-            .map(|i| {
-                let p = &model / "decoder" / "layers" / i;
-                DecoderLayer {
-                    self_attn: Attention::new(
-                        &p / "self_attn",
-                        dim,
-                        config.decoder_attention_heads,
-                        true,
-                    ),
-                    self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
-                    encoder_attn: Attention::new(
-                        &p / "encoder_attn",
-                        dim,
-                        config.decoder_attention_heads,
-                        true,
-                    ),
-                    encoder_attn_layer_norm: layer_norm(&p / "encoder_attn_layer_norm", dim),
-                    fc1: nn::linear(&p / "fc1", dim, config.decoder_ffn_dim, Default::default()),
-                    fc2: nn::linear(&p / "fc2", config.decoder_ffn_dim, dim, Default::default()),
-                    final_layer_norm: layer_norm(&p / "final_layer_norm", dim),
-                }
-            })
-            .collect();
-        load_strict(&mut vs, &weight_files(dir)?)?;
-        vs.set_kind(kind);
-        vs.freeze();
-        for layer in &mut encoder {
-            layer.favour_few_rows();
-        }
-        for layer in &mut decoder {
-            layer.favour_few_rows();
-        }
-        let positions = sinusoidal_positions(config.max_position_embeddings, dim)
-            .to_kind(kind)
-            .to_device(device);
-        let embed_scale = if config.scale_embedding {
-            (dim as f64).sqrt()
-        } else {
-            1.0
-        };
-        Ok(MarianModel {
-            config,
-            shared,
-            final_logits_bias,
+        let w = NamedWeights::load(&weight_files(dir)?, device, kind)?;
+        let (vocab, dim) = (config.vocab_size, config.d_model);
+        let encoder = (0..config.encoder_layers)
+            .map(|i| EncoderLayer::load(&w, &format!("model.encoder.layers.{i}"), &config))
+            .collect::<Result<_, _>>()?;
+        let decoder = (0..config.decoder_layers)
+            .map(|i| DecoderLayer::load(&w, &format!("model.decoder.layers.{i}"), &config))
+            .collect::<Result<_, _>>()?;
+        let model = MarianModel {
+            shared: Embedding::sized(&w, "model.shared", vocab, dim)?,
+            final_logits_bias: w.get_sized("final_logits_bias", &[1, vocab])?,
             encoder,
             decoder,
-            positions,
-            embed_scale,
+            positions: sinusoidal_positions(config.max_position_embeddings, dim)
+                .to_kind(kind)
+                .to_device(device),
+            embed_scale: if config.scale_embedding {
+                (dim as f64).sqrt()
+            } else {
+                1.0
+            },
+            config,
             device,
-            _vs: vs,
-        })
+        };
+        w.finish(&UNREAD)?;
+        Ok(model)
     }
 
     pub fn device(&self) -> Device {
@@ -371,7 +360,8 @@ impl MarianModel {
         } else {
             hidden.narrow(1, new - 1, 1)
         };
-        let logits = (hidden.linear::<&Tensor>(&self.shared.ws, None) + &self.final_logits_bias)
+        let logits = (hidden.linear::<&Tensor>(&self.shared.weight, None)
+            + &self.final_logits_bias)
             .to_kind(Kind::Float);
         if all_positions {
             logits

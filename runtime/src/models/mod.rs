@@ -1,4 +1,7 @@
-//! Model architectures on tch, and loading them from a Hugging Face model directory.
+//! Model architectures on tch, and loading them from a Hugging Face model directory. Every model
+//! is assembled from the checkpoint's tensors by name ([`weights::NamedWeights`]) and refuses a
+//! checkpoint that lacks a tensor it reads or has one it does not, but for the few names each
+//! architecture lists as legitimately unread.
 
 pub mod attention;
 pub mod bert;
@@ -16,9 +19,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Kind, Tensor};
 
 use bert::{BertConfig, BertModel};
+use layers::Linear;
+use weights::NamedWeights;
 
 /// Why a model directory cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -74,76 +79,20 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     })
 }
 
-/// Tensor names of a safetensors file, read from its header without loading any tensor.
-fn tensor_names(path: &Path) -> Result<Vec<String>, LoadError> {
-    use std::io::Read;
-    let invalid = |message: &str| LoadError::Invalid {
-        path: path.to_owned(),
-        message: message.to_owned(),
-    };
-    let mut file = std::fs::File::open(path).map_err(|source| LoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 * 1024 * 1024 {
-        return Err(invalid("safetensors header over 100 MB"));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|_| invalid("safetensors header is not a JSON object"))?;
-    Ok(header
-        .into_iter()
-        .map(|(name, _)| name)
-        .filter(|name| name != "__metadata__")
-        .collect())
-}
+/// BERT-family tensors no encoder reads: `position_ids`, the buffer of positions 0..max that
+/// older transformers versions saved (positions are computed).
+const ENCODER_UNREAD: &str = "*embeddings.position_ids";
 
-/// Lays a weight of shape [out, in] out as the transpose of a contiguous [in, out] matrix,
-/// keeping its shape. `linear` then multiplies by a contiguous right operand, which MKL does
-/// up to 2× faster for the few rows of one request or one decoding step (1.0× from ~300 rows);
-/// `runtime/bench/linear_layout.py` measures it. Call it last: a later `set_kind` or
-/// `to_device` copies the weight back to the default layout.
-pub fn favour_few_rows(weight: &mut Tensor) {
-    tch::no_grad(|| {
-        let relaid = weight.tr().contiguous().tr();
-        weight.set_data(&relaid);
-    });
-}
+/// What an encoder loaded without a head leaves unread besides: it serves token states, so the
+/// heads of the task the checkpoint was trained for are deliberately ignored — the pooler, BERT's
+/// pretraining heads (`cls.`) and RoBERTa's masked-LM head (`lm_head.`), as bert-base-uncased
+/// and roberta-base carry them.
+const HEADLESS_UNREAD: [&str; 4] = [ENCODER_UNREAD, "*pooler.dense.*", "cls.*", "lm_head.*"];
 
-/// Loads every variable of `vs` from the checkpoint's files; a variable the files lack is an
-/// error naming it, never a silently random weight.
-fn load_strict(vs: &mut nn::VarStore, files: &[PathBuf]) -> Result<(), LoadError> {
-    let mut missing: Option<BTreeSet<String>> = None;
-    for file in files {
-        let still_missing: BTreeSet<String> = vs.load_partial(file)?.into_iter().collect();
-        missing = Some(match missing {
-            None => still_missing,
-            Some(before) => before.intersection(&still_missing).cloned().collect(),
-        });
-    }
-    match missing {
-        Some(names) if !names.is_empty() => Err(LoadError::Invalid {
-            path: files[0].clone(),
-            message: format!(
-                "weights missing from the checkpoint: {}",
-                names.into_iter().collect::<Vec<_>>().join(", ")
-            ),
-        }),
-        _ => Ok(()),
-    }
-}
+/// RoBERTa's classification head reads the first token's state without a pooler, but
+/// checkpoints fine-tuned with transformers 2.x (roberta-large-mnli) still carry the pooler that
+/// `RobertaModel` had then; transformers ignores it too.
+const ROBERTA_HEAD_UNREAD: [&str; 2] = [ENCODER_UNREAD, "*pooler.dense.*"];
 
 /// A BERT-family encoder with its weights loaded, ready to run on `device`.
 #[derive(Debug)]
@@ -152,49 +101,41 @@ pub struct LoadedEncoder {
     pub model: BertModel,
     /// The sequence-classification head, when loaded with one.
     pub head: Option<ClassifierHead>,
-    /// Keeps the weights alive.
-    _vs: nn::VarStore,
 }
 
 /// The head of `*ForSequenceClassification`, over the first token's hidden state.
 #[derive(Debug)]
 pub enum ClassifierHead {
     /// BERT: the pooler (dense + tanh), then `classifier`.
-    Bert {
-        pooler: nn::Linear,
-        classifier: nn::Linear,
-    },
+    Bert { pooler: Linear, classifier: Linear },
     /// RoBERTa and XLM-RoBERTa (`RobertaClassificationHead`): dense + tanh, then `out_proj`.
-    Roberta {
-        dense: nn::Linear,
-        out_proj: nn::Linear,
-    },
+    Roberta { dense: Linear, out_proj: Linear },
 }
 
 impl ClassifierHead {
-    fn new(root: &nn::Path, prefix: Option<&str>, cfg: &BertConfig, labels: i64) -> ClassifierHead {
+    /// The head of an encoder whose tensor names start with `prefix`.
+    fn load(
+        w: &NamedWeights,
+        prefix: &str,
+        cfg: &BertConfig,
+        labels: i64,
+    ) -> Result<ClassifierHead, LoadError> {
         let h = cfg.hidden_size;
-        if cfg.is_roberta() {
-            let head = root / "classifier";
+        Ok(if cfg.is_roberta() {
             ClassifierHead::Roberta {
-                dense: nn::linear(&head / "dense", h, h, Default::default()),
-                out_proj: nn::linear(&head / "out_proj", h, labels, Default::default()),
+                dense: Linear::sized(w, "classifier.dense", [h, h], true)?,
+                out_proj: Linear::sized(w, "classifier.out_proj", [labels, h], true)?,
             }
         } else {
-            let encoder = match prefix {
-                Some(prefix) => root / prefix,
-                None => root / "bert",
-            };
             ClassifierHead::Bert {
-                pooler: nn::linear(&encoder / "pooler" / "dense", h, h, Default::default()),
-                classifier: nn::linear(root / "classifier", h, labels, Default::default()),
+                pooler: Linear::sized(w, &format!("{prefix}pooler.dense"), [h, h], true)?,
+                classifier: Linear::sized(w, "classifier", [labels, h], true)?,
             }
-        }
+        })
     }
 
     /// hidden: [batch, seq, hidden] → logits [batch, labels]
     pub fn forward(&self, hidden: &Tensor) -> Tensor {
-        use tch::nn::Module;
         let first = hidden.select(1, 0);
         match self {
             ClassifierHead::Bert { pooler, classifier } => {
@@ -210,7 +151,8 @@ impl ClassifierHead {
 impl LoadedEncoder {
     /// Loads a BERT-family encoder from `dir`. Checkpoints saved from a task model
     /// (`BertForSequenceClassification`) prefix the encoder with `bert.` or `roberta.`; the prefix
-    /// is found from the tensor names.
+    /// is found from the tensor names. Tensors the encoder does not read are refused, but for
+    /// the pooler and pretraining heads a headless encoder ignores by design.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<LoadedEncoder, LoadError> {
         LoadedEncoder::load_with_head(dir, device, kind, None)
     }
@@ -248,32 +190,25 @@ impl LoadedEncoder {
         config
             .validate()
             .map_err(|message| LoadError::Invalid { path, message })?;
-        let files = weight_files(dir)?;
-        let names = files
-            .iter()
-            .map(|f| tensor_names(f))
-            .collect::<Result<Vec<_>, _>>()?
-            .concat();
-        let prefix = ["bert", "roberta", "model"].into_iter().find(|prefix| {
-            names
-                .iter()
-                .any(|n| n.starts_with(&format!("{prefix}.embeddings.")))
-        });
-
-        let mut vs = nn::VarStore::new(device);
-        let mut model = match prefix {
-            Some(prefix) => BertModel::new(&vs.root() / prefix, &config),
-            None => BertModel::new(vs.root(), &config),
+        let w = NamedWeights::load(&weight_files(dir)?, device, kind)?;
+        let prefix = ["bert.", "roberta.", "model.", ""]
+            .into_iter()
+            .find(|prefix| w.has(&format!("{prefix}embeddings.word_embeddings.weight")))
+            .unwrap_or_default();
+        let model = BertModel::load(&w, prefix, &config)?;
+        let head = labels
+            .map(|labels| ClassifierHead::load(&w, prefix, &config, labels))
+            .transpose()?;
+        let unread: &[&str] = match &head {
+            None => &HEADLESS_UNREAD,
+            Some(ClassifierHead::Roberta { .. }) => &ROBERTA_HEAD_UNREAD,
+            Some(ClassifierHead::Bert { .. }) => &[ENCODER_UNREAD],
         };
-        let head = labels.map(|labels| ClassifierHead::new(&vs.root(), prefix, &config, labels));
-        load_strict(&mut vs, &files)?;
-        vs.set_kind(kind);
-        model.fuse();
+        w.finish(unread)?;
         Ok(LoadedEncoder {
             config,
             model,
             head,
-            _vs: vs,
         })
     }
 
@@ -286,5 +221,221 @@ impl LoadedEncoder {
     ) -> Tensor {
         self.model
             .forward(input_ids, token_type_ids, attention_mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusion::clip::ClipTextModel;
+    use serde_json::json;
+
+    /// A model directory (config.json, model.safetensors) under the system's temporary
+    /// directory, removed when dropped.
+    struct ModelDir(PathBuf);
+
+    impl ModelDir {
+        fn new(name: &str, config: serde_json::Value, tensors: &[(String, Vec<i64>)]) -> ModelDir {
+            let dir = std::env::temp_dir()
+                .join(format!("infergate-models-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            let tensors: Vec<(&str, Tensor)> = tensors
+                .iter()
+                .map(|(name, shape)| {
+                    (
+                        name.as_str(),
+                        Tensor::randn(shape, (Kind::Float, Device::Cpu)),
+                    )
+                })
+                .collect();
+            Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
+            ModelDir(dir)
+        }
+    }
+
+    impl Drop for ModelDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn linear(prefix: &str, [outputs, inputs]: [i64; 2]) -> [(String, Vec<i64>); 2] {
+        [
+            (format!("{prefix}.weight"), vec![outputs, inputs]),
+            (format!("{prefix}.bias"), vec![outputs]),
+        ]
+    }
+
+    fn norm(prefix: &str, dim: i64) -> [(String, Vec<i64>); 2] {
+        [
+            (format!("{prefix}.weight"), vec![dim]),
+            (format!("{prefix}.bias"), vec![dim]),
+        ]
+    }
+
+    fn bert_config(layers: i64) -> serde_json::Value {
+        json!({
+            "model_type": "bert", "vocab_size": 10, "hidden_size": 4, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 16
+        })
+    }
+
+    /// Every tensor of a BERT checkpoint with `layers` layers, and nothing else.
+    fn bert_tensors(layers: i64) -> Vec<(String, Vec<i64>)> {
+        let mut tensors = vec![
+            ("embeddings.word_embeddings.weight".to_owned(), vec![10, 4]),
+            (
+                "embeddings.position_embeddings.weight".to_owned(),
+                vec![16, 4],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".to_owned(),
+                vec![2, 4],
+            ),
+        ];
+        tensors.extend(norm("embeddings.LayerNorm", 4));
+        for i in 0..layers {
+            let p = format!("encoder.layer.{i}");
+            for name in ["query", "key", "value"] {
+                tensors.extend(linear(&format!("{p}.attention.self.{name}"), [4, 4]));
+            }
+            tensors.extend(linear(&format!("{p}.attention.output.dense"), [4, 4]));
+            tensors.extend(norm(&format!("{p}.attention.output.LayerNorm"), 4));
+            tensors.extend(linear(&format!("{p}.intermediate.dense"), [8, 4]));
+            tensors.extend(linear(&format!("{p}.output.dense"), [4, 8]));
+            tensors.extend(norm(&format!("{p}.output.LayerNorm"), 4));
+        }
+        tensors
+    }
+
+    fn load_bert(
+        name: &str,
+        layers: i64,
+        tensors: &[(String, Vec<i64>)],
+    ) -> Result<LoadedEncoder, LoadError> {
+        let dir = ModelDir::new(name, bert_config(layers), tensors);
+        LoadedEncoder::load(&dir.0, Device::Cpu, Kind::Float)
+    }
+
+    /// Every tensor of a one-layer CLIP text encoder, whose linear layers read a bias only when
+    /// the checkpoint has one.
+    fn clip_tensors() -> Vec<(String, Vec<i64>)> {
+        let mut tensors = vec![
+            ("embeddings.token_embedding.weight".to_owned(), vec![10, 4]),
+            (
+                "embeddings.position_embedding.weight".to_owned(),
+                vec![8, 4],
+            ),
+        ];
+        let p = "encoder.layers.0";
+        tensors.extend(norm(&format!("{p}.layer_norm1"), 4));
+        for name in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            tensors.extend(linear(&format!("{p}.self_attn.{name}"), [4, 4]));
+        }
+        tensors.extend(norm(&format!("{p}.layer_norm2"), 4));
+        tensors.extend(linear(&format!("{p}.mlp.fc1"), [8, 4]));
+        tensors.extend(linear(&format!("{p}.mlp.fc2"), [4, 8]));
+        tensors.extend(norm("final_layer_norm", 4));
+        tensors
+    }
+
+    fn load_clip(name: &str, tensors: &[(String, Vec<i64>)]) -> Result<ClipTextModel, LoadError> {
+        let config = json!({
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 8
+        });
+        let dir = ModelDir::new(name, config, tensors);
+        ClipTextModel::load(&dir.0, Device::Cpu, Kind::Float)
+    }
+
+    fn renamed(tensors: Vec<(String, Vec<i64>)>, from: &str, to: &str) -> Vec<(String, Vec<i64>)> {
+        tensors
+            .into_iter()
+            .map(|(name, shape)| (if name == from { to.to_owned() } else { name }, shape))
+            .collect()
+    }
+
+    #[test]
+    fn a_complete_checkpoint_loads() {
+        let encoder = load_bert("complete", 1, &bert_tensors(1)).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 2, 3]).unsqueeze(0);
+        let hidden = encoder.forward(&ids, &ids.zeros_like(), &ids.ones_like());
+        assert_eq!(hidden.size(), [1, 3, 4]);
+        assert!(load_clip("complete-clip", &clip_tensors()).is_ok());
+    }
+
+    #[test]
+    fn a_missing_weight_is_refused_naming_it_and_the_file() {
+        let missing = "encoder.layer.0.output.dense.weight";
+        let mut tensors = bert_tensors(1);
+        tensors.retain(|(name, _)| name != missing);
+        let error = load_bert("missing", 1, &tensors).unwrap_err().to_string();
+        assert!(error.contains(missing), "{error}");
+        assert!(error.contains("infergate-models-"), "{error}");
+        assert!(error.contains("model.safetensors"), "{error}");
+    }
+
+    #[test]
+    fn a_weight_whose_shape_differs_from_the_configs_is_refused_naming_it() {
+        let tensors = bert_tensors(1)
+            .into_iter()
+            .map(|(name, shape)| match name.as_str() {
+                "encoder.layer.0.intermediate.dense.weight" => (name, vec![6, 4]),
+                _ => (name, shape),
+            })
+            .collect::<Vec<_>>();
+        let error = load_bert("shape", 1, &tensors).unwrap_err().to_string();
+        assert!(
+            error.contains("encoder.layer.0.intermediate.dense.weight has shape [6, 4]"),
+            "{error}"
+        );
+    }
+
+    /// CLIP's linear layers read a bias only where the checkpoint has one: a bias under another
+    /// name is left unread, and so refused rather than silently dropped.
+    #[test]
+    fn a_misnamed_bias_is_refused_naming_it() {
+        let misnamed = "encoder.layers.0.self_attn.q_proj.b";
+        let tensors = renamed(
+            clip_tensors(),
+            "encoder.layers.0.self_attn.q_proj.bias",
+            misnamed,
+        );
+        let error = load_clip("misnamed", &tensors).unwrap_err().to_string();
+        assert!(error.contains(misnamed), "{error}");
+        assert!(error.contains("model.safetensors"), "{error}");
+    }
+
+    #[test]
+    fn a_weight_the_model_does_not_read_is_refused_with_the_first_names_and_a_count() {
+        // Two layers in the checkpoint, one in the config: the second layer's 16 tensors.
+        let error = load_bert("extra-layer", 1, &bert_tensors(2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("encoder.layer.1.attention.output.LayerNorm.bias"),
+            "{error}"
+        );
+        assert!(error.contains("and 11 more"), "{error}");
+    }
+
+    #[test]
+    fn what_an_architecture_leaves_unread_by_design_is_allowed_and_nothing_else() {
+        let mut tensors = bert_tensors(1);
+        tensors.push(("embeddings.position_ids".to_owned(), vec![1, 16]));
+        tensors.extend(linear("pooler.dense", [4, 4]));
+        tensors.push(("cls.predictions.bias".to_owned(), vec![10]));
+        assert!(load_bert("headless", 1, &tensors).is_ok());
+
+        // A classifier reads the pooler, but a pretraining head is another task's.
+        tensors.extend(linear("classifier", [2, 4]));
+        let dir = ModelDir::new("classifier", bert_config(1), &tensors);
+        let error = LoadedEncoder::load_classifier(&dir.0, Device::Cpu, Kind::Float, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cls.predictions.bias"), "{error}");
+        tensors.retain(|(name, _)| !name.starts_with("cls."));
+        let dir = ModelDir::new("classifier-only", bert_config(1), &tensors);
+        assert!(LoadedEncoder::load_classifier(&dir.0, Device::Cpu, Kind::Float, 2).is_ok());
     }
 }

@@ -12,9 +12,14 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::layers::LayerNorm;
+use super::layers::{LayerNorm, Linear};
 use super::weights::NamedWeights;
 use super::{LoadError, read_json, weight_files};
+
+/// Checkpoint tensors that synthesis from text does not read: the posterior encoder and the
+/// duration predictor's posterior flows (`post_*`) map recorded audio and durations to latents
+/// for training; transformers' inference leaves them unused too.
+const UNREAD: [&str; 2] = ["posterior_encoder.*", "duration_predictor.post_*"];
 
 /// `config.json` of a VITS checkpoint (the fields inference uses).
 #[derive(Debug, Clone, Deserialize)]
@@ -179,10 +184,11 @@ fn exact_conv1d(
 
 #[derive(Debug)]
 struct Attention {
-    q: (Tensor, Option<Tensor>),
-    k: (Tensor, Option<Tensor>),
-    v: (Tensor, Option<Tensor>),
-    out: (Tensor, Option<Tensor>),
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    /// Relative position embeddings, with a `window_size`.
     rel_k: Option<Tensor>,
     rel_v: Option<Tensor>,
     heads: i64,
@@ -229,15 +235,14 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (batch, length, dim) = x.size3().expect("3-D");
         let head_dim = dim / self.heads;
-        let project = |(w, b): &(Tensor, Option<Tensor>)| x.linear(w, b.as_ref());
         let shape = |t: Tensor| {
             t.view([batch, length, self.heads, head_dim])
                 .transpose(1, 2)
                 .reshape([batch * self.heads, length, head_dim])
         };
-        let q = shape(project(&self.q) * (head_dim as f64).powf(-0.5));
-        let k = shape(project(&self.k));
-        let v = shape(project(&self.v));
+        let q = shape(self.q.forward(x) * (head_dim as f64).powf(-0.5));
+        let k = shape(self.k.forward(x));
+        let v = shape(self.v.forward(x));
         let mut weights = q.bmm(&k.transpose(1, 2));
         if let Some(rel_k) = &self.rel_k {
             let relative = q.matmul(&self.relative(rel_k, length).transpose(-2, -1));
@@ -252,7 +257,7 @@ impl Attention {
             .view([batch, self.heads, length, head_dim])
             .transpose(1, 2)
             .reshape([batch, length, dim]);
-        output.linear(&self.out.0, self.out.1.as_ref())
+        self.out.forward(&output)
     }
 }
 
@@ -570,14 +575,20 @@ impl VitsModel {
             .map(|i| {
                 let p = format!("text_encoder.encoder.layers.{i}");
                 let ffn_pad = (config.ffn_kernel_size - 1) / 2;
+                let relative = |name: &str| {
+                    config
+                        .window_size
+                        .map(|_| w.get(&format!("{p}.attention.{name}")))
+                        .transpose()
+                };
                 Ok(EncoderLayer {
                     attention: Attention {
-                        q: w.linear(&format!("{p}.attention.q_proj"))?,
-                        k: w.linear(&format!("{p}.attention.k_proj"))?,
-                        v: w.linear(&format!("{p}.attention.v_proj"))?,
-                        out: w.linear(&format!("{p}.attention.out_proj"))?,
-                        rel_k: w.optional(&format!("{p}.attention.emb_rel_k")),
-                        rel_v: w.optional(&format!("{p}.attention.emb_rel_v")),
+                        q: Linear::load(&w, &format!("{p}.attention.q_proj"))?,
+                        k: Linear::load(&w, &format!("{p}.attention.k_proj"))?,
+                        v: Linear::load(&w, &format!("{p}.attention.v_proj"))?,
+                        out: Linear::load(&w, &format!("{p}.attention.out_proj"))?,
+                        rel_k: relative("emb_rel_k")?,
+                        rel_v: relative("emb_rel_v")?,
                         heads: config.num_attention_heads,
                         window: config.window_size.unwrap_or(0),
                     },
@@ -734,7 +745,7 @@ impl VitsModel {
             conv_post: conv(&w, "decoder.conv_post", 3, 1, 1)?,
             slope: config.leaky_relu_slope,
         };
-        Ok(VitsModel {
+        let model = VitsModel {
             embed_tokens: w.get("text_encoder.embed_tokens.weight")?,
             layers,
             project: conv(&w, "text_encoder.project", 0, 1, 1)?,
@@ -744,7 +755,9 @@ impl VitsModel {
             config,
             device,
             kind,
-        })
+        };
+        w.finish(&UNREAD)?;
+        Ok(model)
     }
 
     /// The waveform of `ids` (one text), float32 samples in [−1, 1] at `sampling_rate`.

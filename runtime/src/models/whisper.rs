@@ -6,15 +6,17 @@
 //!
 //! Reference: transformers v5.24.0, `models/whisper/modeling_whisper.py` and
 //! `feature_extraction_whisper.py` (https://github.com/huggingface/transformers/tree/v5.24.0).
-//! Parameter paths equal the checkpoint's.
+//! Weights are read by their checkpoint names; every tensor of a Whisper checkpoint is read.
 
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor};
 
 use super::attention::Attention;
-use super::{LoadError, load_strict, read_json, tensor_names, weight_files};
+use super::layers::{Embedding, LayerNorm, Linear};
+use super::weights::NamedWeights;
+use super::{LoadError, read_json, weight_files};
 
 /// `config.json` of a Whisper checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -211,18 +213,21 @@ fn mel_filters(n_fft: i64, n_mels: i64, sampling_rate: f64) -> Tensor {
 
 #[derive(Debug)]
 struct FeedForward {
-    fc1: nn::Linear,
-    fc2: nn::Linear,
-    final_layer_norm: nn::LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
 }
 
 impl FeedForward {
-    fn new(p: &nn::Path, dim: i64, hidden: i64) -> FeedForward {
-        FeedForward {
-            fc1: nn::linear(p / "fc1", dim, hidden, Default::default()),
-            fc2: nn::linear(p / "fc2", hidden, dim, Default::default()),
-            final_layer_norm: layer_norm(p / "final_layer_norm", dim),
-        }
+    fn load(w: &NamedWeights, p: &str, dim: i64, hidden: i64) -> Result<FeedForward, LoadError> {
+        let linear = |name: &str, shape| {
+            Linear::sized(w, &format!("{p}.{name}"), shape, true).map(Linear::favour_few_rows)
+        };
+        Ok(FeedForward {
+            fc1: linear("fc1", [hidden, dim])?,
+            fc2: linear("fc2", [dim, hidden])?,
+            final_layer_norm: layer_norm(w, &format!("{p}.final_layer_norm"), dim)?,
+        })
     }
 
     /// The residual block: x + fc2(gelu(fc1(norm(x)))).
@@ -230,31 +235,77 @@ impl FeedForward {
         let h = self.final_layer_norm.forward(x);
         x + self.fc2.forward(&self.fc1.forward(&h).gelu("none"))
     }
-
-    fn favour_few_rows(&mut self) {
-        super::favour_few_rows(&mut self.fc1.ws);
-        super::favour_few_rows(&mut self.fc2.ws);
-    }
 }
 
-fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![dim], Default::default())
+fn layer_norm(w: &NamedWeights, prefix: &str, dim: i64) -> Result<LayerNorm, LoadError> {
+    LayerNorm::sized(w, prefix, dim, 1e-5)
+}
+
+/// One of the encoder's two convolutions over time: kernel 3, padding 1.
+#[derive(Debug)]
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: i64,
+}
+
+impl Conv {
+    fn load(
+        w: &NamedWeights,
+        prefix: &str,
+        [outputs, inputs]: [i64; 2],
+        stride: i64,
+    ) -> Result<Conv, LoadError> {
+        Ok(Conv {
+            weight: w.get_sized(&format!("{prefix}.weight"), &[outputs, inputs, 3])?,
+            bias: w.get_sized(&format!("{prefix}.bias"), &[outputs])?,
+            stride,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv1d(&self.weight, Some(&self.bias), [self.stride], [1], [1], 1)
+    }
 }
 
 #[derive(Debug)]
 struct EncoderLayer {
     self_attn: Attention,
-    self_attn_layer_norm: nn::LayerNorm,
+    self_attn_layer_norm: LayerNorm,
     feed_forward: FeedForward,
+}
+
+impl EncoderLayer {
+    fn load(w: &NamedWeights, p: &str, cfg: &WhisperConfig) -> Result<EncoderLayer, LoadError> {
+        let (dim, heads) = (cfg.d_model, cfg.encoder_attention_heads);
+        Ok(EncoderLayer {
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), dim, heads, false)?,
+            self_attn_layer_norm: layer_norm(w, &format!("{p}.self_attn_layer_norm"), dim)?,
+            feed_forward: FeedForward::load(w, p, dim, cfg.encoder_ffn_dim)?,
+        })
+    }
 }
 
 #[derive(Debug)]
 struct DecoderLayer {
     self_attn: Attention,
-    self_attn_layer_norm: nn::LayerNorm,
+    self_attn_layer_norm: LayerNorm,
     encoder_attn: Attention,
-    encoder_attn_layer_norm: nn::LayerNorm,
+    encoder_attn_layer_norm: LayerNorm,
     feed_forward: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(w: &NamedWeights, p: &str, cfg: &WhisperConfig) -> Result<DecoderLayer, LoadError> {
+        let (dim, heads) = (cfg.d_model, cfg.decoder_attention_heads);
+        Ok(DecoderLayer {
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), dim, heads, false)?,
+            self_attn_layer_norm: layer_norm(w, &format!("{p}.self_attn_layer_norm"), dim)?,
+            encoder_attn: Attention::load(w, &format!("{p}.encoder_attn"), dim, heads, false)?,
+            encoder_attn_layer_norm: layer_norm(w, &format!("{p}.encoder_attn_layer_norm"), dim)?,
+            feed_forward: FeedForward::load(w, p, dim, cfg.decoder_ffn_dim)?,
+        })
+    }
 }
 
 /// Each decoder layer's keys and values of an encoded batch.
@@ -291,141 +342,63 @@ pub struct DecoderCache {
 #[derive(Debug)]
 pub struct WhisperModel {
     pub config: WhisperConfig,
-    conv1: nn::Conv1D,
-    conv2: nn::Conv1D,
+    conv1: Conv,
+    conv2: Conv,
     encoder_positions: Tensor,
     encoder: Vec<EncoderLayer>,
-    encoder_norm: nn::LayerNorm,
-    embed_tokens: nn::Embedding,
+    encoder_norm: LayerNorm,
+    embed_tokens: Embedding,
     decoder_positions: Tensor,
     decoder: Vec<DecoderLayer>,
-    decoder_norm: nn::LayerNorm,
+    decoder_norm: LayerNorm,
     /// The output projection: `proj_out` when the checkpoint has its own, else the embeddings.
     logits_weight: Tensor,
     kind: Kind,
     device: Device,
-    _vs: nn::VarStore,
 }
 
 impl WhisperModel {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<WhisperModel, LoadError> {
         let config = WhisperConfig::load(dir)?;
-        let files = weight_files(dir)?;
-        let names = files
-            .iter()
-            .map(|f| tensor_names(f))
-            .collect::<Result<Vec<_>, _>>()?
-            .concat();
-        let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let model = &root / "model";
+        let w = NamedWeights::load(&weight_files(dir)?, device, kind)?;
         let dim = config.d_model;
-        let conv = |name: &str, input: i64, stride: i64| {
-            nn::conv1d(
-                &model / "encoder" / name,
-                input,
-                dim,
-                3,
-                nn::ConvConfig {
-                    padding: 1,
-                    stride,
-                    ..Default::default()
-                },
-            )
+        let encoder = (0..config.encoder_layers)
+            .map(|i| EncoderLayer::load(&w, &format!("model.encoder.layers.{i}"), &config))
+            .collect::<Result<_, _>>()?;
+        let decoder = (0..config.decoder_layers)
+            .map(|i| DecoderLayer::load(&w, &format!("model.decoder.layers.{i}"), &config))
+            .collect::<Result<_, _>>()?;
+        let embed_tokens =
+            Embedding::sized(&w, "model.decoder.embed_tokens", config.vocab_size, dim)?;
+        // `proj_out` is tied to the embeddings: only checkpoints saved untied carry it.
+        let logits_weight = if w.has("proj_out.weight") {
+            w.get_sized("proj_out.weight", &[config.vocab_size, dim])?
+        } else {
+            embed_tokens.weight.shallow_clone()
         };
-        let conv1 = conv("conv1", config.num_mel_bins, 1);
-        let conv2 = conv("conv2", dim, 2);
-        let encoder_positions = (&model / "encoder" / "embed_positions").var(
-            "weight",
-            &[config.max_source_positions, dim],
-            nn::Init::Const(0.0),
-        );
-        let mut encoder: Vec<EncoderLayer> = (0..config.encoder_layers)
-            .map(|i| {
-                let p = &model / "encoder" / "layers" / i;
-                EncoderLayer {
-                    self_attn: Attention::new(
-                        &p / "self_attn",
-                        dim,
-                        config.encoder_attention_heads,
-                        false,
-                    ),
-                    self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
-                    feed_forward: FeedForward::new(&p, dim, config.encoder_ffn_dim),
-                }
-            })
-            .collect();
-        let encoder_norm = layer_norm(&model / "encoder" / "layer_norm", dim);
-        let embed_tokens = nn::embedding(
-            &model / "decoder" / "embed_tokens",
-            config.vocab_size,
-            dim,
-            Default::default(),
-        );
-        let decoder_positions = (&model / "decoder" / "embed_positions").var(
-            "weight",
-            &[config.max_target_positions, dim],
-            nn::Init::Const(0.0),
-        );
-        let mut decoder: Vec<DecoderLayer> = (0..config.decoder_layers)
-            .map(|i| {
-                let p = &model / "decoder" / "layers" / i;
-                DecoderLayer {
-                    self_attn: Attention::new(
-                        &p / "self_attn",
-                        dim,
-                        config.decoder_attention_heads,
-                        false,
-                    ),
-                    self_attn_layer_norm: layer_norm(&p / "self_attn_layer_norm", dim),
-                    encoder_attn: Attention::new(
-                        &p / "encoder_attn",
-                        dim,
-                        config.decoder_attention_heads,
-                        false,
-                    ),
-                    encoder_attn_layer_norm: layer_norm(&p / "encoder_attn_layer_norm", dim),
-                    feed_forward: FeedForward::new(&p, dim, config.decoder_ffn_dim),
-                }
-            })
-            .collect();
-        let decoder_norm = layer_norm(&model / "decoder" / "layer_norm", dim);
-        let proj_out = names.iter().any(|n| n == "proj_out.weight").then(|| {
-            root.var(
-                "proj_out.weight",
-                &[config.vocab_size, dim],
-                nn::Init::Const(0.0),
-            )
-        });
-        load_strict(&mut vs, &files)?;
-        vs.set_kind(kind);
-        vs.freeze();
-        for layer in &mut encoder {
-            layer.self_attn.favour_few_rows();
-            layer.feed_forward.favour_few_rows();
-        }
-        for layer in &mut decoder {
-            layer.self_attn.favour_few_rows();
-            layer.encoder_attn.favour_few_rows();
-            layer.feed_forward.favour_few_rows();
-        }
-        let logits_weight = proj_out.unwrap_or_else(|| embed_tokens.ws.shallow_clone());
-        Ok(WhisperModel {
-            config,
-            conv1,
-            conv2,
-            encoder_positions,
+        let model = WhisperModel {
+            conv1: Conv::load(&w, "model.encoder.conv1", [dim, config.num_mel_bins], 1)?,
+            conv2: Conv::load(&w, "model.encoder.conv2", [dim, dim], 2)?,
+            encoder_positions: w.get_sized(
+                "model.encoder.embed_positions.weight",
+                &[config.max_source_positions, dim],
+            )?,
             encoder,
-            encoder_norm,
+            encoder_norm: layer_norm(&w, "model.encoder.layer_norm", dim)?,
             embed_tokens,
-            decoder_positions,
+            decoder_positions: w.get_sized(
+                "model.decoder.embed_positions.weight",
+                &[config.max_target_positions, dim],
+            )?,
             decoder,
-            decoder_norm,
+            decoder_norm: layer_norm(&w, "model.decoder.layer_norm", dim)?,
             logits_weight,
+            config,
             kind,
             device,
-            _vs: vs,
-        })
+        };
+        w.finish(&[])?;
+        Ok(model)
     }
 
     pub fn device(&self) -> Device {

@@ -12,6 +12,10 @@ use crate::models::layers::{Attention, LayerNorm, Linear};
 use crate::models::weights::NamedWeights;
 use crate::models::{LoadError, read_json};
 
+/// `position_ids`, the buffer of positions 0..max that older transformers versions saved; the
+/// positions are computed.
+const UNREAD: [&str; 1] = ["*embeddings.position_ids"];
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
     pub num_hidden_layers: i64,
@@ -87,14 +91,16 @@ impl ClipTextModel {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        Ok(ClipTextModel {
+        let model = ClipTextModel {
             token_embedding: w.get(&format!("{root}embeddings.token_embedding.weight"))?,
             position_embedding: w.get(&format!("{root}embeddings.position_embedding.weight"))?,
             final_layer_norm: LayerNorm::load(&w, &format!("{root}final_layer_norm"), eps)?,
             layers,
             config,
             device,
-        })
+        };
+        w.finish(&UNREAD)?;
+        Ok(model)
     }
 
     /// ids [batch, tokens] → hidden states [batch, tokens, hidden].

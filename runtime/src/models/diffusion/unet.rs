@@ -293,7 +293,7 @@ impl UNet {
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         let (groups, eps) = (config.norm_num_groups, config.norm_eps);
-        Ok(UNet {
+        let unet = UNet {
             conv_in: Conv2d::load(&w, "conv_in", 1)?,
             time_linear_1: Linear::load(&w, "time_embedding.linear_1")?,
             time_linear_2: Linear::load(&w, "time_embedding.linear_2")?,
@@ -314,7 +314,9 @@ impl UNet {
             config,
             kind,
             device,
-        })
+        };
+        w.finish(&[])?;
+        Ok(unet)
     }
 
     /// The sinusoidal embedding of `timestep` (float32, as diffusers computes it).

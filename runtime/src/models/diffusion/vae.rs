@@ -11,6 +11,10 @@ use crate::models::layers::{Attention, Conv2d, GroupNorm, Linear, ResnetBlock, U
 use crate::models::weights::NamedWeights;
 use crate::models::{LoadError, read_json};
 
+/// The encoder half of the autoencoder (`encoder.`, `quant_conv.`), which maps images to
+/// latents: text to image only decodes.
+const UNREAD: [&str; 2] = ["encoder.*", "quant_conv.*"];
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
     pub block_out_channels: Vec<i64>,
@@ -96,7 +100,7 @@ impl VaeDecoder {
             up.push((resnets, upsample));
         }
         let attention = "decoder.mid_block.attentions.0";
-        Ok(VaeDecoder {
+        let decoder = VaeDecoder {
             post_quant_conv: if w.has("post_quant_conv.weight") {
                 Some(Conv2d::load(&w, "post_quant_conv", 1)?)
             } else {
@@ -126,7 +130,9 @@ impl VaeDecoder {
             norm_out: GroupNorm::load(&w, "decoder.conv_norm_out", groups, eps)?,
             conv_out: Conv2d::load(&w, "decoder.conv_out", 1)?,
             config,
-        })
+        };
+        w.finish(&UNREAD)?;
+        Ok(decoder)
     }
 
     /// Denoised latents [batch, 4, h, w] → images [batch, 3, h·s, w·s] in [0, 1].
