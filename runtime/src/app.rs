@@ -15,7 +15,7 @@ use crate::tasks::{self, Context};
 #[derive(Debug)]
 pub struct Runtime {
     pub router: axum::Router,
-    pub model_thread: std::thread::JoinHandle<Result<(), String>>,
+    pub model_thread: std::thread::JoinHandle<Result<(), LoadError>>,
 }
 
 impl Runtime {

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admission::{Admission, AdmissionLimits, Gate, Queued as QueuedUnits};
 use crate::error::{ApiError, BackendError};
 use crate::metrics::Metrics;
+use crate::models::LoadError;
 
 /// Where a job sits in a pass: `rows` inputs of at most `width` units (tokens) each. A pass
 /// costs its rows times its widest row, as padded inputs do.
@@ -220,10 +221,10 @@ impl<J: Queued> Queue<J> {
         limits: BatchLimits,
         metrics: Metrics,
         ready: watch::Sender<bool>,
-    ) -> (Self, JoinHandle<Result<(), String>>)
+    ) -> (Self, JoinHandle<Result<(), LoadError>>)
     where
         S: StepBackend<Job = J>,
-        L: FnOnce() -> Result<S, String> + Send + 'static,
+        L: FnOnce() -> Result<S, LoadError> + Send + 'static,
     {
         let (jobs, receiver) = mpsc::unbounded_channel();
         let gate = Gate::new(limits.admission, limits.max_batch_tokens);
@@ -502,10 +503,10 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
         limits: BatchLimits,
         metrics: Metrics,
         ready: watch::Sender<bool>,
-    ) -> (Self, JoinHandle<Result<(), String>>)
+    ) -> (Self, JoinHandle<Result<(), LoadError>>)
     where
         B: Backend<Job = J, Output = O>,
-        L: FnOnce() -> Result<B, String> + Send + 'static,
+        L: FnOnce() -> Result<B, LoadError> + Send + 'static,
     {
         let pass_metrics = metrics.clone();
         let load = move || {

@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         tokio::select! {
             served = runtime::server::serve(listen, runtime.router) => served.map_err(anyhow::Error::from),
             loaded = watcher => match loaded {
-                Ok(Ok(Err(message))) => Err(anyhow::anyhow!("loading the model failed: {message}")),
+                Ok(Ok(Err(error))) => Err(anyhow::anyhow!("loading the model failed: {error}")),
                 _ => Err(anyhow::anyhow!("the model thread stopped")),
             },
         }

@@ -109,7 +109,6 @@ async fn an_encoder_pass_that_panics_answers_500_and_the_next_request_is_served(
     let load = move || {
         EmbeddingBackend::load(&model_dir, Device::Cpu, Kind::Float, Pooling::Mean)
             .map(|backend| Encoder(PanicsOnMark(backend)))
-            .map_err(|e| e.to_string())
     };
     let (executor, model_thread) = Executor::start(load, settings.batch, Metrics::new(), ready);
     let task = EmbeddingTask {
@@ -181,11 +180,7 @@ async fn a_decoding_step_that_panics_fails_its_sequences_and_the_next_is_generat
         max_slowdown: None,
     };
     let (ready, mut loaded) = watch::channel(false);
-    let load = move || {
-        LlamaModel::load(&dir, Device::Cpu, settings.kind)
-            .map(PanicsOnMark)
-            .map_err(|e| e.to_string())
-    };
+    let load = move || LlamaModel::load(&dir, Device::Cpu, settings.kind).map(PanicsOnMark);
     let (engine, model_thread) = Engine::start(load, limits, Metrics::new(), ready);
     loaded.wait_for(|ready| *ready).await.unwrap();
 

@@ -24,6 +24,7 @@ use crate::admission::{Admission, AdmissionLimits, Slowdown};
 use crate::error::{ApiError, BackendError};
 use crate::executor::{BatchLimits, Queue, Queued, Room, Shape, Started, StepBackend, Work};
 use crate::metrics::Metrics;
+use crate::models::LoadError;
 use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
 
 /// What the scheduler drives: a decoder whose keys and values live in a cache of fixed slots.
@@ -230,10 +231,10 @@ impl Engine {
         limits: EngineLimits,
         metrics: Metrics,
         ready: watch::Sender<bool>,
-    ) -> (Engine, JoinHandle<Result<(), String>>)
+    ) -> (Engine, JoinHandle<Result<(), LoadError>>)
     where
         M: Decoder,
-        L: FnOnce() -> Result<M, String> + Send + 'static,
+        L: FnOnce() -> Result<M, LoadError> + Send + 'static,
     {
         let board = Arc::new(Mutex::new(Board::default()));
         let scheduler_board = board.clone();

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::error::ApiError;
 use crate::executor::BatchLimits;
 use crate::metrics::Metrics;
+use crate::models::LoadError;
 use crate::tokenize::TextEncoder;
 
 /// What every task's `build` shares with the rest of the runtime.
@@ -44,7 +45,7 @@ pub struct Built {
     /// The batching and admission limits the model thread runs with.
     pub limits: BatchLimits,
     pub routes: axum::Router,
-    pub model_thread: JoinHandle<Result<(), String>>,
+    pub model_thread: JoinHandle<Result<(), LoadError>>,
 }
 
 /// `/info`'s `model_type`: the task, with what a client needs to know of the model.
@@ -95,9 +96,7 @@ pub enum ModelType {
 
 /// The tokenizer of a text encoder and its input limit: the model's, or sentence-transformers'
 /// `max_seq_length` when lower.
-pub fn text_encoder(
-    dir: &std::path::Path,
-) -> Result<(Arc<TextEncoder>, usize), crate::models::LoadError> {
+pub fn text_encoder(dir: &std::path::Path) -> Result<(Arc<TextEncoder>, usize), LoadError> {
     use crate::models::read_json;
     let config: crate::models::bert::BertConfig = read_json(&dir.join("config.json"))?;
     let sentence_limit = read_json::<serde_json::Value>(&dir.join("sentence_bert_config.json"))

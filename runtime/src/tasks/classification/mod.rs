@@ -21,11 +21,8 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let count = labels.names.len();
     let (device, kind, limits) = (settings.device, settings.kind, settings.batch);
     let model_dir = dir.to_owned();
-    let load = move || {
-        backend::ClassifierBackend::load(&model_dir, device, kind, count)
-            .map(Encoder)
-            .map_err(|e| e.to_string())
-    };
+    let load =
+        move || backend::ClassifierBackend::load(&model_dir, device, kind, count).map(Encoder);
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let id2label: BTreeMap<String, String> = labels
         .names

@@ -19,11 +19,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let pooling = Pooling::from_model_dir(dir)?.unwrap_or(Pooling::Mean);
     let (device, kind, limits) = (settings.device, settings.kind, settings.batch);
     let dir = dir.to_owned();
-    let load = move || {
-        backend::EmbeddingBackend::load(&dir, device, kind, pooling)
-            .map(Encoder)
-            .map_err(|e| e.to_string())
-    };
+    let load = move || backend::EmbeddingBackend::load(&dir, device, kind, pooling).map(Encoder);
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let task = http::EmbeddingTask {
         executor,

@@ -40,10 +40,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     MelFeatures::load(dir)?;
     let (device, kind) = (settings.device, settings.kind);
     let (model_dir, model_tokens) = (dir.to_owned(), tokens.clone());
-    let load = move || {
-        backend::SpeechModel::load(&model_dir, device, kind, model_tokens)
-            .map_err(|e| e.to_string())
-    };
+    let load = move || backend::SpeechModel::load(&model_dir, device, kind, model_tokens);
     // Requests queued while a batch runs are transcribed together next, an upload a row.
     let limits = settings.batch.per_row();
     let metrics = context.metrics.clone();

@@ -18,8 +18,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let signature = Arc::new(signature::Signature::load(dir)?);
     let (device, dtype) = (settings.device, signature.input.dtype);
     let model_dir = dir.to_owned();
-    let load =
-        move || backend::TabularModel::load(&model_dir, device, dtype).map_err(|e| e.to_string());
+    let load = move || backend::TabularModel::load(&model_dir, device, dtype);
     let limits = settings.batch.one_at_a_time();
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let model_type = ModelType::Tabular {

@@ -53,7 +53,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
         context.metrics.template_render_cpu.clone(),
     );
     let model_dir = dir.to_owned();
-    let load = move || LlamaModel::load(&model_dir, device, kind).map_err(|e| e.to_string());
+    let load = move || LlamaModel::load(&model_dir, device, kind);
     let (engine, model_thread) = Engine::start(load, engine_limits, context.metrics, context.ready);
     let model_type = ModelType::TextGeneration {
         architecture: config.model_type.clone(),

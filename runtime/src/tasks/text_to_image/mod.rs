@@ -25,10 +25,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let scale = vae.scale_factor();
     let (device, kind) = (settings.device, settings.kind);
     let (model_dir, model_metrics) = (dir.to_owned(), context.metrics.clone());
-    let load = move || {
-        backend::ImageGenerator::load(&model_dir, device, kind, model_metrics)
-            .map_err(|e| e.to_string())
-    };
+    let load = move || backend::ImageGenerator::load(&model_dir, device, kind, model_metrics);
     let limits = settings.batch.one_at_a_time();
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let default_size = unet.sample_size.unwrap_or(64) * scale;

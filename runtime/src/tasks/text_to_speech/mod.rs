@@ -18,9 +18,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let tokenizer = Arc::new(http::CharacterTokenizer::load(dir)?);
     let (device, kind) = (settings.device, settings.kind);
     let model_dir = dir.to_owned();
-    let load = move || {
-        backend::SpeechSynthesizer::load(&model_dir, device, kind).map_err(|e| e.to_string())
-    };
+    let load = move || backend::SpeechSynthesizer::load(&model_dir, device, kind);
     let limits = settings.batch.one_at_a_time();
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let task = Arc::new(http::SpeechSynthesisTask {

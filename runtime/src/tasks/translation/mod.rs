@@ -26,9 +26,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
         .min(config.max_position_embeddings as usize);
     let (device, kind) = (settings.device, settings.kind);
     let model_dir = dir.to_owned();
-    let load = move || {
-        backend::TranslationModel::load(&model_dir, device, kind).map_err(|e| e.to_string())
-    };
+    let load = move || backend::TranslationModel::load(&model_dir, device, kind);
     // Requests queued while a batch runs are translated together next, a text a row.
     let limits = settings.batch.per_row();
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
