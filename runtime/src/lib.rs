@@ -1,7 +1,8 @@
 //! infergate's model server on libtorch: one task per process, behind the HTTP contract of
 //! docs/architecture.md (TEI- and OpenAI-shaped routes). Three layers, as in TEI: HTTP
-//! (`server`, `tasks`), core (`admission`, `batching`, `tokenize`) and the models on their own
-//! thread (`models`).
+//! (`server`, `error`, each task's `http`), core (`executor`, `admission`, `encoder`,
+//! `tokenize`, `decode`, `generate`) and the models (`models`), run by each task's `backend`
+//! on the executor's model thread. `tasks::<task>::build` assembles a task; `app` dispatches.
 
 pub mod admission;
 pub mod app;
