@@ -25,7 +25,7 @@ use crate::error::{ApiError, BackendError};
 use crate::executor::{BatchLimits, Queue, Queued, Room, Shape, Started, StepBackend, Work};
 use crate::metrics::Metrics;
 use crate::models::LoadError;
-use crate::models::llama::{KvCache, LlamaModel, Logits, Placement};
+use crate::models::llama::{Logits, Placement};
 
 /// What the scheduler drives: a decoder whose keys and values live in a cache of fixed slots.
 /// The model thread's panics in `forward` (CUDA out of memory, a shape error) fail the step's
@@ -46,28 +46,6 @@ pub trait Decoder: 'static {
         cache: &mut Self::Cache,
         logits: Logits<'_>,
     ) -> Tensor;
-}
-
-impl Decoder for LlamaModel {
-    type Cache = KvCache;
-
-    fn new_cache(&self, slots: i64, positions: i64) -> KvCache {
-        LlamaModel::new_cache(self, slots, positions)
-    }
-
-    fn device(&self) -> tch::Device {
-        LlamaModel::device(self)
-    }
-
-    fn forward(
-        &self,
-        tokens: &Tensor,
-        placements: &[Placement],
-        cache: &mut KvCache,
-        logits: Logits<'_>,
-    ) -> Tensor {
-        LlamaModel::forward(self, tokens, placements, cache, logits)
-    }
 }
 
 /// Sizes of the scheduler.

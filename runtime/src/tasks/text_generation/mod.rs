@@ -6,6 +6,7 @@
 //! `inputs` is the prompt as is (no chat template, as TGI's `/generate`), and the answer has the
 //! chat completion format, streamed or not.
 
+pub mod backend;
 pub mod http;
 
 use std::path::Path;
