@@ -55,6 +55,20 @@ impl From<tch::TchError> for BackendError {
     }
 }
 
+/// The error body the runtime and the proxy share: `{"error":{"message","type","code"}}`.
+#[derive(Debug, serde::Serialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ErrorDetail {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'static str,
+}
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -244,8 +258,13 @@ impl IntoResponse for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
         }
-        let body =
-            serde_json::json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                code,
+            },
+        };
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match self {
             ApiError::Saturated { retry_after, .. } => Some(retry_after),

@@ -64,9 +64,54 @@ pub struct Common {
     pub metrics: Metrics,
 }
 
+/// A response that mirrors its request: one item for one input, a list for a list.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    /// `items` as one item when the request sent one input (`single`), else as a list.
+    pub fn new(mut items: Vec<T>, single: bool) -> OneOrMany<T> {
+        if single && items.len() == 1 {
+            OneOrMany::One(items.remove(0))
+        } else {
+            OneOrMany::Many(items)
+        }
+    }
+}
+
+/// `{"text": ...}`: the answer of the speech and translation routes Hugging Face clients read.
+#[derive(Debug, Serialize)]
+pub struct Text {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+/// OpenAI's model list: this runtime's one model.
+#[derive(Debug, Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: [ModelCard; 1],
+}
+
+#[derive(Debug, Serialize)]
+struct ModelCard {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
 async fn health(State(common): State<Common>) -> Response {
     if *common.ready.borrow() {
-        (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
+        (StatusCode::OK, Json(Health { status: "ok" })).into_response()
     } else {
         ApiError::Loading.into_response()
     }
@@ -76,11 +121,16 @@ async fn info(State(common): State<Common>) -> Json<Info> {
     Json((*common.info).clone())
 }
 
-async fn models(State(common): State<Common>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{"id": common.info.served_model_name, "object": "model", "created": 0, "owned_by": "infergate"}]
-    }))
+async fn models(State(common): State<Common>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: [ModelCard {
+            id: common.info.served_model_name.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "infergate",
+        }],
+    })
 }
 
 async fn metrics(State(common): State<Common>) -> Response {

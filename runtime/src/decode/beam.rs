@@ -1,8 +1,9 @@
 //! Greedy and beam search for encoder-decoder translation, as transformers' `generate` runs
 //! them for MarianMT.
 
-use crate::models::marian::{DecoderCache, MarianModel};
 use tch::{Device, Kind, Tensor};
+
+use crate::models::marian::{DecoderCache, MarianModel};
 
 /// How to search: beams (1 is greedy) and the longest output, counting the start token.
 #[derive(Debug, Clone, Copy)]

@@ -1,13 +1,15 @@
 //! The model-thread half of a classifier (`text-classification` and `rerank`): the encoder, its
 //! classification head and the labels it scores.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind};
+
 use crate::encoder::{EncoderModel, PaddedBatch, tensor_rows};
 use crate::error::BackendError;
 use crate::models::{LoadError, LoadedEncoder, read_json};
-use serde::Deserialize;
-use std::collections::BTreeMap;
-use std::path::Path;
-use tch::{Device, Kind};
 
 /// Labels and scoring of a classifier, from its `config.json`.
 #[derive(Debug, Clone, PartialEq)]

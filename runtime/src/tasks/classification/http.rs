@@ -1,18 +1,21 @@
 //! The HTTP half of `text-classification`: `/v1/classify`, TEI's `/predict` and the endpoint
 //! root.
 
-use super::backend::Labels;
-use crate::encoder::{EncoderJob, Sequence};
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::server::ValidJson;
-use crate::tasks::{TruncationDirection, require_right_truncation};
-use crate::tokenize::TextEncoder;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+
+use crate::encoder::{EncoderJob, Sequence};
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::server::{OneOrMany, ValidJson};
+use crate::tasks::{TruncationDirection, require_right_truncation};
+use crate::tokenize::TextEncoder;
+
+use super::backend::Labels;
 
 /// The HTTP half of a classifier (text-classification or rerank).
 #[derive(Debug, Clone)]
@@ -166,25 +169,29 @@ pub fn routes() -> Router<Arc<ClassifierTask>> {
         .route("/v1/predict", post(predict))
 }
 
+/// One input's labels, best first.
+#[derive(Debug, Serialize)]
+struct Classification {
+    classification: Vec<LabelScore>,
+}
+
 async fn classify(
     State(task): State<Arc<ClassifierTask>>,
     ValidJson(request): ValidJson<ClassifyRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OneOrMany<Classification>>, ApiError> {
     let (texts, single) = match request.inputs {
         TextOrTexts::One(text) => (vec![text], true),
         TextOrTexts::Many(texts) => (texts, false),
     };
     let inputs = texts.into_iter().map(|t| Pair(t, None)).collect();
     let logits = task.logits("inputs", inputs, request.truncate).await?;
-    let mut results: Vec<serde_json::Value> = logits
+    let results = logits
         .iter()
-        .map(|row| serde_json::json!({"classification": task.ranked(row, request.raw_scores)}))
+        .map(|row| Classification {
+            classification: task.ranked(row, request.raw_scores),
+        })
         .collect();
-    Ok(Json(if single {
-        results.remove(0)
-    } else {
-        serde_json::Value::Array(results)
-    }))
+    Ok(Json(OneOrMany::new(results, single)))
 }
 
 /// The endpoint root (Hugging Face's text-classification): one list of labels, best first, per
@@ -230,22 +237,18 @@ async fn root(
 async fn predict(
     State(task): State<Arc<ClassifierTask>>,
     ValidJson(request): ValidJson<PredictRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OneOrMany<Vec<LabelScore>>>, ApiError> {
     require_right_truncation(request.truncation_direction)?;
     let (inputs, single): (Vec<Pair>, bool) = match request.inputs {
         PredictInput::One(sequence) => (vec![sequence.into()], true),
         PredictInput::Many(sequences) => (sequences.into_iter().map(Pair::from).collect(), false),
     };
     let logits = task.logits("inputs", inputs, request.truncate).await?;
-    let mut results: Vec<Vec<LabelScore>> = logits
+    let results = logits
         .iter()
         .map(|row| task.ranked(row, request.raw_scores))
         .collect();
-    Ok(Json(if single {
-        serde_json::json!(results.remove(0))
-    } else {
-        serde_json::json!(results)
-    }))
+    Ok(Json(OneOrMany::new(results, single)))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! The model-thread half of `embedding`: the encoder and its sentence-transformers pooling.
 
+use std::path::Path;
+
+use tch::{Device, Kind};
+
 use crate::encoder::{EncoderModel, PaddedBatch, tensor_rows};
 use crate::error::BackendError;
 use crate::models::pooling::Pooling;
 use crate::models::{LoadError, LoadedEncoder};
-use std::path::Path;
-use tch::{Device, Kind};
 
 /// The model thread's half: encoder and pooling.
 #[derive(Debug)]

@@ -1,18 +1,20 @@
 //! The HTTP half of `embedding`: TEI's `/embed` and `/similarity`, OpenAI's `/v1/embeddings`,
 //! and the endpoint root.
 
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
 use crate::encoder::{EncoderJob, Sequence};
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::server::ValidJson;
 use crate::tasks::{TruncationDirection, require_right_truncation};
 use crate::tokenize::TextEncoder;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// The HTTP half: tokenizer and the executor in front of the model thread.
 #[derive(Debug, Clone)]
@@ -102,8 +104,16 @@ struct OpenAiEmbeddingsResponse {
 #[derive(Debug, Serialize)]
 struct OpenAiEmbedding {
     object: &'static str,
-    embedding: serde_json::Value,
+    embedding: Embedding,
     index: usize,
+}
+
+/// A vector as `encoding_format` asks: numbers, or base64 of its little-endian f32 bytes.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    Float(Vec<f32>),
+    Base64(String),
 }
 
 #[derive(Debug, Serialize)]
@@ -292,7 +302,7 @@ async fn root(
 async fn openai_embeddings(
     State(task): State<Arc<EmbeddingTask>>,
     ValidJson(request): ValidJson<OpenAiEmbeddingsRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OpenAiEmbeddingsResponse>, ApiError> {
     let (vectors, tokens) = task
         .run("input", request.input, false, request.dimensions, true)
         .await?;
@@ -303,9 +313,9 @@ async fn openai_embeddings(
         .map(|(index, vector)| OpenAiEmbedding {
             object: "embedding",
             embedding: if base64 {
-                serde_json::Value::String(base64_f32(&vector))
+                Embedding::Base64(base64_f32(&vector))
             } else {
-                serde_json::json!(vector)
+                Embedding::Float(vector)
             },
             index,
         })
@@ -319,9 +329,7 @@ async fn openai_embeddings(
             total_tokens: tokens,
         },
     };
-    Ok(Json(
-        serde_json::to_value(response).expect("responses serialise"),
-    ))
+    Ok(Json(response))
 }
 
 /// Little-endian f32 bytes in standard base64, as OpenAI's `encoding_format: base64` returns.

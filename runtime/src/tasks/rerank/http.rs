@@ -1,14 +1,16 @@
 //! The HTTP half of `rerank`: TEI's `/rerank` over the classifier backend.
 
-use crate::error::ApiError;
-use crate::server::ValidJson;
-use crate::tasks::classification::http::{ClassifierTask, Pair};
-use crate::tasks::{TruncationDirection, require_right_truncation};
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+
+use crate::error::ApiError;
+use crate::server::ValidJson;
+use crate::tasks::classification::http::{ClassifierTask, Pair};
+use crate::tasks::{TruncationDirection, require_right_truncation};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

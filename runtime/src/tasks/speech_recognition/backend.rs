@@ -1,14 +1,16 @@
 //! The model-thread half of `speech-recognition`: Whisper, transcribing every request queued
 //! meanwhile together, window by window.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Kind};
+
 use crate::decode::whisper::{DecodeOptions, LongForm, Segment, SpeechTokens};
 use crate::error::BackendError;
 use crate::executor::{Backend, Shape, Wanted, Work};
 use crate::models::LoadError;
 use crate::models::whisper::{MelFeatures, WhisperModel};
-use std::path::Path;
-use std::sync::Arc;
-use tch::{Device, Kind};
 
 /// One request for the model thread.
 #[derive(Debug)]

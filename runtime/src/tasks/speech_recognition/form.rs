@@ -1,10 +1,12 @@
 //! Multipart forms with explicit limits: the fields an endpoint knows, how many, how large.
 
-use super::AudioLimits;
-use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::header;
+
+use crate::error::ApiError;
+
+use super::AudioLimits;
 
 /// Form fields the multipart endpoints take; any other is refused by name.
 const FORM_FIELDS: &[&str] = &[

@@ -1,14 +1,8 @@
 //! The HTTP half of `speech-recognition`: uploads read (multipart with explicit limits, or a raw
 //! body), decoded and resampled on the blocking pool; transcripts as JSON, text or subtitles.
 
-use super::AudioLimits;
-use super::backend::{Job, Transcript};
-use super::form::read_form;
-use crate::audio::{AudioError, decode_to_16k};
-use crate::decode::whisper::{DecodeOptions, SpeechTask, SpeechTokens};
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::metrics::Metrics;
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -16,10 +10,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
+
+use crate::audio::{AudioError, decode_to_16k};
+use crate::decode::whisper::{DecodeOptions, SpeechTask, SpeechTokens};
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::metrics::Metrics;
+use crate::server::Text;
+
+use super::AudioLimits;
+use super::backend::{Job, Transcript};
+use super::form::read_form;
 
 /// The HTTP half.
 #[derive(Debug)]
@@ -276,7 +280,7 @@ fn audio_error(field: &str, error: AudioError) -> ApiError {
 async fn transcript(
     State(task): State<Arc<SpeechRecognitionTask>>,
     request: Request,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Text>, ApiError> {
     let form = read_form(request, task.limits).await?;
     let file = form.file.clone().ok_or_else(|| {
         ApiError::InvalidField(
@@ -290,9 +294,9 @@ async fn transcript(
         timestamps: false,
     })?;
     let (transcript, _) = task.run("file", file, options).await?;
-    Ok(Json(
-        serde_json::json!({"text": task.full_text(&transcript)}),
-    ))
+    Ok(Json(Text {
+        text: task.full_text(&transcript),
+    }))
 }
 
 async fn openai_transcriptions(
@@ -360,36 +364,36 @@ async fn openai(
     let (transcript, seconds) = task.run("file", file, options).await?;
     let text = task.full_text(&transcript);
     Ok(match format {
-        ResponseFormat::Json => Json(serde_json::json!({"text": text})).into_response(),
+        ResponseFormat::Json => Json(Text { text }).into_response(),
         ResponseFormat::Text => plain(format!("{text}\n"), "text/plain; charset=utf-8"),
         ResponseFormat::VerboseJson => {
-            let segments: Vec<serde_json::Value> = transcript
+            let segments = transcript
                 .segments
                 .iter()
                 .enumerate()
                 .map(|(id, s)| {
                     let text = task.text(&s.ids);
-                    serde_json::json!({
-                        "id": id,
-                        "seek": s.seek,
-                        "start": round(s.start),
-                        "end": round(s.end),
-                        "text": text,
-                        "tokens": s.ids,
-                        "temperature": 0.0,
-                        "avg_logprob": s.avg_logprob,
-                        "compression_ratio": compression_ratio(&text),
-                        "no_speech_prob": s.no_speech_prob,
-                    })
+                    VerboseSegment {
+                        id,
+                        seek: s.seek,
+                        start: round(s.start),
+                        end: round(s.end),
+                        compression_ratio: compression_ratio(&text),
+                        text,
+                        tokens: &s.ids,
+                        temperature: 0.0,
+                        avg_logprob: s.avg_logprob,
+                        no_speech_prob: s.no_speech_prob,
+                    }
                 })
                 .collect();
-            Json(serde_json::json!({
-                "task": speech_task.as_str(),
-                "language": task.language_name(&transcript),
-                "duration": round(seconds),
-                "text": text,
-                "segments": segments,
-            }))
+            Json(Verbose {
+                task: speech_task.as_str(),
+                language: task.language_name(&transcript),
+                duration: round(seconds),
+                text,
+                segments,
+            })
             .into_response()
         }
         ResponseFormat::Srt => plain(
@@ -494,10 +498,48 @@ struct RootGenerateKwargs {
 /// The endpoint root (Hugging Face's automatic-speech-recognition task): the raw audio as the
 /// body, or JSON `{inputs: base64, parameters}` → `{text}`, with `chunks` when timestamps are
 /// asked for.
+/// OpenAI's `verbose_json` transcript.
+#[derive(Debug, Serialize)]
+struct Verbose<'a> {
+    task: &'static str,
+    language: String,
+    duration: f64,
+    text: String,
+    segments: Vec<VerboseSegment<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct VerboseSegment<'a> {
+    id: usize,
+    seek: i64,
+    start: f64,
+    end: f64,
+    text: String,
+    tokens: &'a [i64],
+    temperature: f64,
+    avg_logprob: f64,
+    compression_ratio: f64,
+    no_speech_prob: f32,
+}
+
+/// Hugging Face's automatic-speech-recognition answer; `chunks` when timestamps were asked for.
+#[derive(Debug, Serialize)]
+struct RootTranscript {
+    text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks: Option<Vec<Chunk>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Chunk {
+    text: String,
+    timestamp: [f64; 2],
+}
+
 async fn root(
     State(task): State<Arc<SpeechRecognitionTask>>,
     request: Request,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<RootTranscript>, ApiError> {
     let is_json = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -530,15 +572,17 @@ async fn root(
     })?;
     let (transcript, _) = task.run("inputs", audio, options).await?;
     let text = task.full_text(&transcript);
-    if !parameters.return_timestamps {
-        return Ok(Json(serde_json::json!({"text": text})));
-    }
-    let chunks: Vec<serde_json::Value> = transcript
-        .segments
-        .iter()
-        .map(|s| serde_json::json!({"text": task.text(&s.ids), "timestamp": [round(s.start), round(s.end)]}))
-        .collect();
-    Ok(Json(serde_json::json!({"text": text, "chunks": chunks})))
+    let chunks = parameters.return_timestamps.then(|| {
+        transcript
+            .segments
+            .iter()
+            .map(|s| Chunk {
+                text: task.text(&s.ids),
+                timestamp: [round(s.start), round(s.end)],
+            })
+            .collect()
+    });
+    Ok(Json(RootTranscript { text, chunks }))
 }
 
 #[cfg(test)]

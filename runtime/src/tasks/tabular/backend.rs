@@ -1,12 +1,15 @@
 //! The model-thread half of `tabular`: a TorchScript module, one request a pass.
 
-use super::signature::Dtype;
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tch::{CModule, Device, Kind, Tensor};
+
 use crate::error::BackendError;
 use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
 use crate::models::LoadError;
-use serde_json::{Value, json};
-use std::path::Path;
-use tch::{CModule, Device, Kind, Tensor};
+
+use super::signature::Dtype;
 
 /// The model thread's half.
 #[derive(Debug)]

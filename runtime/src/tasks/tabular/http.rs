@@ -1,16 +1,20 @@
 //! The HTTP half of `tabular`: `/v1/predict`, `/predict` and `/invocations`, with every request
 //! checked against the model's signature before the model sees it.
 
-use super::backend::Matrix;
-use super::signature::{Signature, request_rows};
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::server::ValidJson;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::{Value, json};
-use std::sync::Arc;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::server::ValidJson;
+
+use super::backend::Matrix;
+use super::signature::{Signature, request_rows};
 
 /// The HTTP half.
 #[derive(Debug, Clone)]
@@ -26,14 +30,31 @@ pub fn routes() -> Router<Arc<TabularTask>> {
         .route("/invocations", post(predict))
 }
 
+/// MLflow serving's answer: the model's output, and the signature it was checked against (as
+/// the model's files have them).
+#[derive(Debug, Serialize)]
+struct Prediction {
+    data: Value,
+    meta: Meta,
+}
+
+#[derive(Debug, Serialize)]
+struct Meta {
+    input_schema: Value,
+    output_schema: Value,
+}
+
 async fn predict(
     State(task): State<Arc<TabularTask>>,
     ValidJson(body): ValidJson<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Prediction>, ApiError> {
     let matrix = task.signature.rows(&request_rows(body)?)?;
     let data = task.executor.run(matrix).await?;
-    Ok(Json(json!({
-        "data": data,
-        "meta": {"input_schema": task.signature.input_schema, "output_schema": task.signature.output_schema}
-    })))
+    Ok(Json(Prediction {
+        data,
+        meta: Meta {
+            input_schema: task.signature.input_schema.clone(),
+            output_schema: task.signature.output_schema.clone(),
+        },
+    }))
 }

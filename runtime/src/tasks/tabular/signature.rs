@@ -1,13 +1,16 @@
 //! An MLflow tensor-spec signature and the request forms MLflow serving accepts: rows are
 //! checked against it (shape and dtype) before the model sees them.
 
-use super::backend::Matrix;
-use crate::error::ApiError;
-use crate::models::{LoadError, read_json};
+use std::path::Path;
+
 use serde::Deserialize;
 use serde_json::Value;
-use std::path::Path;
 use tch::Kind;
+
+use crate::error::ApiError;
+use crate::models::{LoadError, read_json};
+
+use super::backend::Matrix;
 
 /// Element types of an MLflow tensor spec that a JSON body can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

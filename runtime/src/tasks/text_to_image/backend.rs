@@ -1,12 +1,14 @@
 //! The model-thread half of `text-to-image`: the Stable Diffusion pipeline, one image a pass.
 
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
 use crate::error::BackendError;
 use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
 use crate::metrics::Metrics;
 use crate::models::LoadError;
 use crate::models::diffusion::{Denoise, StableDiffusion};
-use std::path::Path;
-use tch::{Device, Kind, Tensor};
 
 /// One image for the model thread.
 #[derive(Debug)]

@@ -1,23 +1,26 @@
 //! The HTTP half of `text-to-image`: the seed's `/v1/generate-image`, OpenAI's
 //! `/v1/images/generations` and the endpoint root; prompts tokenized for CLIP, images as PNG.
 
-use super::backend::{Image, Job};
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::models::diffusion::scheduler::Sampler;
-use crate::models::diffusion::{Denoise, load_tokenizer};
-use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
+use std::path::Path;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
-use std::path::Path;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
+
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::models::diffusion::scheduler::Sampler;
+use crate::models::diffusion::{Denoise, load_tokenizer};
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
+
+use super::backend::{Image, Job};
 
 /// CLIP prompts as the pipeline encodes them: start and end tokens, cut to the encoder's
 /// length (keeping the end token), padded with the tokenizer's pad token.
@@ -239,11 +242,29 @@ fn random_seed() -> u64 {
 async fn generate_image(
     State(task): State<Arc<ImageTask>>,
     ValidJson(request): ValidJson<ImageRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<GeneratedImage>, ApiError> {
     let image = task.generate(request).await?;
-    Ok(Json(serde_json::json!({
-        "image": base64::engine::general_purpose::STANDARD.encode(png(&image)),
-    })))
+    Ok(Json(GeneratedImage {
+        image: base64::engine::general_purpose::STANDARD.encode(png(&image)),
+    }))
+}
+
+/// The seed's answer: a base64 PNG.
+#[derive(Debug, Serialize)]
+struct GeneratedImage {
+    image: String,
+}
+
+/// OpenAI's images answer.
+#[derive(Debug, Serialize)]
+struct OpenAiImages {
+    created: u64,
+    data: Vec<OpenAiImage>,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenAiImage {
+    b64_json: String,
 }
 
 /// OpenAI's image request; `model`, `quality`, `style` and `user` are accepted (the URL chose
@@ -273,7 +294,7 @@ struct OpenAiImageRequest {
 async fn openai_images(
     State(task): State<Arc<ImageTask>>,
     ValidJson(request): ValidJson<OpenAiImageRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OpenAiImages>, ApiError> {
     if request
         .response_format
         .as_deref()
@@ -316,13 +337,14 @@ async fn openai_images(
                 ..Default::default()
             })
             .await?;
-        data.push(serde_json::json!({
-            "b64_json": base64::engine::general_purpose::STANDARD.encode(png(&image)),
-        }));
+        data.push(OpenAiImage {
+            b64_json: base64::engine::general_purpose::STANDARD.encode(png(&image)),
+        });
     }
-    Ok(Json(
-        serde_json::json!({"created": crate::server::unix_now(), "data": data}),
-    ))
+    Ok(Json(OpenAiImages {
+        created: crate::server::unix_now(),
+        data,
+    }))
 }
 
 /// What Hugging Face clients post for text to image.

@@ -1,11 +1,13 @@
 //! The model-thread half of `text-to-speech`: VITS, one text a pass.
 
+use std::path::Path;
+
+use tch::{Device, Kind};
+
 use crate::error::BackendError;
 use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
 use crate::models::LoadError;
 use crate::models::vits::{Synthesis, VitsModel};
-use std::path::Path;
-use tch::{Device, Kind};
 
 /// One request for the model thread.
 #[derive(Debug)]

@@ -1,22 +1,25 @@
 //! The HTTP half of `text-to-speech`: the seed's `/v1/generate-speech`, OpenAI's `/v1/audio/speech`
 //! and the endpoint root; characters tokenized as VITS expects, waveforms as WAV.
 
-use super::backend::Job;
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::models::vits::Synthesis;
-use crate::models::{LoadError, read_json};
-use crate::server::ValidJson;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::models::vits::Synthesis;
+use crate::models::{LoadError, read_json};
+use crate::server::ValidJson;
+
+use super::backend::Job;
 
 /// Longest text one request may synthesise, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
@@ -270,12 +273,19 @@ fn pcm16(samples: &[f32]) -> impl Iterator<Item = u8> + '_ {
 async fn generate_speech(
     State(task): State<Arc<SpeechSynthesisTask>>,
     ValidJson(request): ValidJson<SpeechRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Speech>, ApiError> {
     let samples = task.synthesize(None, request).await?;
-    Ok(Json(serde_json::json!({
-        "audio": base64::engine::general_purpose::STANDARD.encode(wav(&samples, task.sampling_rate)),
-        "sampling_rate": task.sampling_rate,
-    })))
+    Ok(Json(Speech {
+        audio: base64::engine::general_purpose::STANDARD.encode(wav(&samples, task.sampling_rate)),
+        sampling_rate: task.sampling_rate,
+    }))
+}
+
+/// The seed's answer: a base64 WAV and its sampling rate.
+#[derive(Debug, Serialize)]
+struct Speech {
+    audio: String,
+    sampling_rate: u32,
 }
 
 /// OpenAI's speech request; `model` and `voice` are accepted (the URL chose the model, which has

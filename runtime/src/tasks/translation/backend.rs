@@ -1,13 +1,15 @@
 //! The model-thread half of `translation`: MarianMT, with the requests queued meanwhile
 //! translated together.
 
+use std::path::Path;
+
+use tch::{Device, Kind};
+
 use crate::decode::beam::{Search, translate};
 use crate::error::BackendError;
 use crate::executor::{Backend, Shape, Wanted, Work};
 use crate::models::LoadError;
 use crate::models::marian::MarianModel;
-use std::path::Path;
-use tch::{Device, Kind};
 
 /// One request's sources (token ids) and how to search their translations.
 #[derive(Debug, Clone)]

@@ -1,16 +1,19 @@
 //! The HTTP half of `translation`: the seed's `/v1/translate` and the endpoint root.
 
-use super::backend::Job;
-use super::tokenizer::MarianTokenizer;
-use crate::decode::beam::Search;
-use crate::error::ApiError;
-use crate::executor::Executor;
-use crate::server::ValidJson;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+
+use crate::decode::beam::Search;
+use crate::error::ApiError;
+use crate::executor::Executor;
+use crate::server::{OneOrMany, ValidJson};
+
+use super::backend::Job;
+use super::tokenizer::MarianTokenizer;
 
 /// The HTTP half.
 #[derive(Debug)]
@@ -52,10 +55,22 @@ pub fn routes() -> Router<Arc<TranslationTask>> {
         .route("/translate", post(translate_route))
 }
 
+/// The seed's translation answer: one translation, or a list, as the request sent.
+#[derive(Debug, Serialize)]
+struct Translated {
+    translation: OneOrMany<String>,
+}
+
+/// Hugging Face's translation answer, one per input.
+#[derive(Debug, Serialize)]
+struct TranslationText {
+    translation_text: String,
+}
+
 async fn translate_route(
     State(task): State<Arc<TranslationTask>>,
     ValidJson(request): ValidJson<TranslateRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Translated>, ApiError> {
     let (texts, one) = match request.text {
         TextField::One(text) => (vec![text], true),
         TextField::Many(texts) => (texts, false),
@@ -69,10 +84,8 @@ async fn translate_route(
             request.num_beams,
         )
         .await?;
-    Ok(Json(if one {
-        serde_json::json!({"translation": translations[0]})
-    } else {
-        serde_json::json!({"translation": translations})
+    Ok(Json(Translated {
+        translation: OneOrMany::new(translations, one),
     }))
 }
 
@@ -108,7 +121,7 @@ pub struct RootGenerateParameters {
 async fn root(
     State(task): State<Arc<TranslationTask>>,
     ValidJson(request): ValidJson<RootTranslateRequest>,
-) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+) -> Result<Json<Vec<TranslationText>>, ApiError> {
     let parameters = request.parameters;
     if let Some(truncation) = parameters.truncation.filter(|t| t != "do_not_truncate") {
         return Err(ApiError::InvalidField(format!(
@@ -131,7 +144,7 @@ async fn root(
     Ok(Json(
         translations
             .into_iter()
-            .map(|text| serde_json::json!({"translation_text": text}))
+            .map(|translation_text| TranslationText { translation_text })
             .collect(),
     ))
 }

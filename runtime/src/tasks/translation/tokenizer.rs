@@ -1,10 +1,12 @@
 //! MarianMT's tokenizer: SentencePiece pieces mapped through the shared `vocab.json`.
 
-use crate::error::ApiError;
-use crate::models::{LoadError, read_json, sentencepiece};
 use std::collections::HashMap;
 use std::path::Path;
+
 use tokenizers::Tokenizer;
+
+use crate::error::ApiError;
+use crate::models::{LoadError, read_json, sentencepiece};
 
 /// Marian's tokenization: SentencePiece pieces of the source model mapped through the shared
 /// `vocab.json`, EOS appended; decoding joins target pieces.
