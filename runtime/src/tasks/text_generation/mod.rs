@@ -8,6 +8,10 @@
 
 pub mod backend;
 pub mod http;
+pub mod plan;
+pub mod run;
+pub mod stream;
+pub mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| invalid(format!("tokenizer.json: {e}")))?;
     let templates = ChatTemplates::from_model_dir(dir).map_err(invalid)?;
-    let eos = http::eos_token_ids(dir)?;
+    let eos = plan::eos_token_ids(dir)?;
     let (generation, limits) = (settings.generation, settings.batch);
     let model_limit = config.max_position_embeddings as usize;
     let engine_limits = EngineLimits {
@@ -40,7 +44,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
         max_slowdown: limits.admission.max_slowdown,
     };
     let (device, kind) = (settings.device, settings.kind);
-    let system_fingerprint = http::system_fingerprint(
+    let system_fingerprint = wire::system_fingerprint(
         &context.model_id,
         kind_name(kind),
         &crate::device::device_name(device),
