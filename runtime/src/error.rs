@@ -55,18 +55,33 @@ impl From<tch::TchError> for BackendError {
     }
 }
 
-/// The error body the runtime and the proxy share: `{"error":{"message","type","code"}}`.
+/// The error body the runtime and the proxy share, `{"error":{"code","message","type"}}`; a
+/// stream's `event: error` carries the same.
 #[derive(Debug, serde::Serialize)]
-struct ErrorBody {
-    error: ErrorDetail,
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
+/// Fields in alphabetical order: the order the body had when it was built as a JSON map.
 #[derive(Debug, serde::Serialize)]
-struct ErrorDetail {
-    message: String,
+pub struct ErrorDetail {
+    pub code: &'static str,
+    pub message: String,
     #[serde(rename = "type")]
-    kind: &'static str,
-    code: &'static str,
+    pub kind: &'static str,
+}
+
+impl From<&ApiError> for ErrorBody {
+    fn from(error: &ApiError) -> ErrorBody {
+        let (kind, code) = error.kind_and_code();
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: error.to_string(),
+                kind,
+            },
+        }
+    }
 }
 
 /// An error answered to a client.
@@ -254,18 +269,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, kind, code) = self.parts();
+        let status = self.status();
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                message: self.to_string(),
-                kind,
-                code,
-            },
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = (status, axum::Json(ErrorBody::from(&self))).into_response();
         let retry_after = match self {
             ApiError::Saturated { retry_after, .. } => Some(retry_after),
             ApiError::Overloaded

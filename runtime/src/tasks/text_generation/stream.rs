@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::run::{Piece, Run};
-use super::wire::{ChunkChoice, ErrorBody, Head, Object, StreamDetails, StreamResponse, Usage};
+use super::wire::{ChunkChoice, Head, Object, StreamDetails, StreamResponse, Usage};
 use crate::error::ApiError;
+use crate::error::ErrorBody;
 
 /// One server-sent event, before axum frames it (axum's own event cannot be read back).
 #[derive(Debug)]

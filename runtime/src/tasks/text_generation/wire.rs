@@ -8,7 +8,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
 use crate::generate::template::Message;
 
 /// The `system_fingerprint` of a loaded model, as OpenAI's and TGI's completions carry it (TGI's
@@ -468,37 +467,10 @@ pub struct ChatTokenizeResponse {
     pub tokenize_response: Vec<SimpleToken>,
 }
 
-/// The error body every route answers (see `crate::error`), as a stream's `event: error`
-/// carries it.
-#[derive(Debug, Serialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ErrorDetail {
-    pub code: &'static str,
-    pub message: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-}
-
-impl From<&ApiError> for ErrorBody {
-    fn from(error: &ApiError) -> ErrorBody {
-        let (kind, code) = error.kind_and_code();
-        ErrorBody {
-            error: ErrorDetail {
-                code,
-                message: error.to_string(),
-                kind,
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ApiError, BackendError, ErrorBody};
 
     fn json(value: &impl Serialize) -> String {
         serde_json::to_string(value).unwrap()
@@ -775,7 +747,7 @@ mod tests {
         use axum::response::IntoResponse;
         for error in [
             ApiError::Timeout,
-            ApiError::Backend(crate::error::BackendError::Output("boom".to_owned())),
+            ApiError::Backend(BackendError::Output("boom".to_owned())),
         ] {
             let body = json(&ErrorBody::from(&error));
             let response = error.into_response();
