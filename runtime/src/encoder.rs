@@ -1,9 +1,12 @@
 //! Encoder passes, shared by the tasks whose model is a text encoder (embedding,
 //! classification, rerank): tokenized inputs padded into one rectangle, one output vector per
-//! input, and the executor backend that runs them.
+//! input, the executor backend that runs them, and what their handlers share in front of it.
 
-use crate::error::BackendError;
-use crate::executor::{Backend, Shape, Wanted, Work, failed};
+use std::sync::Arc;
+
+use crate::error::{ApiError, BackendError};
+use crate::executor::{Backend, Executor, Shape, Wanted, Work, failed};
+use crate::tokenize::TextEncoder;
 
 /// One tokenized input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,5 +140,54 @@ impl<M: EncoderModel> Backend for Encoder<M> {
             }
             Err(error) => failed(&error, jobs.len()),
         }
+    }
+}
+
+/// The handlers' side of an encoder task: the tokenizer, the executor in front of the model
+/// thread, and the most inputs one request may send.
+#[derive(Debug, Clone)]
+pub struct EncoderFront {
+    pub executor: Executor<EncoderJob, Vec<Vec<f32>>>,
+    pub tokenizer: Arc<TextEncoder>,
+    pub max_client_batch_size: usize,
+}
+
+impl EncoderFront {
+    /// One output vector per input of the request's `field`, and the tokens they made. Refuses
+    /// an empty or oversized list at once; takes the admission slot before tokenizing, so a
+    /// refused request costs no tokenizer time; tokenizes off the async threads.
+    pub async fn run<I: Send + Sync + 'static>(
+        &self,
+        field: &'static str,
+        inputs: Vec<I>,
+        tokenize: impl Fn(&TextEncoder, usize, &I) -> Result<Sequence, ApiError> + Send + 'static,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        if inputs.is_empty() {
+            return Err(ApiError::InvalidField(format!("{field} must not be empty")));
+        }
+        if inputs.len() > self.max_client_batch_size {
+            return Err(ApiError::TooManyInputs {
+                field,
+                count: inputs.len(),
+                limit: self.max_client_batch_size,
+            });
+        }
+        let admission = self.executor.admit()?;
+        let tokenizer = self.tokenizer.clone();
+        let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(index, input)| tokenize(&tokenizer, index, input))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+        let tokens = sequences.iter().map(|s| s.ids.len()).sum();
+        let outputs = self
+            .executor
+            .submit(admission, EncoderJob(sequences))
+            .await?;
+        Ok((outputs, tokens))
     }
 }

@@ -152,6 +152,11 @@ pub trait StepBackend: 'static {
     /// until it ends. Jobs must be kept where `fail_running` finds them before any model work.
     fn step(&mut self, starting: Vec<Started<Self::Job>>);
 
+    /// After a pass has been timed: sends what it has to tell clients at the end of a pass.
+    /// Answering only now keeps a client's next request from arriving while admission still
+    /// counts the pass as running.
+    fn answer(&mut self) {}
+
     /// After `step` panicked: answers every job it holds with `error` and frees what they held.
     fn fail_running(&mut self, error: &BackendError);
 }
@@ -334,11 +339,14 @@ fn run_steps<S: StepBackend>(
         metrics
             .inference_seconds
             .observe(ended.duration_since(started).as_secs_f64());
-        if let Err(panic) = stepped {
-            let error = BackendError::from_panic(panic_message(panic.as_ref()));
-            tracing::error!(%error, "a model pass panicked; its jobs fail, the model thread goes on");
-            metrics.panics.inc();
-            backend.fail_running(&error);
+        match stepped {
+            Ok(()) => backend.answer(),
+            Err(panic) => {
+                let error = BackendError::from_panic(panic_message(panic.as_ref()));
+                tracing::error!(%error, "a model pass panicked; its jobs fail, the model thread goes on");
+                metrics.panics.inc();
+                backend.fail_running(&error);
+            }
         }
     }
 }
@@ -406,6 +414,8 @@ pub struct OneShot<B: Backend> {
     metrics: Metrics,
     /// Where to answer the jobs of the running pass; what `fail_running` answers after a panic.
     replies: Vec<(Reply<B::Output>, Admission)>,
+    /// The pass's results, until `answer` sends them.
+    results: Vec<Result<B::Output, BackendError>>,
 }
 
 impl<B: Backend> std::fmt::Debug for OneShot<B> {
@@ -459,7 +469,11 @@ impl<B: Backend> StepBackend for OneShot<B> {
             tracing::error!(%error, "a model pass failed");
             failed(&error, count)
         };
-        for (result, (reply, admission)) in results.into_iter().zip(self.replies.drain(..)) {
+        self.results = results;
+    }
+
+    fn answer(&mut self) {
+        for (result, (reply, admission)) in self.results.drain(..).zip(self.replies.drain(..)) {
             // The slot is free before the client hears back, so its next request finds it free.
             drop(admission);
             let _ = reply.send(result);
@@ -467,6 +481,7 @@ impl<B: Backend> StepBackend for OneShot<B> {
     }
 
     fn fail_running(&mut self, error: &BackendError) {
+        self.results.clear();
         for (reply, admission) in self.replies.drain(..) {
             drop(admission);
             let _ = reply.send(Err(error.clone()));
@@ -515,6 +530,7 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
                 limits,
                 metrics: pass_metrics,
                 replies: Vec::new(),
+                results: Vec::new(),
             })
         };
         let (queue, thread) = Queue::start(load, limits, metrics, ready);
@@ -655,5 +671,27 @@ mod tests {
             "names the failure: {error}"
         );
         assert_eq!(executor.run(7).await.unwrap(), 7);
+    }
+
+    #[test]
+    fn clients_hear_back_only_once_the_pass_is_timed() {
+        // A client answered inside the pass could send its next request while admission still
+        // counts the pass as running, and have it refused on an idle model.
+        let gate = Gate::new(AdmissionLimits::default(), 8);
+        let mut one_shot = OneShot {
+            backend: Echo,
+            limits: limits(8, 8),
+            metrics: Metrics::new(),
+            replies: Vec::new(),
+            results: Vec::new(),
+        };
+        let (reply, mut answer) = oneshot::channel();
+        one_shot.step(vec![Started {
+            job: Answered { job: 7, reply },
+            admission: gate.admit().unwrap(),
+        }]);
+        assert!(answer.try_recv().is_err(), "answered inside the pass");
+        one_shot.answer();
+        assert_eq!(answer.try_recv().unwrap(), Ok(7));
     }
 }

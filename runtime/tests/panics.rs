@@ -9,7 +9,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime::encoder::{Encoder, EncoderModel, PaddedBatch};
+use runtime::encoder::{Encoder, EncoderFront, EncoderModel, PaddedBatch};
 use runtime::error::BackendError;
 use runtime::executor::Executor;
 use runtime::generate::engine::{
@@ -112,10 +112,12 @@ async fn an_encoder_pass_that_panics_answers_500_and_the_next_request_is_served(
     };
     let (executor, model_thread) = Executor::start(load, settings.batch, Metrics::new(), ready);
     let task = EmbeddingTask {
-        executor,
-        encoder,
+        front: EncoderFront {
+            executor,
+            tokenizer: encoder,
+            max_client_batch_size: 32,
+        },
         model_id: "bert".to_owned(),
-        max_client_batch_size: 32,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/embed", listener.local_addr().unwrap());

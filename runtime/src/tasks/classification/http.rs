@@ -8,9 +8,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{EncoderJob, Sequence};
+use crate::encoder::{EncoderFront, Sequence};
 use crate::error::ApiError;
-use crate::executor::Executor;
 use crate::server::{OneOrMany, ValidJson};
 use crate::tasks::{TruncationDirection, require_right_truncation};
 use crate::tokenize::TextEncoder;
@@ -20,10 +19,8 @@ use super::backend::Labels;
 /// The HTTP half of a classifier (text-classification or rerank).
 #[derive(Debug, Clone)]
 pub struct ClassifierTask {
-    pub executor: Executor<EncoderJob, Vec<Vec<f32>>>,
-    pub encoder: Arc<TextEncoder>,
+    pub front: EncoderFront,
     pub labels: Labels,
-    pub max_client_batch_size: usize,
 }
 
 impl ClassifierTask {
@@ -34,32 +31,11 @@ impl ClassifierTask {
         inputs: Vec<Pair>,
         truncate: bool,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
-        if inputs.is_empty() {
-            return Err(ApiError::InvalidField(format!("{field} must not be empty")));
-        }
-        if inputs.len() > self.max_client_batch_size {
-            return Err(ApiError::TooManyInputs {
-                field,
-                count: inputs.len(),
-                limit: self.max_client_batch_size,
-            });
-        }
-        // Admitted before tokenizing: a refused request costs no tokenizer time.
-        let admission = self.executor.admit()?;
-        let encoder = self.encoder.clone();
-        let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
-            inputs
-                .iter()
-                .enumerate()
-                .map(|(i, pair)| match &pair.1 {
-                    None => encoder.encode(i, &pair.0, truncate),
-                    Some(second) => encoder.encode_pair(i, &pair.0, second, truncate),
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
-        self.executor.submit(admission, EncoderJob(sequences)).await
+        let tokenize = move |tokenizer: &TextEncoder, i: usize, pair: &Pair| {
+            pair.tokenize(tokenizer, i, truncate)
+        };
+        let (logits, _) = self.front.run(field, inputs, tokenize).await?;
+        Ok(logits)
     }
 
     /// Every label with its score, best first.
@@ -82,6 +58,20 @@ impl ClassifierTask {
 /// One text, or a pair of texts (a cross-encoder's query and passage).
 #[derive(Debug, Clone)]
 pub struct Pair(pub String, pub Option<String>);
+
+impl Pair {
+    fn tokenize(
+        &self,
+        tokenizer: &TextEncoder,
+        index: usize,
+        truncate: bool,
+    ) -> Result<Sequence, ApiError> {
+        match &self.1 {
+            None => tokenizer.encode(index, &self.0, truncate),
+            Some(second) => tokenizer.encode_pair(index, &self.0, second, truncate),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LabelScore {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::encoder::Encoder;
+use crate::encoder::{Encoder, EncoderFront};
 use crate::executor::Executor;
 use crate::models::LoadError;
 use crate::settings::{Settings, Task};
@@ -31,10 +31,12 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
         .map(|(i, label)| (i.to_string(), label.clone()))
         .collect();
     let task = Arc::new(http::ClassifierTask {
-        executor,
-        encoder,
+        front: EncoderFront {
+            executor,
+            tokenizer: encoder,
+            max_client_batch_size: settings.max_client_batch_size,
+        },
         labels,
-        max_client_batch_size: settings.max_client_batch_size,
     });
     let (model_type, routes) = if settings.task == Task::Rerank {
         (

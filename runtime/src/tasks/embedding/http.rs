@@ -9,9 +9,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{EncoderJob, Sequence};
+use crate::encoder::{EncoderFront, Sequence};
 use crate::error::ApiError;
-use crate::executor::Executor;
 use crate::server::ValidJson;
 use crate::tasks::{TruncationDirection, require_right_truncation};
 use crate::tokenize::TextEncoder;
@@ -19,10 +18,8 @@ use crate::tokenize::TextEncoder;
 /// The HTTP half: tokenizer and the executor in front of the model thread.
 #[derive(Debug, Clone)]
 pub struct EmbeddingTask {
-    pub executor: Executor<EncoderJob, Vec<Vec<f32>>>,
-    pub encoder: Arc<TextEncoder>,
+    pub front: EncoderFront,
     pub model_id: String,
-    pub max_client_batch_size: usize,
 }
 
 /// One input: text, or token ids a client tokenized itself.
@@ -39,6 +36,20 @@ pub enum InputItem {
 pub enum Inputs {
     One(InputItem),
     Many(Vec<InputItem>),
+}
+
+impl InputItem {
+    fn tokenize(
+        &self,
+        tokenizer: &TextEncoder,
+        index: usize,
+        truncate: bool,
+    ) -> Result<Sequence, ApiError> {
+        match self {
+            InputItem::Text(text) => tokenizer.encode(index, text, truncate),
+            InputItem::Ids(ids) => tokenizer.from_ids(index, ids, truncate),
+        }
+    }
 }
 
 impl Inputs {
@@ -165,37 +176,10 @@ impl EmbeddingTask {
         dimensions: Option<usize>,
         normalize: bool,
     ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-        let items = inputs.into_items();
-        if items.is_empty() {
-            return Err(ApiError::InvalidField(format!("{field} must not be empty")));
-        }
-        if items.len() > self.max_client_batch_size {
-            return Err(ApiError::TooManyInputs {
-                field,
-                count: items.len(),
-                limit: self.max_client_batch_size,
-            });
-        }
-        // Admitted before tokenizing: a refused request costs no tokenizer time.
-        let admission = self.executor.admit()?;
-        let encoder = self.encoder.clone();
-        let sequences: Vec<Sequence> = tokio::task::spawn_blocking(move || {
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    InputItem::Text(text) => encoder.encode(i, text, truncate),
-                    InputItem::Ids(ids) => encoder.from_ids(i, ids, truncate),
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
-        let tokens = sequences.iter().map(|s| s.ids.len()).sum();
-        let mut vectors = self
-            .executor
-            .submit(admission, EncoderJob(sequences))
-            .await?;
+        let tokenize = move |tokenizer: &TextEncoder, i: usize, item: &InputItem| {
+            item.tokenize(tokenizer, i, truncate)
+        };
+        let (mut vectors, tokens) = self.front.run(field, inputs.into_items(), tokenize).await?;
         if let Some(dimensions) = dimensions {
             let width = vectors.first().map_or(0, Vec::len);
             if dimensions == 0 || dimensions > width {

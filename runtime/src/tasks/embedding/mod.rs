@@ -7,7 +7,7 @@ pub mod http;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::encoder::Encoder;
+use crate::encoder::{Encoder, EncoderFront};
 use crate::executor::Executor;
 use crate::models::LoadError;
 use crate::models::pooling::Pooling;
@@ -22,10 +22,12 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
     let load = move || backend::EmbeddingBackend::load(&dir, device, kind, pooling).map(Encoder);
     let (executor, model_thread) = Executor::start(load, limits, context.metrics, context.ready);
     let task = http::EmbeddingTask {
-        executor,
-        encoder,
+        front: EncoderFront {
+            executor,
+            tokenizer: encoder,
+            max_client_batch_size: settings.max_client_batch_size,
+        },
         model_id: context.model_id,
-        max_client_batch_size: settings.max_client_batch_size,
     };
     Ok(Built {
         model_type: ModelType::Embedding {
