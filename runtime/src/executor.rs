@@ -34,7 +34,6 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// A job that counts as one unit: the tasks whose cost is per request.
     pub const ONE: Shape = Shape { rows: 1, width: 1 };
 
     pub fn units(self) -> usize {
@@ -44,7 +43,10 @@ impl Shape {
 
 /// A job as handlers build it.
 pub trait Work: Send + 'static {
-    fn shape(&self) -> Shape;
+    /// By default one unit: the tasks whose cost is per request.
+    fn shape(&self) -> Shape {
+        Shape::ONE
+    }
 }
 
 /// A task's model, as the executor drives it.
@@ -108,11 +110,6 @@ impl Wanted<'_> {
     /// Whether job `index` of the pass still has a client waiting for it.
     pub fn still(&self, index: usize) -> bool {
         self.closed.get(index).is_some_and(|closed| !closed())
-    }
-
-    /// Whether any job of the pass does.
-    pub fn any(&self) -> bool {
-        (0..self.closed.len()).any(|index| self.still(index))
     }
 }
 
@@ -197,7 +194,6 @@ struct Entry<J> {
 pub struct Queue<J> {
     jobs: mpsc::UnboundedSender<Entry<J>>,
     gate: Gate,
-    limits: BatchLimits,
 }
 
 impl<J> Clone for Queue<J> {
@@ -205,16 +201,13 @@ impl<J> Clone for Queue<J> {
         Queue {
             jobs: self.jobs.clone(),
             gate: self.gate.clone(),
-            limits: self.limits,
         }
     }
 }
 
 impl<J> std::fmt::Debug for Queue<J> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue")
-            .field("limits", &self.limits)
-            .finish()
+        f.debug_struct("Queue").finish_non_exhaustive()
     }
 }
 
@@ -243,11 +236,7 @@ impl<J: Queued> Queue<J> {
                 Ok(())
             })
             .expect("spawning the model thread");
-        (Queue { jobs, gate, limits }, thread)
-    }
-
-    pub fn limits(&self) -> BatchLimits {
-        self.limits
+        (Queue { jobs, gate }, thread)
     }
 
     /// Admits a request, or refuses it at once (429) when the count limit is reached. Taken
@@ -504,9 +493,7 @@ impl<J, O> Clone for Executor<J, O> {
 
 impl<J, O> std::fmt::Debug for Executor<J, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor")
-            .field("limits", &self.queue.limits)
-            .finish()
+        f.debug_struct("Executor").finish_non_exhaustive()
     }
 }
 
@@ -535,10 +522,6 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
         };
         let (queue, thread) = Queue::start(load, limits, metrics, ready);
         (Executor { queue }, thread)
-    }
-
-    pub fn limits(&self) -> BatchLimits {
-        self.queue.limits
     }
 
     /// Admits a request, or refuses it at once (429) when the count limit is reached. Taken

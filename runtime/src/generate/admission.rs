@@ -90,9 +90,14 @@ impl Board {
             _ => None,
         };
         let commitment = Commitment { promise, ..mine };
+        Ok((self.take(commitment), commitment))
+    }
+
+    /// Lists `commitment` among those taken and not yet started; its submission number.
+    pub fn take(&mut self, commitment: Commitment) -> u64 {
         self.submissions += 1;
         self.submitted.insert(self.submissions, commitment);
-        Ok((self.submissions, commitment))
+        self.submissions
     }
 
     /// Running first, then those not yet started, in the order they were taken.

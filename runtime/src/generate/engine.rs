@@ -194,14 +194,6 @@ pub struct Engine {
     pub limits: EngineLimits,
 }
 
-impl std::fmt::Debug for Sequence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sequence")
-            .field("prompt", &self.submission.prompt.len())
-            .finish()
-    }
-}
-
 impl Engine {
     /// Starts the model thread: `load` builds the decoder there; `/health` turns ready after.
     pub fn start<M, L>(
@@ -280,10 +272,7 @@ impl Engine {
                         prompt_tokens,
                         promise: None,
                     };
-                    board.submissions += 1;
-                    let number = board.submissions;
-                    board.submitted.insert(number, commitment);
-                    (number, commitment)
+                    (board.take(commitment), commitment)
                 }
             }
         };

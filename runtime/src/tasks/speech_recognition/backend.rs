@@ -8,7 +8,7 @@ use tch::{Device, Kind};
 
 use crate::decode::whisper::{DecodeOptions, LongForm, Segment, SpeechTokens};
 use crate::error::BackendError;
-use crate::executor::{Backend, Shape, Wanted, Work};
+use crate::executor::{Backend, Wanted, Work};
 use crate::models::LoadError;
 use crate::models::whisper::{MelFeatures, WhisperModel};
 
@@ -20,11 +20,7 @@ pub struct Job {
 }
 
 /// Requests are batched by count: a pass transcribes up to `max_batch_requests` of them.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
+impl Work for Job {}
 
 /// The model thread's answer: the language decoded in, and the segments.
 #[derive(Debug)]

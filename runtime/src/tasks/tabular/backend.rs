@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::error::BackendError;
-use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
+use crate::executor::{Backend, Wanted, Work, one_at_a_time};
 use crate::models::LoadError;
 
 use super::signature::Dtype;
@@ -76,8 +76,4 @@ pub struct Matrix {
 }
 
 /// One request at a time: a pass is one job.
-impl Work for Matrix {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
+impl Work for Matrix {}

@@ -5,7 +5,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::BackendError;
-use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
+use crate::executor::{Backend, Wanted, Work, one_at_a_time};
 use crate::metrics::Metrics;
 use crate::models::LoadError;
 use crate::models::diffusion::{Denoise, StableDiffusion};
@@ -20,11 +20,7 @@ pub struct Job {
 }
 
 /// One image at a time: a pass is one job.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
+impl Work for Job {}
 
 /// An image: RGB bytes, row by row.
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use crate::error::BackendError;
-use crate::executor::{Backend, Shape, Wanted, Work, one_at_a_time};
+use crate::executor::{Backend, Wanted, Work, one_at_a_time};
 use crate::models::LoadError;
 use crate::models::vits::{Synthesis, VitsModel};
 
@@ -18,11 +18,7 @@ pub struct Job {
 }
 
 /// One text at a time: a pass is one job.
-impl Work for Job {
-    fn shape(&self) -> Shape {
-        Shape::ONE
-    }
-}
+impl Work for Job {}
 
 /// The model thread's half.
 #[derive(Debug)]
