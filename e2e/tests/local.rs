@@ -102,30 +102,6 @@ async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value)
     )
 }
 
-/// Sends what `request` builds like a client that honours Retry-After: a 429 is waited out
-/// (plus `jitter`, so that clients refused together do not retry together) and sent again, up
-/// to ten times. The status of the last answer.
-async fn send_honouring_retry_after(
-    request: impl Fn() -> reqwest::RequestBuilder,
-    jitter: Duration,
-) -> u16 {
-    let mut status = 0;
-    for _ in 0..10 {
-        let response = request().send().await.expect("the proxy answers");
-        status = response.status().as_u16();
-        if status != 429 {
-            break;
-        }
-        let seconds: u64 = response.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .expect("a 429 says when to retry");
-        tokio::time::sleep(Duration::from_secs(seconds) + jitter).await;
-    }
-    status
-}
-
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -444,9 +420,9 @@ async fn every_task_answers_real_clients_through_local_mode() {
         assert_eq!(String::from_utf8_lossy(&answered.stdout), "200", "{sample}");
     }
 
-    // Ten concurrent clients per model, three requests each: no errors. A runtime refuses (429)
-    // what would take more than twice its time alone, so clients wait out Retry-After as the
-    // OpenAI client does.
+    // Ten concurrent clients per model, three requests each: every one answered 200 at once. A
+    // runtime refuses (429) only what it cannot serve in time, and these tiny models serve ten
+    // at once in milliseconds.
     let bodies = [
         ("embedding", "/v1/embed", json!({"inputs": "concurrent"})),
         (
@@ -467,9 +443,8 @@ async fn every_task_answers_real_clients_through_local_mode() {
         ),
         ("translation", "/v1/translate", json!({"text": "Hello"})),
     ];
-    let jitter = |client: u64| Duration::from_millis(97 * client);
     let speech_clients: Vec<_> = (0..10)
-        .map(|client| {
+        .map(|_| {
             let url = format!("{}/models/speech-recognition/proxy/", local.url);
             let auth = bearer(&token);
             tokio::spawn(async move {
@@ -483,7 +458,8 @@ async fn every_task_answers_real_clients_through_local_mode() {
                 };
                 let mut statuses = Vec::new();
                 for _ in 0..3 {
-                    statuses.push(send_honouring_retry_after(request, jitter(client)).await);
+                    let response = request().send().await.expect("the proxy answers");
+                    statuses.push(response.status().as_u16());
                 }
                 (url, statuses)
             })
@@ -492,7 +468,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     let auth = bearer(&token);
     let mut clients = Vec::new();
     for (model, path, body) in &bodies {
-        for client in 0..10 {
+        for _ in 0..10 {
             let url = format!("{}/models/{model}/proxy{path}", local.url);
             let (body, auth) = (body.to_string(), auth.clone());
             clients.push(tokio::spawn(async move {
@@ -505,7 +481,8 @@ async fn every_task_answers_real_clients_through_local_mode() {
                 };
                 let mut statuses = Vec::new();
                 for _ in 0..3 {
-                    statuses.push(send_honouring_retry_after(request, jitter(client)).await);
+                    let response = request().send().await.expect("the proxy answers");
+                    statuses.push(response.status().as_u16());
                 }
                 (url, statuses)
             }));

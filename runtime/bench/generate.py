@@ -111,9 +111,7 @@ def main() -> None:
         sock.close()
         server = subprocess.Popen(
             [binary, "--task", "text-generation", "--model-dir", str(model_dir), "--listen", f"127.0.0.1:{port}",
-             "--torch-threads", str(threads), "--max-sequence-tokens", "1024",
-             # 16 streams at once must all run to compare batching: no slowdown rule.
-             "--max-slowdown", "0"],
+             "--torch-threads", str(threads), "--max-sequence-tokens", "1024"],
             env={**os.environ, "RUST_LOG": "warn"},
         )
         url = f"http://127.0.0.1:{port}"

@@ -36,10 +36,12 @@ trap cleanup EXIT
 port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 native_port=$(port) python_port=$(port)
 
-# Throughput against a server without admission control: the slowdown rule is off, so that
-# no request of the 32 in flight is refused.
+# The 32 requests in flight fit one batch, which admission never refuses. Binaries older than
+# that rule refused by predicted slowdown: for them it is turned off, so that none is refused.
+admission=()
+if "$binary" --help | grep -q -- --max-slowdown; then admission=(--max-slowdown 0); fi
 RUST_LOG=warn "$binary" --task embedding --model-dir "$model" \
-  --listen "127.0.0.1:$native_port" --torch-threads "$threads" --max-slowdown 0 & pids+=($!)
+  --listen "127.0.0.1:$native_port" --torch-threads "$threads" "${admission[@]}" & pids+=($!)
 python "$repo/runtime/bench/python_server.py" "$model" "$python_port" "$threads" & pids+=($!)
 for p in "$native_port" "$python_port"; do
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/health" >/dev/null && break; sleep 0.1; done

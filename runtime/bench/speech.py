@@ -146,8 +146,7 @@ def main() -> None:
         server = subprocess.Popen(
             [args.binary, "--task", "speech-recognition", "--model-dir", str(model_dir),
              "--listen", f"127.0.0.1:{port}", "--torch-threads", str(args.threads),
-             # Four at once must all be served to compare batching: no slowdown rule.
-             "--dtype", args.dtype, "--max-slowdown", "0"],
+             "--dtype", args.dtype],
             env={**os.environ, "RUST_LOG": "warn"})
         url = f"http://127.0.0.1:{port}"
         try:

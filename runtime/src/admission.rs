@@ -1,170 +1,159 @@
-//! Admission for the model threads: a request is refused at once (429) rather than queued when
-//! taking it would make it, or the requests already taken, wait too long.
+//! Admission for the model threads: whether a request is taken or refused at once (429),
+//! decided before any work is spent on it.
 //!
-//! Two rules, both checked before any work is spent on the request:
+//! Two rules:
 //! - a count: at most `max_concurrent_requests` admitted at once (TEI's rule; it bounds memory);
-//! - a predicted slowdown: a request is queued only when its predicted completion time, behind
-//!   the pass running now and the work already queued, is at most `max_slowdown` times what it
-//!   would take on an idle model thread, and when it makes no request already queued (which it
-//!   would share a pass with) finish later than that request's own bound.
+//! - time (`QueueRule`): a request is refused only when it cannot be served in time, that is
+//!   when its predicted wait before it starts is longer than `max_queue_time`, or when it is
+//!   predicted to end after its deadline (the `OICM-Request-Timeout` the proxy forwards, or the
+//!   runtime's default).
 //!
-//! A count alone cannot hold latency: on a CPU a batch costs about what its rows cost one after
-//! another, so N requests admitted at once wait for about N-1 others, while on a GPU a batch of
-//! 64 costs about what one does. The cost of a pass is therefore learnt as it runs, as
-//! `fixed + per_unit × units` (units: padded tokens for encoders, jobs for the other tasks), and
-//! the rule follows the hardware: on a GPU the fixed part dominates and requests keep joining
-//! batches; on a CPU the queue stays about one request deep and the model thread stays busy.
+//! Two cases are never refused, whatever the predictions say. A request that starts in the next
+//! pass while the model is below capacity: room in the next batch for it beside everything
+//! queued, and work arriving (over the last seconds) slower than full passes take it, or the
+//! running pass about to end. A burst at an idle model is one, however long its pass; for text
+//! generation, a free KV-cache slot. And a request predicted to wait less than `wait_floor`: a
+//! wait no client minds. Under sustained overload a place in the next pass waits for a full
+//! running one, and the next pass fills up before it starts: there the predicted wait decides,
+//! which keeps accepted requests within the maximum queue time of their own time.
 //!
-//! Predictions are means; a bound checked against the mean holds for about half of the
-//! requests that reach it. Each pass is therefore also compared with its prediction, and the
-//! predicted finish is stretched by the measured error (`Misprediction`) before it meets the
-//! bound: on a steady machine by almost nothing, on a noisy one by enough to cover nearly all.
+//! Both bounds are absolute. A bound relative to a request's own time (refuse what would take
+//! more than twice as long as alone) is scale-free: when that time is milliseconds, a queue of
+//! three breaks it, and a burst of three requests at an idle model was refused, though each
+//! client would gladly have waited the milliseconds.
 //!
-//! The bound is looser early in a busy period. Requests arriving at random bunch up now and
-//! then even when the model keeps up on average, and a model that keeps up drains such a
-//! bunch soon; refusing it would shed traffic at half load. Once the model has been busy
-//! without a break for several times a request's time alone, the queue is one it does not
-//! drain, and the sustained bound holds (`BusyPeriod`).
-//!
-//! Passes of one size cannot tell the two parts apart, and uniform requests under this rule
-//! make passes of one size. Until passes of different sizes have run, the whole cost is
-//! charged per unit (the cautious guess, a CPU's), and now and then one request the rule would
-//! refuse is let in to share a pass with a queued one: a probe. On a GPU the first probe shows
-//! batches to be cheap and they grow from then on; on a CPU probes grow rarer (16 passes
-//! apart, then 32, ... up to 4096), so they touch a negligible share of requests.
+//! Predictions come from the measured cost of a pass, learnt as passes run, as
+//! `fixed + per_unit × units` (units: padded tokens for encoders, jobs for the other tasks).
+//! A prediction is a mean, which about half of outcomes exceed; before it meets a bound it is
+//! stretched by the measured error of past predictions (`Misprediction`): on a steady machine
+//! by almost nothing, on a noisy one by enough to cover nearly all outcomes.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
+use crate::executor::{Room, Shape};
 
 /// How recent passes weigh against older ones: each pass keeps this share of the weight of
 /// those before it, so the estimate follows about the last 20 passes.
 const DECAY: f64 = 0.95;
-
-/// A busy period counts as sustained load, not a burst, once it has lasted this many times the
-/// arriving request's time alone.
-const SUSTAINED_AFTER: f64 = 8.0;
 
 /// The limits admission enforces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionLimits {
     /// Requests admitted at once (queued or running); beyond it, 429.
     pub max_concurrent_requests: usize,
-    /// The largest predicted completion time over idle time a request is queued at; `None`
-    /// turns the rule off.
-    pub max_slowdown: Option<Slowdown>,
+    /// The time rule; `None` leaves the count alone.
+    pub queue: Option<QueueRule>,
 }
 
 impl Default for AdmissionLimits {
     fn default() -> Self {
         AdmissionLimits {
             max_concurrent_requests: 512,
-            max_slowdown: Some(Slowdown::new(2.0)),
+            queue: Some(QueueRule::default()),
         }
     }
 }
 
-/// Predicted completion time over time on an idle model, at most.
+/// How long a request may be predicted to wait, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Slowdown {
-    /// Once the model has been busy for `SUSTAINED_AFTER` times a request's time alone.
-    pub sustained: f64,
-    /// Earlier in a busy period.
-    pub burst: f64,
+pub struct QueueRule {
+    /// The longest predicted wait before a request starts (stretched by the margin).
+    pub max_queue_time: f64,
+    /// Predicted waits up to this are never refused; at most `max_queue_time`.
+    pub wait_floor: f64,
 }
 
-impl Slowdown {
-    /// `sustained`, with bursts allowed twice as much.
-    pub const fn new(sustained: f64) -> Slowdown {
-        Slowdown {
-            sustained,
-            burst: 2.0 * sustained,
-        }
-    }
-}
-
-/// When the model last started to work without a break: what tells a burst from load it does
-/// not keep up with.
-#[derive(Debug, Default)]
-pub struct BusyPeriod {
-    began: Option<Instant>,
-    idle_since: Option<Instant>,
-}
-
-impl BusyPeriod {
-    #[cfg(test)]
-    pub fn since(began: Instant) -> BusyPeriod {
-        BusyPeriod {
-            began: Some(began),
-            idle_since: None,
-        }
-    }
-
-    /// The model ran out of work.
-    pub fn went_idle(&mut self, now: Instant) {
-        self.idle_since.get_or_insert(now);
-    }
-
-    /// The slowdown a request that takes `alone` seconds on an idle model may be queued at,
-    /// arriving `now`. A rest shorter than the request's own time does not end a busy period:
-    /// a client that hesitates is not a model catching up.
-    pub fn allowed(&mut self, slowdown: Slowdown, alone: f64, now: Instant) -> f64 {
-        let rested = self
-            .idle_since
-            .take()
-            .map(|since| seconds_between(since, now));
-        if self.began.is_none() || rested.is_some_and(|rested| rested >= alone) {
-            self.began = Some(now);
-        }
-        match self.began {
-            Some(began) if seconds_between(began, now) < SUSTAINED_AFTER * alone => slowdown.burst,
-            _ => slowdown.sustained,
+impl Default for QueueRule {
+    /// The encoders' defaults (see `settings`).
+    fn default() -> Self {
+        QueueRule {
+            max_queue_time: 1.0,
+            wait_floor: 0.25,
         }
     }
 }
 
-/// The bound one request is checked against: its latest finish, which predictions meet only
-/// once stretched by the margin (see `Misprediction`). What an idle model would take is never
-/// refused, however noisy its passes: the bound is at least the stretched time alone.
-#[derive(Debug, Clone, Copy)]
-pub struct Bound {
-    now: Instant,
-    limit: f64,
-    margin: f64,
-    pub latest: Instant,
+/// What a backend's cost model predicts for a request arriving now, in seconds from now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Forecast {
+    /// It starts in the next pass while the model keeps up: the next pass has room for it
+    /// beside everything queued, and work arrives slower than full passes take it (or the
+    /// model ends its running pass within the wait floor); text generation: a sequence slot is
+    /// free. A burst at an idle model is taken whole however long its pass. Under sustained
+    /// overload a place in the next pass waits for a full running one, and there the
+    /// predicted wait decides.
+    pub starts_next: bool,
+    /// Until it starts.
+    pub wait: f64,
+    /// Until it is done, as far as it can be known (text generation: until its first token,
+    /// since how many tokens follow is not known until it stops).
+    pub done: f64,
+    /// The factor predictions are stretched by before they meet a bound
+    /// (`Misprediction::margin`).
+    pub margin: f64,
 }
 
-impl Bound {
-    /// For a request taking `alone` seconds on an idle model, arriving `now`, held to `limit`
-    /// times that.
-    pub fn new(now: Instant, alone: f64, limit: f64, margin: f64) -> Bound {
-        Bound {
-            now,
-            limit,
-            margin,
-            latest: now + Duration::from_secs_f64(limit.max(margin) * alone),
+/// Why a request was refused: which bound its forecast broke, by how much.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "the model is saturated: this request would wait about {wait:.2} s beyond its own \
+         time, more than the maximum queue time of {max_queue_time} s; retry in {} s",
+        self.retry_after()
+    )]
+    QueueTime { wait: f64, max_queue_time: f64 },
+    #[error(
+        "the model is saturated: this request would need about {needs:.2} s, more than the \
+         {left:.2} s left before its deadline; retry in {} s",
+        self.retry_after()
+    )]
+    Deadline { needs: f64, left: f64 },
+}
+
+impl Refusal {
+    /// Arriving this much later, the request would fit if nothing else arrived meanwhile: whole
+    /// seconds, as Retry-After has them, at least 1 and at most a minute.
+    pub fn retry_after(&self) -> u32 {
+        let late = match *self {
+            Refusal::QueueTime {
+                wait,
+                max_queue_time,
+            } => wait - max_queue_time,
+            Refusal::Deadline { needs, left } => needs - left,
+        };
+        late.ceil().clamp(1.0, 60.0) as u32
+    }
+}
+
+impl QueueRule {
+    /// Takes or refuses the request `forecast` describes, which has `deadline_left` seconds
+    /// left before its deadline.
+    pub fn judge(&self, forecast: Forecast, deadline_left: Option<f64>) -> Result<(), Refusal> {
+        if forecast.starts_next || forecast.wait <= self.wait_floor {
+            return Ok(());
+        }
+        let wait = forecast.wait * forecast.margin;
+        if wait > self.max_queue_time {
+            return Err(Refusal::QueueTime {
+                wait,
+                max_queue_time: self.max_queue_time,
+            });
+        }
+        let needs = forecast.done * forecast.margin;
+        match deadline_left {
+            Some(left) if needs > left => Err(Refusal::Deadline { needs, left }),
+            _ => Ok(()),
         }
     }
+}
 
-    /// When something predicted to take `seconds` from now is taken to end.
-    pub fn stretched(&self, seconds: f64) -> Instant {
-        self.now + Duration::from_secs_f64(seconds * self.margin)
-    }
-
-    /// The refusal of a request that would finish at `finish`: arriving `finish - latest`
-    /// later, it would fit if nothing else arrived meanwhile, so that is when to retry (whole
-    /// seconds, as Retry-After has them: at least 1, at most a minute).
-    pub fn refusal(&self, finish: Instant) -> ApiError {
-        let late = seconds_between(self.latest, finish);
-        ApiError::Saturated {
-            limit: self.limit,
-            retry_after: late.ceil().clamp(1.0, 60.0) as u32,
-        }
-    }
+/// Seconds from `now` to `deadline` (none once it passed).
+pub fn seconds_left(deadline: Option<Instant>, now: Instant) -> Option<f64> {
+    deadline.map(|deadline| seconds_between(now, deadline))
 }
 
 fn seconds_between(earlier: Instant, later: Instant) -> f64 {
@@ -213,7 +202,7 @@ pub struct PassCost {
 
 impl PassCost {
     pub fn observe(&mut self, units: f64, seconds: f64) {
-        if let Some(predicted) = self.predict(units, f64::INFINITY) {
+        if let Some(predicted) = self.predict(units) {
             self.misprediction.observe(predicted, seconds);
         }
         let keep = |sum: &mut f64, added: f64| *sum = *sum * DECAY + added;
@@ -229,65 +218,92 @@ impl PassCost {
         self.misprediction.margin()
     }
 
-    /// Whether recent passes differ enough in size to tell the fixed cost from the per-unit.
-    fn has_spread(&self) -> bool {
-        self.spread().is_some()
-    }
-
-    /// `(mean units, mean seconds, variance of units)` when the spread is enough for a fit.
-    fn spread(&self) -> Option<(f64, f64, f64)> {
-        if self.weight <= 0.0 {
+    /// `(fixed, per_unit)` seconds, or `None` before any pass has run. Passes of one size
+    /// cannot tell the two parts apart; until passes of different sizes have run, the whole
+    /// cost is charged per unit (the cautious guess, a CPU's). Batches grow as soon as
+    /// requests queue, since a burst at an idle model is taken whole, so a GPU's passes
+    /// soon show how little rows add.
+    pub fn coefficients(&self) -> Option<(f64, f64)> {
+        if self.weight <= 0.0 || self.units <= 0.0 {
             return None;
         }
         let mean_units = self.units / self.weight;
         let mean_seconds = self.seconds / self.weight;
         let variance = self.units_squared / self.weight - mean_units * mean_units;
-        (variance > (0.05 * mean_units).powi(2)).then_some((mean_units, mean_seconds, variance))
-    }
-
-    /// `(fixed, per_unit)` seconds, or `None` before any pass has run.
-    pub fn coefficients(&self) -> Option<(f64, f64)> {
-        if self.weight <= 0.0 || self.units <= 0.0 {
-            return None;
-        }
-        let Some((mean_units, mean_seconds, variance)) = self.spread() else {
+        if variance <= (0.05 * mean_units).powi(2) {
             return Some((0.0, self.seconds / self.units));
-        };
+        }
         let covariance = self.units_seconds / self.weight - mean_units * mean_seconds;
         let per_unit = (covariance / variance).max(0.0);
         let fixed = (mean_seconds - per_unit * mean_units).max(0.0);
         Some((fixed, per_unit))
     }
 
-    /// Predicted seconds of passes covering `units`, at most `units_per_pass` each.
-    pub fn predict(&self, units: f64, units_per_pass: f64) -> Option<f64> {
+    /// Predicted seconds of one pass of `units`.
+    pub fn predict(&self, units: f64) -> Option<f64> {
         let (fixed, per_unit) = self.coefficients()?;
-        let passes = (units / units_per_pass.max(1.0)).ceil().max(1.0);
-        Some(passes * fixed + per_unit * units)
+        Some(fixed + per_unit * units)
+    }
+}
+
+/// Rows and padded units of work.
+#[derive(Debug, Clone, Copy, Default)]
+struct Amount {
+    rows: f64,
+    units: f64,
+}
+
+impl From<Shape> for Amount {
+    fn from(shape: Shape) -> Amount {
+        Amount {
+            rows: shape.rows as f64,
+            units: shape.units() as f64,
+        }
+    }
+}
+
+/// The pass running now: when it started, its predicted seconds.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    started: Instant,
+    predicted: f64,
+    units: f64,
+}
+
+/// Units arriving per second, an exponentially weighted average over a couple of seconds: a
+/// burst barely moves it; sustained load sets it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Arrivals {
+    per_second: f64,
+    last: Option<Instant>,
+}
+
+impl Arrivals {
+    /// The averaging time.
+    const WINDOW: f64 = 2.0;
+
+    fn at(&self, now: Instant) -> f64 {
+        self.last.map_or(0.0, |last| {
+            self.per_second * (-seconds_between(last, now) / Self::WINDOW).exp()
+        })
+    }
+
+    fn observe(&mut self, units: f64, now: Instant) {
+        self.per_second = self.at(now) + units / Self::WINDOW;
+        self.last = Some(now);
     }
 }
 
 #[derive(Debug, Default)]
 struct Load {
     cost: PassCost,
-    /// Units admitted and not yet in a pass.
-    queued: f64,
-    /// When the running pass started, and how long it was predicted to take.
-    running: Option<(Instant, f64)>,
-    running_units: f64,
-    /// The latest finish each queued request was admitted with, earliest first (the number
-    /// tells requests with the same instant apart).
-    promised: BTreeSet<(Instant, u64)>,
-    busy: BusyPeriod,
-    admitted_total: u64,
-    passes: u64,
-    probes: u32,
-    next_probe_at: u64,
-}
-
-/// Passes between probes: 16 after the first, doubling up to 4096.
-fn probe_interval(probes: u32) -> u64 {
-    16 << probes.min(8)
+    /// Admitted and not yet in a pass.
+    queued: Amount,
+    running: Option<Running>,
+    /// Refused requests included: whether the model is below capacity.
+    offered: Arrivals,
+    /// What actually joins a pass that has not started yet.
+    admitted: Arrivals,
 }
 
 /// The admission state one model thread shares with its HTTP handlers.
@@ -296,7 +312,8 @@ pub struct Gate {
     slots: Arc<Semaphore>,
     load: Arc<Mutex<Load>>,
     limits: AdmissionLimits,
-    units_per_pass: f64,
+    /// What one pass holds.
+    pass: Room,
 }
 
 /// A request's place among those admitted at once: taken before any work is spent on the
@@ -307,22 +324,19 @@ pub struct Admission {
     _slot: OwnedSemaphorePermit,
 }
 
-/// Units queued for the model thread; dropped when their pass starts or when the request is
-/// dropped unrun, which takes them off the queue.
+/// Work queued for the model thread; dropped when its pass starts or when the request is
+/// dropped unrun, which takes it off the queue.
 #[derive(Debug)]
 pub struct Queued {
     load: Arc<Mutex<Load>>,
-    units: f64,
-    promise: Option<(Instant, u64)>,
+    amount: Amount,
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
         let mut load = lock(&self.load);
-        load.queued = (load.queued - self.units).max(0.0);
-        if let Some(promise) = self.promise {
-            load.promised.remove(&promise);
-        }
+        load.queued.rows = (load.queued.rows - self.amount.rows).max(0.0);
+        load.queued.units = (load.queued.units - self.amount.units).max(0.0);
     }
 }
 
@@ -333,14 +347,17 @@ fn lock(load: &Mutex<Load>) -> MutexGuard<'_, Load> {
 }
 
 impl Gate {
-    /// `units_per_pass`: the most units one pass takes (the batch limit), so that a queue
-    /// longer than a pass is predicted as several.
-    pub fn new(limits: AdmissionLimits, units_per_pass: usize) -> Gate {
+    /// `pass`: what one pass holds (the batch limits), so that a queue longer than a pass is
+    /// predicted as several.
+    pub fn new(limits: AdmissionLimits, pass: Room) -> Gate {
         Gate {
             slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             load: Arc::default(),
             limits,
-            units_per_pass: units_per_pass.max(1) as f64,
+            pass: Room {
+                rows: pass.rows.max(1),
+                units: pass.units.max(1),
+            },
         }
     }
 
@@ -353,100 +370,98 @@ impl Gate {
             .map_err(|_| ApiError::Overloaded)
     }
 
-    /// Queues `units` of work arriving `now` when the slowdown rule allows it, or refuses at
-    /// once.
-    pub fn queue(&self, units: usize, now: Instant) -> Result<Queued, ApiError> {
-        let units = units as f64;
+    /// Queues a job of `shape` arriving `now` with its `deadline` when the time rule allows
+    /// it, or refuses it at once.
+    pub fn queue(
+        &self,
+        shape: Shape,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<Queued, ApiError> {
+        let amount = Amount::from(shape);
         let mut load = lock(&self.load);
-        let promise = match (self.limits.max_slowdown, self.predict(&load, units, now)) {
-            (Some(slowdown), Some((alone, finish))) => {
-                let limit = load.busy.allowed(slowdown, alone, now);
-                let bound = Bound::new(now, alone, limit, load.cost.margin());
-                let finish = bound.stretched(finish);
-                let earliest_promise = load.promised.first().map(|&(at, _)| at);
-                if finish > bound.latest || earliest_promise.is_some_and(|at| finish > at) {
-                    if !self.may_probe(&load, units) {
-                        return Err(bound.refusal(finish));
-                    }
-                    load.next_probe_at = load.passes + probe_interval(load.probes);
-                    load.probes += 1;
-                    None
-                } else {
-                    load.admitted_total += 1;
-                    let promise = (bound.latest, load.admitted_total);
-                    load.promised.insert(promise);
-                    Some(promise)
-                }
-            }
-            _ => None,
-        };
-        load.queued += units;
+        load.offered.observe(amount.units, now);
+        if let (Some(rule), Some(forecast)) = (self.limits.queue, self.forecast(&load, amount, now))
+        {
+            rule.judge(forecast, seconds_left(deadline, now))?;
+        }
+        load.queued.rows += amount.rows;
+        load.queued.units += amount.units;
+        load.admitted.observe(amount.units, now);
         Ok(Queued {
             load: self.load.clone(),
-            units,
-            promise,
+            amount,
         })
     }
 
-    /// Whether a request the rule refuses may go in as a probe: the cost has no fit yet, the
-    /// probe is due, and it would share the next pass with a queued request.
-    fn may_probe(&self, load: &Load, units: f64) -> bool {
-        !load.cost.has_spread()
-            && load.passes >= load.next_probe_at
-            && load.queued > 0.0
-            && load.queued + units <= self.units_per_pass
-    }
-
-    /// Seconds `units` take on an idle model thread, and seconds until they would be done if
-    /// queued now; `None` while nothing has been measured.
-    fn predict(&self, load: &Load, units: f64, now: Instant) -> Option<(f64, f64)> {
-        let alone = load.cost.predict(units, self.units_per_pass)?;
-        let running_left = load.running.map_or(0.0, |(started, predicted)| {
-            (predicted - seconds_between(started, now)).max(0.0)
+    /// When `amount` queued now would start and end: behind what is left of the running pass
+    /// and, in the same pass or later ones, the work already queued. `None` while no pass has
+    /// been measured.
+    fn forecast(&self, load: &Load, amount: Amount, now: Instant) -> Option<Forecast> {
+        let (fixed, per_unit) = load.cost.coefficients()?;
+        let rows = load.queued.rows + amount.rows;
+        let units = load.queued.units + amount.units;
+        let passes = f64::max(
+            (rows / self.pass.rows as f64).ceil(),
+            (units / self.pass.units as f64).ceil(),
+        )
+        .max(1.0);
+        let running_left = load.running.map_or(0.0, |running| {
+            (running.predicted - seconds_between(running.started, now)).max(0.0)
         });
-        let finish = running_left
-            + load
-                .cost
-                .predict(load.queued + units, self.units_per_pass)?;
-        Some((alone, finish))
+        // The passes before ours are full (that is why ours is not the next), and ours takes
+        // what arrives until it starts, up to its room: under sustained load it runs full too,
+        // though only part of it is queued now. At the mean row width queued.
+        let full_pass = (units / rows * self.pass.rows as f64).min(self.pass.units as f64);
+        let full_pass_seconds = fixed + per_unit * full_pass;
+        let starts_in = running_left + (passes - 1.0) * full_pass_seconds;
+        let joining = load.admitted.at(now) * starts_in;
+        let units = (units + joining).min(passes * full_pass).max(units);
+        let done = running_left + passes * fixed + per_unit * units;
+        let alone = fixed + per_unit * amount.units;
+        let below_capacity = load.offered.at(now) * full_pass_seconds <= full_pass;
+        let about_idle = running_left <= self.limits.queue.map_or(0.0, |rule| rule.wait_floor);
+        Some(Forecast {
+            starts_next: passes <= 1.0 && (below_capacity || about_idle),
+            wait: (done - alone).max(0.0),
+            done,
+            margin: load.cost.margin(),
+        })
     }
 
     /// A pass of `units` started on the model thread at `now`.
     pub fn pass_started(&self, units: usize, now: Instant) {
         let mut load = lock(&self.load);
-        let predicted = load
-            .cost
-            .predict(units as f64, self.units_per_pass)
-            .unwrap_or(0.0);
-        load.running = Some((now, predicted));
-        load.running_units = units as f64;
+        let units = units as f64;
+        let predicted = load.cost.predict(units).unwrap_or(0.0);
+        load.running = Some(Running {
+            started: now,
+            predicted,
+            units,
+        });
     }
 
     /// The running pass ended at `now`: its time goes into the cost estimate.
     pub fn pass_ended(&self, now: Instant) {
         let mut load = lock(&self.load);
-        let Some((started, _)) = load.running.take() else {
-            return;
-        };
-        let units = std::mem::take(&mut load.running_units);
-        load.passes += 1;
-        load.cost.observe(units, seconds_between(started, now));
-        if load.queued <= 0.0 {
-            load.busy.went_idle(now);
+        if let Some(running) = load.running.take() {
+            load.cost
+                .observe(running.units, seconds_between(running.started, now));
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// The tests' clock: one fixed instant, which later ones are offsets from, so that no test
     /// depends on how fast the machine runs it.
     fn now() -> Instant {
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        // An hour ahead, so that instants a minute earlier exist on a freshly booted machine.
-        *START.get_or_init(|| Instant::now() + Duration::from_secs(3600))
+        *START.get_or_init(Instant::now)
     }
 
     fn after(seconds: f64) -> Instant {
@@ -468,6 +483,86 @@ mod tests {
         (a - b).abs() < 1e-9
     }
 
+    const RULE: QueueRule = QueueRule {
+        max_queue_time: 1.0,
+        wait_floor: 0.25,
+    };
+
+    fn forecast(wait: f64, done: f64) -> Forecast {
+        Forecast {
+            starts_next: false,
+            wait,
+            done,
+            margin: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_wait_under_the_floor_is_never_refused_whatever_the_deadline() {
+        assert_eq!(RULE.judge(forecast(0.2, 0.3), Some(0.1)), Ok(()));
+        assert!(RULE.judge(forecast(0.3, 0.4), Some(0.1)).is_err());
+    }
+
+    #[test]
+    fn a_request_that_starts_in_the_next_pass_is_never_refused() {
+        let next = Forecast {
+            starts_next: true,
+            ..forecast(5.0, 6.0)
+        };
+        assert_eq!(RULE.judge(next, Some(0.1)), Ok(()));
+    }
+
+    #[test]
+    fn a_wait_longer_than_the_maximum_queue_time_is_refused_with_when_to_retry() {
+        assert_eq!(RULE.judge(forecast(0.9, 1.0), None), Ok(()));
+        let refusal = RULE.judge(forecast(3.5, 3.6), None).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::QueueTime {
+                wait: 3.5,
+                max_queue_time: 1.0
+            }
+        );
+        assert_eq!(refusal.retry_after(), 3, "2.5 s later it would fit");
+        assert_eq!(
+            refusal.to_string(),
+            "the model is saturated: this request would wait about 3.50 s beyond its own \
+             time, more than the maximum queue time of 1 s; retry in 3 s"
+        );
+    }
+
+    #[test]
+    fn a_request_that_would_end_after_its_deadline_is_refused() {
+        let refusal = RULE.judge(forecast(0.5, 2.0), Some(1.5)).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::Deadline {
+                needs: 2.0,
+                left: 1.5
+            }
+        );
+        assert_eq!(refusal.retry_after(), 1, "at least a second");
+        assert_eq!(RULE.judge(forecast(0.5, 2.0), Some(2.5)), Ok(()));
+    }
+
+    #[test]
+    fn predictions_are_stretched_by_their_measured_error_before_meeting_a_bound() {
+        let noisy = Forecast {
+            margin: 1.5,
+            ..forecast(0.8, 0.9)
+        };
+        assert!(matches!(
+            RULE.judge(noisy, None),
+            Err(Refusal::QueueTime { wait, .. }) if close(wait, 1.2)
+        ));
+        // The floor judges the prediction itself: noise never refuses a short wait.
+        let short = Forecast {
+            margin: 10.0,
+            ..forecast(0.2, 0.3)
+        };
+        assert_eq!(RULE.judge(short, Some(1.0)), Ok(()));
+    }
+
     #[test]
     fn a_fixed_plus_linear_cost_is_recovered_from_passes_of_different_sizes() {
         let cost = fitted(&[(10.0, 0.012), (40.0, 0.018), (20.0, 0.014), (80.0, 0.026)]);
@@ -486,188 +581,7 @@ mod tests {
 
     #[test]
     fn nothing_is_predicted_before_a_pass_has_run() {
-        assert_eq!(PassCost::default().predict(10.0, 100.0), None);
-    }
-
-    #[test]
-    fn a_queue_longer_than_a_pass_is_predicted_as_several_passes() {
-        let cost = fitted(&[(10.0, 0.012), (40.0, 0.018), (20.0, 0.014), (80.0, 0.026)]);
-        let one = cost.predict(100.0, 100.0).unwrap();
-        let three = cost.predict(300.0, 100.0).unwrap();
-        assert!(close(three - 3.0 * one, 0.0), "{one} {three}");
-    }
-
-    /// A gate that has timed `passes` and has been busy for a minute: the sustained bound holds.
-    fn measured_gate(max_slowdown: f64, passes: &[(f64, f64)]) -> Gate {
-        let gate = Gate::new(
-            AdmissionLimits {
-                max_concurrent_requests: 512,
-                max_slowdown: Some(Slowdown::new(max_slowdown)),
-            },
-            16384,
-        );
-        let mut load = lock(&gate.load);
-        load.cost = fitted(passes);
-        load.busy = BusyPeriod::since(seconds_ago(60.0));
-        // Probes have their own test.
-        load.next_probe_at = u64::MAX;
-        drop(load);
-        gate
-    }
-
-    fn seconds_ago(seconds: f64) -> Instant {
-        now() - Duration::from_secs_f64(seconds)
-    }
-
-    /// A pass of 10 ms per 64 units is running with 5 ms left, on a model busy since `began`.
-    fn gate_busy_since(began: Instant) -> Gate {
-        let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
-        let mut load = lock(&gate.load);
-        load.busy = BusyPeriod::since(began);
-        load.running = Some((now(), 0.005));
-        drop(load);
-        gate
-    }
-
-    /// How many requests of 64 units the gate queues in a row.
-    fn queued_in_a_row(gate: &Gate) -> usize {
-        let queued: Vec<Queued> = (0..10).map_while(|_| gate.queue(64, now()).ok()).collect();
-        queued.len()
-    }
-
-    #[test]
-    fn early_in_a_busy_period_requests_queue_to_the_burst_bound() {
-        // They would finish in 15, 25, 35 and 45 ms: within 4x their 10 ms, three; within 2x,
-        // one.
-        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.010))), 3);
-        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(60.0))), 1);
-    }
-
-    #[test]
-    fn a_busy_period_is_sustained_load_after_eight_times_a_request() {
-        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.079))), 3);
-        assert_eq!(queued_in_a_row(&gate_busy_since(seconds_ago(0.081))), 1);
-    }
-
-    #[test]
-    fn a_model_that_rested_longer_than_a_request_starts_a_new_busy_period() {
-        // 1 ms a pass plus 9 ms per 64 units; nothing running. Requests in a row would finish
-        // in 10, 19, 28, 37 and 46 ms: four within the burst bound, two within the sustained.
-        let rested = |seconds: f64| {
-            let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.019)]);
-            lock(&gate.load).busy.went_idle(seconds_ago(seconds));
-            queued_in_a_row(&gate)
-        };
-        assert_eq!(rested(1.0), 4);
-        assert_eq!(
-            rested(0.005),
-            2,
-            "a 5 ms rest: still the minute-long busy period"
-        );
-    }
-
-    #[test]
-    fn a_rest_shorter_than_a_request_does_not_end_a_busy_period() {
-        let mut busy = BusyPeriod::default();
-        let slowdown = Slowdown::new(2.0);
-        let start = now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        assert_eq!(busy.allowed(slowdown, 0.010, at(0)), 4.0, "a fresh start");
-        busy.went_idle(at(85));
-        assert_eq!(
-            busy.allowed(slowdown, 0.010, at(90)),
-            2.0,
-            "a 5 ms rest: busy for 90 ms"
-        );
-        busy.went_idle(at(100));
-        assert_eq!(busy.allowed(slowdown, 0.010, at(110)), 4.0, "rested 10 ms");
-    }
-
-    #[test]
-    fn on_a_cpu_like_cost_one_request_waits_behind_the_running_pass() {
-        // Cost proportional to tokens: waiting for a running pass of its own size doubles a
-        // request's time; a second one queued would triple the last one's.
-        let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
-        lock(&gate.load).running = Some((now(), 0.010));
-        let first = gate.queue(64, now()).unwrap();
-        assert_eq!(
-            gate.queue(64, now()).unwrap_err().to_string(),
-            "the model is saturated: queuing this request would make it, or one already \
-             queued, take more than 2.0x its time on an idle model; retry in 1 s"
-        );
-        drop(first);
-        assert!(
-            gate.queue(64, now()).is_ok(),
-            "units leave the queue with their guard"
-        );
-    }
-
-    #[test]
-    fn a_request_that_would_delay_a_queued_one_past_its_bound_is_refused() {
-        // 100 ms per 64 units. The first request waits behind a pass with 60 ms left: done in
-        // 160 ms, within its 200 ms. A second of 128 units would be done in 360 ms, within its
-        // own 400 ms, but it shares the first's pass and would make the first take 360 ms.
-        let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
-        lock(&gate.load).running = Some((now(), 0.060));
-        let first = gate.queue(64, now()).unwrap();
-        assert!(gate.queue(128, now()).is_err());
-        drop(first);
-        assert!(
-            gate.queue(128, now()).is_ok(),
-            "alone behind the pass, it is within its bound"
-        );
-    }
-
-    /// The default limits without a burst bound: the probe tests' passes take microseconds,
-    /// which would make their busy periods bursts or not depending on the machine.
-    fn without_bursts() -> AdmissionLimits {
-        AdmissionLimits {
-            max_slowdown: Some(Slowdown {
-                sustained: 2.0,
-                burst: 2.0,
-            }),
-            ..AdmissionLimits::default()
-        }
-    }
-
-    #[test]
-    fn a_refused_request_is_let_in_now_and_then_to_learn_what_a_bigger_pass_costs() {
-        let gate = Gate::new(without_bursts(), 16384);
-        let mut sizes = Vec::new();
-        for pass in 0..2000 {
-            // Uniform passes of 10 ms: a running one, one request queued, and one more arriving.
-            let start = after(0.010 * f64::from(pass));
-            let queued = gate.queue(64, start).unwrap();
-            gate.pass_started(64, start);
-            let probe = gate.queue(64, start).ok();
-            gate.pass_ended(start + Duration::from_millis(10));
-            if probe.is_some() {
-                sizes.push(pass);
-            }
-            drop((queued, probe));
-        }
-        // Nothing is refused before the first pass is timed; then a probe at once, then 16
-        // passes later, then 32, ..., as long as no pass of another size ran (this test never
-        // runs the bigger pass a probe would make).
-        assert_eq!(sizes, [0, 1, 17, 49, 113, 241, 497, 1009], "{sizes:?}");
-    }
-
-    #[test]
-    fn no_probe_once_passes_of_different_sizes_have_run() {
-        let gate = Gate::new(without_bursts(), 16384);
-        lock(&gate.load).cost = fitted(&[(64.0, 0.010), (128.0, 0.020)]);
-        let mut probes = 0;
-        for pass in 0..100 {
-            let start = after(0.010 * f64::from(pass));
-            let queued = gate.queue(64, start).unwrap();
-            gate.pass_started(64, start);
-            probes += usize::from(gate.queue(64, start).is_ok());
-            gate.pass_ended(start + Duration::from_millis(10));
-            drop(queued);
-            // Keep the spread: every other pass is a double one.
-            lock(&gate.load).cost.observe(128.0, 0.020);
-        }
-        assert_eq!(probes, 0);
+        assert_eq!(PassCost::default().predict(10.0), None);
     }
 
     #[test]
@@ -685,67 +599,216 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_request_is_refused_when_its_stretched_prediction_breaks_the_bound() {
-        // 10 ms per 64 units; passes run 15 % over their predictions, a margin of 1.3. Behind
-        // a pass with 5 ms left a request is predicted done in 15 ms, 19.5 stretched: within
-        // 2x. With 8 ms left, 18 ms is within 2x but 23.4 stretched is not.
-        let queued_behind = |left: f64, misprediction: Option<(f64, f64)>| {
-            let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
-            let mut load = lock(&gate.load);
-            load.running = Some((now(), left));
-            if let Some((predicted, measured)) = misprediction {
-                load.cost.misprediction.observe(predicted, measured);
-            }
-            drop(load);
-            gate.queue(64, now()).is_ok()
+    /// A gate whose passes hold `rows` rows of up to 16384 units, with the time rule `RULE`,
+    /// that has timed `passes`.
+    fn measured_gate(rows: usize, passes: &[(f64, f64)]) -> Gate {
+        let gate = Gate::new(
+            AdmissionLimits {
+                max_concurrent_requests: 512,
+                queue: Some(RULE),
+            },
+            Room { rows, units: 16384 },
+        );
+        lock(&gate.load).cost = fitted(passes);
+        gate
+    }
+
+    /// Work arriving until `until` at `offered` units a second, of which the model takes
+    /// `admitted`: sustained load.
+    fn sustained(gate: &Gate, offered: f64, admitted: f64, until: Instant) {
+        let mut load = lock(&gate.load);
+        load.offered = Arrivals {
+            per_second: offered,
+            last: Some(until),
         };
-        let noisy = Some((0.010, 0.0115));
-        assert!(queued_behind(0.005, noisy));
-        assert!(!queued_behind(0.008, noisy));
-        assert!(queued_behind(0.008, None), "exact predictions");
+        load.admitted = Arrivals {
+            per_second: admitted,
+            last: Some(until),
+        };
+    }
+
+    /// How many one-row requests of 64 units the gate queues in a row, arriving `now`.
+    fn queued_in_a_row(gate: &Gate, deadline: Option<Instant>) -> usize {
+        let queued: Vec<Queued> = (0..10_000)
+            .map_while(|_| gate.queue(shape(1, 64), deadline, now()).ok())
+            .collect();
+        queued.len()
+    }
+
+    fn shape(rows: usize, width: usize) -> Shape {
+        Shape { rows, width }
     }
 
     #[test]
-    fn an_idle_model_takes_a_request_however_noisy_its_passes() {
-        let gate = measured_gate(2.0, &[(64.0, 0.010), (128.0, 0.020)]);
-        lock(&gate.load).cost.misprediction.observe(0.010, 0.030);
-        assert!(lock(&gate.load).cost.margin() > 2.0);
-        assert!(gate.queue(64, now()).is_ok());
+    fn on_a_cpu_like_cost_requests_queue_up_to_the_maximum_queue_time() {
+        // 12 ms per 64-unit request, one request per pass: the k-th waits (k - 1) × 12 ms.
+        // Within 1 s: 84 of them.
+        let gate = measured_gate(1, &[(64.0, 0.012), (128.0, 0.024)]);
+        assert_eq!(queued_in_a_row(&gate, None), 84);
     }
 
     #[test]
-    fn on_a_gpu_like_cost_requests_keep_joining_the_batch() {
-        // A pass costs 10 ms whatever its size, up to the batch limit.
-        let gate = measured_gate(2.0, &[(64.0, 0.010), (4096.0, 0.0101)]);
-        let queued: Vec<Queued> = (0..60).map(|_| gate.queue(64, now()).unwrap()).collect();
-        assert_eq!(queued.len(), 60);
+    fn a_pass_that_starts_later_is_predicted_to_take_what_arrives_until_then() {
+        // Four rows a pass, 10 ms per 64-unit row; the running pass ends in 100 ms.
+        let gate = measured_gate(4, &[(64.0, 0.010), (128.0, 0.020)]);
+        gate.pass_started(640, now());
+        let forecast = |units_per_second: f64| {
+            let mut load = lock(&gate.load);
+            load.admitted = Arrivals {
+                per_second: units_per_second,
+                last: Some(now()),
+            };
+            gate.forecast(&load, shape(1, 64).into(), now()).unwrap()
+        };
+        // A row arrives every 100 ms: one joins before the pass starts, and the pass of two
+        // rows ends 20 ms after it starts.
+        let light = forecast(640.0);
+        assert!(close(light.done, 0.120), "{light:?}");
+        assert!(close(light.wait, 0.110), "{light:?}");
+        // Ten times as fast: the pass fills, four rows, 40 ms.
+        let heavy = forecast(6400.0);
+        assert!(close(heavy.done, 0.140), "{heavy:?}");
+    }
+
+    #[test]
+    fn the_passes_before_ours_are_full_and_ours_fills_while_they_run() {
+        // Four rows a pass, 10 ms per 64-unit row. Behind four queued requests (the next pass),
+        // a fifth starts the pass after, 40 ms from now; at a row per 10 ms the three rows it
+        // has room for join it by then: it ends after two full passes, 80 ms.
+        let gate = measured_gate(4, &[(64.0, 0.010), (128.0, 0.020)]);
+        let _queued: Vec<Queued> = (0..4)
+            .map(|_| gate.queue(shape(1, 64), None, now()).unwrap())
+            .collect();
+        let mut load = lock(&gate.load);
+        load.admitted = Arrivals {
+            per_second: 6400.0,
+            last: Some(now()),
+        };
+        let fifth = gate.forecast(&load, shape(1, 64).into(), now()).unwrap();
+        assert!(!fifth.starts_next);
+        assert!(close(fifth.done, 0.080), "{fifth:?}");
+        assert!(close(fifth.wait, 0.070), "{fifth:?}");
+    }
+
+    #[test]
+    fn arrivals_are_averaged_over_a_couple_of_seconds() {
+        let mut arrivals = Arrivals::default();
+        assert_eq!(arrivals.at(now()), 0.0);
+        for tick in 0..600 {
+            arrivals.observe(64.0, after(f64::from(tick) * 0.01));
+        }
+        // 6400 units a second for six seconds: the average is close to it.
+        let rate = arrivals.at(after(5.99));
+        assert!((5800.0..=6700.0).contains(&rate), "{rate}");
+        assert!(
+            arrivals.at(after(16.0)) < 0.01 * rate,
+            "it fades when arrivals stop"
+        );
+        let mut burst = Arrivals::default();
+        for _ in 0..32 {
+            burst.observe(64.0, now());
+        }
+        assert_eq!(burst.at(now()), 1024.0, "a burst counts over the window");
+    }
+
+    #[test]
+    fn a_burst_that_fits_one_pass_is_taken_however_slow_the_pass() {
+        // A pass of 64 rows costs 64 × 100 ms: 6.4 s, far beyond the maximum queue time. The
+        // burst's first request runs alone (100 ms, within the wait floor); the rest fill the
+        // next pass.
+        let gate = measured_gate(64, &[(64.0, 0.100), (128.0, 0.200)]);
+        gate.pass_started(64, now());
+        assert_eq!(queued_in_a_row(&gate, None), 64);
+    }
+
+    #[test]
+    fn under_sustained_overload_a_place_in_the_next_pass_is_judged_by_its_wait() {
+        // Twice the capacity offered (a full pass, 64 rows × 100 ms, every 6.4 s), as much as
+        // it takes admitted. A request that fits the next pass still waits for the running
+        // one, and more join its pass before it starts.
+        let gate = measured_gate(64, &[(64.0, 0.100), (128.0, 0.200)]);
+        gate.pass_started(64 * 64, now());
+        sustained(&gate, 1280.0, 640.0, now());
+        assert!(gate.queue(shape(1, 64), None, now()).is_err());
+        sustained(&gate, 1280.0, 640.0, after(6.0));
+        assert!(
+            gate.queue(shape(1, 64), None, after(6.0)).is_ok(),
+            "0.4 s left of the running pass, and 4 rows join in that time: a wait of 0.8 s"
+        );
+    }
+
+    #[test]
+    fn below_capacity_a_place_in_the_next_pass_is_taken_while_a_long_pass_runs() {
+        // A full pass, 64 rows × 100 ms, takes 640 units a second; half that arrives.
+        let gate = measured_gate(64, &[(64.0, 0.100), (128.0, 0.200)]);
+        gate.pass_started(64 * 64, now());
+        sustained(&gate, 320.0, 320.0, now());
+        assert!(gate.queue(shape(1, 64), None, now()).is_ok());
+    }
+
+    #[test]
+    fn on_a_gpu_like_cost_requests_keep_joining_batches() {
+        // A pass costs 10 ms whatever its size, up to 64 rows: 1 s holds 100 passes.
+        let gate = measured_gate(64, &[(64.0, 0.010), (4096.0, 0.0101)]);
+        let queued = queued_in_a_row(&gate, None);
+        assert!((6000..=6500).contains(&queued), "{queued}");
+    }
+
+    #[test]
+    fn a_short_deadline_refuses_once_the_wait_passes_the_floor() {
+        // 12 ms per request, one per pass, 0.5 s left: the floor (0.25 s) takes 21 requests
+        // whatever their deadline; after it, each must end within 0.5 s, which 41 do.
+        let gate = measured_gate(1, &[(64.0, 0.012), (128.0, 0.024)]);
+        assert_eq!(queued_in_a_row(&gate, Some(after(0.5))), 41);
     }
 
     #[test]
     fn the_running_pass_counts_until_its_predicted_end() {
-        let gate = measured_gate(2.0, &[(64.0, 0.100), (128.0, 0.200)]);
-        gate.pass_started(128, now());
-        // 200 ms left of the running pass + 100 ms of my own against 100 ms alone.
-        assert!(gate.queue(64, now()).is_err());
-        gate.pass_ended(after(0.200));
+        let gate = measured_gate(1, &[(64.0, 0.100), (128.0, 0.200)]);
+        // A pass predicted to take 2 s, under sustained overload.
+        gate.pass_started(1280, now());
+        sustained(&gate, 1280.0, 640.0, now());
         assert!(
-            gate.queue(64, after(0.200)).is_ok(),
-            "nothing runs or waits once it ended"
+            gate.queue(shape(1, 64), None, now()).is_err(),
+            "a wait of 2 s"
+        );
+        sustained(&gate, 1280.0, 640.0, after(1.5));
+        let _next = gate
+            .queue(shape(1, 64), None, after(1.5))
+            .expect("0.5 s left of the running pass: a wait of 0.5 s");
+        assert!(
+            gate.queue(shape(1, 64), None, after(1.5)).is_ok(),
+            "behind the one queued: a wait of 0.6 s"
         );
     }
 
     #[test]
-    fn without_a_slowdown_limit_only_the_count_refuses() {
+    fn a_refused_request_leaves_nothing_queued_and_a_dropped_one_takes_its_work_along() {
+        let gate = measured_gate(1, &[(64.0, 0.120), (128.0, 0.240)]);
+        let queued: Vec<Queued> = (0..20)
+            .map_while(|_| gate.queue(shape(1, 64), None, now()).ok())
+            .collect();
+        assert_eq!(queued.len(), 9, "waits of 0 to 0.96 s");
+        assert!(gate.queue(shape(1, 64), None, now()).is_err());
+        assert_eq!(lock(&gate.load).queued.rows, 9.0);
+        drop(queued);
+        let _again = gate.queue(shape(1, 64), None, now()).unwrap();
+        assert_eq!(lock(&gate.load).queued.rows, 1.0);
+    }
+
+    #[test]
+    fn without_the_time_rule_only_the_count_refuses() {
         let gate = Gate::new(
             AdmissionLimits {
                 max_concurrent_requests: 1,
-                max_slowdown: None,
+                queue: None,
             },
-            16384,
+            Room { rows: 1, units: 1 },
         );
-        lock(&gate.load).cost = fitted(&[(64.0, 0.010)]);
-        let _queued: Vec<Queued> = (0..100).map(|_| gate.queue(64, now()).unwrap()).collect();
+        lock(&gate.load).cost = fitted(&[(1.0, 10.0)]);
+        let _queued: Vec<Queued> = (0..100)
+            .map(|_| gate.queue(Shape::ONE, None, now()).unwrap())
+            .collect();
         let _slot = gate.admit().unwrap();
         assert!(gate.admit().is_err());
     }

@@ -53,6 +53,9 @@ impl Runtime {
             model_dtype: kind_name(settings.kind).to_owned(),
             model_type: built.model_type,
             max_concurrent_requests: built.limits.admission.max_concurrent_requests,
+            max_queue_time: built.limits.admission.queue.map(|rule| rule.max_queue_time),
+            wait_floor: built.limits.admission.queue.map(|rule| rule.wait_floor),
+            default_timeout: settings.default_timeout.as_secs_f64(),
             max_input_length: built.max_input_length,
             max_batch_tokens: built.limits.max_batch_tokens,
             max_batch_requests: Some(built.limits.max_batch_requests),
@@ -63,6 +66,7 @@ impl Runtime {
         };
         let common = Common {
             info: Arc::new(info),
+            default_timeout: settings.default_timeout,
             ready,
             metrics,
         };

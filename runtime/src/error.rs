@@ -132,11 +132,9 @@ pub enum ApiError {
     Loading,
     #[error("too many requests in progress; retry shortly")]
     Overloaded,
-    #[error(
-        "the model is saturated: queuing this request would make it, or one already queued, \
-         take more than {limit:.1}x its time on an idle model; retry in {retry_after} s"
-    )]
-    Saturated { limit: f64, retry_after: u32 },
+    /// The time rule of admission: the request cannot be served in time.
+    #[error(transparent)]
+    Saturated(#[from] crate::admission::Refusal),
     #[error("the server is shutting down")]
     ShuttingDown,
     /// A model pass failed (see `BackendError`).
@@ -219,7 +217,7 @@ impl ApiError {
                 "unavailable_error",
                 "model_loading",
             ),
-            ApiError::Overloaded | ApiError::Saturated { .. } => (
+            ApiError::Overloaded | ApiError::Saturated(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "overloaded_error",
                 "overloaded",
@@ -275,7 +273,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, axum::Json(ErrorBody::from(&self))).into_response();
         let retry_after = match self {
-            ApiError::Saturated { retry_after, .. } => Some(retry_after),
+            ApiError::Saturated(refusal) => Some(refusal.retry_after()),
             ApiError::Overloaded
             | ApiError::Loading
             | ApiError::ShuttingDown

@@ -194,6 +194,7 @@ struct Entry<J> {
 pub struct Queue<J> {
     jobs: mpsc::UnboundedSender<Entry<J>>,
     gate: Gate,
+    metrics: Metrics,
 }
 
 impl<J> Clone for Queue<J> {
@@ -201,6 +202,7 @@ impl<J> Clone for Queue<J> {
         Queue {
             jobs: self.jobs.clone(),
             gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -225,24 +227,34 @@ impl<J: Queued> Queue<J> {
         L: FnOnce() -> Result<S, LoadError> + Send + 'static,
     {
         let (jobs, receiver) = mpsc::unbounded_channel();
-        let gate = Gate::new(limits.admission, limits.max_batch_tokens);
+        let gate = Gate::new(limits.admission, limits.into());
         let model_gate = gate.clone();
+        let model_metrics = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("model".to_owned())
             .spawn(move || {
                 let backend = load()?;
                 let _ = ready.send(true);
-                tch::no_grad(|| run_steps(backend, receiver, &model_gate, &metrics));
+                tch::no_grad(|| run_steps(backend, receiver, &model_gate, &model_metrics));
                 Ok(())
             })
             .expect("spawning the model thread");
-        (Queue { jobs, gate }, thread)
+        (
+            Queue {
+                jobs,
+                gate,
+                metrics,
+            },
+            thread,
+        )
     }
 
     /// Admits a request, or refuses it at once (429) when the count limit is reached. Taken
     /// before any work is spent on the request (tokenizing included).
     pub fn admit(&self) -> Result<Admission, ApiError> {
-        self.gate.admit()
+        self.gate
+            .admit()
+            .inspect_err(|error| self.metrics.refused(error))
     }
 
     /// Queues an admitted job for the next passes, or refuses it at once (429) when the queue
@@ -250,7 +262,10 @@ impl<J: Queued> Queue<J> {
     pub fn enqueue(&self, admission: Admission, job: J) -> Result<(), ApiError> {
         let shape = job.shape();
         let now = Instant::now();
-        let queued = self.gate.queue(shape.units(), now)?;
+        let queued = self
+            .gate
+            .queue(shape, job.deadline(), now)
+            .inspect_err(|error| self.metrics.refused(error))?;
         let entry = Entry {
             job,
             shape,
@@ -368,10 +383,11 @@ pub fn next_pass(waiting: &[Shape], room: Room) -> Vec<usize> {
 
 type Reply<O> = oneshot::Sender<Result<O, BackendError>>;
 
-/// A one-shot job with where to answer it.
+/// A one-shot job with where to answer it, and its request's deadline.
 pub struct Answered<J, O> {
     job: J,
     reply: Reply<O>,
+    deadline: Option<Instant>,
 }
 
 impl<J: Work, O: Send + 'static> Work for Answered<J, O> {
@@ -383,6 +399,10 @@ impl<J: Work, O: Send + 'static> Work for Answered<J, O> {
 impl<J: Work, O: Send + 'static> Queued for Answered<J, O> {
     fn abandoned(&self) -> bool {
         self.reply.is_closed()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     fn expire(self) {
@@ -534,7 +554,15 @@ impl<J: Work, O: Send + 'static> Executor<J, O> {
     /// rule does.
     pub async fn submit(&self, admission: Admission, job: J) -> Result<O, ApiError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.enqueue(admission, Answered { job, reply })?;
+        let deadline = crate::server::request_deadline();
+        self.queue.enqueue(
+            admission,
+            Answered {
+                job,
+                reply,
+                deadline,
+            },
+        )?;
         match answer.await {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(error)) => Err(ApiError::Backend(error)),
@@ -660,7 +688,7 @@ mod tests {
     fn clients_hear_back_only_once_the_pass_is_timed() {
         // A client answered inside the pass could send its next request while admission still
         // counts the pass as running, and have it refused on an idle model.
-        let gate = Gate::new(AdmissionLimits::default(), 8);
+        let gate = Gate::new(AdmissionLimits::default(), room(8, 8));
         let mut one_shot = OneShot {
             backend: Echo,
             limits: limits(8, 8),
@@ -670,7 +698,11 @@ mod tests {
         };
         let (reply, mut answer) = oneshot::channel();
         one_shot.step(vec![Started {
-            job: Answered { job: 7, reply },
+            job: Answered {
+                job: 7,
+                reply,
+                deadline: None,
+            },
             admission: gate.admit().unwrap(),
         }]);
         assert!(answer.try_recv().is_err(), "answered inside the pass");

@@ -6,6 +6,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::admission::Refusal;
+use crate::error::ApiError;
+
 const SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 120.0,
@@ -22,6 +25,8 @@ pub struct Metrics {
     pub batch_sequences: Histogram,
     pub batch_tokens: Histogram,
     pub dropped: IntCounter,
+    /// Requests refused by admission, by the rule that refused them (`Metrics::refused`).
+    pub refused: IntCounterVec,
     /// Work stopped part-way because its client went away or its deadline passed.
     pub abandoned: IntCounter,
     /// Model passes that panicked (their requests got 500; the model thread went on).
@@ -88,6 +93,16 @@ impl Metrics {
                 "Requests dropped before batching because the client went away.",
             )
             .expect("static metric definition"),
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "infergate_runtime_refused_total",
+                    "Requests refused at once (429) by admission: reason count (too many at once), \
+                     queue_time (predicted wait past the maximum queue time) or deadline \
+                     (predicted end past the request's deadline).",
+                ),
+                &["reason"],
+            )
+            .expect("static metric definition"),
             panics: IntCounter::new(
                 "infergate_runtime_model_panics_total",
                 "Model passes that panicked; their requests failed and the model thread went on.",
@@ -138,6 +153,7 @@ impl Metrics {
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_seconds.clone()),
             Box::new(metrics.queue_seconds.clone()),
+            Box::new(metrics.refused.clone()),
             Box::new(metrics.inference_seconds.clone()),
             Box::new(metrics.batch_sequences.clone()),
             Box::new(metrics.batch_tokens.clone()),
@@ -159,6 +175,17 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         metrics
+    }
+
+    /// Counts `error` when it is a refusal by admission.
+    pub fn refused(&self, error: &ApiError) {
+        let reason = match error {
+            ApiError::Overloaded => "count",
+            ApiError::Saturated(Refusal::QueueTime { .. }) => "queue_time",
+            ApiError::Saturated(Refusal::Deadline { .. }) => "deadline",
+            _ => return,
+        };
+        self.refused.with_label_values(&[reason]).inc();
     }
 
     pub fn render(&self) -> String {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
@@ -47,6 +47,10 @@ pub struct Info {
     pub model_dtype: String,
     pub model_type: crate::tasks::ModelType,
     pub max_concurrent_requests: usize,
+    /// Seconds; `None` when only the count limits admission.
+    pub max_queue_time: Option<f64>,
+    pub wait_floor: Option<f64>,
+    pub default_timeout: f64,
     pub max_input_length: usize,
     pub max_batch_tokens: usize,
     pub max_batch_requests: Option<usize>,
@@ -60,6 +64,8 @@ pub struct Info {
 #[derive(Debug, Clone)]
 pub struct Common {
     pub info: Arc<Info>,
+    /// The deadline of a request that sends no `OICM-Request-Timeout`.
+    pub default_timeout: Duration,
     pub ready: watch::Receiver<bool>,
     pub metrics: Metrics,
 }
@@ -161,28 +167,43 @@ pub struct RequestDeadline(pub Instant);
 /// Header carrying a request's deadline in seconds; the proxy forwards what is left of it.
 const REQUEST_TIMEOUT_HEADER: &str = "oicm-request-timeout";
 
-/// Ends a task request at its deadline with 504. Dropping the handler drops its place in the
-/// queue, so the model thread skips the work instead of computing an answer nobody reads.
-async fn enforce_deadline(request: Request, next: Next) -> Response {
-    let Some(value) = request.headers().get(REQUEST_TIMEOUT_HEADER) else {
-        return next.run(request).await;
+tokio::task_local! {
+    /// The deadline of the request whose handler this task runs, for admission to judge.
+    static DEADLINE: Instant;
+}
+
+/// The deadline of the request being handled, read where the work is queued (admission judges
+/// whether it can end in time); `None` outside a request's handler.
+pub fn request_deadline() -> Option<Instant> {
+    DEADLINE.try_with(|deadline| *deadline).ok()
+}
+
+/// Ends a task request at its deadline with 504: the `OICM-Request-Timeout` the proxy forwards
+/// (what is left of the client's), or the runtime's default for a request without one.
+/// Dropping the handler drops its place in the queue, so the model thread skips the work
+/// instead of computing an answer nobody reads.
+async fn enforce_deadline(State(common): State<Common>, request: Request, next: Next) -> Response {
+    let budget = match request.headers().get(REQUEST_TIMEOUT_HEADER) {
+        None => common.default_timeout,
+        Some(value) => {
+            let seconds = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0);
+            let Some(seconds) = seconds else {
+                return ApiError::InvalidTimeout.into_response();
+            };
+            // A day bounds what `Duration` must represent; no deadline the proxy forwards comes
+            // close.
+            Duration::from_secs_f64(seconds.min(86_400.0))
+        }
     };
-    let seconds = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0);
-    let Some(seconds) = seconds else {
-        return ApiError::InvalidTimeout.into_response();
-    };
-    // A day bounds what `Duration` must represent; no deadline the proxy forwards comes close.
-    let budget = std::time::Duration::from_secs_f64(seconds.min(86_400.0));
+    let deadline = Instant::now() + budget;
     // Handlers whose work outlives their response (streams) read the deadline from here.
     let mut request = request;
-    request
-        .extensions_mut()
-        .insert(RequestDeadline(Instant::now() + budget));
-    match tokio::time::timeout(budget, next.run(request)).await {
+    request.extensions_mut().insert(RequestDeadline(deadline));
+    match tokio::time::timeout(budget, DEADLINE.scope(deadline, next.run(request))).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
@@ -212,7 +233,10 @@ async fn record(State(common): State<Common>, request: Request, next: Next) -> R
 /// The whole router: shared routes, the task's routes (behind readiness), errors as JSON.
 pub fn router(common: Common, task_routes: Router) -> Router {
     let task_routes = task_routes
-        .route_layer(middleware::from_fn(enforce_deadline))
+        .route_layer(middleware::from_fn_with_state(
+            common.clone(),
+            enforce_deadline,
+        ))
         .route_layer(middleware::from_fn_with_state(
             common.clone(),
             require_ready,

@@ -4,11 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tch::{Device, Kind};
 
-use crate::admission::{AdmissionLimits, Slowdown};
+use crate::admission::{AdmissionLimits, QueueRule};
 use crate::executor::BatchLimits;
 use crate::tasks::speech_recognition::AudioLimits;
 use crate::tasks::text_generation::http::GenerationDefaults;
@@ -79,21 +80,26 @@ pub struct Args {
     #[arg(long, env = "INFERGATE_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
 
-    /// Largest predicted slowdown a request is taken at: its completion time behind the work
-    /// already taken (for text generation: the running and waiting sequences), over its time
-    /// on an idle model, from the model's measured cost per pass stretched by the measured
-    /// error of those predictions; nor may it push a request already taken past that bound.
-    /// Beyond it, 429 with Retry-After at once. This bound holds once the model has been busy
-    /// without a break for 8 times the request's time alone; earlier, --burst-slowdown does.
-    /// 0 turns the rule off (the count limit alone).
-    #[arg(long, env = "INFERGATE_MAX_SLOWDOWN", default_value_t = 2.0)]
-    pub max_slowdown: f64,
+    /// Longest predicted wait, in seconds, beyond a request's own time (text generation: to its
+    /// first token): beyond it, 429 with Retry-After at once, since the model is not keeping up.
+    /// A request whose predicted end is past its deadline is refused the same way. Never
+    /// refused: a request the next pass holds while the model is below capacity, such as a burst
+    /// at an idle model (text generation: a free slot), and a wait under --wait-floor. Default
+    /// (docs/architecture.md, admission): 1 for embedding, text-classification, rerank and
+    /// tabular; 5 for text-generation (until the first token); 30 for the tasks whose
+    /// requests take seconds. 0 turns the rule off (the count limit alone).
+    #[arg(long, env = "INFERGATE_MAX_QUEUE_TIME")]
+    pub max_queue_time: Option<f64>,
 
-    /// The slowdown bound early in a busy period, so that requests bunching up by chance on a
-    /// model that keeps up are queued rather than refused. Default: twice --max-slowdown;
-    /// equal to it, no allowance for bursts.
-    #[arg(long, env = "INFERGATE_BURST_SLOWDOWN")]
-    pub burst_slowdown: Option<f64>,
+    /// Predicted waits shorter than this many seconds are never refused, whatever the
+    /// deadline; at most --max-queue-time.
+    #[arg(long, env = "INFERGATE_WAIT_FLOOR", default_value_t = 0.25)]
+    pub wait_floor: f64,
+
+    /// Deadline, in seconds, of a request that sends no OICM-Request-Timeout (the proxy
+    /// always forwards one): 504 past it.
+    #[arg(long, env = "INFERGATE_DEFAULT_TIMEOUT", default_value_t = 120.0)]
+    pub default_timeout: f64,
 
     /// Inputs in one request; more get 422.
     #[arg(long, env = "INFERGATE_MAX_CLIENT_BATCH_SIZE", default_value_t = 32)]
@@ -173,6 +179,8 @@ pub struct Settings {
     pub device: Device,
     pub kind: Kind,
     pub torch_threads: Option<i32>,
+    /// The deadline of a request without `OICM-Request-Timeout`.
+    pub default_timeout: Duration,
     pub generation: GenerationSettings,
     pub audio: AudioLimits,
 }
@@ -197,10 +205,14 @@ pub enum SettingsError {
     HalfPrecisionWithoutCuda(String),
     #[error("--dtype {0:?}: expected float32, float16 or bfloat16")]
     UnknownDtype(String),
-    #[error("--max-slowdown {0}: expected 0 (off) or a number of at least 1")]
-    MaxSlowdown(f64),
-    #[error("--burst-slowdown {burst}: expected a number of at least --max-slowdown ({sustained})")]
-    BurstSlowdown { burst: f64, sustained: f64 },
+    #[error("--max-queue-time {0}: expected 0 (off) or a positive number of seconds")]
+    MaxQueueTime(f64),
+    #[error(
+        "--wait-floor {floor}: expected a number of seconds from 0 to --max-queue-time ({max_queue_time})"
+    )]
+    WaitFloor { floor: f64, max_queue_time: f64 },
+    #[error("--default-timeout {0}: expected a positive number of seconds, at most a day")]
+    DefaultTimeout(f64),
     #[error("{0}: expected at least 1")]
     Zero(&'static str),
 }
@@ -270,13 +282,14 @@ impl Settings {
                             512
                         },
                     ),
-                    max_slowdown: slowdown(args.max_slowdown, args.burst_slowdown)?,
+                    queue: queue_rule(task, args.max_queue_time, args.wait_floor)?,
                 },
             },
             max_client_batch_size: args.max_client_batch_size,
             device,
             kind,
             torch_threads: args.torch_threads,
+            default_timeout: default_timeout(args.default_timeout)?,
             generation: GenerationSettings {
                 max_running_sequences: args.max_running_sequences,
                 max_sequence_tokens: args.max_sequence_tokens,
@@ -295,20 +308,45 @@ impl Settings {
     }
 }
 
-/// The slowdown rule of `--max-slowdown` and `--burst-slowdown`; `None` when turned off.
-fn slowdown(sustained: f64, burst: Option<f64>) -> Result<Option<Slowdown>, SettingsError> {
-    if sustained == 0.0 {
+/// The time rule of `--max-queue-time` and `--wait-floor` for `task`; `None` when turned off.
+/// The default queue time is what the task's clients would wait: a fraction of a second per
+/// request for the encoders, so a second; seconds per request for speech, images and
+/// translation, so half a minute; for text generation, the wait for the first token.
+fn queue_rule(
+    task: Task,
+    max_queue_time: Option<f64>,
+    wait_floor: f64,
+) -> Result<Option<QueueRule>, SettingsError> {
+    let max_queue_time = max_queue_time.unwrap_or(match task {
+        Task::Embedding | Task::TextClassification | Task::Rerank | Task::Tabular => 1.0,
+        Task::TextGeneration => 5.0,
+        Task::Translation | Task::SpeechRecognition | Task::TextToSpeech | Task::TextToImage => {
+            30.0
+        }
+    });
+    if max_queue_time == 0.0 {
         return Ok(None);
     }
-    // Below 1 even a request on an idle model would be refused.
-    if !(sustained >= 1.0 && sustained.is_finite()) {
-        return Err(SettingsError::MaxSlowdown(sustained));
+    if !(max_queue_time > 0.0 && max_queue_time.is_finite()) {
+        return Err(SettingsError::MaxQueueTime(max_queue_time));
     }
-    let burst = burst.unwrap_or(2.0 * sustained);
-    if !(burst >= sustained && burst.is_finite()) {
-        return Err(SettingsError::BurstSlowdown { burst, sustained });
+    if !(0.0..=max_queue_time).contains(&wait_floor) {
+        return Err(SettingsError::WaitFloor {
+            floor: wait_floor,
+            max_queue_time,
+        });
     }
-    Ok(Some(Slowdown { sustained, burst }))
+    Ok(Some(QueueRule {
+        max_queue_time,
+        wait_floor,
+    }))
+}
+
+fn default_timeout(seconds: f64) -> Result<Duration, SettingsError> {
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(SettingsError::DefaultTimeout(seconds));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]
@@ -398,28 +436,54 @@ mod tests {
     }
 
     #[test]
-    fn the_slowdown_rule_allows_bursts_twice_the_bound_unless_told_otherwise() {
-        let rule = |flags: &[&str]| {
-            resolved(Task::Embedding, flags, Device::Cpu).map(|s| s.batch.admission.max_slowdown)
+    fn the_maximum_queue_time_follows_how_long_the_task_s_requests_take() {
+        let rule = |task, flags: &[&str]| {
+            resolved(task, flags, Device::Cpu).map(|s| s.batch.admission.queue)
         };
-        assert_eq!(rule(&[]).unwrap(), Some(Slowdown::new(2.0)));
-        assert_eq!(
-            rule(&["--max-slowdown", "3", "--burst-slowdown", "3"]).unwrap(),
-            Some(Slowdown {
-                sustained: 3.0,
-                burst: 3.0
+        let within = |max_queue_time| {
+            Some(QueueRule {
+                max_queue_time,
+                wait_floor: 0.25,
             })
-        );
-        assert_eq!(rule(&["--max-slowdown", "0"]).unwrap(), None);
+        };
+        assert_eq!(rule(Task::Embedding, &[]).unwrap(), within(1.0));
+        assert_eq!(rule(Task::TextGeneration, &[]).unwrap(), within(5.0));
+        assert_eq!(rule(Task::TextToImage, &[]).unwrap(), within(30.0));
         assert_eq!(
-            rule(&["--max-slowdown", "0.5"]).unwrap_err(),
-            SettingsError::MaxSlowdown(0.5)
+            rule(Task::Embedding, &["--max-queue-time", "2.5"]).unwrap(),
+            within(2.5)
         );
-        assert!(matches!(
-            rule(&["--burst-slowdown", "1.5"]).unwrap_err(),
-            SettingsError::BurstSlowdown { .. }
-        ));
-        assert!(rule(&["--max-slowdown", "NaN"]).is_err());
+        assert_eq!(
+            rule(Task::Embedding, &["--max-queue-time", "0"]).unwrap(),
+            None
+        );
+        assert_eq!(
+            rule(Task::Embedding, &["--max-queue-time=-1"]).unwrap_err(),
+            SettingsError::MaxQueueTime(-1.0)
+        );
+        assert!(rule(Task::Embedding, &["--max-queue-time", "NaN"]).is_err());
+        assert_eq!(
+            rule(Task::Embedding, &["--wait-floor", "2"])
+                .unwrap_err()
+                .to_string(),
+            "--wait-floor 2: expected a number of seconds from 0 to --max-queue-time (1)"
+        );
+    }
+
+    #[test]
+    fn a_request_without_a_deadline_gets_the_default_one() {
+        let timeout = |flags: &[&str]| {
+            resolved(Task::Embedding, flags, Device::Cpu).map(|s| s.default_timeout)
+        };
+        assert_eq!(timeout(&[]).unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            timeout(&["--default-timeout", "2.5"]).unwrap(),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            timeout(&["--default-timeout", "0"]).unwrap_err(),
+            SettingsError::DefaultTimeout(0.0)
+        );
     }
 
     #[test]

@@ -83,8 +83,7 @@ async fn metric(runtime: &Runtime, name: &str) -> f64 {
 
 #[tokio::test]
 async fn greedy_tokens_over_http_match_transformers_alone_and_concurrently() {
-    // Batching is under test, so only the count limit applies.
-    let (runtime, reference) = llama(&["--max-slowdown", "0"]).await;
+    let (runtime, reference) = llama(&[]).await;
     let prompts: Vec<String> = serde_json::from_value(reference["prompts"].clone()).unwrap();
     let expected: Vec<Vec<i64>> = reference["greedy"]
         .as_array()
@@ -266,42 +265,65 @@ async fn a_stop_string_ends_the_text_right_before_it() {
 }
 
 #[tokio::test]
-async fn a_sequence_that_would_wait_for_a_slot_too_long_is_refused_at_once() {
-    // One slot: the k-th sequence of a burst of equal ones finishes after k times its time
-    // alone. A burst may wait to 4x (the default) or, with no burst allowance, to 2x. This
-    // model's steps take a fraction of a millisecond, so on a busy machine their measured
-    // error stretches predictions a lot and fewer are taken; the bound the refusals name is
-    // what tells the two apart.
-    for (flags, bound, taken_of_six) in [
-        (&[][..], "4.0x", 1..=4),
-        (&["--burst-slowdown", "2"][..], "2.0x", 1..=2),
-    ] {
-        let (runtime, _) = llama(&[&["--max-running-sequences", "1"], flags].concat()).await;
-        let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 48, "ignore_eos": true}});
-        let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
-        assert_eq!(status, 200, "alone, and the decode step is measured");
-        let burst = futures::future::join_all(
-            (0..6).map(|_| post_json(&runtime, "/generate", body.clone())),
+async fn a_burst_as_large_as_the_running_sequences_is_never_refused() {
+    // Eight slots, eight sequences at once on an idle model: each has a slot of its own, so
+    // none waits, however slow this machine's steps.
+    let (runtime, _) = llama(&["--max-running-sequences", "8"]).await;
+    let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 48, "ignore_eos": true}});
+    let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
+    assert_eq!(status, 200, "alone, and the decode step is measured");
+    for burst in [2, 3, 8] {
+        let statuses: Vec<u16> = futures::future::join_all(
+            (0..burst).map(|_| post_json(&runtime, "/generate", body.clone())),
         )
-        .await;
-        let statuses: Vec<u16> = burst.iter().map(|(status, _)| *status).collect();
-        let taken = statuses.iter().filter(|&&s| s == 200).count();
-        assert!(taken_of_six.contains(&taken), "{flags:?}: {statuses:?}");
-        for (status, body) in &burst {
-            if *status == 429 {
-                let message = body["error"]["message"].as_str().unwrap();
-                assert!(message.contains(&format!("more than {bound}")), "{message}");
-            } else {
-                assert_eq!(*status, 200, "{body}");
-            }
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
+        assert_eq!(statuses, vec![200; burst], "a burst of {burst}");
+    }
+}
+
+#[tokio::test]
+async fn a_sequence_that_would_wait_for_a_slot_past_the_maximum_queue_time_is_refused_at_once() {
+    // One slot; each sequence holds it for 400 decode steps, far more than 50 ms on any
+    // machine. The first of a burst takes the free slot; the others would wait past
+    // --max-queue-time for it.
+    let (runtime, _) = llama(&[
+        "--max-running-sequences",
+        "1",
+        "--max-queue-time",
+        "0.05",
+        "--wait-floor",
+        "0.01",
+    ])
+    .await;
+    let body = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 400, "ignore_eos": true}});
+    let (status, _) = post_json(&runtime, "/generate", body.clone()).await;
+    assert_eq!(status, 200, "alone, and the decode step is measured");
+    let burst =
+        futures::future::join_all((0..4).map(|_| post_json(&runtime, "/generate", body.clone())))
+            .await;
+    let statuses: Vec<u16> = burst.iter().map(|(status, _)| *status).collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    for (status, body) in &burst {
+        if *status == 429 {
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("more than the maximum queue time of 0.05 s"),
+                "{message}"
+            );
         }
     }
 }
 
 #[tokio::test]
 async fn a_seed_makes_sampling_reproducible() {
-    // Sequences sampled side by side are under test, so only the count limit applies.
-    let (runtime, _) = llama(&["--max-slowdown", "0"]).await;
+    let (runtime, _) = llama(&[]).await;
     let sample = |seed: u64| json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.5, "top_p": 1.0, "seed": seed});
     let first = post_json(&runtime, "/v1/completions", sample(7)).await.1;
     let again = post_json(&runtime, "/v1/completions", sample(7)).await.1;
@@ -487,9 +509,8 @@ async fn beyond_its_admission_limit_the_server_answers_429() {
 #[tokio::test]
 async fn sequences_wait_for_a_free_slot_and_all_finish() {
     // Two slots, six requests: four wait, then join between decode steps as others finish.
-    // Waiting is under test, so only the count limit applies.
-    let (runtime, reference) =
-        llama(&["--max-running-sequences", "2", "--max-slowdown", "0"]).await;
+    // Each waits milliseconds, well under the maximum queue time: none is refused.
+    let (runtime, reference) = llama(&["--max-running-sequences", "2"]).await;
     let expected: Vec<Vec<i64>> = reference["greedy"]
         .as_array()
         .unwrap()

@@ -179,7 +179,7 @@ async fn a_decoding_step_that_panics_fails_its_sequences_and_the_next_is_generat
         max_sequence_tokens: 64,
         max_concurrent_requests: 8,
         max_prefill_tokens: 256,
-        max_slowdown: None,
+        queue: None,
     };
     let (ready, mut loaded) = watch::channel(false);
     let load = move || LlamaModel::load(&dir, Device::Cpu, settings.kind).map(PanicsOnMark);

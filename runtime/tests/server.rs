@@ -94,6 +94,9 @@ async fn shared_routes_describe_the_model() {
     assert_eq!(info["model_dtype"], "float32");
     assert_eq!(info["max_input_length"], 64);
     assert_eq!(info["model_type"]["embedding"]["pooling"], "mean");
+    assert_eq!(info["max_queue_time"], 1.0);
+    assert_eq!(info["wait_floor"], 0.25);
+    assert_eq!(info["default_timeout"], 120.0);
     let models = runtime.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "tiny-bert");
     runtime.post("/embed", r#"{"inputs":"hello"}"#).await;
@@ -264,57 +267,148 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
     );
 }
 
-/// Three bursts of 8 at a runtime started with `flags`, each after a rest: their statuses, and
-/// every 429 checked to say `bound` and to carry Retry-After.
-async fn rested_bursts(flags: &[&str], bound: &str) -> std::collections::BTreeMap<u16, usize> {
-    let runtime = Runtime::start_task("embedding", &support::minilm_dir(), flags).await;
-    let body =
-        json!({"inputs": vec!["a sentence to keep the model busy for a while"; 8]}).to_string();
-    for _ in 0..5 {
-        let (status, _) = runtime.post("/embed", &body).await;
-        assert_eq!(status, 200, "one at a time is never refused");
-    }
-    let mut statuses = std::collections::BTreeMap::new();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for response in concurrent_embeds(&runtime, 8, &body, None).await {
-            let response = response.unwrap();
-            let status = response.status().as_u16();
-            if status == 429 {
-                assert_eq!(response.headers()["retry-after"], "1");
-                let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
-                let message = body["error"]["message"].as_str().unwrap().to_owned();
-                assert!(message.contains(&format!("more than {bound}")), "{message}");
-            }
-            *statuses.entry(status).or_insert(0) += 1;
+/// The statuses of `count` requests of `body` sent at once, and the 429s' error messages, each
+/// checked to carry Retry-After.
+async fn burst(
+    runtime: &Runtime,
+    count: usize,
+    body: &str,
+    deadline: Option<&str>,
+) -> (Vec<u16>, Vec<String>) {
+    let (mut statuses, mut refusals) = (Vec::new(), Vec::new());
+    for response in concurrent_embeds(runtime, count, body, deadline).await {
+        let response = response.unwrap();
+        let status = response.status().as_u16();
+        statuses.push(status);
+        if status == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+            let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            refusals.push(body["error"]["message"].as_str().unwrap().to_owned());
         }
     }
-    assert_eq!(
-        statuses.keys().copied().collect::<Vec<_>>(),
-        vec![200, 429],
+    (statuses, refusals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_fits_one_batch_is_never_refused_however_slow_the_machine() {
+    let runtime = Runtime::start_task("embedding", &support::minilm_dir(), &[]).await;
+    let body = json!({"inputs": "a sentence to keep the model busy for a while"}).to_string();
+    for _ in 0..3 {
+        let (status, _) = runtime.post("/embed", &body).await;
+        assert_eq!(status, 200, "the cost of a pass is measured");
+    }
+    for count in [2, 3, 8, 32, 64] {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (statuses, _) = burst(&runtime, count, &body, None).await;
+        assert_eq!(statuses, vec![200; count], "a burst of {count}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_would_wait_past_the_maximum_queue_time_is_refused_at_once() {
+    // One request per pass, and a queue time of 50 ms: of 24 requests of 8 sentences at once,
+    // those behind more than 50 ms of passes are refused.
+    let runtime = Runtime::start_task(
+        "embedding",
+        &support::minilm_dir(),
+        &[
+            "--max-batch-requests",
+            "8",
+            "--max-queue-time",
+            "0.05",
+            "--wait-floor",
+            "0.01",
+        ],
+    )
+    .await;
+    let body =
+        json!({"inputs": vec!["a sentence to keep the model busy for a while"; 8]}).to_string();
+    for _ in 0..3 {
+        let (status, _) = runtime.post("/embed", &body).await;
+        assert_eq!(status, 200, "the cost of a pass is measured");
+    }
+    let (statuses, refusals) = burst(&runtime, 24, &body, None).await;
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
         "{statuses:?}"
     );
-    statuses
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_on_a_rested_model_is_refused_where_waiting_would_more_than_quadruple_it() {
-    // Default admission: 512 at once, but on this CPU the k-th request of a burst takes about
-    // k times its time alone; early in a busy period up to 4x is allowed.
-    let statuses = rested_bursts(&[], "4.0x").await;
+    assert!(!refusals.is_empty(), "{statuses:?}");
+    let refused = refusals.len();
+    for message in refusals {
+        assert!(
+            message.contains("more than the maximum queue time of 0.05 s"),
+            "{message}"
+        );
+    }
+    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        statuses[&429] >= 3 * 3,
-        "beyond the 4th of each burst: {statuses:?}"
+        metrics.contains(&format!(
+            r#"infergate_runtime_refused_total{{reason="queue_time"}} {refused}"#
+        )),
+        "{metrics}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_burst_allowance_a_burst_is_refused_where_waiting_would_double_it() {
-    let statuses = rested_bursts(&["--burst-slowdown", "2"], "2.0x").await;
+async fn a_request_that_cannot_end_before_its_deadline_is_refused_at_once() {
+    // A minute of queue time allowed; 16 requests of 32 sentences, 8 per pass, queue 64 passes.
+    // A request behind them with 0.1 s left, as a request without OICM-Request-Timeout has
+    // here, cannot make it: 429 at once, not 504 later.
+    let runtime = Runtime::start_task(
+        "embedding",
+        &support::minilm_dir(),
+        &[
+            "--max-batch-requests",
+            "8",
+            "--max-queue-time",
+            "60",
+            "--wait-floor",
+            "0.01",
+            "--default-timeout",
+            "0.1",
+        ],
+    )
+    .await;
+    let sentences =
+        json!({"inputs": vec!["a sentence to keep the model busy for a while"; 32]}).to_string();
+    for _ in 0..2 {
+        let (statuses, _) = burst(&runtime, 1, &sentences, Some("60")).await;
+        assert_eq!(statuses, [200], "the cost of a pass is measured");
+    }
+    let backlog = {
+        let runtime_url = runtime.url.clone();
+        let sentences = sentences.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let sends = (0..16).map(|_| {
+                client
+                    .post(format!("{runtime_url}/embed"))
+                    .header("content-type", "application/json")
+                    .header("oicm-request-timeout", "60")
+                    .body(sentences.clone())
+                    .send()
+            });
+            futures::future::join_all(sends).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let one = json!({"inputs": "in a hurry"}).to_string();
+    let (statuses, refusals) = burst(&runtime, 1, &one, None).await;
+    assert_eq!(statuses, [429]);
     assert!(
-        statuses[&429] >= 3 * 8 / 2,
-        "most of each burst: {statuses:?}"
+        refusals[0].contains("s left before its deadline"),
+        "{}",
+        refusals[0]
     );
+    for answered in backlog.await.unwrap() {
+        assert_eq!(answered.unwrap().status(), 200, "the backlog is served");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

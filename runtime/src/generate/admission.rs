@@ -1,22 +1,23 @@
-//! Admission by predicted slowdown for the continuous-batching scheduler (the encoders' rule,
-//! `crate::admission`, applied to sequences that hold a slot for many steps).
+//! Admission for the continuous-batching scheduler: the time rule of `crate::admission`, with
+//! its forecast made by replaying the schedule.
 //!
-//! A sequence's time alone is its prefill plus `max_new_tokens` decode steps of one row. Under
-//! load it waits for a slot, every step is slower by the rows decoded with it, and every
-//! sequence that starts meanwhile stalls the batch for its prefill. The board is what the
-//! scheduler last published: each running sequence's steps left, the waiting ones, the time of
-//! a decode step by its rows (measured per row count: flat on a GPU, about linear on a CPU)
-//! and the cost of a prefill pass by prompt tokens. A new sequence is taken when a
-//! replay of the schedule with it finishes it within `max_slowdown` times its time alone, and
-//! delays no sequence already taken past its own bound.
+//! A new sequence starts once a KV-cache slot is free for it and its prompt is prefilled. The
+//! board is what the scheduler last published: each running sequence's steps left, the
+//! sequences taken and not yet started, the time of a decode step by its rows (measured per
+//! row count: flat on a GPU, about linear on a CPU), the cost of a prefill pass by prompt
+//! tokens, and how long sequences turn out to be. A replay of the schedule with the new
+//! sequence last predicts when its first token comes: that is both its wait and what its
+//! deadline is checked against, since how many tokens follow is not known until it stops.
 //!
-//! Steps left are counted to `max_new_tokens`; a sequence that meets a stop token leaves
-//! earlier, so the prediction errs towards refusing.
+//! A sequence is predicted to run to its `max_new_tokens`, or to the typical length of the
+//! sequences that finished lately when that is shorter: most stop at a stop token long before
+//! their limit, and counting each to its limit would predict slots freeing far later than they
+//! do.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use crate::admission::{Bound, BusyPeriod, Misprediction, PassCost, Slowdown};
+use crate::admission::{Forecast, Misprediction, PassCost, QueueRule, seconds_left};
 use crate::error::ApiError;
 
 /// A sequence as admission sees it.
@@ -26,8 +27,6 @@ pub struct Commitment {
     pub steps_left: usize,
     /// Prompt tokens still to prefill: none once it runs.
     pub prompt_tokens: usize,
-    /// The latest finish it was admitted with; `None` when admitted without a prediction.
-    pub promise: Option<Instant>,
 }
 
 /// What the scheduler last published (the running sequences), plus the sequences taken and not
@@ -36,61 +35,58 @@ pub struct Commitment {
 pub struct Board {
     pub step_times: StepTimes,
     pub prefill_cost: PassCost,
+    pub lengths: Lengths,
     pub running: Vec<Commitment>,
     /// Taken, not yet started, by submission number.
     pub submitted: HashMap<u64, Commitment>,
     pub submissions: u64,
-    pub busy: BusyPeriod,
 }
 
 impl Board {
-    /// Takes a sequence of `prompt_tokens` and `steps` (its `max_new_tokens`) when the rule
-    /// allows it: its commitment and submission number, or `ApiError::Saturated`. Until a decode step and a prefill have been measured, every sequence is taken,
-    /// without a promise.
+    /// Takes a sequence of `prompt_tokens` and `steps` (its `max_new_tokens`) arriving `now`
+    /// with its `deadline`, when `rule` allows it (`None`: always), given `slots` KV-cache
+    /// slots: its commitment and submission number, or `ApiError::Saturated`. Until a decode
+    /// step and a prefill have been measured, every sequence is taken.
     pub fn admit(
         &mut self,
         prompt_tokens: usize,
         steps: usize,
-        slowdown: Slowdown,
+        rule: Option<QueueRule>,
         slots: usize,
+        deadline: Option<Instant>,
         now: Instant,
     ) -> Result<(u64, Commitment), ApiError> {
         let mine = Commitment {
             steps_left: steps,
             prompt_tokens,
-            promise: None,
         };
-        let promise = match (self.step_times.predict(1), self.prefill_cost.coefficients()) {
-            (Some(_), Some(_)) => {
-                let costs = Costs {
-                    step: &self.step_times,
-                    prefill: &self.prefill_cost,
-                };
-                let alone = replay(&[mine], 1, &costs)[0];
-                let limit = self.busy.allowed(slowdown, alone, now);
-                let bound = Bound::new(now, alone, limit, self.step_times.margin());
-                let taken: Vec<Commitment> = self.taken().collect();
-                let without = replay(&taken, slots, &costs);
-                let mut with = taken.clone();
-                with.push(mine);
-                let finishes = replay(&with, slots, &costs);
-                let mine = bound.stretched(finishes.last().copied().unwrap_or(0.0));
-                let delays_another = taken.iter().zip(&finishes).zip(&without).any(
-                    |((commitment, &finish), &before)| {
-                        commitment.promise.is_some_and(|promise| {
-                            bound.stretched(finish) > promise.max(bound.stretched(before))
-                        })
-                    },
-                );
-                if mine > bound.latest || delays_another {
-                    return Err(bound.refusal(mine));
-                }
-                Some(bound.latest)
-            }
-            _ => None,
+        if let (Some(rule), Some(forecast)) = (rule, self.forecast(mine, slots)) {
+            rule.judge(forecast, seconds_left(deadline, now))?;
+        }
+        Ok((self.take(mine), mine))
+    }
+
+    /// When `mine` would start and produce its first token, taken after every sequence already
+    /// taken; `None` before a decode step and a prefill have been measured.
+    fn forecast(&self, mine: Commitment, slots: usize) -> Option<Forecast> {
+        self.step_times.predict(1)?;
+        self.prefill_cost.coefficients()?;
+        let costs = Costs {
+            step: &self.step_times,
+            prefill: &self.prefill_cost,
         };
-        let commitment = Commitment { promise, ..mine };
-        Ok((self.take(commitment), commitment))
+        let mut sequences: Vec<Commitment> =
+            self.taken().map(|c| self.lengths.expected(c)).collect();
+        let starts_next = sequences.len() < slots;
+        sequences.push(self.lengths.expected(mine));
+        let first_token = replay(&sequences, slots, &costs).last().copied()?;
+        let prefill = costs.prefill(mine.prompt_tokens);
+        Some(Forecast {
+            starts_next,
+            wait: (first_token - prefill).max(0.0),
+            done: first_token,
+            margin: self.step_times.margin().max(self.prefill_cost.margin()),
+        })
     }
 
     /// Lists `commitment` among those taken and not yet started; its submission number.
@@ -108,6 +104,34 @@ impl Board {
             .iter()
             .copied()
             .chain(submitted.into_iter().map(|(_, c)| *c))
+    }
+}
+
+/// How many tokens sequences generated before they stopped, lately: an exponentially
+/// weighted mean over about the last 20.
+#[derive(Debug, Default)]
+pub struct Lengths {
+    weight: f64,
+    tokens: f64,
+}
+
+impl Lengths {
+    /// A sequence stopped (a stop token or its length limit) after `generated` tokens.
+    pub fn observe(&mut self, generated: usize) {
+        self.weight = self.weight * 0.95 + 1.0;
+        self.tokens = self.tokens * 0.95 + generated as f64;
+    }
+
+    /// `commitment` with its steps cut to the typical length, once one is known.
+    fn expected(&self, commitment: Commitment) -> Commitment {
+        if self.weight <= 0.0 {
+            return commitment;
+        }
+        let typical = (self.tokens / self.weight).ceil() as usize;
+        Commitment {
+            steps_left: commitment.steps_left.min(typical.max(1)),
+            ..commitment
+        }
     }
 }
 
@@ -184,18 +208,16 @@ impl Cost for Costs<'_> {
     }
 
     fn prefill(&self, tokens: usize) -> f64 {
-        self.prefill
-            .predict(tokens as f64, f64::INFINITY)
-            .unwrap_or(0.0)
+        self.prefill.predict(tokens as f64).unwrap_or(0.0)
     }
 }
 
-/// Seconds from now until each sequence finishes, in the order given, when the first `slots`
-/// run at once and the rest take slots as they free, in order. A sequence that takes a slot
-/// stalls every running one for its prefill.
+/// Seconds from now until each sequence's first token, in the order given, when the first
+/// `slots` run at once and the rest take slots as they free, in order. A sequence that takes a
+/// slot stalls every running one for its prefill, which gives it its first token.
 pub fn replay(sequences: &[Commitment], slots: usize, cost: &impl Cost) -> Vec<f64> {
     let slots = slots.max(1);
-    let mut finishes = vec![0.0; sequences.len()];
+    let mut first_tokens = vec![0.0; sequences.len()];
     let mut left: Vec<usize> = sequences.iter().map(|c| c.steps_left).collect();
     let mut active: Vec<usize> = Vec::new();
     let mut next = 0;
@@ -206,19 +228,17 @@ pub fn replay(sequences: &[Commitment], slots: usize, cost: &impl Cost) -> Vec<f
                 0 => 0.0,
                 tokens => cost.prefill(tokens),
             };
+            first_tokens[next] = now;
             active.push(next);
             next += 1;
         }
-        if active.is_empty() {
-            return finishes;
+        if next == sequences.len() {
+            return first_tokens;
         }
         let steps = active.iter().map(|&i| left[i]).min().unwrap_or(0);
         now += steps as f64 * cost.step(active.len());
         active.retain(|&i| {
             left[i] -= steps;
-            if left[i] == 0 {
-                finishes[i] = now;
-            }
             left[i] > 0
         });
     }
@@ -229,16 +249,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::admission::Refusal;
 
-    const SLOWDOWN: Slowdown = Slowdown::new(2.0);
+    const RULE: Option<QueueRule> = Some(QueueRule {
+        max_queue_time: 5.0,
+        wait_floor: 0.25,
+    });
 
-    /// Decode steps as measured; a prefill of 10 prompt tokens costs 1 ms; busy for a minute,
-    /// so that the sustained bound holds.
+    /// Decode steps as measured; a prefill of 10 prompt tokens costs 1 ms.
     fn board(steps: &[(usize, f64)]) -> Board {
-        let mut board = Board {
-            busy: BusyPeriod::since(Instant::now() - Duration::from_secs(60)),
-            ..Board::default()
-        };
+        let mut board = Board::default();
         for &(rows, seconds) in steps {
             board.step_times.observe(rows, seconds);
         }
@@ -248,11 +268,10 @@ mod tests {
         board
     }
 
-    fn running(steps_left: usize, promise_in: f64, now: Instant) -> Commitment {
+    fn running(steps_left: usize) -> Commitment {
         Commitment {
             steps_left,
             prompt_tokens: 0,
-            promise: Some(now + Duration::from_secs_f64(promise_in)),
         }
     }
 
@@ -273,14 +292,12 @@ mod tests {
         let sequences = [(10, 0), (20, 0), (5, 30)].map(|(steps_left, prompt_tokens)| Commitment {
             steps_left,
             prompt_tokens,
-            promise: None,
         });
-        let finishes = replay(&sequences, 2, &PerRow);
-        // Rows 2 for 10 steps (20 ms): the first ends; the third is prefilled (3 ms) and joins,
-        // 5 steps of 2 rows (10 ms) end it; the second's last 5 steps run alone (5 ms).
-        let expected = [0.020, 0.038, 0.033];
-        for (finish, expected) in finishes.iter().zip(expected) {
-            assert!((finish - expected).abs() < 1e-12, "{finishes:?}");
+        let first_tokens = replay(&sequences, 2, &PerRow);
+        // Rows 2 for 10 steps (20 ms) end the first; the third is prefilled (3 ms) in its slot.
+        let expected = [0.0, 0.0, 0.023];
+        for (first, expected) in first_tokens.iter().zip(expected) {
+            assert!((first - expected).abs() < 1e-12, "{first_tokens:?}");
         }
     }
 
@@ -306,82 +323,78 @@ mod tests {
     }
 
     #[test]
-    fn on_a_gpu_like_step_new_sequences_join_the_batch() {
-        // A step costs 10 ms whatever its rows.
-        let mut board = board(&[(1, 0.010), (32, 0.0101)]);
+    fn a_sequence_with_a_free_slot_is_taken_however_slow_the_steps() {
+        // CPU-like steps: each row adds 10 ms. Every one of 32 slots is taken.
+        let mut board = board(&[(1, 0.010), (2, 0.020)]);
         let now = Instant::now();
-        let taken = (0..30)
-            .filter(|_| board.admit(10, 100, SLOWDOWN, 32, now).is_ok())
+        let taken = (0..32)
+            .filter(|_| board.admit(10, 1000, RULE, 32, None, now).is_ok())
             .count();
-        assert_eq!(taken, 30);
+        assert_eq!(taken, 32);
     }
 
     #[test]
-    fn on_a_cpu_like_step_a_sequence_that_would_double_another_is_refused() {
-        // Steps cost in proportion to rows: a second sequence doubles the first's steps.
-        let mut board = board(&[(1, 0.010), (2, 0.020)]);
-        let now = Instant::now();
-        // Running with 100 steps left, promised to finish within 1.5 s (1 s alone).
-        board.running.push(running(100, 1.5, now));
-        assert!(board.admit(10, 100, SLOWDOWN, 32, now).is_err());
-        // One with a loose promise leaves room for a short sequence: 10 steps at 2 rows.
-        board.running[0] = running(100, 10.0, now);
-        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_ok());
-    }
-
-    #[test]
-    fn noisy_steps_stretch_the_prediction_the_bound_is_checked_against() {
-        let mut board = board(&[(1, 0.010), (2, 0.020)]);
-        let now = Instant::now();
-        // 10 steps beside a running sequence: 201 ms against 101 ms alone, within 2x...
-        board.running.push(running(100, 10.0, now));
-        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_ok());
-        board.submitted.clear();
-        // ...but not once steps have run 15 % over their predictions (a margin of 1.3).
-        board.step_times.misprediction.observe(0.010, 0.0115);
-        assert!(board.admit(10, 10, SLOWDOWN, 32, now).is_err());
-    }
-
-    #[test]
-    fn a_sequence_that_would_wait_too_long_for_a_slot_is_refused() {
+    fn a_sequence_that_would_wait_for_a_slot_past_the_maximum_queue_time_is_refused() {
         let mut board = board(&[(1, 0.010), (8, 0.0101)]);
         let now = Instant::now();
-        // One slot, taken for 500 more steps: a 100-step sequence would wait 5 s for 1 s of
-        // its own work.
-        board.running.push(running(500, 60.0, now));
-        // It would fit 4 s later (the running one then 1 s from its end): retry then.
+        // One slot, taken for 780 more steps: a sequence would wait 7.8 s for it.
+        board.running.push(running(780));
+        // 2.8 s later it would wait 5 s: retry then.
         assert_eq!(
             board
-                .admit(10, 100, SLOWDOWN, 1, now)
+                .admit(10, 100, RULE, 1, None, now)
                 .unwrap_err()
                 .to_string(),
-            "the model is saturated: queuing this request would make it, or one already \
-             queued, take more than 2.0x its time on an idle model; retry in 4 s"
+            "the model is saturated: this request would wait about 7.80 s beyond its own \
+             time, more than the maximum queue time of 5 s; retry in 3 s"
         );
-        // With a free slot it runs at once.
-        assert!(board.admit(10, 100, SLOWDOWN, 2, now).is_ok());
+        board.running[0] = running(300);
+        assert!(board.admit(10, 100, RULE, 1, None, now).is_ok(), "3 s");
     }
 
     #[test]
-    fn early_in_a_busy_period_a_sequence_may_wait_to_the_burst_bound() {
+    fn slots_are_predicted_to_free_at_the_typical_length_of_recent_sequences() {
         let mut board = board(&[(1, 0.010), (8, 0.0101)]);
         let now = Instant::now();
-        // One slot with 150 steps left: a 100-step sequence would finish in 2.5 s against 1 s
-        // alone. Busy for a minute, that is sustained load; busy for a second, a burst.
-        board.running.push(running(150, 60.0, now));
-        assert!(matches!(
-            board.admit(10, 100, SLOWDOWN, 1, now),
-            Err(ApiError::Saturated { limit: 2.0, .. })
-        ));
-        board.busy = BusyPeriod::since(now - Duration::from_secs(1));
-        assert!(board.admit(10, 100, SLOWDOWN, 1, now).is_ok());
+        // Allowed 1000 tokens, the running one would hold its slot 10 s; sequences lately
+        // stopped after about 50, so it is expected to free in 0.5 s.
+        board.running.push(running(1000));
+        assert!(board.admit(10, 1000, RULE, 1, None, now).is_err());
+        board.submitted.clear();
+        for _ in 0..20 {
+            board.lengths.observe(50);
+        }
+        assert!(board.admit(10, 1000, RULE, 1, None, now).is_ok());
     }
 
     #[test]
-    fn without_a_measured_step_everything_is_taken_without_a_promise() {
-        let mut board = Board::default();
-        let (_, commitment) = board.admit(10, 100, SLOWDOWN, 1, Instant::now()).unwrap();
-        assert_eq!(commitment.promise, None);
-        assert!(board.admit(10, 100, SLOWDOWN, 1, Instant::now()).is_ok());
+    fn a_sequence_that_could_not_start_before_its_deadline_is_refused() {
+        let mut board = board(&[(1, 0.010), (8, 0.0101)]);
+        let now = Instant::now();
+        board.running.push(running(300));
+        let deadline = |seconds| Some(now + Duration::from_secs_f64(seconds));
+        assert!(matches!(
+            board.admit(10, 100, RULE, 1, deadline(2.0), now),
+            Err(ApiError::Saturated(Refusal::Deadline { .. }))
+        ));
+        assert!(board.admit(10, 100, RULE, 1, deadline(4.0), now).is_ok());
+    }
+
+    #[test]
+    fn without_the_rule_or_a_measured_step_everything_is_taken() {
+        let mut unmeasured = Board::default();
+        unmeasured.running.push(running(100_000));
+        assert!(
+            unmeasured
+                .admit(10, 100, RULE, 1, None, Instant::now())
+                .is_ok()
+        );
+        let mut measured = board(&[(1, 0.010)]);
+        measured.running.push(running(100_000));
+        assert!(
+            measured
+                .admit(10, 100, None, 1, None, Instant::now())
+                .is_ok()
+        );
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! Memory for keys and values is fixed at start: `max_running_sequences` slots of
 //! `max_sequence_tokens` positions. When every slot is taken, new sequences wait; beyond
-//! `max_concurrent_requests` in flight, or when the slowdown rule (`admission`) predicts a
-//! sequence too slow, submission is refused (429).
+//! `max_concurrent_requests` in flight, or when the time rule (`admission`) predicts a
+//! sequence would wait too long for its first token, submission is refused (429).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::{Board, Commitment};
 use super::sampling::{SamplingParams, SeededRng, sample};
-use crate::admission::{Admission, AdmissionLimits, Slowdown};
+use crate::admission::{Admission, AdmissionLimits, QueueRule};
 use crate::error::{ApiError, BackendError};
 use crate::executor::{BatchLimits, Queue, Queued, Room, Shape, Started, StepBackend, Work};
 use crate::metrics::Metrics;
@@ -59,8 +59,8 @@ pub struct EngineLimits {
     pub max_concurrent_requests: usize,
     /// Prompt tokens prefilled per step before the running batch decodes again.
     pub max_prefill_tokens: usize,
-    /// Largest predicted completion over time alone a sequence is taken at; `None`: count only.
-    pub max_slowdown: Option<Slowdown>,
+    /// How long a sequence may be predicted to wait for its first token; `None`: count only.
+    pub queue: Option<QueueRule>,
 }
 
 /// When a sequence stops, besides its client leaving.
@@ -165,7 +165,6 @@ struct Running {
     events: mpsc::UnboundedSender<Event>,
     last_token_at: Instant,
     admission: Admission,
-    promise: Option<Instant>,
 }
 
 impl Running {
@@ -191,6 +190,7 @@ fn lock(board: &Mutex<Board>) -> MutexGuard<'_, Board> {
 pub struct Engine {
     queue: Queue<Sequence>,
     board: Arc<Mutex<Board>>,
+    metrics: Metrics,
     pub limits: EngineLimits,
 }
 
@@ -209,6 +209,7 @@ impl Engine {
         let board = Arc::new(Mutex::new(Board::default()));
         let scheduler_board = board.clone();
         let scheduler_metrics = metrics.clone();
+        let engine_metrics = metrics.clone();
         let load = move || {
             let model = load()?;
             let cache = model.new_cache(
@@ -223,20 +224,21 @@ impl Engine {
                 scheduler_board,
             ))
         };
-        // The queue's gate counts requests; the board's replay of the schedule is the
-        // slowdown rule, so the gate's own is off.
+        // The queue's gate counts requests; the board's replay of the schedule forecasts for
+        // the time rule, so the gate's own is off.
         let batch = BatchLimits {
             max_batch_tokens: limits.max_prefill_tokens,
             max_batch_requests: limits.max_running_sequences,
             admission: AdmissionLimits {
                 max_concurrent_requests: limits.max_concurrent_requests,
-                max_slowdown: None,
+                queue: None,
             },
         };
         let (queue, thread) = Queue::start(load, batch, metrics, ready);
         let engine = Engine {
             queue,
             board,
+            metrics: engine_metrics,
             limits,
         };
         (engine, thread)
@@ -255,27 +257,16 @@ impl Engine {
                 .saturating_sub(submission.prompt.len()),
         );
         let now = Instant::now();
-        let (number, commitment) = {
-            let mut board = lock(&self.board);
-            let prompt_tokens = submission.prompt.len();
-            match self.limits.max_slowdown {
-                Some(slowdown) => board.admit(
-                    prompt_tokens,
-                    steps,
-                    slowdown,
-                    self.limits.max_running_sequences,
-                    now,
-                )?,
-                None => {
-                    let commitment = Commitment {
-                        steps_left: steps,
-                        prompt_tokens,
-                        promise: None,
-                    };
-                    (board.take(commitment), commitment)
-                }
-            }
-        };
+        let (number, commitment) = lock(&self.board)
+            .admit(
+                submission.prompt.len(),
+                steps,
+                self.limits.queue,
+                self.limits.max_running_sequences,
+                submission.deadline,
+                now,
+            )
+            .inspect_err(|error| self.metrics.refused(error))?;
         let taken = Taken {
             board: self.board.clone(),
             number,
@@ -405,12 +396,8 @@ impl<M: Decoder> Scheduler<M> {
             .map(|sequence| Commitment {
                 steps_left: sequence.steps_left(max_sequence_tokens),
                 prompt_tokens: 0,
-                promise: sequence.promise,
             })
             .collect();
-        if board.running.is_empty() && board.submitted.is_empty() {
-            board.busy.went_idle(Instant::now());
-        }
     }
 
     /// Ends running sequences nobody waits for, or whose deadline passed, before spending a
@@ -446,6 +433,9 @@ impl<M: Decoder> Scheduler<M> {
         // The admission slot is free before the client hears the end, so its next request
         // finds it free.
         drop(admission);
+        if matches!(reason, Some(FinishReason::StopToken | FinishReason::Length)) {
+            lock(&self.board).lengths.observe(generated_tokens);
+        }
         if let Some(reason) = reason {
             let _ = events.send(Event::Finished {
                 reason,
@@ -517,7 +507,7 @@ impl<M: Decoder> Scheduler<M> {
                         submission,
                         events,
                         submitted,
-                        taken,
+                        taken: _,
                     },
                 admission,
             } = started;
@@ -525,7 +515,6 @@ impl<M: Decoder> Scheduler<M> {
                 .prompt_tokens
                 .inc_by(submission.prompt.len() as u64);
             submitted_at.push(submitted);
-            let promise = taken.commitment.promise;
             sequences.push(Running {
                 slot,
                 prompt_len: submission.prompt.len(),
@@ -537,7 +526,6 @@ impl<M: Decoder> Scheduler<M> {
                 events,
                 last_token_at: Instant::now(),
                 admission,
-                promise,
             });
         }
         let first_tokens = choose(&logits, &mut sequences);

@@ -41,7 +41,7 @@ pub fn build(dir: &Path, settings: &Settings, context: Context) -> Result<Built,
         max_sequence_tokens: generation.max_sequence_tokens.min(model_limit),
         max_concurrent_requests: limits.admission.max_concurrent_requests,
         max_prefill_tokens: generation.max_prefill_tokens,
-        max_slowdown: limits.admission.max_slowdown,
+        queue: limits.admission.queue,
     };
     let (device, kind) = (settings.device, settings.kind);
     let system_fingerprint = wire::system_fingerprint(
