@@ -233,11 +233,6 @@ async fn a_deadline_stops_the_denoising_loop_between_steps() {
         "{:?}",
         started.elapsed()
     );
-    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = runtime.metrics().await;
     assert!(metrics.contains("infergate_runtime_abandoned_total 1"));
 }

@@ -100,12 +100,7 @@ async fn shared_routes_describe_the_model() {
     let models = runtime.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "tiny-bert");
     runtime.post("/embed", r#"{"inputs":"hello"}"#).await;
-    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = runtime.metrics().await;
     assert!(
         metrics.contains(r#"infergate_runtime_requests_total{endpoint="/embed",status="200"} 1"#),
         "{metrics}"
@@ -341,12 +336,7 @@ async fn a_request_that_would_wait_past_the_maximum_queue_time_is_refused_at_onc
             "{message}"
         );
     }
-    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = runtime.metrics().await;
     assert!(
         metrics.contains(&format!(
             r#"infergate_runtime_refused_total{{reason="queue_time"}} {refused}"#
@@ -743,12 +733,7 @@ async fn requests_past_their_deadline_are_dropped_before_batching() {
     assert!(statuses.get(&504).is_some_and(|&n| n > 0), "{statuses:?}");
     // The model thread notices a closed reply only when it next looks at the queue.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = runtime.metrics().await;
     let dropped: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("infergate_runtime_dropped_total "))

@@ -528,12 +528,7 @@ async fn a_request_past_its_deadline_stops_its_work_within_a_second() {
         waited < Duration::from_secs(2) + window * 6,
         "the next request waited until {waited:?}; one window alone takes {window:?}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", runtime.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = runtime.metrics().await;
     assert!(
         metrics.contains("infergate_runtime_abandoned_total 1"),
         "{}",

@@ -80,6 +80,12 @@ impl Runtime {
         serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = reqwest::get(format!("{}/metrics", self.url)).await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
         let response = reqwest::Client::new()
             .post(format!("{}{path}", self.url))
