@@ -202,7 +202,11 @@ pub struct PassCost {
 
 impl PassCost {
     pub fn observe(&mut self, units: f64, seconds: f64) {
-        if let Some(predicted) = self.predict(units) {
+        // Only the noise of a prediction the fit can make counts: a pass of a size never seen
+        // before was a guess (see `coefficients`), and its error says nothing of the machine.
+        if let Some(predicted) = self.predict(units)
+            && (self.separates_parts() || self.is_the_size_seen(units))
+        {
             self.misprediction.observe(predicted, seconds);
         }
         let keep = |sum: &mut f64, added: f64| *sum = *sum * DECAY + added;
@@ -219,24 +223,43 @@ impl PassCost {
     }
 
     /// `(fixed, per_unit)` seconds, or `None` before any pass has run. Passes of one size
-    /// cannot tell the two parts apart; until passes of different sizes have run, the whole
-    /// cost is charged per unit (the cautious guess, a CPU's). Batches grow as soon as
-    /// requests queue, since a burst at an idle model is taken whole, so a GPU's passes
-    /// soon show how little rows add.
+    /// cannot tell the two parts apart; until passes of different sizes have run, a pass of
+    /// any size is predicted to cost what the measured ones did. That guess errs towards
+    /// taking work: charging the whole cost per unit (a CPU's case) made a burst of nine
+    /// uploads, after single ones, look nine times as long as it ran, and the next request
+    /// was refused on an idle model. A wrong guess here costs one slow pass at most: a queue
+    /// makes the next pass bigger, and then the fit has two sizes.
     pub fn coefficients(&self) -> Option<(f64, f64)> {
         if self.weight <= 0.0 || self.units <= 0.0 {
             return None;
         }
         let mean_units = self.units / self.weight;
         let mean_seconds = self.seconds / self.weight;
-        let variance = self.units_squared / self.weight - mean_units * mean_units;
-        if variance <= (0.05 * mean_units).powi(2) {
-            return Some((0.0, self.seconds / self.units));
+        if !self.separates_parts() {
+            return Some((mean_seconds, 0.0));
         }
+        let variance = self.units_squared / self.weight - mean_units * mean_units;
         let covariance = self.units_seconds / self.weight - mean_units * mean_seconds;
         let per_unit = (covariance / variance).max(0.0);
         let fixed = (mean_seconds - per_unit * mean_units).max(0.0);
         Some((fixed, per_unit))
+    }
+
+    /// Whether the measured passes differ enough in size to tell the fixed cost from the
+    /// cost per unit.
+    fn separates_parts(&self) -> bool {
+        if self.weight <= 0.0 {
+            return false;
+        }
+        let mean_units = self.units / self.weight;
+        let variance = self.units_squared / self.weight - mean_units * mean_units;
+        variance > (0.05 * mean_units).powi(2)
+    }
+
+    /// Whether `units` is about the size of the passes measured so far.
+    fn is_the_size_seen(&self, units: f64) -> bool {
+        let mean_units = self.units / self.weight;
+        (units - mean_units).abs() <= 0.05 * mean_units
     }
 
     /// Predicted seconds of one pass of `units`.
@@ -572,11 +595,36 @@ mod tests {
     }
 
     #[test]
-    fn passes_of_one_size_are_charged_per_unit() {
-        let cost = fitted(&[(32.0, 0.008), (32.0, 0.008)]);
-        let (fixed, per_unit) = cost.coefficients().unwrap();
-        assert_eq!(fixed, 0.0);
-        assert!(close(per_unit, 0.008 / 32.0));
+    fn after_passes_of_one_size_a_pass_of_any_size_is_predicted_to_cost_the_same() {
+        let cost = fitted(&[(1.0, 0.5), (1.0, 0.5)]);
+        assert_eq!(cost.coefficients(), Some((0.5, 0.0)));
+        assert_eq!(cost.predict(9.0), Some(0.5));
+    }
+
+    #[test]
+    fn a_guess_at_an_unseen_size_does_not_count_as_noise() {
+        let mut cost = PassCost::default();
+        for _ in 0..8 {
+            cost.observe(1.0, 0.5);
+        }
+        // Nine uploads in a pass, after single ones: 1.7 s where 0.5 s was guessed.
+        cost.observe(9.0, 1.7);
+        assert_eq!(
+            cost.margin(),
+            1.0,
+            "the fit's ignorance, not the machine's noise"
+        );
+        // Now the fit has two sizes: its errors are the machine's.
+        cost.observe(5.0, 2.0);
+        assert!(cost.margin() > 1.0);
+    }
+
+    #[test]
+    fn a_pass_of_the_size_seen_that_runs_long_counts_as_noise() {
+        let mut cost = PassCost::default();
+        cost.observe(1.0, 0.5);
+        cost.observe(1.0, 1.0);
+        assert!(close(cost.margin(), 3.0), "{}", cost.margin());
     }
 
     #[test]
@@ -719,6 +767,37 @@ mod tests {
         let gate = measured_gate(64, &[(64.0, 0.100), (128.0, 0.200)]);
         gate.pass_started(64, now());
         assert_eq!(queued_in_a_row(&gate, None), 64);
+    }
+
+    #[test]
+    fn clients_sending_again_behind_a_bigger_pass_than_any_measured_are_taken() {
+        // Ten clients of a speech model, each sending its next upload once answered: their
+        // uploads ran one at a time so far (0.5 s, then 1.5 s on a busy machine), then nine
+        // at once; the ten send again while those nine run.
+        let gate = Gate::new(
+            AdmissionLimits {
+                max_concurrent_requests: 512,
+                queue: Some(QueueRule {
+                    max_queue_time: 30.0,
+                    wait_floor: 0.25,
+                }),
+            },
+            Room {
+                rows: 64,
+                units: 64,
+            },
+        );
+        {
+            let mut load = lock(&gate.load);
+            load.cost.observe(1.0, 0.5);
+            load.cost.observe(1.0, 1.5);
+        }
+        gate.pass_started(9, now());
+        sustained(&gate, 5.0, 5.0, now());
+        let queued: Vec<Queued> = (0..10)
+            .map_while(|_| gate.queue(Shape::ONE, None, now()).ok())
+            .collect();
+        assert_eq!(queued.len(), 10);
     }
 
     #[test]
