@@ -102,6 +102,16 @@ async fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Value)
     )
 }
 
+/// "200", or the status with the body that explains it.
+async fn answered(response: reqwest::Response) -> String {
+    let status = response.status().as_u16();
+    if status == 200 {
+        return status.to_string();
+    }
+    let body = response.text().await.unwrap_or_default();
+    format!("{status} {body}")
+}
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -459,7 +469,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
                 let mut statuses = Vec::new();
                 for _ in 0..3 {
                     let response = request().send().await.expect("the proxy answers");
-                    statuses.push(response.status().as_u16());
+                    statuses.push(answered(response).await);
                 }
                 (url, statuses)
             })
@@ -482,7 +492,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
                 let mut statuses = Vec::new();
                 for _ in 0..3 {
                     let response = request().send().await.expect("the proxy answers");
-                    statuses.push(response.status().as_u16());
+                    statuses.push(answered(response).await);
                 }
                 (url, statuses)
             }));
@@ -490,7 +500,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
     }
     for client in clients.into_iter().chain(speech_clients) {
         let (url, statuses) = client.await.unwrap();
-        assert_eq!(statuses, [200, 200, 200], "{url}");
+        assert_eq!(statuses, ["200", "200", "200"], "{url}");
     }
     assert!(
         !local.console().contains("exited"),
@@ -844,4 +854,99 @@ async fn a_runtime_that_cannot_start_is_reported_once_with_a_fix_and_not_restart
         "not restarted:\n{console}"
     );
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+/// The runtime's address as local mode routes to it (the proxy's file source).
+fn runtime_endpoint(local: &LocalMode, model: &str) -> String {
+    let config = std::fs::read_to_string(local.dir.join(".infergate/proxy.yaml")).unwrap();
+    let config: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
+    config["models"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"].as_str() == Some(model))
+        .and_then(|m| m["endpoints"][0].as_str())
+        .unwrap_or_else(|| panic!("no endpoint for {model}"))
+        .to_owned()
+}
+
+/// How many signing keys local mode holds now.
+fn signing_keys(local: &LocalMode) -> usize {
+    let keys = std::fs::read(local.dir.join(".infergate/internal-keys/signing.json")).unwrap();
+    serde_json::from_slice::<Value>(&keys).unwrap()["keys"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_no_request() {
+    let yaml = model("minilm", "embedding", &minilm_dir()) + &token("app", &["minilm"], "");
+    let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_ready(&["minilm"], READY_LIMIT);
+    let token = bearer(&local.token("app"));
+    let body = json!({"inputs": "the side door is shut"});
+
+    // Straight to the runtime's port, as any local process could: refused before any work,
+    // with or without the client's own token.
+    let direct = format!("http://{}/embed", runtime_endpoint(&local, "minilm"));
+    let (status, refused) = post(&direct, &[], &body).await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(refused["error"]["code"], "internal_token_missing");
+    let (status, refused) = post(&direct, &[("authorization", &token)], &body).await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(refused["error"]["code"], "internal_token_invalid");
+    let through = format!("{}/models/minilm/proxy/embed", local.url);
+    assert_eq!(
+        post(&through, &[("authorization", &token)], &body).await.0,
+        200
+    );
+
+    // Requests keep flowing while the key is replaced: before the new key signs, when it
+    // starts to, and when the old one is retired.
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (through, token, body, sending) = (
+                through.clone(),
+                token.clone(),
+                body.clone(),
+                sending.clone(),
+            );
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(post(&through, &[("authorization", &token)], &body).await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rotated = std::process::Command::new(infergate())
+        .args(["rotate-keys", "-f"])
+        .arg(&local.dir)
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{rotated:?}");
+    local.wait_for("internal signing key rotated", 1, Duration::from_secs(5));
+    assert_eq!(
+        signing_keys(&local),
+        2,
+        "both keys verify during the overlap"
+    );
+    let retired = Instant::now() + Duration::from_secs(60);
+    while signing_keys(&local) > 1 {
+        assert!(Instant::now() < retired, "the old key was never retired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for client in clients {
+        let statuses = client.await.unwrap();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        answered += statuses.len();
+    }
+    assert!(answered > 30, "{answered} requests across the rotation");
 }

@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use crds::names::REQUEST_TIMEOUT_HEADER;
 use http::header;
+use internal_token::watch::Watched;
+use internal_token::{Claims, Forwarded, Signer};
 use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -86,6 +88,8 @@ pub struct Gateway {
     /// Seconds an idle client connection is kept open between requests. pingora keeps HTTP/1.1
     /// connections forever by default, which lets idle clients pile up.
     pub keepalive_idle_secs: u64,
+    /// Signs the JWT each forwarded request carries to its runtime; `None` forwards unsigned.
+    pub signer: Option<Arc<Watched<Signer>>>,
 }
 
 /// What a request carries from one filter to the next.
@@ -149,6 +153,35 @@ fn new_request_id() -> String {
     });
     let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{prefix:016x}{count:016x}")
+}
+
+/// `Bearer <JWT>` for the runtime: signed now for this request's model, token record, request
+/// id and what is left of its deadline. Signed again on a retry to another endpoint.
+fn internal_credential(signer: &Watched<Signer>, ctx: &RequestCtx) -> Result<String> {
+    let (Some(model), Some(token_record_id)) = (&ctx.model, &ctx.token_id) else {
+        return Error::e_explain(
+            ErrorType::InternalError,
+            "forwarding a request that no token authorized",
+        );
+    };
+    let now = std::time::SystemTime::now();
+    let claims = Claims::new(
+        Forwarded {
+            model_version_id: &model.id,
+            token_record_id,
+            request_id: &ctx.request_id,
+            remaining: ctx.remaining(),
+        },
+        now,
+    );
+    let jwt = signer.current().sign(&claims, now).map_err(|e| {
+        Error::because(
+            ErrorType::InternalError,
+            "signing the internal credential",
+            e,
+        )
+    })?;
+    Ok(format!("Bearer {jwt}"))
 }
 
 async fn write_rejection(
@@ -474,6 +507,10 @@ impl ProxyHttp for Gateway {
             format!("{:.3}", ctx.remaining().as_secs_f64()),
         )?;
         upstream_request.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        if let Some(signer) = &self.signer {
+            upstream_request
+                .insert_header(header::AUTHORIZATION, internal_credential(signer, ctx)?)?;
+        }
         Ok(())
     }
 

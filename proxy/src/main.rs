@@ -84,6 +84,12 @@ struct Args {
     )]
     header_read_timeout: u64,
 
+    /// The keys that sign the JWT each forwarded request carries (a JSON file of Ed25519 keys,
+    /// re-read when it changes; in a cluster, the operator's Secret mounted): runtimes started
+    /// with the public halves answer only requests that carry one. Unset, requests go unsigned.
+    #[arg(long, env = "INFERGATE_PROXY_INTERNAL_SIGNING_KEYS")]
+    internal_signing_keys: Option<PathBuf>,
+
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -150,5 +156,6 @@ fn main() -> anyhow::Result<()> {
         },
         keepalive_idle_secs: args.keepalive_idle,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        internal_signing_keys: args.internal_signing_keys,
     })
 }

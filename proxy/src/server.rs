@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use internal_token::watch::Watched;
+use internal_token::{Signer, SigningKeys};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::ServiceWithDependents;
@@ -44,6 +46,8 @@ pub struct ServeOptions {
     pub keepalive_idle_secs: u64,
     /// Longest time a request head may take to arrive (slowloris).
     pub header_read_timeout: Duration,
+    /// The keys that sign forwarded requests; `None` forwards them unsigned.
+    pub internal_signing_keys: Option<PathBuf>,
 }
 
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
@@ -71,6 +75,18 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }
     };
     let metrics = Metrics::new();
+    let signer = match &options.internal_signing_keys {
+        Some(path) => Some(Arc::new(Watched::start(path, |bytes| {
+            SigningKeys::parse(bytes).and_then(|keys| Signer::new(&keys))
+        })?)),
+        None => {
+            tracing::warn!(
+                "no --internal-signing-keys: forwarded requests carry no signed credential, so \
+                 runtimes that require one refuse them"
+            );
+            None
+        }
+    };
 
     let conf = ServerConf {
         threads: listen.threads,
@@ -87,6 +103,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         header_limits: options.header_limits,
         keepalive_idle_secs: options.keepalive_idle_secs,
+        signer,
     };
     let guarded = GuardedProxy {
         inner: Arc::new(pingora_proxy::http_proxy(&server.configuration, gateway)),

@@ -3,8 +3,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
+use internal_token::{Refusal, SigningKeys, Verifier};
 use reqwest::StatusCode;
 use support::{Proxy, TestModel, TestToken, Upstream};
 
@@ -59,6 +61,95 @@ async fn a_valid_token_reaches_the_model_with_path_and_query_and_without_the_cre
         .parse()
         .unwrap();
     assert!(remaining > 119.0 && remaining <= 120.0, "{remaining}");
+}
+
+/// Signing keys in a file of their own directory, and their public halves as a runtime holds
+/// them.
+fn signing_keys(keys: &SigningKeys) -> (PathBuf, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!(
+        "infergate-proxy-keys-{}-{}",
+        std::process::id(),
+        support::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("signing.json");
+    write_keys(&path, keys);
+    (
+        path,
+        serde_json::to_vec(&keys.verifying_keys().unwrap()).unwrap(),
+    )
+}
+
+/// Replaces the key file in one rename, as a mounted Secret's update does.
+fn write_keys(path: &std::path::Path, keys: &SigningKeys) {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, keys.to_json()).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_forwarded_request_carries_a_jwt_signed_for_its_model_and_token_record() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("record-7", &["minilm"]);
+    let mut keys = SigningKeys::first(SystemTime::now() - Duration::from_secs(1)).unwrap();
+    let (path, _) = signing_keys(&keys);
+    let proxy = Proxy::start_with_args(
+        &[TestModel::new("minilm", &[upstream.addr])],
+        &[&token],
+        &["--internal-signing-keys", path.to_str().unwrap()],
+    )
+    .await;
+    let send = || async {
+        let response = client()
+            .post(proxy.url("/models/minilm/proxy/v1/embed"))
+            .header("authorization", token.bearer())
+            .header("oicm-request-timeout", "30")
+            .body(r#"{"inputs":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let seen = upstream.requests().pop().unwrap();
+        let authorization = seen.header("authorization").unwrap().to_owned();
+        (request_id, authorization)
+    };
+
+    let (request_id, authorization) = send().await;
+    assert!(!authorization.contains(token.secret()));
+    let jwks = serde_json::to_vec(&keys.verifying_keys().unwrap()).unwrap();
+    let claims = Verifier::parse(&jwks, "minilm")
+        .unwrap()
+        .verify(Some(authorization.as_bytes()))
+        .unwrap();
+    assert_eq!(claims.sub, "record-7");
+    assert_eq!(claims.rid, request_id);
+    let remaining = claims.remaining(SystemTime::now()).as_secs_f64();
+    assert!(remaining > 25.0 && remaining <= 30.0, "{remaining}");
+    assert_eq!(
+        Verifier::parse(&jwks, "another-model")
+            .unwrap()
+            .verify(Some(authorization.as_bytes())),
+        Err(Refusal::WrongModel("another-model".into()))
+    );
+
+    // A rotation whose new key signs at once: the proxy picks it up without a restart.
+    keys.rotate(SystemTime::now() - Duration::from_secs(1), Duration::ZERO)
+        .unwrap();
+    write_keys(&path, &keys);
+    let only_the_new_key = SigningKeys {
+        keys: keys.keys[1..].to_vec(),
+    };
+    let jwks = serde_json::to_vec(&only_the_new_key.verifying_keys().unwrap()).unwrap();
+    let new_key = Verifier::parse(&jwks, "minilm").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while new_key.verify(Some(send().await.1.as_bytes())).is_err() {
+        assert!(Instant::now() < deadline, "the new key was never used");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use internal_token::Verifier;
+use internal_token::watch::Watched;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -64,8 +66,24 @@ impl Runtime {
             tokenization_workers: 1,
             version: env!("CARGO_PKG_VERSION"),
         };
+        let internal = match &settings.internal_keys {
+            Some(path) => {
+                let audience = info.model_id.clone();
+                Some(Arc::new(Watched::start(path, move |jwks| {
+                    Verifier::parse(jwks, &audience)
+                })?))
+            }
+            None => {
+                tracing::warn!(
+                    "no --internal-keys: this runtime answers every request that reaches its port, \
+                     not only those the proxy signed"
+                );
+                None
+            }
+        };
         let common = Common {
             info: Arc::new(info),
+            internal,
             default_timeout: settings.default_timeout,
             ready,
             metrics,

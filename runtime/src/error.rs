@@ -145,6 +145,9 @@ pub enum ApiError {
     Internal(String),
     #[error("no route {0}")]
     NotFound(String),
+    /// The request does not carry a JWT the proxy signed for this model (`--internal-keys`).
+    #[error(transparent)]
+    Unauthenticated(#[from] internal_token::Refusal),
 }
 
 impl ApiError {
@@ -251,6 +254,11 @@ impl ApiError {
                 "internal_error",
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
+            ApiError::Unauthenticated(refusal) => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                refusal.code(),
+            ),
         }
     }
 
@@ -284,6 +292,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="infergate-runtime""#),
+            );
         }
         response
     }

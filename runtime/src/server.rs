@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
@@ -11,6 +11,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use internal_token::watch::Watched;
+use internal_token::{Claims, Verifier};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -64,6 +66,8 @@ pub struct Info {
 #[derive(Debug, Clone)]
 pub struct Common {
     pub info: Arc<Info>,
+    /// The proxy's verifying keys (`--internal-keys`); `None` answers unsigned requests.
+    pub internal: Option<Arc<Watched<Verifier>>>,
     /// The deadline of a request that sends no `OICM-Request-Timeout`.
     pub default_timeout: Duration,
     pub ready: watch::Receiver<bool>,
@@ -178,14 +182,40 @@ pub fn request_deadline() -> Option<Instant> {
     DEADLINE.try_with(|deadline| *deadline).ok()
 }
 
-/// Ends a task request at its deadline with 504: the `OICM-Request-Timeout` the proxy forwards
-/// (what is left of the client's), or the runtime's default for a request without one.
+/// With `--internal-keys`, refuses (401) a request without a JWT the proxy signed for this
+/// model, before any work; the verified claims go with the request.
+async fn require_internal_token(
+    State(common): State<Common>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(keys) = &common.internal else {
+        return next.run(request).await;
+    };
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
+    match keys.current().verify(authorization) {
+        Ok(claims) => {
+            tracing::debug!(token_record = %claims.sub, request_id = %claims.rid, "signed by the proxy");
+            request.extensions_mut().insert(Arc::new(claims));
+            next.run(request).await
+        }
+        Err(refusal) => ApiError::from(refusal).into_response(),
+    }
+}
+
+/// Ends a task request at its deadline with 504: the deadline the proxy signed, else the
+/// `OICM-Request-Timeout` header (what is left of the client's), else the runtime's default.
 /// Dropping the handler drops its place in the queue, so the model thread skips the work
 /// instead of computing an answer nobody reads.
 async fn enforce_deadline(State(common): State<Common>, request: Request, next: Next) -> Response {
-    let budget = match request.headers().get(REQUEST_TIMEOUT_HEADER) {
-        None => common.default_timeout,
-        Some(value) => {
+    let signed = request.extensions().get::<Arc<Claims>>();
+    let budget = match (signed, request.headers().get(REQUEST_TIMEOUT_HEADER)) {
+        (Some(claims), _) => claims.remaining(SystemTime::now()),
+        (None, None) => common.default_timeout,
+        (None, Some(value)) => {
             let seconds = value
                 .to_str()
                 .ok()
@@ -230,7 +260,9 @@ async fn record(State(common): State<Common>, request: Request, next: Next) -> R
     response
 }
 
-/// The whole router: shared routes, the task's routes (behind readiness), errors as JSON.
+/// The whole router: health and metrics open to probes and scrapers; everything else behind the
+/// proxy's signature (with `--internal-keys`), the task's routes also behind readiness; errors
+/// as JSON.
 pub fn router(common: Common, task_routes: Router) -> Router {
     let task_routes = task_routes
         .route_layer(middleware::from_fn_with_state(
@@ -241,14 +273,21 @@ pub fn router(common: Common, task_routes: Router) -> Router {
             common.clone(),
             require_ready,
         ));
-    Router::new()
-        .route("/health", get(health))
+    let signed = Router::new()
         .route("/info", get(info))
         .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
         .with_state(common.clone())
         .merge(task_routes)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            common.clone(),
+            require_internal_token,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(common.clone())
+        .merge(signed)
         .layer(middleware::from_fn_with_state(common, record))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
 }

@@ -62,9 +62,16 @@ pub struct Args {
     #[arg(long, env = "INFERGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Name reported by /info and /v1/models; the directory's name when unset.
+    /// Name reported by /info and /v1/models; the directory's name when unset. With
+    /// --internal-keys, also the audience the proxy's JWTs must name.
     #[arg(long, env = "INFERGATE_MODEL_ID")]
     pub model_id: Option<String>,
+
+    /// The proxy's verifying keys (a JWK set, re-read when it changes): every request but
+    /// /health and /metrics must then carry a JWT the proxy signed for this model, or gets 401.
+    /// Unset, the runtime answers anyone who reaches its port (tests, runs by hand).
+    #[arg(long, env = "INFERGATE_INTERNAL_KEYS")]
+    pub internal_keys: Option<PathBuf>,
 
     /// Padded tokens (inputs × longest input) in one forward pass of an encoder.
     #[arg(long, env = "INFERGATE_MAX_BATCH_TOKENS", default_value_t = 16384)]
@@ -174,6 +181,8 @@ pub struct Settings {
     pub model_dir: PathBuf,
     pub listen: SocketAddr,
     pub model_id: Option<String>,
+    /// The proxy's verifying keys; `None` answers unsigned requests.
+    pub internal_keys: Option<PathBuf>,
     pub batch: BatchLimits,
     pub max_client_batch_size: usize,
     pub device: Device,
@@ -271,6 +280,7 @@ impl Settings {
             model_dir,
             listen: args.listen,
             model_id: args.model_id,
+            internal_keys: args.internal_keys,
             batch: BatchLimits {
                 max_batch_tokens: args.max_batch_tokens,
                 max_batch_requests: args.max_batch_requests,

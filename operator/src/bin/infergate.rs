@@ -1,6 +1,7 @@
 //! `infergate`: the command line of infergate. `infergate up -f DIR` runs ModelDeployments and
-//! AccessTokens on this machine (local mode); `infergate token new` prints a fresh token and the
-//! digest to put in an AccessToken's `spec.tokenHash`.
+//! AccessTokens on this machine (local mode); `infergate rotate-keys` replaces the key its proxy
+//! signs forwarded requests with; `infergate token new` prints a fresh token and the digest to
+//! put in an AccessToken's `spec.tokenHash`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,17 @@ enum Command {
         #[arg(long)]
         torch_threads: Option<usize>,
     },
+    /// Replaces the internal signing key of a running `infergate up` now (it also does so
+    /// daily): the proxy signs with the new key within seconds, and the old one verifies until
+    /// the requests it signed are done.
+    RotateKeys {
+        /// The files `infergate up` was started with (its state directory is beside them).
+        #[arg(short = 'f', long = "filename", required_unless_present = "state_dir")]
+        path: Option<PathBuf>,
+        /// The state directory, if `infergate up` was given one.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Tokens.
     Token {
         #[command(subcommand)]
@@ -65,6 +77,40 @@ fn sibling_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// `.infergate/` beside the files `infergate up -f` was given.
+fn default_state_dir(path: &Path) -> PathBuf {
+    let beside = if path.is_dir() {
+        path.to_owned()
+    } else {
+        path.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_owned)
+    };
+    beside.join(".infergate")
+}
+
+/// Asks the running `infergate up` for a rotation and waits until it is done.
+fn rotate_keys(state_dir: &Path) -> anyhow::Result<()> {
+    let keys_dir = operator::local::keys::dir(state_dir);
+    anyhow::ensure!(
+        keys_dir.is_dir(),
+        "no internal keys in {}: is `infergate up` running there?",
+        state_dir.display()
+    );
+    let request = operator::local::keys::request_rotation(state_dir)?;
+    for _ in 0..100 {
+        if !request.exists() {
+            println!("rotated: the proxy signs with a new key within seconds");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&request).ok();
+    anyhow::bail!(
+        "`infergate up` did not rotate within 10 s: is it running with state directory {}?",
+        state_dir.display()
+    )
+}
+
 fn main() {
     if let Err(error) = run(Cli::parse()) {
         eprintln!("error: {error:#}");
@@ -84,14 +130,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             torch_threads,
         } => {
             let path = std::path::absolute(&path)?;
-            let beside = if path.is_dir() {
-                path.clone()
-            } else {
-                path.parent()
-                    .map_or_else(|| PathBuf::from("."), Path::to_owned)
-            };
             let options = operator::local::UpOptions {
-                state_dir: state_dir.unwrap_or_else(|| beside.join(".infergate")),
+                state_dir: state_dir.unwrap_or_else(|| default_state_dir(&path)),
                 path,
                 listen,
                 metrics_listen,
@@ -105,6 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(operator::local::up(options))?;
+        }
+        Command::RotateKeys { path, state_dir } => {
+            let state_dir = match (state_dir, path) {
+                (Some(state_dir), _) => state_dir,
+                (None, Some(path)) => default_state_dir(&std::path::absolute(&path)?),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            rotate_keys(&state_dir)?;
         }
         Command::Token {
             command: TokenCommand::New,

@@ -6,8 +6,10 @@
 //! The supervisor polls: the files for edits, each runtime for readiness and exit. A runtime
 //! that dies is restarted with back-off; the proxy only routes to runtimes that answer
 //! `/health`. State that must outlive a restart of `infergate up` (when each token was issued
-//! and its digest, never its plaintext) lives in the state directory.
+//! and its digest, never its plaintext; the keys the proxy signs forwarded requests with, which
+//! the runtimes verify) lives in the state directory.
 
+pub mod keys;
 pub mod manifests;
 pub mod schema;
 mod supervisor;

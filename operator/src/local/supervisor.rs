@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use super::UpOptions;
+use super::keys::{self, InternalKeys};
 use super::manifests::{self, Manifests, Problem};
 use super::tokens::{Issued, NewToken};
 
@@ -38,6 +39,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     })?;
     let logs = options.state_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    let mut internal_keys = InternalKeys::open(&options.state_dir, SystemTime::now())?;
     let mut issued = Issued::open(&options.state_dir.join("tokens.json"))?;
     let config_path = options.state_dir.join("proxy.yaml");
 
@@ -48,7 +50,12 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     let mut proxy = Supervised::new(
         "proxy".to_owned(),
         options.proxy_bin.clone(),
-        vec!["--config".to_owned(), config_path.display().to_string()],
+        vec![
+            "--config".to_owned(),
+            config_path.display().to_string(),
+            "--internal-signing-keys".to_owned(),
+            keys::signing_path(&options.state_dir).display().to_string(),
+        ],
         logs.join("proxy.log"),
         (options.listen.to_string(), "/readyz"),
     );
@@ -70,6 +77,9 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
             _ = ticker.tick() => {}
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+        }
+        if let Some(kid) = internal_keys.tick(SystemTime::now())? {
+            println!("internal signing key rotated: {kid} signs from now on");
         }
         let seen = fingerprint_changed(&options.path, &mut fingerprint);
         if seen {
@@ -147,6 +157,10 @@ fn runtime_args(md: &ModelDeployment, options: &UpOptions, port: u16) -> Vec<Str
     if let Some(threads) = options.torch_threads {
         args.extend(["--torch-threads".to_owned(), threads.to_string()]);
     }
+    args.extend([
+        "--internal-keys".to_owned(),
+        keys::jwks_path(&options.state_dir).display().to_string(),
+    ]);
     args
 }
 

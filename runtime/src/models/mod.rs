@@ -41,6 +41,9 @@ pub enum LoadError {
     UnsupportedArchitecture(String),
     #[error("loading weights: {0}")]
     Weights(#[from] tch::TchError),
+    /// `--internal-keys` cannot be read as a JWK set.
+    #[error("the proxy's verifying keys: {0}")]
+    InternalKeys(#[from] internal_token::watch::WatchError),
 }
 
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LoadError> {
