@@ -32,3 +32,22 @@ pub fn model_endpoint(model_version_id: &str) -> String {
 pub fn runtime_service_name(model_deployment_name: &str) -> String {
     model_deployment_name.to_owned()
 }
+
+/// Secret in the gateway namespace holding the proxy's signing keys under
+/// [`SIGNING_KEYS_KEY`] (the JSON `internal-token` reads). The operator writes it; only the
+/// proxy's pods mount it.
+pub const SIGNING_KEYS_SECRET: &str = "infergate-internal-signing-keys";
+
+/// Data key of [`SIGNING_KEYS_SECRET`].
+pub const SIGNING_KEYS_KEY: &str = "signing.json";
+
+/// Annotation on [`SIGNING_KEYS_SECRET`]: setting it to a new value asks the operator for a
+/// rotation now (`kubectl annotate --overwrite secret ... infergate.dev/rotate=$(date +%s)`).
+pub const ROTATE_ANNOTATION: &str = "infergate.dev/rotate";
+
+/// ConfigMap, in each namespace with a ModelDeployment, of the signing keys' public halves (a
+/// JWK set under [`VERIFYING_KEYS_KEY`]); builtin runtime pods mount it.
+pub const VERIFYING_KEYS_CONFIG_MAP: &str = "infergate-internal-keys";
+
+/// Data key of [`VERIFYING_KEYS_CONFIG_MAP`].
+pub const VERIFYING_KEYS_KEY: &str = "jwks.json";

@@ -279,7 +279,9 @@ import helm_python as helm
 kubeconfig, chart = sys.argv[1:3]
 values = {"images": {"registry": "infergate", "tag": "test-bed", "pullPolicy": "Never"},
           "operator": {"watchNamespace": "infergate-e2e", "logJson": False},
-          "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False}}
+          "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False},
+          # The node agent refreshes mounted Secrets and ConfigMaps every second.
+          "internalKeys": {"rotationHours": 24, "activationSeconds": 3}}
 helm.Config(kubeconfig_path=kubeconfig).install(
     helm.Chart.load(chart), "infergate", values, namespace="infergate-system")
 PY

@@ -1,6 +1,7 @@
 //! Finds a token in text it must never reach: logs, error bodies, metrics, Kubernetes Events and
 //! status. A careless line rarely prints a token as is, so every form it might take is looked
-//! for.
+//! for. The same for the JWTs the proxy signs for runtimes: good for seconds, but a credential
+//! while they are.
 
 /// The forms of the token `secret` (`igt_` and its random part) that `text` shows: the token
 /// raw, standard or URL-safe base64 of it, percent-encoded, or any 12 characters of its random
@@ -27,6 +28,30 @@ pub fn token_leaks(secret: &str, text: &str) -> Vec<String> {
         .find(|window| text.contains(window))
     {
         leaks.push(format!("the 12 characters {window:?}"));
+    }
+    leaks
+}
+
+/// The parts of the JWT `jwt` that `text` shows: the whole of it, its claims, or any 16
+/// characters of its signature. Empty when `text` shows none. Its header (algorithm and key id)
+/// is no secret.
+pub fn jwt_leaks(jwt: &str, text: &str) -> Vec<String> {
+    let mut leaks = Vec::new();
+    if text.contains(jwt) {
+        leaks.push("the whole JWT".to_owned());
+    }
+    let parts: Vec<&str> = jwt.split('.').collect();
+    if let [_, claims, signature] = parts[..] {
+        if text.contains(claims) {
+            leaks.push("its claims".to_owned());
+        }
+        let windows = signature.len().saturating_sub(15);
+        if let Some(window) = (0..windows)
+            .map(|i| &signature[i..i + 16])
+            .find(|window| text.contains(window))
+        {
+            leaks.push(format!("the 16 signature characters {window:?}"));
+        }
     }
     leaks
 }
@@ -82,5 +107,23 @@ mod tests {
         }
         // Eleven characters are too few to tell a token from chance.
         assert!(token_leaks(SECRET, &SECRET[20..31]).is_empty());
+    }
+
+    #[test]
+    fn a_jwt_leaks_whole_by_its_claims_or_by_part_of_its_signature() {
+        let jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0b2stMSJ9.Q2FyZWxlc3NseSBsb2dnZWQgc2lnbmF0dXJlIGJ5dGVz";
+        assert!(jwt_leaks(jwt, "alg=EdDSA kid=abc sub=tok-1").is_empty());
+        assert!(
+            jwt_leaks(jwt, "eyJhbGciOiJFZERTQSJ9").is_empty(),
+            "the header alone"
+        );
+        for (text, form) in [
+            (format!("authorization: Bearer {jwt}"), "whole"),
+            ("claims eyJzdWIiOiJ0b2stMSJ9".to_owned(), "claims"),
+            (format!("sig={}", &jwt[50..66]), "signature"),
+        ] {
+            let leaks = jwt_leaks(jwt, &text);
+            assert!(leaks.iter().any(|l| l.contains(form)), "{text}: {leaks:?}");
+        }
     }
 }

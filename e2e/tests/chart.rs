@@ -361,6 +361,86 @@ fn gpu_and_ingress_values_reach_the_objects_they_describe() {
 }
 
 #[test]
+fn the_proxy_alone_mounts_the_signing_keys_and_every_pod_has_a_network_policy() {
+    for (values, objects) in renderings() {
+        let proxy = get(objects, "Deployment", "infergate-proxy");
+        let pod = &proxy["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == "infergate-internal-signing-keys")
+            .unwrap_or_else(|| panic!("{values}: no signing keys volume"));
+        assert_eq!(volume["secret"]["defaultMode"], 0o400, "{values}");
+        assert!(
+            volume["secret"].get("optional").is_none(),
+            "{values}: required"
+        );
+        let mount = container(objects, "infergate-proxy")["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap()
+            .clone();
+        assert_eq!(mount["readOnly"], true);
+        assert!(
+            args(objects, "infergate-proxy").contains(&format!(
+                "--internal-signing-keys={}/signing.json",
+                mount["mountPath"].as_str().unwrap()
+            )),
+            "{values}"
+        );
+        let operator_pod =
+            &get(objects, "Deployment", "infergate-operator")["spec"]["template"]["spec"];
+        assert!(
+            operator_pod.get("volumes").is_none(),
+            "{values}: the operator writes the keys through the API, it mounts none"
+        );
+        // The operator lets the proxy's pods, as the chart labels them, into runtime pods.
+        let proxy_labels: Vec<String> = proxy["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+            .collect();
+        assert!(
+            args(objects, "infergate-operator")
+                .contains(&format!("--proxy-pod-labels={}", proxy_labels.join(","))),
+            "{values}"
+        );
+        for name in ["infergate-proxy", "infergate-operator"] {
+            let policy = get(objects, "NetworkPolicy", name);
+            assert_eq!(
+                policy["spec"]["podSelector"]["matchLabels"],
+                get(objects, "Deployment", name)["spec"]["selector"]["matchLabels"],
+                "{values}"
+            );
+        }
+    }
+    let scraped = objects("gpu-ingress-values.yaml");
+    let operator = args(scraped, "infergate-operator");
+    for flag in [
+        "--internal-key-rotation-hours=6",
+        "--internal-key-activation-seconds=90",
+        "--scraper-namespace-labels=kubernetes.io/metadata.name=monitoring",
+        "--scraper-pod-labels=app.kubernetes.io/name=prometheus",
+    ] {
+        assert!(
+            operator.contains(&flag.to_owned()),
+            "{flag} in {operator:?}"
+        );
+    }
+    let metrics_rule = &get(scraped, "NetworkPolicy", "infergate-proxy")["spec"]["ingress"][1];
+    assert_eq!(
+        metrics_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    let open = &get(objects("default"), "NetworkPolicy", "infergate-proxy")["spec"]["ingress"][1];
+    assert!(open.get("from").is_none(), "no scraper set: open to all");
+}
+
+#[test]
 fn bad_values_are_refused_at_install_time_naming_the_value() {
     let expected = [
         ("unknown top-level key", "'proxi' not allowed"),

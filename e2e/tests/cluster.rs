@@ -25,6 +25,22 @@ fn cluster() -> &'static TestBed {
     })
 }
 
+/// What `kubectl get -o jsonpath` shows of a Secret's data, decoded.
+fn base64_decode(text: &str) -> Vec<u8> {
+    Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(text.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap()
+        .stdout
+}
+
 async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(url)
@@ -131,21 +147,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         "-o",
         "jsonpath={.data.token}",
     ]);
-    let token = String::from_utf8(
-        Command::new("base64")
-            .arg("-d")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(token.as_bytes())?;
-                c.wait_with_output()
-            })
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let token = String::from_utf8(base64_decode(&token)).unwrap();
     assert!(token.starts_with("igt_"));
 
     // The seed document's calls, through the proxy. The proxy learns of ready endpoints from
@@ -240,6 +242,155 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         "{pods}"
     );
 
+    // The side door is shut: a runtime pod's own address answers only what the proxy signed
+    // for that model, whoever calls it. (The test bed has no network plugin to enforce the
+    // NetworkPolicy the operator also writes; this is the JWT alone.)
+    let minilm_ip = cluster.ok(&[
+        "get",
+        "pods",
+        "-n",
+        &namespace,
+        "-l",
+        "infergate.dev/model-deployment=minilm",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ]);
+    let direct = format!("http://{minilm_ip}:8080/embed");
+    let refused = |authorization: Option<String>| {
+        let direct = direct.clone();
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(&direct)
+                .header("content-type", "application/json")
+                .body(json!({"inputs": "straight to the pod"}).to_string());
+            if let Some(authorization) = authorization {
+                request = request.header("Authorization", authorization);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value =
+                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
+            (
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+    };
+    assert_eq!(refused(None).await, (401, "internal_token_missing".into()));
+    assert_eq!(
+        refused(Some(format!("Bearer {token}"))).await,
+        (401, "internal_token_invalid".into()),
+        "the client's own token is not the proxy's signature"
+    );
+    // JWTs made with the proxy's own key, read as an administrator can: one past its expiry,
+    // one for another model, and one that is right.
+    let signing = cluster.ok(&[
+        "get",
+        "secret",
+        crds::names::SIGNING_KEYS_SECRET,
+        "-n",
+        &gateway,
+        "-o",
+        "jsonpath={.data.signing\\.json}",
+    ]);
+    let signing = base64_decode(&signing);
+    let signer =
+        internal_token::Signer::new(&internal_token::SigningKeys::parse(&signing).unwrap())
+            .unwrap();
+    let signed = |model: &str, signed_ago: Duration| {
+        let now = std::time::SystemTime::now();
+        let claims = internal_token::Claims::new(
+            internal_token::Forwarded {
+                model_version_id: model,
+                token_record_id: "made-by-the-test",
+                request_id: "direct",
+                remaining: Duration::from_secs(60),
+            },
+            now - signed_ago,
+        );
+        Some(format!("Bearer {}", signer.sign(&claims, now).unwrap()))
+    };
+    let minilm_id = format!("minilm-{suffix}");
+    assert_eq!(
+        refused(signed(&minilm_id, Duration::from_secs(30))).await,
+        (401, "internal_token_expired".into())
+    );
+    assert_eq!(
+        refused(signed(&format!("chat-{suffix}"), Duration::ZERO)).await,
+        (401, "internal_token_wrong_model".into())
+    );
+    assert_eq!(
+        refused(signed(&minilm_id, Duration::ZERO)).await.0,
+        200,
+        "the proxy's signature, for this model"
+    );
+
+    // A rotation asked for with requests flowing through the proxy loses none: the new key is
+    // published, starts signing, and the old one is retired.
+    let published_keys = || -> Vec<String> {
+        let jwks = cluster.ok(&[
+            "get",
+            "configmap",
+            crds::names::VERIFYING_KEYS_CONFIG_MAP,
+            "-n",
+            &namespace,
+            "-o",
+            "jsonpath={.data.jwks\\.json}",
+        ]);
+        let jwks: Value = serde_json::from_str(&jwks).unwrap_or(Value::Null);
+        jwks["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|key| key["kid"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let before = published_keys();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, token, sending) = (embed_url.clone(), token.clone(), sending.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(call(&url, &token, json!({"inputs": "rotating"})).await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.ok(&[
+        "annotate",
+        "--overwrite",
+        "secret",
+        crds::names::SIGNING_KEYS_SECRET,
+        "-n",
+        &gateway,
+        &format!("{}={suffix}", crds::names::ROTATE_ANNOTATION),
+    ]);
+    eventually("the new key published", Duration::from_secs(30), || {
+        (published_keys().len() == 2).then_some(())
+    });
+    let after = eventually("the old key retired", Duration::from_secs(90), || {
+        let keys = published_keys();
+        (keys.len() == 1 && keys != before).then_some(keys)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for client in clients {
+        let statuses = client.await.unwrap();
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        answered += statuses.len();
+    }
+    assert!(answered > 20, "{answered} requests across the rotation");
+    assert_ne!(after, before);
+
     // Revocation, as kubectl applies it, is enforced within a second.
     cluster.ok(&[
         "patch",
@@ -280,7 +431,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     eventually("every runtime object gone", Duration::from_secs(60), || {
         let left = cluster.ok(&[
             "get",
-            "deployments,replicasets,pods,services,secrets",
+            "deployments,replicasets,pods,services,secrets,networkpolicies",
             "-n",
             &namespace,
             "-o",

@@ -901,6 +901,40 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
         post(&through, &[("authorization", &token)], &body).await.0,
         200
     );
+    // With the proxy's key, as only a process that can read the private file could: refused
+    // for another model, answered for this one.
+    let keys = std::fs::read(local.dir.join(".infergate/internal-keys/signing.json")).unwrap();
+    let signer =
+        internal_token::Signer::new(&internal_token::SigningKeys::parse(&keys).unwrap()).unwrap();
+    let signed = |model: &str| {
+        let now = std::time::SystemTime::now();
+        let claims = internal_token::Claims::new(
+            internal_token::Forwarded {
+                model_version_id: model,
+                token_record_id: "made-by-the-test",
+                request_id: "direct",
+                remaining: Duration::from_secs(30),
+            },
+            now,
+        );
+        signer.sign(&claims, now).unwrap()
+    };
+    let (for_another, for_minilm) = (signed("another-model"), signed("minilm"));
+    let (status, refused) = post(
+        &direct,
+        &[("authorization", &format!("Bearer {for_another}"))],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(refused["error"]["code"], "internal_token_wrong_model");
+    let (status, embedded) = post(
+        &direct,
+        &[("authorization", &format!("Bearer {for_minilm}"))],
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{embedded}");
 
     // Requests keep flowing while the key is replaced: before the new key signs, when it
     // starts to, and when the old one is retired.
@@ -949,4 +983,9 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
         answered += statuses.len();
     }
     assert!(answered > 30, "{answered} requests across the rotation");
+    let console = local.console();
+    for jwt in [&for_another, &for_minilm] {
+        let leaks = e2e::canary::jwt_leaks(jwt, &console);
+        assert!(leaks.is_empty(), "a JWT leaked into the logs: {leaks:?}");
+    }
 }

@@ -20,7 +20,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, ThumbprintHash}
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::unix_seconds;
+use crate::{LEEWAY, LIFETIME, unix_seconds};
 
 /// A signing key: its id (the RFC 7638 thumbprint of its public half), the private key and
 /// when it may start signing.
@@ -49,6 +49,37 @@ pub struct SigningKeys {
     pub keys: Vec<SigningKey>,
 }
 
+/// When keys are replaced and retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// How long a key signs before a scheduled replacement.
+    pub period: Duration,
+    /// How long a new key is published before it signs: at least the time every verifier and
+    /// the signer take to see a changed file (half a second on one machine; the kubelet's
+    /// refresh of mounted ConfigMaps and Secrets, about a minute, in a cluster).
+    pub activation: Duration,
+}
+
+impl Schedule {
+    /// How long a replaced key keeps verifying once its successor signs: the lifetime and leeway
+    /// of the JWTs it signed last, and the activation delay again for a signer that saw the new
+    /// key late.
+    pub fn grace(&self) -> Duration {
+        self.activation
+            .saturating_add(LIFETIME)
+            .saturating_add(LEEWAY)
+    }
+}
+
+/// What `SigningKeys::maintain` did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Maintained {
+    /// The id of a key added.
+    pub rotated: Option<String>,
+    /// Whether the set changed (a key added or retired): it must be written and published.
+    pub changed: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     #[error("the key file is not valid JSON of the expected shape: {0}")]
@@ -64,6 +95,8 @@ pub enum KeysError {
     Random(getrandom::Error),
     #[error("a verifying key set holds no Ed25519 key with a kid")]
     NoVerifyingKey,
+    #[error("key {kid:?}: its PKCS#8 bytes are not an Ed25519 private key")]
+    NotEd25519 { kid: String },
 }
 
 /// The DER prefix of a PKCS#8 (RFC 8410) Ed25519 private key; the 32-byte seed follows.
@@ -196,6 +229,26 @@ impl SigningKeys {
         self.keys.len() != before
     }
 
+    /// At `now`: rotates when `asked` or when the schedule's period is up, and retires what
+    /// its grace no longer covers.
+    pub fn maintain(
+        &mut self,
+        now: SystemTime,
+        schedule: Schedule,
+        asked: bool,
+    ) -> Result<Maintained, KeysError> {
+        let rotated = if asked || self.rotation_due(now, schedule.period) {
+            Some(self.rotate(now, schedule.activation)?)
+        } else {
+            None
+        };
+        let retired = self.retire(now, schedule.grace());
+        Ok(Maintained {
+            changed: rotated.is_some() || retired,
+            rotated,
+        })
+    }
+
     /// The public halves, for the runtimes.
     pub fn verifying_keys(&self) -> Result<JwkSet, KeysError> {
         Ok(JwkSet {
@@ -318,6 +371,35 @@ mod tests {
         keys.rotate(at(86_400), Duration::from_secs(120)).unwrap();
         assert!(!keys.rotation_due(at(86_401), day));
         assert!(SigningKeys::default().rotation_due(at(0), day));
+    }
+
+    #[test]
+    fn maintenance_rotates_when_asked_or_due_and_retires_after_the_grace() {
+        let schedule = Schedule {
+            period: Duration::from_secs(86_400),
+            activation: Duration::from_secs(60),
+        };
+        assert_eq!(schedule.grace(), Duration::from_secs(75));
+        let mut keys = SigningKeys::first(at(0)).unwrap();
+        assert_eq!(
+            keys.maintain(at(10), schedule, false).unwrap(),
+            Maintained::default()
+        );
+        let asked = keys.maintain(at(20), schedule, true).unwrap();
+        assert!(asked.changed && asked.rotated.is_some());
+        assert_eq!(keys.keys.len(), 2);
+        // The new key signs from 80 s; the old one verifies until 155 s.
+        assert!(!keys.maintain(at(154), schedule, false).unwrap().changed);
+        let retired = keys.maintain(at(155), schedule, false).unwrap();
+        assert_eq!((retired.changed, retired.rotated), (true, None));
+        assert_eq!(keys.keys[0].kid, asked.rotated.unwrap());
+        assert!(
+            keys.maintain(at(80 + 86_400), schedule, false)
+                .unwrap()
+                .rotated
+                .is_some(),
+            "a period after the new key started"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use keys::{KeysError, SigningKey, SigningKeys};
+pub use keys::{KeysError, Maintained, Schedule, SigningKey, SigningKeys};
 pub use sign::{SignError, Signer};
 pub use verify::{Refusal, Verifier};
 

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use crds::{AccessToken, ModelDeployment};
 use futures::{FutureExt, StreamExt};
+use internal_token::Schedule;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -17,6 +19,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::desired::RuntimeDefaults;
+use crate::internal_keys::{self, PublicKeys};
 use crate::telemetry::{Health, Metrics};
 use crate::tokens::{ACCESS_TOKEN_NAME_LABEL, ACCESS_TOKEN_NAMESPACE_LABEL};
 use crate::{access_tokens, model_deployments};
@@ -29,6 +32,8 @@ pub struct Config {
     /// Reconcile only this namespace's resources; all namespaces when `None`.
     pub watch_namespace: Option<String>,
     pub runtime: RuntimeDefaults,
+    /// When the proxy's signing key is replaced.
+    pub key_schedule: Schedule,
     /// Names this replica in Events (the pod name in a cluster).
     pub instance: String,
 }
@@ -42,16 +47,28 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Token(#[from] crds::TokenFormatError),
+    #[error(
+        "Secret {secret} in the gateway namespace: {0}; delete the Secret to start over with a new key",
+        secret = crds::names::SIGNING_KEYS_SECRET
+    )]
+    SigningKeys(#[from] internal_token::KeysError),
+    #[error(
+        "Secret {secret} in the gateway namespace has no {key}; delete the Secret to start over with a new key",
+        secret = crds::names::SIGNING_KEYS_SECRET,
+        key = crds::names::SIGNING_KEYS_KEY
+    )]
+    SigningKeysMissing,
 }
 
 impl Error {
     /// A bounded label for the errors metric.
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "transport",
             Error::Finalizer(_) => "finalizer",
             Error::Token(_) => "token",
+            Error::SigningKeys(_) | Error::SigningKeysMissing => "signing_keys",
         }
     }
 }
@@ -63,6 +80,8 @@ pub struct Context {
     /// Every ModelDeployment the operator sees: for id conflicts and to resolve token scopes.
     pub models: Store<ModelDeployment>,
     pub metrics: Metrics,
+    /// The signing keys' public halves, for runtime pods.
+    pub public_keys: PublicKeys,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -189,7 +208,8 @@ pub async fn run(
         api::<Deployment>(&client, watched.as_deref()),
         managed.clone(),
     )
-    .owns(api::<Service>(&client, watched.as_deref()), managed);
+    .owns(api::<Service>(&client, watched.as_deref()), managed.clone())
+    .owns(api::<NetworkPolicy>(&client, watched.as_deref()), managed);
     let models = models_controller.store();
     let claims = models.clone();
     // When the holder of an id goes, the next claimant of that id must be reconciled to take it.
@@ -232,6 +252,7 @@ pub async fn run(
         config,
         models: models.clone(),
         metrics,
+        public_keys: PublicKeys::default(),
         recorder,
         failures: Mutex::default(),
     });
@@ -271,7 +292,16 @@ pub async fn run(
             && tokens_store.wait_until_ready().await.is_ok();
         health.set_ready(filled);
     };
-    futures::join!(models_run, tokens_run, readiness);
+    let keys = async {
+        // Published keys go to every namespace with a ModelDeployment: wait to know them all.
+        let _ = models.wait_until_ready().await;
+        let schedule = ctx.config.key_schedule;
+        tokio::select! {
+            () = internal_keys::maintain(ctx.clone(), schedule) => {}
+            _ = shutdown.clone() => {}
+        }
+    };
+    futures::join!(models_run, tokens_run, readiness, keys);
 }
 
 /// The other ModelDeployments that claim `md`'s model version id.

@@ -1,16 +1,21 @@
 //! The objects a ModelDeployment should become, as pure functions of its spec: a Deployment of
-//! runtime pods and the Service in front of them. The controller applies what these return;
-//! tests check them without a cluster.
+//! runtime pods, the Service in front of them and the NetworkPolicy that lets only the proxy
+//! (and a metrics scraper) reach them. The controller applies what these return; tests check
+//! them without a cluster.
 
 use std::collections::BTreeMap;
 
-use crds::names::runtime_service_name;
+use crds::names::{VERIFYING_KEYS_CONFIG_MAP, VERIFYING_KEYS_KEY, runtime_service_name};
 use crds::{ModelDeployment, ModelUri, RequestTimeouts};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, HostPathVolumeSource,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
+    HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -21,6 +26,9 @@ use kube::{Resource, ResourceExt};
 pub const RUNTIME_PORT: i32 = 8080;
 /// Where the model's files are mounted in the runtime container.
 pub const MODEL_MOUNT: &str = "/model";
+/// Where the builtin runtime finds the proxy's public keys (the ConfigMap the operator
+/// publishes in the ModelDeployment's namespace).
+pub const INTERNAL_KEYS_MOUNT: &str = "/etc/infergate/internal-keys";
 /// Seconds the pod gets after SIGTERM beyond the longest deadline (docs/architecture.md, limits:
 /// max deadline + 10 s; there is no preStop hook).
 const TERMINATION_SLACK_SECONDS: i64 = 10;
@@ -37,6 +45,23 @@ pub struct RuntimeDefaults {
     pub memory: Option<Quantity>,
     /// Deadlines of models that set none: the longest one sizes the pods' grace period.
     pub timeouts: RequestTimeouts,
+    /// Who may connect to runtime pods.
+    pub access: NetworkAccess,
+}
+
+/// Pods, by the labels of their namespace and their own labels; an empty map matches all.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Peer {
+    pub namespace_labels: BTreeMap<String, String>,
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// Who may open connections to runtime pods: the proxy, and a metrics scraper where one
+/// scrapes runtimes directly.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NetworkAccess {
+    pub proxy: Peer,
+    pub scraper: Option<Peer>,
 }
 
 /// Why a ModelDeployment cannot become runtime pods.
@@ -272,11 +297,15 @@ pub fn runtime_deployment(
         None => Container {
             name: "runtime".to_owned(),
             image: Some(builtin_image.clone()),
-            args: Some(runtime_args(
-                md,
-                MODEL_MOUNT,
-                &format!("0.0.0.0:{RUNTIME_PORT}"),
-            )),
+            args: Some(
+                runtime_args(md, MODEL_MOUNT, &format!("0.0.0.0:{RUNTIME_PORT}"))
+                    .into_iter()
+                    .chain([
+                        "--internal-keys".to_owned(),
+                        format!("{INTERNAL_KEYS_MOUNT}/{VERIFYING_KEYS_KEY}"),
+                    ])
+                    .collect(),
+            ),
             ports: Some(vec![ContainerPort {
                 name: Some("http".to_owned()),
                 container_port: RUNTIME_PORT,
@@ -284,15 +313,35 @@ pub fn runtime_deployment(
             }]),
             readiness_probe: Some(http_probe("/health", "http", 5, 3)),
             startup_probe: Some(http_probe("/health", "http", 5, STARTUP_PROBE_FAILURES)),
-            volume_mounts: Some(vec![mount]),
+            volume_mounts: Some(vec![
+                mount,
+                VolumeMount {
+                    name: "internal-keys".to_owned(),
+                    mount_path: INTERNAL_KEYS_MOUNT.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+            ]),
             resources: resources(md, defaults),
             ..Container::default()
         },
     };
+    // A custom container cannot verify the proxy's JWT: the NetworkPolicy alone guards it.
+    let mut volumes = vec![volume];
+    if custom.is_none() {
+        volumes.push(Volume {
+            name: "internal-keys".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: VERIFYING_KEYS_CONFIG_MAP.to_owned(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let pod = PodSpec {
         init_containers: download_container(md, &uri, &builtin_image).map(|c| vec![c]),
         containers: vec![container],
-        volumes: Some(vec![volume]),
+        volumes: Some(volumes),
         node_selector: md.spec.node_selector.clone(),
         tolerations: md.spec.tolerations.clone(),
         termination_grace_period_seconds: Some(
@@ -318,6 +367,46 @@ pub fn runtime_deployment(
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    })
+}
+
+/// The NetworkPolicy of `md`'s runtime pods: connections to their port from the proxy's pods
+/// (and the metrics scraper's, where configured), nothing else. Enforced only where the
+/// cluster's network plugin implements NetworkPolicy; the builtin runtime also refuses any
+/// request without the proxy's JWT, which holds everywhere.
+pub fn runtime_network_policy(
+    md: &ModelDeployment,
+    access: &NetworkAccess,
+) -> Result<NetworkPolicy, BuildError> {
+    let name = md.name_any();
+    let selector_of = |labels: &BTreeMap<String, String>| LabelSelector {
+        match_labels: Some(labels.clone()),
+        ..LabelSelector::default()
+    };
+    let ingress = [Some(&access.proxy), access.scraper.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|peer| NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(selector_of(&peer.namespace_labels)),
+                pod_selector: Some(selector_of(&peer.pod_labels)),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..NetworkPolicyPort::default()
+            }]),
+        })
+        .collect();
+    Ok(NetworkPolicy {
+        metadata: owned_metadata(md, name.clone())?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector_of(&selector(&name))),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(ingress),
+            ..NetworkPolicySpec::default()
+        }),
     })
 }
 
@@ -419,8 +508,95 @@ mod tests {
         assert_eq!(
             container(&d).args.as_ref().unwrap().join(" "),
             "--task text-generation --model-dir /model --listen 0.0.0.0:8080 --model-id chat-v1 \
-             --default-temperature 0.2 --default-max-new-tokens 256"
+             --default-temperature 0.2 --default-max-new-tokens 256 \
+             --internal-keys /etc/infergate/internal-keys/jwks.json"
         );
+    }
+
+    #[test]
+    fn the_builtin_runtime_mounts_the_proxys_public_keys_and_a_custom_container_does_not() {
+        let builtin =
+            deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
+        let d = runtime_deployment(&builtin, &defaults()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let keys = &pod.volumes.as_ref().unwrap()[1];
+        assert_eq!(
+            keys.config_map.as_ref().unwrap().name,
+            VERIFYING_KEYS_CONFIG_MAP
+        );
+        assert_eq!(keys.config_map.as_ref().unwrap().optional, None, "required");
+        let mount = &container(&d).volume_mounts.as_ref().unwrap()[1];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (INTERNAL_KEYS_MOUNT, Some(true))
+        );
+        let custom = deployment(serde_json::json!({
+            "task": "rerank", "model": {"uri": "file:///m"},
+            "runtime": {"container": {"image": "ghcr.io/huggingface/tei:1.9", "port": 80}}
+        }));
+        let d = runtime_deployment(&custom, &defaults()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.volumes.as_ref().unwrap().len(), 1);
+    }
+
+    fn labels_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_network_policy_admits_the_proxy_and_the_scraper_to_the_runtime_port_only() {
+        let md =
+            deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
+        let proxy = Peer {
+            namespace_labels: labels_of(&[("kubernetes.io/metadata.name", "infergate-system")]),
+            pod_labels: labels_of(&[("app.kubernetes.io/name", "infergate-proxy")]),
+        };
+        let only_proxy = NetworkAccess {
+            proxy: proxy.clone(),
+            scraper: None,
+        };
+        let policy = runtime_network_policy(&md, &only_proxy).unwrap();
+        let spec = policy.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.policy_types.as_deref(),
+            Some(&["Ingress".to_owned()][..])
+        );
+        assert_eq!(
+            spec.pod_selector.as_ref().unwrap().match_labels.as_ref(),
+            Some(&selector("minilm"))
+        );
+        let rules = spec.ingress.as_ref().unwrap();
+        assert_eq!(rules.len(), 1);
+        let from = &rules[0].from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.namespace_selector.as_ref().unwrap().match_labels,
+            Some(proxy.namespace_labels.clone()),
+            "the proxy's namespace and its pods, both"
+        );
+        assert_eq!(
+            from.pod_selector.as_ref().unwrap().match_labels,
+            Some(proxy.pod_labels.clone())
+        );
+        assert_eq!(
+            rules[0].ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::String("http".into()))
+        );
+        assert_eq!(
+            policy.metadata.owner_references.as_ref().unwrap()[0].name,
+            "minilm"
+        );
+        let with_scraper = NetworkAccess {
+            proxy,
+            scraper: Some(Peer {
+                namespace_labels: labels_of(&[("kubernetes.io/metadata.name", "monitoring")]),
+                pod_labels: BTreeMap::new(),
+            }),
+        };
+        let policy = runtime_network_policy(&md, &with_scraper).unwrap();
+        assert_eq!(policy.spec.unwrap().ingress.unwrap().len(), 2);
     }
 
     #[test]
@@ -433,6 +609,7 @@ mod tests {
                 default: std::time::Duration::from_secs(30),
                 max: std::time::Duration::from_secs(50),
             },
+            access: NetworkAccess::default(),
         };
         let bare =
             deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));

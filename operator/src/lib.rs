@@ -3,7 +3,8 @@
 //!
 //! What the objects should be is written as pure functions (`desired`, `tokens`, `status`);
 //! the controllers (`controller`, `model_deployments`, `access_tokens`) read the cluster, call
-//! them and write the difference (`apply`). `lease` elects the one replica that writes.
+//! them and write the difference (`apply`). `lease` elects the one replica that writes;
+//! `internal_keys` keeps the proxy's signing keys rotated and their public halves published.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,7 @@ pub mod access_tokens;
 pub mod apply;
 pub mod controller;
 pub mod desired;
+pub mod internal_keys;
 pub mod lease;
 pub mod local;
 pub mod model_deployments;

@@ -1,4 +1,5 @@
-//! Reconcile of a ModelDeployment: its runtime Deployment and Service, and its status.
+//! Reconcile of a ModelDeployment: its runtime Deployment, Service and NetworkPolicy, the
+//! proxy's public keys in its namespace, and its status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,12 +8,14 @@ use crds::ModelDeployment;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
 use crate::apply::{apply_if_changed, apply_status};
 use crate::controller::{Context, Error};
-use crate::desired::{runtime_deployment, runtime_service};
+use crate::desired::{runtime_deployment, runtime_network_policy, runtime_service};
+use crate::internal_keys;
 use crate::status::{Blocked, id_holder, model_deployment_status, stamp_transitions, transitions};
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -20,6 +23,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let name = md.name_any();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
 
     let mut blocked = confirmed_id_holder(&md, &ctx)
         .await?
@@ -30,21 +34,30 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // The Deployment as the API server has it: from the apply, else read for the status.
     let mut applied = None;
     if blocked.is_none() {
-        let desired = runtime_deployment(&md, &ctx.config.runtime)
-            .and_then(|deployment| Ok((deployment, runtime_service(&md)?)));
+        let desired = runtime_deployment(&md, &ctx.config.runtime).and_then(|deployment| {
+            Ok((
+                deployment,
+                runtime_service(&md)?,
+                runtime_network_policy(&md, &ctx.config.runtime.access)?,
+            ))
+        });
         match desired {
-            Ok((deployment, service)) => {
+            Ok((deployment, service, policy)) => {
+                // The policy and the keys before the pods: a runtime pod never runs unguarded,
+                // and its keys volume is there when it starts.
+                let (_, policy_written) = apply_if_changed(&policies, policy).await?;
+                internal_keys::publish(&ctx, &namespace, internal_keys::Check::Live).await?;
                 let (_, service_written) = apply_if_changed(&services, service).await?;
                 let (live, deployment_written) = apply_if_changed(&deployments, deployment).await?;
                 applied = Some(live);
-                if service_written || deployment_written {
+                if service_written || deployment_written || policy_written {
                     ctx.event(
                         md.as_ref(),
                         false,
                         "Applied",
                         "ApplyRuntime",
                         format!(
-                            "applied the runtime Deployment and Service for generation {}",
+                            "applied the runtime Deployment, Service and NetworkPolicy for generation {}",
                             md.metadata.generation.unwrap_or_default()
                         ),
                     )

@@ -14,8 +14,9 @@ use crds::names::{TOKEN_RECORD_KEY, TOKEN_SECRET_KEY};
 use crds::{AccessToken, AccessTokenPhase, ModelDeployment, Token, TokenRecord};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -141,6 +142,10 @@ impl Operator {
             runtime: RuntimeDefaults {
                 image: "infergate/runtime:test".into(),
                 ..RuntimeDefaults::default()
+            },
+            key_schedule: internal_token::Schedule {
+                period: Duration::from_secs(24 * 3600),
+                activation: Duration::from_secs(1),
             },
             instance: "test".into(),
         };
@@ -338,6 +343,98 @@ async fn events_for(scene: &Scene, name: &str) -> Vec<Event> {
 
 fn model_spec(id: &str) -> serde_json::Value {
     serde_json::json!({"task": "embedding", "model": {"uri": "file:///models/minilm"}, "modelVersionId": id})
+}
+
+/// The key ids of the JWK set the ConfigMap in the scene's namespace publishes.
+async fn published_kids(scene: &Scene) -> Option<Vec<String>> {
+    let config_map = scene
+        .api::<ConfigMap>()
+        .get_opt(crds::names::VERIFYING_KEYS_CONFIG_MAP)
+        .await
+        .ok()??;
+    let jwks: serde_json::Value =
+        serde_json::from_str(&config_map.data?[crds::names::VERIFYING_KEYS_KEY]).ok()?;
+    Some(
+        jwks["keys"]
+            .as_array()?
+            .iter()
+            .filter_map(|key| key["kid"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// The signing keys in the scene's gateway namespace, with the Secret's annotations.
+async fn signing_keys(
+    scene: &Scene,
+) -> Option<(
+    internal_token::SigningKeys,
+    std::collections::BTreeMap<String, String>,
+)> {
+    let secret = scene
+        .records()
+        .get_opt(crds::names::SIGNING_KEYS_SECRET)
+        .await
+        .ok()??;
+    let keys =
+        internal_token::SigningKeys::parse(&secret.data.as_ref()?[crds::names::SIGNING_KEYS_KEY].0)
+            .ok()?;
+    Some((keys, secret.annotations().clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signing_key_is_made_published_to_runtimes_guarded_and_rotated_when_asked() {
+    let scene = Scene::new("keys").await;
+    scene
+        .create_model("minilm", model_spec("minilm-keys"))
+        .await;
+    let (keys, _) = eventually("the signing key Secret", || signing_keys(&scene)).await;
+    assert_eq!(keys.keys.len(), 1);
+    let first = keys.keys[0].kid.clone();
+    // The public half, in the model's namespace, before its pods need it.
+    let published = eventually("the public keys ConfigMap", || published_kids(&scene)).await;
+    assert_eq!(published, std::slice::from_ref(&first));
+    let policy = eventually("the NetworkPolicy", || async {
+        scene.api::<NetworkPolicy>().get_opt("minilm").await.ok()?
+    })
+    .await;
+    assert_eq!(
+        policy.spec.unwrap().policy_types,
+        Some(vec!["Ingress".to_owned()])
+    );
+
+    // Asked for by annotation: a second key, published to the runtimes as well, and the
+    // request recorded so that it is done once.
+    scene
+        .records()
+        .patch(
+            crds::names::SIGNING_KEYS_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                crds::names::ROTATE_ANNOTATION: "now"
+            }}})),
+        )
+        .await
+        .unwrap();
+    let (keys, annotations) = eventually("a rotation", || async {
+        signing_keys(&scene)
+            .await
+            .filter(|(keys, _)| keys.keys.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        annotations.get(operator::internal_keys::ROTATED_FOR_ANNOTATION),
+        Some(&"now".to_owned())
+    );
+    let kids: Vec<String> = keys.keys.iter().map(|key| key.kid.clone()).collect();
+    assert_eq!(kids[0], first);
+    assert_eq!(published_kids(&scene).await.unwrap(), kids);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        signing_keys(&scene).await.unwrap().0.keys.len(),
+        2,
+        "one request, one rotation; the old key still verifies"
+    );
+    scene.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crds::{ModelDeployment, ModelDeploymentSpec};
-use operator::desired::{RuntimeDefaults, runtime_deployment, runtime_service};
+use operator::desired::{
+    NetworkAccess, Peer, RuntimeDefaults, runtime_deployment, runtime_network_policy,
+    runtime_service,
+};
+use operator::internal_keys::verifying_keys_config_map;
 
 fn deployment(name: &str, spec: serde_json::Value) -> ModelDeployment {
     let spec: ModelDeploymentSpec = serde_json::from_value(spec).unwrap();
@@ -16,7 +20,15 @@ fn deployment(name: &str, spec: serde_json::Value) -> ModelDeployment {
     md
 }
 
-/// One generated Deployment and Service per case of the table, as YAML files.
+fn labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// One generated Deployment, Service and NetworkPolicy per case of the table, and the public
+/// keys' ConfigMap, as YAML files.
 fn generated(dir: &Path) -> Vec<PathBuf> {
     let cases = [
         (
@@ -50,11 +62,33 @@ fn generated(dir: &Path) -> Vec<PathBuf> {
             serde_json::json!({"task": "tabular", "model": {"uri": "file:///models/mlp"}, "runtime": {"image": "registry.example.com/runtime:dev"}}),
         ),
     ];
+    let access = NetworkAccess {
+        proxy: Peer {
+            namespace_labels: labels(&[("kubernetes.io/metadata.name", "infergate-system")]),
+            pod_labels: labels(&[("app.kubernetes.io/name", "infergate-proxy")]),
+        },
+        scraper: Some(Peer {
+            namespace_labels: labels(&[("kubernetes.io/metadata.name", "monitoring")]),
+            pod_labels: labels(&[("app.kubernetes.io/name", "prometheus")]),
+        }),
+    };
     let defaults = RuntimeDefaults {
         image: "infergate/runtime:0.1.0".into(),
+        access: access.clone(),
         ..RuntimeDefaults::default()
     };
-    let mut files = Vec::new();
+    let keys = internal_token::SigningKeys::first(std::time::SystemTime::now()).unwrap();
+    let jwks = serde_json::to_string(&keys.verifying_keys().unwrap()).unwrap();
+    let config_map = dir.join("internal-keys-configmap.yaml");
+    std::fs::write(
+        &config_map,
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\n{}",
+            serde_yaml::to_string(&verifying_keys_config_map("demo", &jwks)).unwrap()
+        ),
+    )
+    .unwrap();
+    let mut files = vec![config_map];
     for (name, spec) in cases {
         let md = deployment(name, spec);
         for (kind, yaml) in [
@@ -66,10 +100,17 @@ fn generated(dir: &Path) -> Vec<PathBuf> {
                 "service",
                 serde_yaml::to_string(&runtime_service(&md).unwrap()).unwrap(),
             ),
+            (
+                "networkpolicy",
+                serde_yaml::to_string(&runtime_network_policy(&md, &access).unwrap()).unwrap(),
+            ),
         ] {
             let path = dir.join(format!("{name}-{kind}.yaml"));
             let typed = match kind {
                 "deployment" => format!("apiVersion: apps/v1\nkind: Deployment\n{yaml}"),
+                "networkpolicy" => {
+                    format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n{yaml}")
+                }
                 _ => format!("apiVersion: v1\nkind: Service\n{yaml}"),
             };
             std::fs::write(&path, typed).unwrap();

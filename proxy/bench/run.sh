@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Proxy benchmark: wrk against (a) the upstream directly, (b) nginx proxy_pass with upstream
 # keep-alive, (c) bare pingora (examples/bare_pingora.rs: pingora with no filter of ours, the
-# framework's floor) and (d) infergate-proxy with a valid token; same upstream, same worker
-# count, one run. Prints requests/s, p50 and p99 per target and the ratios. Not a CI test.
+# framework's floor), (d) infergate-proxy with a valid token and (e) the same signing each
+# forward for the runtime (--internal-signing-keys, an Ed25519 JWT per request); same upstream,
+# same worker count, one run. Prints requests/s, p50 and p99 per target, the ratios, and the
+# proxy's CPU time per request with and without signing. Not a CI test.
 #
 #   proxy/bench/run.sh [--duration 10s] [--connections 64] [--workers 1]
 set -euo pipefail
@@ -25,6 +27,7 @@ done
 # shellcheck source=scripts/env.sh
 . "$repo/scripts/env.sh"
 cargo build --release --locked -q -p proxy --bin infergate-proxy --example bare_pingora
+cargo build --release --locked -q -p internal-token --example signing_keys
 target="$INFERGATE_TARGET"
 
 work="$(mktemp -d)"
@@ -34,6 +37,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 upstream_port=$(port) nginx_port=$(port) proxy_port=$(port) metrics_port=$(port) bare_port=$(port)
+signed_port=$(port) signed_metrics_port=$(port)
 
 nginx_conf() {  # $1: worker count, $2: server block
   cat <<CONF
@@ -72,28 +76,43 @@ models:
 tokens: [$record]
 YAML
 RUST_LOG=warn "$target/release/infergate-proxy" --config "$work/proxy.yaml" 2>"$work/proxy.log" & pids+=($!)
+proxy_pid=$!
+sed -e "s/127.0.0.1:$proxy_port/127.0.0.1:$signed_port/" -e "s/127.0.0.1:$metrics_port/127.0.0.1:$signed_metrics_port/" \
+  "$work/proxy.yaml" > "$work/signed.yaml"
+"$target/release/examples/signing_keys" > "$work/signing.json"
+RUST_LOG=warn "$target/release/infergate-proxy" --config "$work/signed.yaml" \
+  --internal-signing-keys "$work/signing.json" 2>"$work/signed.log" & pids+=($!)
+signed_pid=$!
 "$target/release/examples/bare_pingora" "127.0.0.1:$bare_port" "127.0.0.1:$upstream_port" "$workers" 2>"$work/bare.log" & pids+=($!)
 
 for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$proxy_port/readyz" >/dev/null && curl -sf "http://127.0.0.1:$nginx_port/models/bench/proxy/" >/dev/null && break
+  curl -sf "http://127.0.0.1:$proxy_port/readyz" >/dev/null && curl -sf "http://127.0.0.1:$signed_port/readyz" >/dev/null \
+    && curl -sf "http://127.0.0.1:$nginx_port/models/bench/proxy/" >/dev/null && break
   sleep 0.1
 done
 
-run() {  # $1: label, $2: connections, $3: url, $4...: extra wrk args
-  local label="$1" conns="$2" url="$3"; shift 3
+# CPU time (user + system) of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+
+run() {  # $1: label, $2: connections, $3: url, $4: pid whose CPU to count (or -), $5...: wrk args
+  local label="$1" conns="$2" url="$3" pid="$4"; shift 4
   wrk -t1 -c"$conns" -d2s "$@" "$url" >/dev/null  # warm-up: pools and caches
-  local line
+  local line before=0 after=0
+  [ "$pid" = - ] || before=$(cpu_ticks "$pid")
   line="$(wrk -t1 -c"$conns" -d"$duration" -s "$bench/report.lua" "$@" "$url" | grep '^RESULT')"
-  echo "$label c$conns $line"
+  [ "$pid" = - ] || after=$(cpu_ticks "$pid")
+  echo "$label c$conns $line cpu_s=$(python3 -c "print(($after - $before) / $ticks_per_second)")"
 }
 
 echo "wrk -t1 -d$duration; saturation at -c$connections, added latency at -c1; workers=$workers; $(nproc) cores"
 results="$(
   for conns in "$connections" 1; do
-    run direct    "$conns" "http://127.0.0.1:$upstream_port/v1/embed"
-    run nginx     "$conns" "http://127.0.0.1:$nginx_port/models/bench/proxy/v1/embed"
-    run pingora   "$conns" "http://127.0.0.1:$bare_port/v1/embed"
-    run infergate "$conns" "http://127.0.0.1:$proxy_port/models/bench/proxy/v1/embed" -H "Authorization: Bearer $token"
+    run direct    "$conns" "http://127.0.0.1:$upstream_port/v1/embed" -
+    run nginx     "$conns" "http://127.0.0.1:$nginx_port/models/bench/proxy/v1/embed" -
+    run pingora   "$conns" "http://127.0.0.1:$bare_port/v1/embed" -
+    run infergate "$conns" "http://127.0.0.1:$proxy_port/models/bench/proxy/v1/embed" "$proxy_pid" -H "Authorization: Bearer $token"
+    run signed    "$conns" "http://127.0.0.1:$signed_port/models/bench/proxy/v1/embed" "$signed_pid" -H "Authorization: Bearer $token"
   done
 )"
 python3 - "$results" <<'PY'
@@ -110,7 +129,11 @@ ratio = rows[("infergate", sat)]["rps"] / rows[("nginx", sat)]["rps"]
 print(f"throughput at {sat}, infergate/nginx: {ratio:.2f}x")
 floor = rows[("pingora", sat)]["rps"]
 print(f"throughput at {sat}, bare pingora/nginx: {floor / rows[('nginx', sat)]['rps']:.2f}x; infergate/bare pingora: {rows[('infergate', sat)]['rps'] / floor:.2f}x")
+for conns in (sat, one):
+    cost = {t: rows[(t, conns)]["cpu_s"] * 1e6 / rows[(t, conns)]["requests"] for t in ("infergate", "signed")}
+    print(f"proxy CPU per request at {conns}: {cost['infergate']:.1f} µs unsigned, {cost['signed']:.1f} µs signing a JWT (+{cost['signed'] - cost['infergate']:.1f} µs); "
+          f"throughput signed/unsigned {rows[('signed', conns)]['rps'] / rows[('infergate', conns)]['rps']:.2f}x")
 for pct in ("p50_us", "p99_us"):
-    added = {t: rows[(t, one)][pct] - rows[("direct", one)][pct] for t in ("infergate", "pingora", "nginx")}
-    print(f"{pct[:3]} added over direct at c1: infergate {added['infergate']:.0f} µs, bare pingora {added['pingora']:.0f} µs, nginx {added['nginx']:.0f} µs")
+    added = {t: rows[(t, one)][pct] - rows[("direct", one)][pct] for t in ("infergate", "signed", "pingora", "nginx")}
+    print(f"{pct[:3]} added over direct at c1: infergate {added['infergate']:.0f} µs (signing {added['signed']:.0f} µs), bare pingora {added['pingora']:.0f} µs, nginx {added['nginx']:.0f} µs")
 PY

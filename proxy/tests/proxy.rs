@@ -618,14 +618,17 @@ async fn health_readiness_and_metrics_are_served() {
 async fn no_error_path_writes_the_token_to_logs_bodies_or_metrics() {
     let upstream = Upstream::start().await;
     let token = TestToken::new("leaky", &["m"]);
-    // At TRACE, where the framework's own logs (pingora, hyper, kube) are on too.
+    let keys = SigningKeys::first(SystemTime::now() - Duration::from_secs(1)).unwrap();
+    let (keys_path, _) = signing_keys(&keys);
+    // At TRACE, where the framework's own logs (pingora, hyper, kube) are on too; signing each
+    // forward for the runtime.
     let proxy = Proxy::start_logged(
         &[
             TestModel::new("m", &[upstream.addr]),
             TestModel::new("idle", &[]),
         ],
         &[&token],
-        &[],
+        &["--internal-signing-keys", keys_path.to_str().unwrap()],
         "trace",
     )
     .await;
@@ -720,6 +723,21 @@ async fn no_error_path_writes_the_token_to_logs_bodies_or_metrics() {
     for (what, text) in [("logs", &logs), ("responses and metrics", &bodies)] {
         let leaks = e2e::canary::token_leaks(&secret, text);
         assert!(leaks.is_empty(), "the token leaked into {what}: {leaks:?}");
+    }
+    // The JWTs it signed reached the runtime and nothing else.
+    let jwts: Vec<String> = upstream
+        .requests()
+        .iter()
+        .filter_map(|seen| {
+            seen.header("authorization")?
+                .strip_prefix("Bearer ")
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(jwts.len() >= 3, "{} forwarded requests signed", jwts.len());
+    for jwt in &jwts {
+        let leaks = e2e::canary::jwt_leaks(jwt, &logs);
+        assert!(leaks.is_empty(), "a JWT leaked into the logs: {leaks:?}");
     }
 }
 

@@ -60,3 +60,25 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* A label map as the operator's flags take it: k=v,k=v, sorted. */}}
+{{- define "infergate.labelList" -}}
+{{- $pairs := list -}}
+{{- range $key, $value := . -}}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}
+
+{{/* Pods allowed to scrape a metrics port: the configured scraper, else anyone. */}}
+{{- define "infergate.scraperPeer" -}}
+{{- with .Values.metrics.scraper.namespaceLabels }}
+from:
+  - namespaceSelector:
+      matchLabels:
+        {{- toYaml . | nindent 8 }}
+    podSelector:
+      matchLabels:
+        {{- toYaml $.Values.metrics.scraper.podLabels | nindent 8 }}
+{{- end }}
+{{- end -}}

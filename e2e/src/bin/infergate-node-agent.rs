@@ -205,7 +205,14 @@ impl Agent {
     }
 
     /// Host paths of the pod's volumes; a volume kind this agent cannot provide refuses the pod.
-    async fn volumes(&self, pod: &Pod, dir: &Path) -> Result<HashMap<String, PathBuf>, Refusal> {
+    /// A ConfigMap or Secret volume waits for its object, as the kubelet does, and is kept up
+    /// to date until `stop`.
+    async fn volumes(
+        self: &Arc<Self>,
+        pod: &Pod,
+        dir: &Path,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<HashMap<String, PathBuf>, Refusal> {
         let mut paths = HashMap::new();
         for volume in pod
             .spec
@@ -213,7 +220,29 @@ impl Agent {
             .and_then(|s| s.volumes.clone())
             .unwrap_or_default()
         {
-            let path = if let Some(host) = &volume.host_path {
+            let path = if let Some(source) = ObjectVolume::of(&volume) {
+                let path = dir.join("volumes").join(&volume.name);
+                let _ = std::fs::create_dir_all(&path);
+                let namespace = pod.namespace().unwrap_or_default();
+                let fs_group = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref())
+                    .and_then(|c| c.fs_group);
+                let files = VolumeFiles {
+                    dir: path.clone(),
+                    fs_group,
+                };
+                source
+                    .first_fill(&self.client, &namespace, &files)
+                    .await
+                    .map_err(|e| Refusal {
+                        reason: "VolumeSetupFailed",
+                        message: format!("volume {:?}: {e}", volume.name),
+                    })?;
+                tokio::spawn(source.refresh(self.client.clone(), namespace, files, stop.clone()));
+                path
+            } else if let Some(host) = &volume.host_path {
                 PathBuf::from(&host.path)
             } else if volume.empty_dir.is_some() {
                 let path = dir.join("volumes").join(&volume.name);
@@ -250,7 +279,7 @@ impl Agent {
                 return Err(Refusal {
                     reason: "VolumeNotSupported",
                     message: format!(
-                        "volume {:?}: the node agent provides hostPath, emptyDir and the service-account token only",
+                        "volume {:?}: the node agent provides hostPath, emptyDir, configMap, secret and the service-account token only",
                         volume.name
                     ),
                 });
@@ -635,20 +664,27 @@ impl Agent {
             }
         };
         // Volumes, then every container's launch: any refusal leaves the pod Pending.
-        let launches: Result<Vec<(Container, Launch)>, Refusal> =
-            match self.volumes(&pod, &dir).await {
-                Ok(volumes) => spec
-                    .init_containers
-                    .iter()
-                    .flatten()
-                    .chain(&spec.containers)
-                    .map(|c| {
-                        self.launch(&pod, &network.pod_ip, c, &volumes)
-                            .map(|l| (c.clone(), l))
-                    })
-                    .collect(),
-                Err(refusal) => Err(refusal),
-            };
+        let volumes_stop = stop.clone();
+        let launches: Result<Vec<(Container, Launch)>, Refusal> = match tokio::select! {
+            volumes = self.volumes(&pod, &dir, &volumes_stop) => volumes,
+            _ = stopped(&mut stop) => {
+                network.delete().await;
+                self.finish(&pod).await;
+                return;
+            }
+        } {
+            Ok(volumes) => spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(&spec.containers)
+                .map(|c| {
+                    self.launch(&pod, &network.pod_ip, c, &volumes)
+                        .map(|l| (c.clone(), l))
+                })
+                .collect(),
+            Err(refusal) => Err(refusal),
+        };
         let launches = match launches {
             Ok(launches) => launches,
             Err(refusal) => {
@@ -935,6 +971,162 @@ impl Agent {
             beats += 1;
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
+    }
+}
+
+/// A ConfigMap or Secret volume: its object, the keys it projects (all when `items` is unset)
+/// and the files' mode.
+struct ObjectVolume {
+    secret: bool,
+    name: String,
+    items: Option<Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+    default_mode: i32,
+    optional: bool,
+}
+
+/// Where a volume's files go, and the pod's fsGroup that may read them.
+struct VolumeFiles {
+    dir: PathBuf,
+    fs_group: Option<i64>,
+}
+
+/// How often a mounted ConfigMap or Secret is compared with the API server's (the kubelet's
+/// default is about a minute; the test bed's key rotations use a few seconds' activation).
+const VOLUME_REFRESH: Duration = Duration::from_secs(1);
+
+impl ObjectVolume {
+    fn of(volume: &k8s_openapi::api::core::v1::Volume) -> Option<ObjectVolume> {
+        if let Some(source) = &volume.config_map {
+            return Some(ObjectVolume {
+                secret: false,
+                name: source.name.clone(),
+                items: source.items.clone(),
+                default_mode: source.default_mode.unwrap_or(0o644),
+                optional: source.optional.unwrap_or(false),
+            });
+        }
+        let source = volume.secret.as_ref()?;
+        Some(ObjectVolume {
+            secret: true,
+            name: source.secret_name.clone().unwrap_or_default(),
+            items: source.items.clone(),
+            default_mode: source.default_mode.unwrap_or(0o644),
+            optional: source.optional.unwrap_or(false),
+        })
+    }
+
+    /// The object's data, by key; `None` while it does not exist.
+    async fn data(
+        &self,
+        client: &Client,
+        namespace: &str,
+    ) -> anyhow::Result<Option<HashMap<String, Vec<u8>>>> {
+        if self.secret {
+            let api: Api<k8s_openapi::api::core::v1::Secret> =
+                Api::namespaced(client.clone(), namespace);
+            Ok(api.get_opt(&self.name).await?.map(|secret| {
+                secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(key, value)| (key, value.0))
+                    .collect()
+            }))
+        } else {
+            let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                Api::namespaced(client.clone(), namespace);
+            Ok(api.get_opt(&self.name).await?.map(|config_map| {
+                config_map
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(key, value)| (key, value.into_bytes()))
+                    .collect()
+            }))
+        }
+    }
+
+    /// Waits for the object (unless optional), then writes its files.
+    async fn first_fill(
+        &self,
+        client: &Client,
+        namespace: &str,
+        files: &VolumeFiles,
+    ) -> anyhow::Result<()> {
+        loop {
+            match self.data(client, namespace).await? {
+                Some(data) => return self.write(&data, files),
+                None if self.optional => return Ok(()),
+                None => tokio::time::sleep(VOLUME_REFRESH).await,
+            }
+        }
+    }
+
+    /// Rewrites the files that changed until `stop`.
+    async fn refresh(
+        self,
+        client: Client,
+        namespace: String,
+        files: VolumeFiles,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(VOLUME_REFRESH) => {}
+                _ = stopped(&mut stop) => return,
+            }
+            match self.data(&client, &namespace).await {
+                Ok(Some(data)) => {
+                    if let Err(error) = self.write(&data, &files) {
+                        tracing::warn!(%error, volume = %self.name, "could not refresh a volume");
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, volume = %self.name, "volume refresh"),
+            }
+        }
+    }
+
+    /// Each projected key's file, replaced whole (a rename) when its content changed, so a
+    /// reader never sees half of one. With an fsGroup the pod's group owns the files and may
+    /// read them, as the kubelet arranges.
+    fn write(&self, data: &HashMap<String, Vec<u8>>, files: &VolumeFiles) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let projected: Vec<(String, String, i32)> = match &self.items {
+            Some(items) => items
+                .iter()
+                .map(|item| {
+                    (
+                        item.key.clone(),
+                        item.path.clone(),
+                        item.mode.unwrap_or(self.default_mode),
+                    )
+                })
+                .collect(),
+            None => data
+                .keys()
+                .map(|key| (key.clone(), key.clone(), self.default_mode))
+                .collect(),
+        };
+        for (key, path, mode) in projected {
+            let Some(bytes) = data.get(&key) else {
+                continue;
+            };
+            let target = files.dir.join(&path);
+            if std::fs::read(&target).is_ok_and(|current| &current == bytes) {
+                continue;
+            }
+            let partial = files.dir.join(format!("..{path}.partial"));
+            std::fs::write(&partial, bytes)?;
+            let mut mode = mode as u32 & 0o777;
+            if let Some(group) = files.fs_group {
+                std::os::unix::fs::chown(&partial, None, Some(group as u32))?;
+                mode |= (mode & 0o400) >> 3;
+            }
+            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&partial, &target)?;
+        }
+        Ok(())
     }
 }
 

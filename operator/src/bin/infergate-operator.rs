@@ -1,6 +1,7 @@
 //! `infergate-operator`: reconciles ModelDeployments into runtime pods and AccessTokens into
 //! token records, as the leader of its replicas.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,11 +9,12 @@ use std::time::Duration;
 use clap::Parser;
 use crds::RequestTimeouts;
 use futures::FutureExt;
+use internal_token::Schedule;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 use operator::controller::{self, Config};
-use operator::desired::RuntimeDefaults;
+use operator::desired::{NetworkAccess, Peer, RuntimeDefaults};
 use operator::lease::{LeaderLease, Timing};
 use operator::telemetry::{self, Health, Metrics};
 
@@ -41,6 +43,24 @@ struct Args {
     /// pods' termination grace period. Give the proxy the same.
     #[arg(long, default_value_t = 600)]
     max_timeout: u64,
+    /// Hours the proxy's signing key signs before a scheduled replacement.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..))]
+    internal_key_rotation_hours: u64,
+    /// Seconds a new signing key is published before it signs: at least how long the kubelet
+    /// takes to refresh a mounted Secret and ConfigMap (about a minute by default).
+    #[arg(long, default_value_t = 120)]
+    internal_key_activation_seconds: u64,
+    /// Labels of the proxy's pods (`k=v,k=v`): with the gateway namespace, what runtime pods'
+    /// NetworkPolicies let in.
+    #[arg(long, default_value = "app.kubernetes.io/name=infergate-proxy", value_parser = parse_labels)]
+    proxy_pod_labels: BTreeMap<String, String>,
+    /// Labels of the namespace of a metrics scraper that reads runtimes' /metrics (`k=v,k=v`);
+    /// unset, runtime pods admit the proxy alone.
+    #[arg(long, value_parser = parse_labels)]
+    scraper_namespace_labels: Option<BTreeMap<String, String>>,
+    /// Labels of the scraper's pods in that namespace (`k=v,k=v`); unset, any of its pods.
+    #[arg(long, value_parser = parse_labels, default_value = "")]
+    scraper_pod_labels: BTreeMap<String, String>,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -58,6 +78,18 @@ struct Args {
     /// Log one JSON object per line.
     #[arg(long)]
     log_json: bool,
+}
+
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: expected key=value"))?;
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
 }
 
 fn host_identity() -> String {
@@ -118,6 +150,23 @@ async fn main() -> anyhow::Result<()> {
                 default: Duration::from_secs(args.default_timeout),
                 max: Duration::from_secs(args.max_timeout),
             },
+            access: NetworkAccess {
+                proxy: Peer {
+                    namespace_labels: BTreeMap::from([(
+                        "kubernetes.io/metadata.name".to_owned(),
+                        args.gateway_namespace.clone(),
+                    )]),
+                    pod_labels: args.proxy_pod_labels,
+                },
+                scraper: args.scraper_namespace_labels.map(|namespace_labels| Peer {
+                    namespace_labels,
+                    pod_labels: args.scraper_pod_labels,
+                }),
+            },
+        },
+        key_schedule: Schedule {
+            period: Duration::from_secs(args.internal_key_rotation_hours * 3600),
+            activation: Duration::from_secs(args.internal_key_activation_seconds),
         },
         instance: identity.clone(),
     };

@@ -10,16 +10,14 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use internal_token::{LEEWAY, LIFETIME, SigningKeys};
+use internal_token::{Schedule, SigningKeys};
 
-/// How often a key is replaced while `infergate up` runs.
-pub const ROTATION_PERIOD: Duration = Duration::from_secs(24 * 3600);
-/// Runtimes re-read the public keys every half second: a new key signs after a few of those.
-const ACTIVATION: Duration = Duration::from_secs(2);
-/// A replaced key verifies until every JWT it signed has expired.
-const GRACE: Duration = LIFETIME
-    .saturating_add(LEEWAY)
-    .saturating_add(Duration::from_secs(1));
+/// A key is replaced daily while `infergate up` runs; runtimes re-read the public keys every
+/// half second, so a new key signs after a few of those.
+pub const SCHEDULE: Schedule = Schedule {
+    period: Duration::from_secs(24 * 3600),
+    activation: Duration::from_secs(2),
+};
 
 /// The file that asks the running `infergate up` for a rotation (`infergate rotate-keys`).
 const ROTATE_REQUEST: &str = "rotate-requested";
@@ -77,18 +75,14 @@ impl InternalKeys {
     pub fn tick(&mut self, now: SystemTime) -> anyhow::Result<Option<String>> {
         let request = dir(&self.state_dir).join(ROTATE_REQUEST);
         let asked = request.exists();
-        let mut rotated = None;
-        if asked || self.keys.rotation_due(now, ROTATION_PERIOD) {
-            rotated = Some(self.keys.rotate(now, ACTIVATION)?);
-        }
-        let retired = self.keys.retire(now, GRACE);
-        if rotated.is_some() || retired {
+        let maintained = self.keys.maintain(now, SCHEDULE, asked)?;
+        if maintained.changed {
             self.write()?;
         }
         if asked {
             std::fs::remove_file(&request)?;
         }
-        Ok(rotated)
+        Ok(maintained.rotated)
     }
 
     /// The public keys first, so that no runtime meets a JWT signed by a key it has not seen;
@@ -167,8 +161,9 @@ mod tests {
         assert_eq!(keys.tick(at(3)).unwrap(), None, "one request, one rotation");
         let on_disk = SigningKeys::parse(&std::fs::read(signing_path(&state)).unwrap()).unwrap();
         assert_eq!(on_disk.keys.len(), 2, "both verify during the overlap");
-        let activation = ACTIVATION.as_secs();
-        keys.tick(at(2 + activation + GRACE.as_secs())).unwrap();
+        let activation = SCHEDULE.activation.as_secs();
+        keys.tick(at(2 + activation + SCHEDULE.grace().as_secs()))
+            .unwrap();
         let on_disk = SigningKeys::parse(&std::fs::read(signing_path(&state)).unwrap()).unwrap();
         assert_eq!(on_disk.keys.len(), 1);
         assert_eq!(on_disk.keys[0].kid, new);
@@ -179,10 +174,10 @@ mod tests {
         let state = scratch("period");
         let mut keys = InternalKeys::open(&state, at(0)).unwrap();
         assert!(
-            keys.tick(at(ROTATION_PERIOD.as_secs() - 1))
+            keys.tick(at(SCHEDULE.period.as_secs() - 1))
                 .unwrap()
                 .is_none()
         );
-        assert!(keys.tick(at(ROTATION_PERIOD.as_secs())).unwrap().is_some());
+        assert!(keys.tick(at(SCHEDULE.period.as_secs())).unwrap().is_some());
     }
 }
