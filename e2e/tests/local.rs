@@ -902,11 +902,11 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
         200
     );
     // With the proxy's key, as only a process that can read the private file could: refused
-    // for another model, answered for this one.
+    // for another model or once expired, answered for this one.
     let keys = std::fs::read(local.dir.join(".infergate/internal-keys/signing.json")).unwrap();
     let signer =
         internal_token::Signer::new(&internal_token::SigningKeys::parse(&keys).unwrap()).unwrap();
-    let signed = |model: &str| {
+    let signed = |model: &str, signed_ago: Duration| {
         let now = std::time::SystemTime::now();
         let claims = internal_token::Claims::new(
             internal_token::Forwarded {
@@ -915,19 +915,31 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
                 request_id: "direct",
                 remaining: Duration::from_secs(30),
             },
-            now,
+            now - signed_ago,
         );
         signer.sign(&claims, now).unwrap()
     };
-    let (for_another, for_minilm) = (signed("another-model"), signed("minilm"));
-    let (status, refused) = post(
-        &direct,
-        &[("authorization", &format!("Bearer {for_another}"))],
-        &body,
-    )
-    .await;
-    assert_eq!(status, 401, "{refused}");
-    assert_eq!(refused["error"]["code"], "internal_token_wrong_model");
+    let for_minilm = signed("minilm", Duration::ZERO);
+    let refusals = [
+        (
+            signed("another-model", Duration::ZERO),
+            "internal_token_wrong_model",
+        ),
+        (
+            signed("minilm", Duration::from_secs(30)),
+            "internal_token_expired",
+        ),
+    ];
+    for (jwt, code) in &refusals {
+        let (status, refused) = post(
+            &direct,
+            &[("authorization", &format!("Bearer {jwt}"))],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 401, "{refused}");
+        assert_eq!(refused["error"]["code"], *code);
+    }
     let (status, embedded) = post(
         &direct,
         &[("authorization", &format!("Bearer {for_minilm}"))],
@@ -984,7 +996,7 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
     }
     assert!(answered > 30, "{answered} requests across the rotation");
     let console = local.console();
-    for jwt in [&for_another, &for_minilm] {
+    for jwt in refusals.iter().map(|(jwt, _)| jwt).chain([&for_minilm]) {
         let leaks = e2e::canary::jwt_leaks(jwt, &console);
         assert!(leaks.is_empty(), "a JWT leaked into the logs: {leaks:?}");
     }
