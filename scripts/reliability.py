@@ -20,9 +20,10 @@ script with --sse-upstream) and an infergate-proxy in front of both, on free loc
    its deadline; --max-concurrent and --max-queue-time change them). After the unloaded p99
    latency (sequential requests) and the capacity X (4 closed-loop clients, --clients) are
    measured, an open loop offers 2X rps, each request on a fresh connection; the excess must be
-   shed with 429/503 within 50 ms, and accepted requests must keep p99 within the maximum queue
-   time plus the unloaded p99. Then Poisson arrivals at 0.8X: at most 0.1 % refused. All of it
-   goes through the proxy.
+   shed with 429/503 within 50 ms, and 99 % of accepted requests must start their pass within
+   the maximum queue time (the runtime's own histogram of waits; a request's whole time adds
+   its pass). Then Poisson arrivals at 0.8X: at most 0.1 % refused. All of it goes through
+   the proxy.
 
 Prints a Markdown table (test, measured, target, pass) and exits 1 when any row fails.
 
@@ -41,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -696,9 +698,18 @@ async def measure_random_arrivals(port, raw, rate, seconds, seed=1):
             "p99_accepted": percentile(accepted, 99) if accepted else float("nan")}
 
 
+def queue_waits(runtime_port):
+    """The runtime's histogram of how long requests waited for their pass: {le: count}."""
+    text = urllib.request.urlopen(f"http://{HOST}:{runtime_port}/metrics").read().decode()
+    return {float(le): int(float(n)) for le, n in re.findall(
+        r'^infergate_runtime_queue_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', text, re.MULTILINE)}
+
+
 async def run_overload(stack, clients, unloaded_count, capacity_seconds, overload_seconds):
     raw = post_json(EMBED_PATH, stack.tokens["embed"], HEAVY_BODY)
+    waits_before = queue_waits(stack.runtime)
     m = await measure_overload(stack.proxy, raw, clients, unloaded_count, capacity_seconds, overload_seconds)
+    waits = {le: n - waits_before.get(le, 0) for le, n in queue_waits(stack.runtime).items()}
     p99_unloaded, capacity, statuses = m["p99_unloaded"], m["capacity"], m["capacity_statuses"]
     total, offered, accepted, shed, other = m["total"], m["offered"], m["accepted"], m["shed"], m["other"]
     p99_accepted = percentile(accepted, 99)
@@ -707,6 +718,10 @@ async def run_overload(stack, clients, unloaded_count, capacity_seconds, overloa
     below = await measure_random_arrivals(stack.proxy, raw, 0.8 * capacity, capacity_seconds)
     info = json.load(urllib.request.urlopen(f"http://{HOST}:{stack.runtime}/info"))
     max_queue_time = info["max_queue_time"] or 0.0
+    # The maximum queue time bounds the wait before a request's pass starts; its whole time adds
+    # its own pass. The runtime times the wait itself (its buckets include 1 s, the default).
+    waited = waits.get(float("inf"), 0)
+    within = max((n for le, n in waits.items() if le <= max_queue_time), default=0)
     late = m["lateness_p99"]
     return [
         row(
@@ -733,13 +748,14 @@ async def run_overload(stack, clients, unloaded_count, capacity_seconds, overloa
             timing=True,
         ),
         row(
-            "overload: p99 of accepted (200)",
-            f"{ms(p99_accepted)}; unloaded p99 {ms(p99_unloaded)} ({len(accepted)} accepted, unloaded from "
-            f"{unloaded_count} sequential)"
+            "overload: accepted requests' wait for their pass",
+            f"{within}/{waited} within {max_queue_time:g} s (the runtime's histogram, capacity phase "
+            f"included); accepted p99 {ms(p99_accepted)}, unloaded p99 {ms(p99_unloaded)} "
+            f"({len(accepted)} accepted, unloaded from {unloaded_count} sequential)"
             if accepted
             else "none accepted",
-            f"<= the maximum queue time ({max_queue_time:g} s) + unloaded p99",
-            bool(accepted) and p99_accepted <= max_queue_time + p99_unloaded,
+            f"p99 <= the maximum queue time ({max_queue_time:g} s); the whole time adds the request's own pass",
+            bool(accepted) and waited > 0 and within >= 0.99 * waited,
             timing=True,
         ),
         row("overload: other outcomes (5xx, resets, timeouts)", str(other or 0), "0", not other),
