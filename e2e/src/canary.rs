@@ -22,14 +22,18 @@ pub fn token_leaks(secret: &str, text: &str) -> Vec<String> {
     .filter(|(_, form)| text.contains(form.as_str()))
     .map(|(what, _)| what.to_owned())
     .collect();
-    let windows = random_part.len().saturating_sub(11);
-    if let Some(window) = (0..windows)
-        .map(|i| &random_part[i..i + 12])
-        .find(|window| text.contains(window))
-    {
+    if let Some(window) = shown_window(random_part, 12, text) {
         leaks.push(format!("the 12 characters {window:?}"));
     }
     leaks
+}
+
+/// The first `width` consecutive characters of `secret` (ASCII) that `text` shows.
+fn shown_window<'a>(secret: &'a str, width: usize, text: &str) -> Option<&'a str> {
+    let windows = (secret.len() + 1).saturating_sub(width);
+    (0..windows)
+        .map(|i| &secret[i..i + width])
+        .find(|window| text.contains(window))
 }
 
 /// The parts of the JWT `jwt` that `text` shows: the whole of it, its claims, or any 16
@@ -45,11 +49,7 @@ pub fn jwt_leaks(jwt: &str, text: &str) -> Vec<String> {
         if text.contains(claims) {
             leaks.push("its claims".to_owned());
         }
-        let windows = signature.len().saturating_sub(15);
-        if let Some(window) = (0..windows)
-            .map(|i| &signature[i..i + 16])
-            .find(|window| text.contains(window))
-        {
+        if let Some(window) = shown_window(signature, 16, text) {
             leaks.push(format!("the 16 signature characters {window:?}"));
         }
     }

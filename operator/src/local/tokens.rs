@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
+use super::write_atomically;
 use crate::tokens::{Issuance, IssueError, own_token_digest, record, resolve_models};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,9 +113,11 @@ impl Issued {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        let staged = self.path.with_extension("json.tmp");
-        std::fs::write(&staged, serde_json::to_vec_pretty(&self.entries)?)?;
-        std::fs::rename(&staged, &self.path)?;
+        write_atomically(
+            &self.path,
+            &serde_json::to_vec_pretty(&self.entries)?,
+            0o644,
+        )?;
         Ok(())
     }
 }
