@@ -3,7 +3,7 @@
 # `cpu`: exactly what the dynamic linker resolves for BINARY (libtorch_cpu, libc10, libgomp
 # and the two CUDA libraries the PyPI wheel's CPU code is linked against). `cuda`: all of
 # torch's libraries and the NVIDIA libraries of the wheel, which CUDA loads on demand.
-# Used by docker/Dockerfile; run after `. scripts/env.sh`.
+# Used by docker/stage.sh; run after `. scripts/env.sh`.
 #
 #   scripts/libtorch-libs.sh cpu|cuda BINARY DEST
 set -euo pipefail

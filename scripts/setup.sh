@@ -13,7 +13,10 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-apt_packages=(ca-certificates cmake pkg-config libssl-dev python3-venv openssl curl)
+# buildah, skopeo and umoci build, push and unpack the images without a daemon
+# (docker/build-images.sh, the test bed's node agent); binutils strips the binaries they hold.
+apt_packages=(ca-certificates cmake pkg-config libssl-dev python3-venv openssl curl
+  buildah skopeo umoci binutils)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -7,7 +7,10 @@
 #
 # With INFERGATE_NODE_AGENT_BIN and INFERGATE_RUNTIME_BIN set, also starts the node agent that
 # runs pods as local processes (README); with INFERGATE_OPERATOR_BIN and INFERGATE_PROXY_BIN
-# too, installs infergate with its Helm chart and prints PROXY_URL=<url>.
+# too, installs infergate with its Helm chart and prints PROXY_URL=<url>. Pods run images that
+# docker/build-images.sh builds from those binaries and pushes to the test bed's own registry
+# (127.0.0.1:15000), pinned by digest; INFERGATE_POD_IMAGES=host maps the images to the
+# binaries instead (host-binary mode, for quick local runs).
 #
 # What a test bed runs is recorded in run/identity, one layer at a time as it is started: the
 # control plane (this clone's path, this script, the control-plane build stamp, the CRDs, the
@@ -28,6 +31,9 @@ bin="${INFERGATE_CLUSTER_BIN:-$state/bin}"
 run="$state/run"
 etcd_port="${INFERGATE_CLUSTER_ETCD_PORT:-12379}"
 api_port="${INFERGATE_CLUSTER_API_PORT:-16443}"
+registry_port="${INFERGATE_CLUSTER_REGISTRY_PORT:-15000}"
+pod_images="${INFERGATE_POD_IMAGES:-registry}"
+case "$pod_images" in registry|host) ;; *) echo "INFERGATE_POD_IMAGES: registry or host, not $pod_images" >&2; exit 2 ;; esac
 kubeconfig="$run/admin.kubeconfig"
 say() { printf 'cluster: %s\n' "$*" >&2; }
 
@@ -81,7 +87,7 @@ declare -A plane=(
   [up.sh]="$(sha < "$here/up.sh")"
   [control-plane]="$(cat "$bin/.components")"$'\t'"$bin"
   [crds]="$(tree_sha "$repo/crds/manifests")"
-  [ports]="$etcd_port"$'\t'"$api_port"
+  [ports]="$etcd_port"$'\t'"$api_port"$'\t'"$registry_port"
 )
 declare -A plane_why=(
   [repo]="another clone" [up.sh]="another up.sh" [control-plane]="another control-plane build"
@@ -97,6 +103,9 @@ if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
   [ -z "${INFERGATE_OPERATOR_BIN:-}" ] || wanted[operator]="$(absolute "$INFERGATE_OPERATOR_BIN")"
   [ -z "${INFERGATE_PROXY_BIN:-}" ] || wanted[proxy]="$(absolute "$INFERGATE_PROXY_BIN")"
 fi
+# How pods get their programs, and the recipe of the images they run.
+pod_images_key="$pod_images"$'\t'"$(cat "$repo"/docker/{Dockerfile,base.lock,base.sh,stage.sh,build-images.sh} \
+  "$repo/scripts/libtorch-libs.sh" | sha)"
 
 # Why the test bed in run/ is not one this call may use, if it is not; prints nothing and fails
 # when it is (or when there is none).
@@ -130,6 +139,10 @@ foreign() {
     [ "$(sha < "$path")" = "$sum" ] || { echo "its $name binary $path was rebuilt since"; return 0; }
     record "$key" "$path" "$(file_key "$path")" "$sum"  # touched, not changed
   done
+  rec="$(recorded pod-images)"
+  if [ -n "${wanted[node-agent]:-}" ] && [ -n "$rec" ] && [ "$rec" != "pod-images"$'\t'"$pod_images_key" ]; then
+    echo "its pods get their programs another way (${rec#pod-images$'\t'})"; return 0
+  fi
   rec="$(recorded chart)"
   if [ -n "$rec" ] && [ "$rec" != "chart"$'\t'"$(tree_sha "$repo/charts/infergate")" ]; then
     echo "another chart"; return 0
@@ -252,13 +265,42 @@ if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ]; then
     sysctl -n net.ipv4.ip_forward > "$run/ip_forward.saved"
     sysctl -qw net.ipv4.ip_forward=1
   fi
-  images=(--image "infergate/runtime=${wanted[runtime]}")
-  [ -z "${wanted[operator]:-}" ] || images+=(--image "infergate/operator=${wanted[operator]}")
-  [ -z "${wanted[proxy]:-}" ] || images+=(--image "infergate/proxy=${wanted[proxy]}")
+  if [ "$pod_images" = registry ]; then
+    # The images, built from the binaries named (one cargo profile folder), pushed to the
+    # test bed's registry; the node agent pulls them by digest.
+    if ! alive registry; then
+      mkdir -p "$run/registry"
+      printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: "127.0.0.1:%s"}\n' \
+        "$run/registry" "$registry_port" > "$run/registry.yml"
+      start registry "$bin/registry" serve "$run/registry.yml"
+      wait_for registry curl -sf "http://127.0.0.1:$registry_port/v2/"
+    fi
+    if [ ! -s "$run/images.refs" ]; then
+      bin_dir="$(dirname "${wanted[runtime]}")"
+      built=(runtime)
+      for key in operator proxy; do
+        [ -n "${wanted[$key]:-}" ] || continue
+        [ "$(dirname "${wanted[$key]}")" = "$bin_dir" ] || {
+          say "images are built from one folder: ${wanted[$key]} is not in $bin_dir"; exit 1
+        }
+        built+=("$key")
+      done
+      say "building and pushing the images of ${built[*]}"
+      bash "$repo/docker/build-images.sh" --bin-dir "$bin_dir" --tag test-bed \
+        --push "127.0.0.1:$registry_port" --refs "$run/images.refs.tmp" "${built[@]}" >&2
+      mv "$run/images.refs.tmp" "$run/images.refs"
+    fi
+    images=(--insecure-registry "127.0.0.1:$registry_port")
+  else
+    images=(--image "infergate/runtime=${wanted[runtime]}")
+    [ -z "${wanted[operator]:-}" ] || images+=(--image "infergate/operator=${wanted[operator]}")
+    [ -z "${wanted[proxy]:-}" ] || images+=(--image "infergate/proxy=${wanted[proxy]}")
+  fi
   if [ -z "$(recorded node-agent)" ]; then
     for key in "${binary_keys[@]}"; do
       [ -z "${wanted[$key]:-}" ] || record_binary "$key" "${wanted[$key]}"
     done
+    record pod-images "$pod_images_key"
   fi
   start node-agent env KUBECONFIG="$kubeconfig" INFERGATE_NODE_AGENT_CA="$pki/ca.crt" \
     "${wanted[node-agent]}" --node infergate-node --state-dir "$run/node" \
@@ -273,11 +315,19 @@ if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ] && [ -n "${INFERGATE_OPERATOR_BIN:-}" 
   if ! "${kubectl[@]}" -n infergate-system get deployment infergate-proxy >/dev/null 2>&1; then
     say "installing infergate with its Helm chart"
     "${kubectl[@]}" create namespace infergate-system >/dev/null 2>&1 || true
-    "${INFERGATE_PYTHON:-python}" - "$kubeconfig" "$repo/charts/infergate" <<'PY' >&2
+    "${INFERGATE_PYTHON:-python}" - "$kubeconfig" "$repo/charts/infergate" "$pod_images" \
+      "127.0.0.1:$registry_port" "$run/images.refs" <<'PY' >&2
 import sys
 import helm_python as helm
-kubeconfig, chart = sys.argv[1:3]
-values = {"images": {"registry": "infergate", "tag": "test-bed", "pullPolicy": "Never"},
+kubeconfig, chart, pod_images, registry, refs = sys.argv[1:6]
+if pod_images == "registry":
+    # Pinned by digest: pods run exactly what docker/build-images.sh pushed.
+    digests = dict(line.split()[0:2] for line in open(refs))
+    images = {"registry": f"{registry}/infergate", "pullPolicy": "IfNotPresent",
+              "digests": {name: ref.split("@", 1)[1] for name, ref in digests.items()}}
+else:
+    images = {"registry": "infergate", "tag": "test-bed", "pullPolicy": "Never"}
+values = {"images": images,
           "operator": {"watchNamespace": "infergate-e2e", "logJson": False},
           "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False},
           # The node agent refreshes mounted Secrets and ConfigMaps every second.

@@ -1,7 +1,7 @@
 //! Whole-system tests of infergate, black box: HTTP, kubectl and the binaries, against local
 //! mode, the control plane built in `e2e/cluster/` and kind. The tests live in `tests/`: the
 //! CRDs on a real API server, and the whole system on the cluster test bed.
-//! `src/bin/infergate-node-agent.rs` is the test bed's stand-in kubelet.
+//! `src/bin/infergate-node-agent/` is the test bed's stand-in kubelet.
 //!
 //! This library is the one way every test of the workspace reaches a cluster ([`test_bed`]) or
 //! local mode ([`local::LocalMode`]); `clients/` holds the real clients the tests drive.

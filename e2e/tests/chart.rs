@@ -82,8 +82,8 @@ fn helm_lints_every_values_file_without_warnings() {
     }
     assert_eq!(
         renderings().count(),
-        2,
-        "the defaults and ci/gpu-ingress-values.yaml"
+        3,
+        "the defaults, ci/gpu-ingress-values.yaml and ci/pinned-digests-values.yaml"
     );
 }
 
@@ -301,6 +301,28 @@ fn default_values_install_a_cluster_internal_proxy_with_a_disruption_budget() {
 }
 
 #[test]
+fn digests_pin_every_image_the_chart_names() {
+    let objects = objects("pinned-digests-values.yaml");
+    let registry = "127.0.0.1:15000/infergate";
+    assert_eq!(
+        container(objects, "infergate-operator")["image"],
+        format!("{registry}/operator@sha256:{}", "1".repeat(64))
+    );
+    assert_eq!(
+        container(objects, "infergate-proxy")["image"],
+        format!("{registry}/proxy@sha256:{}", "2".repeat(64))
+    );
+    let runtime_image = format!(
+        "--runtime-image={registry}/runtime@sha256:{}",
+        "3".repeat(64)
+    );
+    assert!(
+        args(objects, "infergate-operator").contains(&runtime_image),
+        "{runtime_image}"
+    );
+}
+
+#[test]
 fn gpu_and_ingress_values_reach_the_objects_they_describe() {
     let objects = objects("gpu-ingress-values.yaml");
     let ingress = get(objects, "Ingress", "infergate-proxy");
@@ -449,6 +471,7 @@ fn bad_values_are_refused_at_install_time_naming_the_value() {
         ("node port out of range", "/proxy/service/nodePort"),
         ("pull policy", "/images/pullPolicy"),
         ("image name with a tag", "/runtime/image"),
+        ("digest without its algorithm", "/images/digests/proxy"),
         ("memory quantity", "/proxy/resources/limits/memory"),
         ("tls without host", "/proxy/ingress/host"),
         (

@@ -1,7 +1,12 @@
 {{/* registry/name:tag of one of infergate's images. */}}
 {{- define "infergate.image" -}}
+{{- $digest := get (.root.Values.images.digests | default dict) .name -}}
+{{- if $digest -}}
+{{- printf "%s/%s@%s" .root.Values.images.registry .name $digest -}}
+{{- else -}}
 {{- $tag := .root.Values.images.tag | default .root.Chart.AppVersion -}}
 {{- printf "%s/%s:%s" .root.Values.images.registry .name $tag -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "infergate.labels" -}}

@@ -25,6 +25,7 @@ BAD_VALUES = {
     "node port out of range": {"proxy": {"service": {"type": "NodePort", "nodePort": 80}}},
     "pull policy": {"images": {"pullPolicy": "Sometimes"}},
     "image name with a tag": {"runtime": {"image": "runtime:latest"}},
+    "digest without its algorithm": {"images": {"digests": {"proxy": "2222"}}},
     "memory quantity": {"proxy": {"resources": {"limits": {"memory": "lots"}}}},
     "tls without host": {"proxy": {"ingress": {"enabled": True, "tlsSecretName": "cert"}}},
     "service monitor interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},

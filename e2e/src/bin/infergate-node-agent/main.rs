@@ -1,9 +1,14 @@
 //! `infergate-node-agent`: plays the kubelet of one Node of the cluster test bed, where there is
 //! no container runtime. Each pod bound to the node runs as local processes, one per container,
 //! in the pod's own network namespace (`ip netns` and a veth pair, pod IPs in 10.214.0.0/16) and
-//! its own mount namespace (volumes bind-mounted at their mount paths). Container images it
-//! knows map to locally built binaries; what it cannot honour is reported in the pod's status
-//! with a reason, never run half-way. See e2e/cluster/README.md for the fields it honours.
+//! its own mount namespace. Images are pulled from their registry and unpacked once per digest
+//! (`images`); each container runs chrooted into an overlay of its image's filesystem, with its
+//! volumes bind-mounted at their mount paths (`enter`). For quick local runs, `--image` maps an
+//! image to a binary of this machine instead. What it cannot honour is reported in the pod's
+//! status with a reason, never run half-way. See e2e/cluster/README.md for the fields it honours.
+
+mod enter;
+mod images;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,10 +37,14 @@ struct Args {
     /// Name of the Node this agent plays.
     #[arg(long, default_value = "infergate-node")]
     node: String,
-    /// Image to binary, as `IMAGE_PREFIX=PATH` (an image matches when it starts with the
-    /// prefix, e.g. `infergate/runtime=/path/to/infergate-runtime`).
+    /// Host-binary mode, for quick local runs: an image that starts with IMAGE_PREFIX runs
+    /// this machine's binary at PATH instead of being pulled (e.g.
+    /// `infergate/runtime=/path/to/infergate-runtime`).
     #[arg(long = "image", value_parser = parse_image)]
     images: Vec<(String, PathBuf)>,
+    /// A registry (`HOST:PORT`) pulled from over plain HTTP, such as the test bed's own.
+    #[arg(long)]
+    insecure_registry: Vec<String>,
     /// Where pod logs, volumes and service-account files live.
     #[arg(long)]
     state_dir: PathBuf,
@@ -44,8 +53,8 @@ struct Args {
     /// for the `kubernetes` Service, and gives containers KUBERNETES_SERVICE_HOST/PORT of LISTEN.
     #[arg(long, value_parser = parse_relay)]
     api_relay: Option<(std::net::SocketAddr, String)>,
-    /// Where mapped binaries are copied for pods that run as another user ("pulled" images);
-    /// readable by every user.
+    /// Where mapped binaries are copied for pods that run as another user (host-binary
+    /// mode); readable by every user.
     #[arg(long, default_value = "/var/tmp/infergate-node/images")]
     image_dir: PathBuf,
 }
@@ -78,6 +87,7 @@ struct Agent {
     client: Client,
     node: String,
     images: Vec<(String, PathBuf)>,
+    store: images::ImageStore,
     state_dir: PathBuf,
     image_dir: PathBuf,
     /// KUBERNETES_SERVICE_HOST and _PORT for containers, when the API is relayed to pods.
@@ -183,17 +193,41 @@ struct Refusal {
 /// PATH in a container that sets none (what container runtimes default to).
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A container ready to start: binary, arguments, environment, bind mounts.
+/// What a container runs.
+enum Program {
+    /// A binary of this machine (host-binary mode), with the pod's arguments.
+    Host { binary: PathBuf, args: Vec<String> },
+    /// An image's entrypoint, chrooted into an overlay of its unpacked filesystem.
+    Image {
+        image: images::Image,
+        argv: Vec<String>,
+        /// Supplementary groups: the pod's fsGroup.
+        groups: Vec<i64>,
+    },
+}
+
+/// A container ready to start: program, environment, bind mounts.
 struct Launch {
     name: String,
-    binary: PathBuf,
-    args: Vec<String>,
+    /// For the container's /etc/hosts.
+    pod_name: String,
+    program: Program,
     env: Vec<(String, String)>,
     mounts: Vec<(PathBuf, String)>,
-    /// `runAsUser` and `runAsGroup`, when the process is not to run as root.
+    /// `runAsUser` and `runAsGroup` (or the image's USER), when not root.
     user: Option<(i64, i64)>,
     /// `preStop: {sleep: {seconds}}`: the wait between the stop and SIGTERM.
     pre_stop_sleep: Option<Duration>,
+}
+
+impl Launch {
+    /// The container status' `imageID`: the digest pulled, or the mapped binary.
+    fn image_id(&self) -> String {
+        match &self.program {
+            Program::Host { binary, .. } => binary.display().to_string(),
+            Program::Image { image, .. } => image.id.clone(),
+        }
+    }
 }
 
 impl Agent {
@@ -315,33 +349,35 @@ impl Agent {
         Ok(())
     }
 
+    /// The image a container runs, pulled unless host-binary mode maps it to a binary.
+    async fn image_for(&self, container: &Container) -> Result<Option<images::Image>, Refusal> {
+        let reference = container.image.clone().unwrap_or_default();
+        if self.binary_for(&reference).is_some() {
+            return Ok(None);
+        }
+        self.store
+            .pull(&reference)
+            .await
+            .map(Some)
+            .map_err(|error| Refusal {
+                reason: "ErrImagePull",
+                message: error.0,
+            })
+    }
+
     fn launch(
         &self,
         pod: &Pod,
         pod_ip: &str,
         container: &Container,
+        image: Option<images::Image>,
         volumes: &HashMap<String, PathBuf>,
     ) -> Result<Launch, Refusal> {
-        let image = container.image.clone().unwrap_or_default();
-        let binary = self.binary_for(&image).ok_or_else(|| Refusal {
-            reason: "ErrImageNotMapped",
-            message: format!(
-                "image {image:?} maps to no binary on this node (known: {})",
-                self.images
-                    .iter()
-                    .map(|(p, _)| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
-        if container.command.is_some() {
-            return Err(Refusal {
-                reason: "CommandNotSupported",
-                message: "the node agent runs the image's own binary; command cannot replace it"
-                    .to_owned(),
-            });
-        }
         let mut env = Vec::new();
+        // The image's environment first: the pod's variables of the same name replace it.
+        if let Some(image) = &image {
+            env.extend(image.env.iter().cloned());
+        }
         if let Some(api) = self.api_service {
             env.push(("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()));
             env.push(("KUBERNETES_SERVICE_PORT".to_owned(), api.port().to_string()));
@@ -363,6 +399,7 @@ impl Agent {
                     })?
                 }
             };
+            env.retain(|(name, _)| *name != var.name);
             env.push((var.name, value));
         }
         let mut mounts = Vec::new();
@@ -401,21 +438,68 @@ impl Agent {
                 });
             }
         };
-        let user = run_as(pod, container);
-        let binary = match user {
-            Some(_) => self.pull(&binary).map_err(|e| Refusal {
-                reason: "ErrImagePull",
-                message: format!(
-                    "cannot make {} runnable by another user: {e}",
-                    binary.display()
-                ),
-            })?,
-            None => binary,
+        let (program, user) = match image {
+            Some(image) => {
+                let image_user = images::image_user(&image.rootfs, &image.user)
+                    .map_err(|message| Refusal {
+                        reason: "CreateContainerConfigError",
+                        message,
+                    })?
+                    .map(|(u, g)| (i64::from(u), i64::from(g)));
+                let user = run_as(pod, container).or(image_user);
+                let groups = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref())
+                    .and_then(|c| c.fs_group)
+                    .into_iter()
+                    .collect();
+                let argv = container_argv(container, &image);
+                if argv.is_empty() {
+                    return Err(Refusal {
+                        reason: "CreateContainerConfigError",
+                        message: format!("{}: no command, entrypoint or cmd to run", image.id),
+                    });
+                }
+                (
+                    Program::Image {
+                        image,
+                        argv,
+                        groups,
+                    },
+                    user,
+                )
+            }
+            None => {
+                let reference = container.image.clone().unwrap_or_default();
+                let binary = self.binary_for(&reference).expect("a mapped image");
+                if container.command.is_some() {
+                    return Err(Refusal {
+                        reason: "CommandNotSupported",
+                        message:
+                            "host-binary mode runs the mapped binary; command cannot replace it"
+                                .to_owned(),
+                    });
+                }
+                let user = run_as(pod, container);
+                let binary = match user {
+                    Some(_) => self.copy_for_other_users(&binary).map_err(|e| Refusal {
+                        reason: "ErrImagePull",
+                        message: format!(
+                            "cannot make {} runnable by another user: {e}",
+                            binary.display()
+                        ),
+                    })?,
+                    None => binary,
+                };
+                let args = container.args.clone().unwrap_or_default();
+                (Program::Host { binary, args }, user)
+            }
         };
         Ok(Launch {
             name: container.name.clone(),
-            binary,
-            args: container.args.clone().unwrap_or_default(),
+            pod_name: pod.name_any(),
+            program,
             env,
             mounts,
             user,
@@ -424,39 +508,109 @@ impl Agent {
     }
 
     /// Starts a container's process in the pod's namespaces, its output in the pod's log dir.
+    /// Everything is mounted in the container's own mount namespace, so it all goes away with
+    /// the process: the overlay of an image's filesystem, /proc, /dev, /sys and the volumes.
     fn spawn(&self, launch: &Launch, network: &PodNetwork, dir: &Path) -> anyhow::Result<Child> {
-        // Mount points must exist; in the pod's own mount namespace the bind mounts are private.
         let mut script = String::from("set -e\n");
-        for i in 0..launch.mounts.len() {
-            script.push_str(&format!(
-                "mkdir -p \"$M{i}\" && mount --bind \"$H{i}\" \"$M{i}\"\n"
-            ));
-        }
-        match launch.user {
-            // After the mounts, which need root: the process itself runs as the pod asks.
-            Some((user, group)) => script.push_str(&format!(
-                "exec setpriv --reuid={user} --regid={group} --clear-groups -- \"$@\"\n"
-            )),
-            None => script.push_str("exec \"$@\"\n"),
-        }
+        let tail: Vec<std::ffi::OsString> = match &launch.program {
+            Program::Host { binary, args } => {
+                for (host, target) in &launch.mounts {
+                    script.push_str(&bind_mount(host, Path::new(target)));
+                }
+                match launch.user {
+                    // After the mounts, which need root: the process runs as the pod asks.
+                    Some((user, group)) => script.push_str(&format!(
+                        "exec setpriv --reuid={user} --regid={group} --clear-groups -- \"$@\"\n"
+                    )),
+                    None => script.push_str("exec \"$@\"\n"),
+                }
+                std::iter::once(binary.into())
+                    .chain(args.iter().map(Into::into))
+                    .collect()
+            }
+            Program::Image {
+                image,
+                argv,
+                groups,
+            } => {
+                // A fresh writable layer for each start, as a runtime makes a new container.
+                let layer = dir.join("containers").join(&launch.name);
+                let _ = std::fs::remove_dir_all(&layer);
+                for part in ["upper", "work", "rootfs"] {
+                    std::fs::create_dir_all(layer.join(part))?;
+                }
+                let root = layer.join("rootfs");
+                let hosts = layer.join("hosts");
+                std::fs::write(
+                    &hosts,
+                    format!(
+                        "127.0.0.1\tlocalhost\n::1\tlocalhost\n{}\t{}\n",
+                        network.pod_ip, launch.pod_name
+                    ),
+                )?;
+                script.push_str(&format!(
+                    "command -p mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {}\n",
+                    quote(&image.rootfs),
+                    quote(&layer.join("upper")),
+                    quote(&layer.join("work")),
+                    quote(&root)
+                ));
+                let at = |path: &str| quote(&root.join(path));
+                script.push_str(&format!(
+                    "command -p mkdir -p {proc} {dev} {sys} {etc}\n\
+                     command -p mount -t proc proc {proc}\n\
+                     command -p mount -t tmpfs -o nosuid,mode=0755 dev {dev}\n\
+                     for d in null zero full random urandom tty; do\n\
+                     command -p touch {dev}/$d && command -p mount --bind /dev/$d {dev}/$d; done\n\
+                     command -p mkdir -p {dev}/shm && command -p mount -t tmpfs -o nosuid,nodev,mode=1777 shm {dev}/shm\n\
+                     command -p ln -s /proc/self/fd {dev}/fd\n\
+                     command -p mount --rbind /sys {sys} && command -p mount -o remount,bind,ro {sys}\n",
+                    proc = at("proc"),
+                    dev = at("dev"),
+                    sys = at("sys"),
+                    etc = at("etc"),
+                ));
+                script.push_str(&bind_mount(&hosts, &root.join("etc/hosts")));
+                for (host, target) in &launch.mounts {
+                    let target = root.join(target.trim_start_matches('/'));
+                    script.push_str(&bind_mount(host, &target));
+                }
+                script.push_str("exec \"$@\"\n");
+                let mut tail: Vec<std::ffi::OsString> = vec![
+                    std::env::current_exe()?.into(),
+                    "enter-container".into(),
+                    "--root".into(),
+                    root.into(),
+                    "--workdir".into(),
+                    (if image.working_dir.is_empty() {
+                        "/"
+                    } else {
+                        &image.working_dir
+                    })
+                    .into(),
+                ];
+                if let Some((user, group)) = launch.user {
+                    tail.push("--user".into());
+                    tail.push(format!("{user}:{group}").into());
+                    for group in groups {
+                        tail.push("--group".into());
+                        tail.push(group.to_string().into());
+                    }
+                }
+                tail.push("--".into());
+                tail.extend(argv.iter().map(Into::into));
+                tail
+            }
+        };
         let log = std::fs::File::create(dir.join(format!("{}.log", launch.name)))?;
-        let mut command = Command::new("ip");
+        let mut command = Command::new(host_tool("ip"));
         command
-            .args([
-                "netns",
-                "exec",
-                &network.namespace,
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "--",
-            ])
-            .arg(&launch.binary)
-            .args(&launch.args)
+            .args(["netns", "exec", &network.namespace])
+            .arg(host_tool("unshare"))
+            .args(["--mount", "--propagation", "private"])
+            .arg(host_tool("sh"))
+            .args(["-c", &script, "--"])
+            .args(tail)
             // The pod's environment only, as a container has: the agent's own (its KUBECONFIG
             // with the cluster's admin key, the test's LD_LIBRARY_PATH) is not the pod's.
             .env_clear()
@@ -466,13 +620,52 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        for (i, (host, target)) in launch.mounts.iter().enumerate() {
-            command
-                .env(format!("H{i}"), host)
-                .env(format!("M{i}"), target);
-        }
         Ok(command.spawn()?)
     }
+}
+
+/// A shell word for `path`, single-quoted.
+fn quote(path: &Path) -> String {
+    format!("'{}'", path.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Shell lines that bind-mount `host` at `target`, making the mount point (a file for a file).
+fn bind_mount(host: &Path, target: &Path) -> String {
+    let (host_word, target_word) = (quote(host), quote(target));
+    let parent = quote(target.parent().unwrap_or(Path::new("/")));
+    if host.is_dir() {
+        format!(
+            "command -p mkdir -p {target_word} && command -p mount --bind {host_word} {target_word}\n"
+        )
+    } else {
+        format!(
+            "command -p mkdir -p {parent} && command -p touch {target_word} && command -p mount --bind {host_word} {target_word}\n"
+        )
+    }
+}
+
+/// A tool of this machine by absolute path, found on the agent's own PATH: a container's PATH
+/// (which the spawned commands get) need not have it.
+fn host_tool(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// What a container runs, as Kubernetes combines a pod's `command` and `args` with the image's
+/// ENTRYPOINT and CMD: `command` replaces the entrypoint and the image's CMD with it, `args`
+/// replaces CMD.
+fn container_argv(container: &Container, image: &images::Image) -> Vec<String> {
+    let (entrypoint, default_args) = match &container.command {
+        Some(command) => (command.clone(), Vec::new()),
+        None => (image.entrypoint.clone(), image.cmd.clone()),
+    };
+    let args = container.args.clone().unwrap_or(default_args);
+    entrypoint.into_iter().chain(args).collect()
 }
 
 /// The value of a `fieldRef` the kubelet resolves from the pod, or None when unsupported.
@@ -505,8 +698,8 @@ fn run_as(pod: &Pod, container: &Container) -> Option<(i64, i64)> {
 }
 
 impl Agent {
-    /// Copies a mapped binary where any user may run it, as pulling an image would place it.
-    fn pull(&self, binary: &Path) -> std::io::Result<PathBuf> {
+    /// Copies a mapped binary where any user may run it (host-binary mode).
+    fn copy_for_other_users(&self, binary: &Path) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(&self.image_dir)?;
         std::fs::set_permissions(&self.image_dir, std::fs::Permissions::from_mode(0o755))?;
@@ -673,16 +866,51 @@ impl Agent {
                 return;
             }
         } {
-            Ok(volumes) => spec
-                .init_containers
-                .iter()
-                .flatten()
-                .chain(&spec.containers)
-                .map(|c| {
-                    self.launch(&pod, &network.pod_ip, c, &volumes)
-                        .map(|l| (c.clone(), l))
-                })
-                .collect(),
+            Ok(volumes) => {
+                let mut launches = Vec::new();
+                let mut refused = None;
+                for c in spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&spec.containers)
+                {
+                    // Pulled until it works (back-off in between), as the kubelet does.
+                    let mut attempt = 0u32;
+                    let image = loop {
+                        match self.image_for(c).await {
+                            Ok(image) => break image,
+                            Err(refusal) => {
+                                let reason = if attempt == 0 {
+                                    "ErrImagePull"
+                                } else {
+                                    "ImagePullBackOff"
+                                };
+                                self.patch_status(&pod, refuse(Refusal { reason, ..refusal }))
+                                    .await;
+                                attempt += 1;
+                                let delay = Duration::from_secs(1u64 << attempt.min(5));
+                                tokio::select! {
+                                    _ = tokio::time::sleep(delay) => {}
+                                    _ = stopped(&mut stop) => {
+                                        network.delete().await;
+                                        self.finish(&pod).await;
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    match self.launch(&pod, &network.pod_ip, c, image, &volumes) {
+                        Ok(launch) => launches.push((c.clone(), launch)),
+                        Err(refusal) => {
+                            refused = Some(refusal);
+                            break;
+                        }
+                    }
+                }
+                refused.map_or(Ok(launches), Err)
+            }
             Err(refusal) => Err(refusal),
         };
         let launches = match launches {
@@ -843,7 +1071,7 @@ impl Agent {
                         (None, Some((reason, message))) => json!({"waiting": {"reason": reason, "message": message}}),
                         (None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
                     };
-                    json!({"name": c.container.name, "image": c.container.image, "imageID": c.launch.binary.display().to_string(),
+                    json!({"name": c.container.name, "image": c.container.image, "imageID": c.launch.image_id(),
                            "ready": c.ready, "started": c.started, "restartCount": c.restarts, "state": state})
                 })
                 .collect();
@@ -1130,18 +1358,34 @@ impl ObjectVolume {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Starting a container from an image ends in this binary (see `enter`): before any
+    // thread exists, since it changes its user.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "enter-container")
+    {
+        return enter::run(enter::Enter::parse_from(std::env::args_os().skip(1)));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let client = Client::try_default().await?;
+    let store = images::ImageStore::new(args.state_dir.join("images"), args.insecure_registry);
     std::fs::create_dir_all(&args.state_dir)?;
     let agent = Arc::new(Agent {
         client: client.clone(),
         node: args.node.clone(),
         images: args.images,
+        store,
         state_dir: args.state_dir,
         image_dir: args.image_dir,
         api_service: args.api_relay.as_ref().map(|(listen, _)| *listen),
