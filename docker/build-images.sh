@@ -67,7 +67,7 @@ image_exists() {
   else docker image inspect "$1" >/dev/null 2>&1; fi
 }
 image_size() {  # uncompressed, as the engine counts it
-  if [ "$engine" = buildah ]; then engine images --format '{{.Size}}' "$1"
+  if [ "$engine" = buildah ]; then engine images --format '{{.Size}}' "$1" | head -n 1
   else docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; fi
 }
 
@@ -106,11 +106,36 @@ if [ "$needs_cuda" = true ]; then
   bash "$repo/docker/stage.sh" cuda "$cuda_bin_dir" "$context/out-cuda"
 fi
 
+# The image's entrypoint must find every library inside the image, with the image's own
+# dynamic linker and LD_LIBRARY_PATH; the CUDA runtime must also load libtorch_cuda (without
+# it CUDA stays unavailable). A library missing fails the build, not a pod at deploy time.
+check_libraries() {  # $1: image, $2: name
+  local container root entrypoint library_path listing
+  container="$(engine from --pull-never "$2")"
+  root="$(engine mount "$container")"
+  entrypoint="$(engine inspect --type image --format '{{index .OCIv1.Config.Entrypoint 0}}' "$2")"
+  library_path="$(engine inspect --type image --format '{{range .OCIv1.Config.Env}}{{println .}}{{end}}' "$2" \
+    | sed -n 's/^LD_LIBRARY_PATH=//p')"
+  listing="$(env -i LD_LIBRARY_PATH="$library_path" "$(command -v chroot)" "$root" /lib64/ld-linux-x86-64.so.2 --list "$entrypoint" 2>&1)" \
+    || true
+  engine rm "$container" >/dev/null
+  if grep -q 'not found' <<< "$listing" || ! grep -q '=>' <<< "$listing"; then
+    echo "build-images: $1: $entrypoint does not load in its image:"$'\n'"$listing" >&2
+    return 1
+  fi
+  if [ "$1" = runtime-cuda ] && ! grep -q 'libtorch_cuda.so => /opt/libtorch/' <<< "$listing"; then
+    echo "build-images: runtime-cuda: $entrypoint does not load libtorch_cuda:"$'\n'"$listing" >&2
+    return 1
+  fi
+  say "$1: $entrypoint loads $(grep -c '=>' <<< "$listing") libraries, all from the image"
+}
+
 [ -z "$refs" ] || : > "$refs"
 for image in "${images[@]}"; do
   name="localhost/infergate/$image:$tag"
   started=$(date +%s)
-  build_args=(--build-arg ARTIFACTS=prebuilt --build-arg ARTIFACTS_CUDA=prebuilt-cuda
+  # The compile stages' outputs come from the context folder, not from compiling again.
+  build_args=(--build-context compiled="$context" --build-context compiled-cuda="$context"
     --build-arg BASE_IMAGE="$base_image" --build-arg SOURCE="$source_url"
     --build-arg VERSION="$version" --build-arg REVISION="$revision")
   if [ "$engine" = buildah ]; then
@@ -118,10 +143,11 @@ for image in "${images[@]}"; do
     engine bud --quiet --layers --force-rm --timestamp 0 --isolation chroot --target "$image" "${build_args[@]}" \
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
   else
-    docker build --quiet --target "$image" "${build_args[@]}" \
+    docker buildx build --load --quiet --target "$image" "${build_args[@]}" \
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
   fi
   say "$image: $name, $(image_size "$name"), built in $(($(date +%s) - started)) s"
+  [ "$engine" != buildah ] || check_libraries "$image" "$name"
   if [ -n "$push" ]; then
     remote="$push/infergate/$image"
     if [ "$engine" = buildah ]; then

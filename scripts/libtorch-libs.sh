@@ -12,12 +12,16 @@ mkdir -p "$dest"
 torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 site="$(dirname "$torch_dir")"
 search_path="$torch_dir/lib:$(find "$site/nvidia" -maxdepth 3 -type d -name lib 2>/dev/null | paste -sd:)"
+# Hard links where DEST is on the wheel's file system (gigabytes for CUDA), else copies.
+place() { cp --link -f "$@" 2>/dev/null || cp -f "$@"; }
 if [ "$variant" = cuda ]; then
-  cp -a "$torch_dir"/lib/*.so* "$dest"/
-  for lib in ${search_path//:/ }; do cp -a "$lib"/*.so* "$dest"/ 2>/dev/null || true; done
+  place -a "$torch_dir"/lib/*.so* "$dest"/
+  for lib in ${search_path//:/ }; do
+    if compgen -G "$lib/*.so*" >/dev/null; then place -a "$lib"/*.so* "$dest"/; fi
+  done
 else
   LD_LIBRARY_PATH="$search_path" ldd "$binary" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
-    case "$lib" in "$site"/*) cp -aL "$lib" "$dest"/ ;; esac
+    case "$lib" in "$site"/*) place -aL "$lib" "$dest"/ ;; esac
   done
 fi
 missing="$(LD_LIBRARY_PATH="$dest" ldd "$binary" | grep 'not found' || true)"

@@ -74,18 +74,9 @@ impl ImageStore {
             if self.insecure.iter().any(|r| registry_of(reference) == r) {
                 copy.arg("--src-tls-verify=false");
             }
-            let output = copy
-                .arg(format!("docker://{reference}"))
-                .arg(format!("oci:{}:{name}", self.layout().display()))
-                .output()
-                .await
-                .map_err(|e| PullError(format!("skopeo: {e}")))?;
-            if !output.status.success() {
-                return Err(PullError(format!(
-                    "pulling {reference}: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
-            }
+            copy.arg(format!("docker://{reference}"))
+                .arg(format!("oci:{}:{name}", self.layout().display()));
+            succeeds(copy, &format!("pulling {reference}")).await?;
         }
         let digest = self.manifest_digest(&name)?;
         let hex = digest.trim_start_matches("sha256:");
@@ -93,19 +84,12 @@ impl ImageStore {
         if !rootfs.exists() {
             let staged = self.dir.join("rootfs").join(format!(".{hex}.tmp"));
             let _ = std::fs::remove_dir_all(&staged);
-            let output = Command::new("umoci")
+            let mut unpack = Command::new("umoci");
+            unpack
                 .args(["raw", "unpack", "--image"])
                 .arg(format!("{}:{name}", self.layout().display()))
-                .arg(&staged)
-                .output()
-                .await
-                .map_err(|e| PullError(format!("umoci: {e}")))?;
-            if !output.status.success() {
-                return Err(PullError(format!(
-                    "unpacking {reference}: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
-            }
+                .arg(&staged);
+            succeeds(unpack, &format!("unpacking {reference}")).await?;
             std::fs::rename(&staged, &rootfs)
                 .map_err(|e| PullError(format!("unpacking {reference}: {e}")))?;
         }
@@ -164,6 +148,22 @@ impl ImageStore {
             .split_once(':')
             .ok_or_else(|| PullError(format!("{digest:?} is not a digest")))?;
         read_json(&self.layout().join("blobs").join(algorithm).join(hex))
+    }
+}
+
+/// Runs a tool to success; its error output, after `doing`, is the pull error.
+async fn succeeds(mut command: Command, doing: &str) -> Result<(), PullError> {
+    let output = command
+        .output()
+        .await
+        .map_err(|e| PullError(format!("{doing}: {e}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(PullError(format!(
+            "{doing}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
     }
 }
 
