@@ -9,7 +9,8 @@
 #     --bin-dir DIR        cargo profile folder with the binaries (default: $CARGO_TARGET_DIR/release)
 #     --cuda-bin-dir DIR   the CUDA-linked runtime's profile folder (for runtime-cuda)
 #     --tag TAG            image tag (default: the commit, with -dirty for a changed tree)
-#     --push HOST:PORT     push to that registry (plain HTTP: a loopback test registry)
+#     --push HOST[:PORT]   push to that registry (TLS and gzip; plain HTTP and uncompressed
+#                          layers for one on loopback, such as the test bed's)
 #     --refs FILE          with --push: write `IMAGE REFERENCE@DIGEST` lines to FILE
 #     --engine docker      build with `docker build` instead (same stages, same base)
 #   docker/build-images.sh --buildah ARGS...      buildah ARGS on the images this script keeps
@@ -142,6 +143,15 @@ for image in "${images[@]}"; do
     # Time 0 for files and the creation date: the same binaries make the same digest.
     engine bud --quiet --layers --force-rm --timestamp 0 --isolation chroot --target "$image" "${build_args[@]}" \
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
+    # Buildah 1.28's layer cache does not key a LABEL step on the build arguments it expands:
+    # an image from the cache keeps the revision of the build that first made it. So the
+    # labels that vary are set again on the result (an empty layer, the price of the cache).
+    container="$(engine from --pull-never "$name")"
+    engine config --label org.opencontainers.image.source="$source_url" \
+      --label org.opencontainers.image.version="$version" \
+      --label org.opencontainers.image.revision="$revision" "$container"
+    engine commit --quiet --timestamp 0 "$container" "$name" >/dev/null
+    engine rm "$container" >/dev/null
   else
     docker buildx build --load --quiet --target "$image" "${build_args[@]}" \
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
@@ -152,9 +162,14 @@ for image in "${images[@]}"; do
     remote="$push/infergate/$image"
     if [ "$engine" = buildah ]; then
       digest_file="$(mktemp)"
-      # Uncompressed layers: gzip of libtorch costs a core half a minute per push, and a
-      # loopback registry gains nothing from it.
-      engine push --quiet --tls-verify=false --disable-compression --digestfile "$digest_file" \
+      # A registry on loopback (the test bed's) speaks plain HTTP and gets uncompressed
+      # layers: gzip of libtorch_cpu alone costs 17 s of a core and saves nothing there. Any
+      # other registry gets TLS, verified, and gzipped layers.
+      push_options=()
+      case "$push" in
+        127.*|localhost|localhost:*) push_options=(--tls-verify=false --disable-compression) ;;
+      esac
+      engine push --quiet "${push_options[@]}" --digestfile "$digest_file" \
         "$name" "docker://$remote:$tag"
       digest="$(cat "$digest_file")"
       rm -f "$digest_file"
