@@ -116,16 +116,13 @@ fi
 # The image's entrypoint must find every library inside the image, with the image's own
 # dynamic linker and LD_LIBRARY_PATH; the CUDA runtime must also load libtorch_cuda (without
 # it CUDA stays unavailable). A library missing fails the build, not a pod at deploy time.
-check_libraries() {  # $1: image, $2: name
-  local container root entrypoint library_path listing
-  container="$(engine from --pull-never "$2")"
-  root="$(engine mount "$container")"
+check_libraries() {  # $1: image, $2: name, $3: its root filesystem, mounted
+  local root="$3" entrypoint library_path listing
   entrypoint="$(engine inspect --type image --format '{{index .OCIv1.Config.Entrypoint 0}}' "$2")"
   library_path="$(engine inspect --type image --format '{{range .OCIv1.Config.Env}}{{println .}}{{end}}' "$2" \
     | sed -n 's/^LD_LIBRARY_PATH=//p')"
   listing="$(env -i LD_LIBRARY_PATH="$library_path" "$(command -v chroot)" "$root" /lib64/ld-linux-x86-64.so.2 --list "$entrypoint" 2>&1)" \
     || true
-  engine rm "$container" >/dev/null
   if grep -q 'not found' <<< "$listing" || ! grep -q '=>' <<< "$listing"; then
     echo "build-images: $1: $entrypoint does not load in its image:"$'\n'"$listing" >&2
     return 1
@@ -149,10 +146,15 @@ for image in "${images[@]}"; do
     # Time 0 for files and the creation date: the same binaries make the same digest.
     engine bud --quiet --layers --force-rm --timestamp 0 --isolation chroot --target "$image" "${build_args[@]}" \
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
-    # Buildah 1.28's layer cache does not key a LABEL step on the build arguments it expands:
-    # an image from the cache keeps the revision of the build that first made it. So the
-    # labels that vary are set again on the result (an empty layer, the price of the cache).
+    # One working container for two things: the library check reads its files, and the labels
+    # that vary are set again on it, because buildah 1.28's layer cache does not key a LABEL
+    # step on the build arguments it expands (an image from the cache would keep the revision
+    # of the build that first made it; an empty layer is the price of the cache).
     container="$(engine from --pull-never "$name")"
+    if ! check_libraries "$image" "$name" "$(engine mount "$container")"; then
+      engine rm "$container" >/dev/null
+      exit 1
+    fi
     engine config --label org.opencontainers.image.source="$source_url" \
       --label org.opencontainers.image.version="$version" \
       --label org.opencontainers.image.revision="$revision" "$container"
@@ -163,7 +165,6 @@ for image in "${images[@]}"; do
       -f "$repo/docker/Dockerfile" -t "$name" "$context" >/dev/null
   fi
   say "$image: $name, $(image_size "$name"), built in $(($(date +%s) - started)) s"
-  [ "$engine" != buildah ] || check_libraries "$image" "$name"
   if [ -n "$push" ]; then
     remote="$push/infergate/$image"
     if [ "$engine" = buildah ]; then

@@ -342,5 +342,7 @@ PY
     -o jsonpath='{.items[?(@.status.phase=="Running")].status.podIP}' | awk '{print $1}')"
   echo "PROXY_URL=http://$proxy_ip:8080"
 fi
+# Where the node agent keeps each pod's container logs (it serves no `kubectl logs`).
+[ -z "${INFERGATE_NODE_AGENT_BIN:-}" ] || echo "POD_LOGS=$run/node/pods"
 echo "KUBECONFIG=$kubeconfig"
 echo "KUBECTL=$bin/kubectl"

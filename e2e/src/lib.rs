@@ -26,6 +26,8 @@ pub struct TestBed {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
     pub proxy_url: Option<String>,
+    /// The node agent's folder of pod logs (`NAMESPACE_POD/CONTAINER.log`), on the test bed.
+    pub pod_logs: Option<PathBuf>,
 }
 
 /// The binaries the test bed runs as pods: the node agent maps infergate's images to them.
@@ -70,6 +72,7 @@ fn external() -> Option<TestBed> {
             .unwrap_or("kubectl".into())
             .into(),
         proxy_url: std::env::var("PROXY_URL").ok(),
+        pod_logs: None,
     })
 }
 
@@ -100,6 +103,10 @@ fn up<S: AsRef<OsStr>>(env: &[(&str, S)]) -> TestBed {
             .lines()
             .find_map(|line| line.strip_prefix("PROXY_URL="))
             .map(str::to_owned),
+        pod_logs: stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("POD_LOGS="))
+            .map(PathBuf::from),
     }
 }
 

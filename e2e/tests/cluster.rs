@@ -37,14 +37,8 @@ fn why_pods_are_not_ready(cluster: &TestBed, namespace: &str) -> String {
         "-o",
         "jsonpath={range .items[*]}{.metadata.name}: {.status.containerStatuses[*].state}{\"\\n\"}{end}",
     ]);
-    let state = std::env::var("INFERGATE_CLUSTER_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/infergate/cluster",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let pods = Path::new(&state).join("run/node/pods");
-    for entry in std::fs::read_dir(pods).into_iter().flatten().flatten() {
+    let pods = cluster.pod_logs.as_deref().into_iter();
+    for entry in pods.flat_map(std::fs::read_dir).flatten().flatten() {
         if !entry
             .file_name()
             .to_string_lossy()

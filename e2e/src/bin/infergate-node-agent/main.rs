@@ -193,6 +193,13 @@ struct Refusal {
 /// PATH in a container that sets none (what container runtimes default to).
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Where a container's program comes from.
+enum Source {
+    /// Host-binary mode: a binary of this machine stands for the image.
+    Mapped(PathBuf),
+    Pulled(images::Image),
+}
+
 /// What a container runs.
 enum Program {
     /// A binary of this machine (host-binary mode), with the pod's arguments.
@@ -349,16 +356,16 @@ impl Agent {
         Ok(())
     }
 
-    /// The image a container runs, pulled unless host-binary mode maps it to a binary.
-    async fn image_for(&self, container: &Container) -> Result<Option<images::Image>, Refusal> {
+    /// What a container runs: its image, pulled, unless host-binary mode maps it to a binary.
+    async fn source_for(&self, container: &Container) -> Result<Source, Refusal> {
         let reference = container.image.clone().unwrap_or_default();
-        if self.binary_for(&reference).is_some() {
-            return Ok(None);
+        if let Some(binary) = self.binary_for(&reference) {
+            return Ok(Source::Mapped(binary));
         }
         self.store
             .pull(&reference)
             .await
-            .map(Some)
+            .map(Source::Pulled)
             .map_err(|error| Refusal {
                 reason: "ErrImagePull",
                 message: error.0,
@@ -370,12 +377,12 @@ impl Agent {
         pod: &Pod,
         pod_ip: &str,
         container: &Container,
-        image: Option<images::Image>,
+        source: Source,
         volumes: &HashMap<String, PathBuf>,
     ) -> Result<Launch, Refusal> {
         let mut env = Vec::new();
         // The image's environment first: the pod's variables of the same name replace it.
-        if let Some(image) = &image {
+        if let Source::Pulled(image) = &source {
             env.extend(image.env.iter().cloned());
         }
         if let Some(api) = self.api_service {
@@ -438,8 +445,8 @@ impl Agent {
                 });
             }
         };
-        let (program, user) = match image {
-            Some(image) => {
+        let (program, user) = match source {
+            Source::Pulled(image) => {
                 let image_user = images::image_user(&image.rootfs, &image.user)
                     .map_err(|message| Refusal {
                         reason: "CreateContainerConfigError",
@@ -470,9 +477,7 @@ impl Agent {
                     user,
                 )
             }
-            None => {
-                let reference = container.image.clone().unwrap_or_default();
-                let binary = self.binary_for(&reference).expect("a mapped image");
+            Source::Mapped(binary) => {
                 if container.command.is_some() {
                     return Err(Refusal {
                         reason: "CommandNotSupported",
@@ -877,9 +882,9 @@ impl Agent {
                 {
                     // Pulled until it works (back-off in between), as the kubelet does.
                     let mut attempt = 0u32;
-                    let image = loop {
-                        match self.image_for(c).await {
-                            Ok(image) => break image,
+                    let source = loop {
+                        match self.source_for(c).await {
+                            Ok(source) => break source,
                             Err(refusal) => {
                                 let reason = if attempt == 0 {
                                     "ErrImagePull"
@@ -901,7 +906,7 @@ impl Agent {
                             }
                         }
                     };
-                    match self.launch(&pod, &network.pod_ip, c, image, &volumes) {
+                    match self.launch(&pod, &network.pod_ip, c, source, &volumes) {
                         Ok(launch) => launches.push((c.clone(), launch)),
                         Err(refusal) => {
                             refused = Some(refusal);
