@@ -177,25 +177,64 @@ impl std::str::FromStr for Task {
 
 /// The location of a model's files.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://')").message("model.sha256 applies only to https:// URIs"),
-    validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..')").message("model.uri must not contain '..' segments")
+    validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..')").message("model.uri must not contain '..' segments"),
+    validation = Rule::new("!has(self.credentialsSecret) || self.uri.startsWith('s3://') || self.uri.startsWith('gs://') || self.uri.startsWith('az://')").message("model.credentialsSecret applies only to s3://, gs:// and az:// URIs"),
+    validation = Rule::new("!has(self.endpoint) || self.uri.startsWith('s3://') || self.uri.startsWith('az://')").message("model.endpoint applies only to s3:// and az:// URIs"),
+    validation = Rule::new("(!has(self.region) && !has(self.pathStyle)) || self.uri.startsWith('s3://')").message("model.region and model.pathStyle apply only to s3:// URIs")
 )]
 pub struct ModelSource {
-    /// `pvc://CLAIM/PATH`, `file:///ABSOLUTE/PATH` (a host path; local mode) or `https://...`
-    /// (downloaded before the runtime starts).
+    /// `pvc://CLAIM/PATH`, `file:///ABSOLUTE/PATH` (a host path; local mode), `https://...`
+    /// (one file or a tar archive), or the directory of the model's files in an object store:
+    /// `s3://BUCKET/PREFIX` (S3 and compatible stores), `gs://BUCKET/PREFIX` or
+    /// `az://CONTAINER/PREFIX`. Downloads happen before the runtime starts, through the
+    /// node's model cache.
     #[schemars(
         length(min = 1, max = 2048),
         regex(
-            pattern = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?|file:///[^\s]*|https://[^\s/]+(/[^\s]*)?)$"
+            pattern = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?|file:///[^\s]*|https://[^\s/]+(/[^\s]*)?|(s3|gs|az)://[a-z0-9]([-a-z0-9._]*[a-z0-9])?(/[^\s]*)?)$"
         )
     )]
     pub uri: String,
 
     /// Lower-case hex SHA-256 of the downloaded file, checked before the runtime starts.
+    /// An object store prefix is checked against its own `SHA256SUMS` object instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
+
+    /// A Secret in the ModelDeployment's namespace whose keys are the store's credentials:
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) for s3://,
+    /// `GOOGLE_SERVICE_ACCOUNT_KEY` for gs://, `AZURE_STORAGE_ACCOUNT_NAME` with
+    /// `AZURE_STORAGE_ACCOUNT_KEY` or `AZURE_STORAGE_SAS_KEY` for az://. Mounted into the
+    /// download container only. Without it the store sees the pod's own identity (IRSA,
+    /// workload identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub credentials_secret: Option<String>,
+
+    /// The store's endpoint, for S3-compatible stores (MinIO, Ceph, ...) and Azure emulators:
+    /// `http://minio.storage:9000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^https?://[^\s/]+(/[^\s]*)?$")
+    )]
+    pub endpoint: Option<String>,
+
+    /// The S3 region (`us-east-1` when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+
+    /// Path-style S3 addressing (`ENDPOINT/BUCKET/KEY`), which most self-hosted stores need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
 }
 
 impl ModelSource {
@@ -214,12 +253,14 @@ pub enum ModelUri {
     File { path: String },
     /// A file to download.
     Https { url: String },
+    /// A directory of an object store (`s3://`, `gs://`, `az://`) to download.
+    Object { uri: String },
 }
 
 /// Why a model URI was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelUriError {
-    #[error("model URI must start with pvc://, file:/// or https://")]
+    #[error("model URI must start with pvc://, file:///, https://, s3://, gs:// or az://")]
     UnsupportedScheme,
     #[error("pvc:// URI needs a claim name: pvc://CLAIM/PATH")]
     MissingClaim,
@@ -227,6 +268,8 @@ pub enum ModelUriError {
     RelativePath,
     #[error("https:// URI needs a host")]
     MissingHost,
+    #[error("an object store URI needs a bucket: s3://BUCKET/PREFIX")]
+    MissingBucket,
     #[error("model URI must not contain whitespace or '..' segments")]
     UnsafePath,
 }
@@ -261,12 +304,23 @@ impl std::str::FromStr for ModelUri {
             ModelUri::Https {
                 url: uri.to_owned(),
             }
+        } else if let Some(rest) = ["s3://", "gs://", "az://"]
+            .iter()
+            .find_map(|scheme| uri.strip_prefix(scheme))
+        {
+            if rest.split('/').next().is_none_or(str::is_empty) {
+                return Err(ModelUriError::MissingBucket);
+            }
+            ModelUri::Object {
+                uri: uri.to_owned(),
+            }
         } else {
             return Err(ModelUriError::UnsupportedScheme);
         };
         // A path that climbs out of its volume would let a manifest read another model's files.
         let path = match &uri {
             ModelUri::Pvc { path, .. } | ModelUri::File { path } => path.as_str(),
+            ModelUri::Object { uri } => uri.as_str(),
             ModelUri::Https { .. } => "",
         };
         if path.split('/').any(|segment| segment == "..") {
@@ -423,7 +477,11 @@ mod tests {
             md.spec.model,
             ModelSource {
                 uri: "file:///models/minilm".into(),
-                sha256: None
+                sha256: None,
+                credentials_secret: None,
+                endpoint: None,
+                region: None,
+                path_style: None,
             }
         );
     }
@@ -471,12 +529,17 @@ mod tests {
                 url: "https://example.com/m.tar".into()
             })
         );
+        for uri in ["s3://models/team/minilm", "gs://b/m", "az://weights"] {
+            assert_eq!(uri.parse(), Ok(ModelUri::Object { uri: uri.into() }));
+        }
     }
 
     #[test]
     fn model_uris_that_cannot_be_served_are_refused() {
         let refused = [
-            ("s3://bucket/model", ModelUriError::UnsupportedScheme),
+            ("ftp://host/model", ModelUriError::UnsupportedScheme),
+            ("s3:///model", ModelUriError::MissingBucket),
+            ("gs://bucket/a/../b", ModelUriError::UnsafePath),
             ("http://example.com/m", ModelUriError::UnsupportedScheme),
             ("pvc:///path", ModelUriError::MissingClaim),
             ("file://relative/path", ModelUriError::RelativePath),

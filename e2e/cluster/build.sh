@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the control plane of the cluster test bed from Go modules (Kubernetes v1.36.3, etcd
 # v3.6.8; see components/go.mod) and its OCI registry (CNCF distribution v3.1.2; see
-# registry/go.mod) into a cache outside the clone. A second run with unchanged modules only
+# registry/go.mod) and its S3-compatible object store (Versity's S3 gateway v1.8.0; see
+# objectstore/go.mod) into a cache outside the clone. A second run with unchanged modules only
 # checks a stamp.
 set -euo pipefail
 
@@ -10,7 +11,7 @@ bin="${INFERGATE_CLUSTER_BIN:-$HOME/.cache/infergate/cluster/bin}"
 mkdir -p "$bin"
 stamp="$bin/.components"
 wanted="$(cat "$here/build.sh" "$here/components/go.mod" "$here/components/go.sum" "$here/components/cmd/etcd/main.go" \
-  "$here/registry/go.mod" "$here/registry/go.sum" | sha256sum | cut -d' ' -f1)"
+  "$here/registry/go.mod" "$here/registry/go.sum" "$here/objectstore/go.mod" "$here/objectstore/go.sum" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
   exit 0
 fi
@@ -33,4 +34,6 @@ echo "cluster: building etcd" >&2
 go build -ldflags=-s -o "$bin/etcd" ./cmd/etcd
 echo "cluster: building the registry" >&2
 (cd "$here/registry" && go build -ldflags=-s -o "$bin/registry" github.com/distribution/distribution/v3/cmd/registry)
+echo "cluster: building the object store" >&2
+(cd "$here/objectstore" && go build -ldflags=-s -o "$bin/versitygw" github.com/versity/versitygw/cmd/versitygw)
 echo "$wanted" > "$stamp"

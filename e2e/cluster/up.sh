@@ -316,10 +316,10 @@ if [ -n "${INFERGATE_NODE_AGENT_BIN:-}" ] && [ -n "${INFERGATE_OPERATOR_BIN:-}" 
     say "installing infergate with its Helm chart"
     "${kubectl[@]}" create namespace infergate-system >/dev/null 2>&1 || true
     "${INFERGATE_PYTHON:-python}" - "$kubeconfig" "$repo/charts/infergate" "$pod_images" \
-      "127.0.0.1:$registry_port" "$run/images.refs" <<'PY' >&2
+      "127.0.0.1:$registry_port" "$run/images.refs" "$run/node-cache" <<'PY' >&2
 import sys
 import helm_python as helm
-kubeconfig, chart, pod_images, registry, refs = sys.argv[1:6]
+kubeconfig, chart, pod_images, registry, refs, model_cache = sys.argv[1:7]
 if pod_images == "registry":
     # Pinned by digest: pods run exactly what docker/build-images.sh pushed.
     digests = dict(line.split()[0:2] for line in open(refs))
@@ -331,7 +331,9 @@ values = {"images": images,
           "operator": {"watchNamespace": "infergate-e2e", "logJson": False},
           "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False},
           # The node agent refreshes mounted Secrets and ConfigMaps every second.
-          "internalKeys": {"rotationHours": 24, "activationSeconds": 3}}
+          "internalKeys": {"rotationHours": 24, "activationSeconds": 3},
+          # The node cache of downloaded models inside the test bed's own directory.
+          "modelCache": {"hostPath": model_cache, "maxBytes": 10_000_000_000}}
 helm.Config(kubeconfig_path=kubeconfig).install(
     helm.Chart.load(chart), "infergate", values, namespace="infergate-system")
 PY

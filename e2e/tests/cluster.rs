@@ -64,6 +64,238 @@ fn why_pods_are_not_ready(cluster: &TestBed, namespace: &str) -> String {
     why
 }
 
+/// Versity's S3 gateway (built by e2e/cluster/build.sh) over a scratch directory, listening
+/// where pods reach this machine: 10.0.0.1, the test bed's address for the API server.
+struct ObjectStore {
+    child: std::process::Child,
+    endpoint: String,
+    data: std::path::PathBuf,
+}
+
+impl ObjectStore {
+    fn start(dir: &Path, access_key: &str, secret_key: &str) -> ObjectStore {
+        let host =
+            std::env::var("INFERGATE_TEST_STORE_HOST").unwrap_or_else(|_| "10.0.0.1".to_owned());
+        let port = std::net::TcpListener::bind((host.as_str(), 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = std::env::var("INFERGATE_CLUSTER_BIN").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/infergate/cluster/bin",
+                std::env::var("HOME").unwrap()
+            )
+        });
+        let data = dir.join("store");
+        std::fs::create_dir_all(&data).unwrap();
+        let child = Command::new(format!("{bin}/versitygw"))
+            .args([
+                "--access", access_key, "--secret", secret_key, "--quiet", "--port",
+            ])
+            .arg(format!("{host}:{port}"))
+            .arg("posix")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("versitygw: scripts/setup.sh builds it");
+        eventually(
+            "the object store listening",
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect((host.as_str(), port)).ok(),
+        );
+        ObjectStore {
+            child,
+            endpoint: format!("http://{host}:{port}"),
+            data,
+        }
+    }
+
+    /// Uploads a model directory's files under `bucket/prefix`, with its SHA256SUMS.
+    fn put_model(&self, bucket: &str, prefix: &str, from: &Path, files: &[&str]) {
+        let target = self.data.join(bucket).join(prefix);
+        let mut manifest = String::new();
+        for file in files {
+            std::fs::create_dir_all(target.join(file).parent().unwrap()).unwrap();
+            std::fs::copy(from.join(file), target.join(file)).unwrap();
+            let sum = Command::new("sha256sum")
+                .arg(target.join(file))
+                .output()
+                .unwrap();
+            manifest.push_str(&format!(
+                "{}  {file}\n",
+                &String::from_utf8(sum.stdout).unwrap()[..64]
+            ));
+        }
+        std::fs::write(target.join("SHA256SUMS"), manifest).unwrap();
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `ModelFetched` condition of a ModelDeployment: reason and message.
+fn model_fetched(cluster: &TestBed, namespace: &str, md: &str) -> (String, String) {
+    let condition = cluster.ok(&[
+        "get",
+        "md",
+        md,
+        "-n",
+        namespace,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="ModelFetched")].reason}|{.status.conditions[?(@.type=="ModelFetched")].message}"#,
+    ]);
+    let (reason, message) = condition.split_once('|').unwrap_or_default();
+    (reason.to_owned(), message.to_owned())
+}
+
+/// all-MiniLM-L6-v2 from a bucket of a real S3 server: two replicas on the node, one
+/// downloads while the other waits for it and takes the node cache's copy, and both serve.
+/// Wrong keys and a missing bucket become conditions that say what to fix.
+fn models_from_an_s3_bucket(cluster: &TestBed, namespace: &str, dir: &Path) {
+    let store = ObjectStore::start(dir, "e2e-access", "e2e-secret-not-logged");
+    let files = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "model.safetensors",
+    ];
+    store.put_model("models", "team/minilm", Path::new(&minilm_dir()), &files);
+    for (secret, key) in [
+        ("store-keys", "e2e-secret-not-logged"),
+        ("wrong-keys", "not-the-key"),
+    ] {
+        cluster.ok(&[
+            "create",
+            "secret",
+            "generic",
+            secret,
+            "-n",
+            namespace,
+            "--from-literal=AWS_ACCESS_KEY_ID=e2e-access",
+            &format!("--from-literal=AWS_SECRET_ACCESS_KEY={key}"),
+        ]);
+    }
+    let model = |name: &str, uri: &str, secret: &str, replicas: u32| {
+        format!(
+            "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: {name}}}\nspec:\n  task: embedding\n  replicas: {replicas}\n  model:\n    uri: {uri}\n    endpoint: {}\n    pathStyle: true\n    credentialsSecret: {secret}\n---\n",
+            store.endpoint
+        )
+    };
+    let manifests = dir.join("s3-models.yaml");
+    std::fs::write(
+        &manifests,
+        [
+            model("minilm-s3", "s3://models/team/minilm", "store-keys", 2),
+            model("wrong-keys", "s3://models/team/minilm", "wrong-keys", 1),
+            model("no-bucket", "s3://no-such-bucket/minilm", "store-keys", 1),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    cluster.ok(&["apply", "-n", namespace, "-f", manifests.to_str().unwrap()]);
+    let waited = cluster.kubectl(
+        &[
+            "wait",
+            "-n",
+            namespace,
+            "--for",
+            "condition=Ready",
+            "--timeout",
+            "120s",
+            "md/minilm-s3",
+        ],
+        None,
+    );
+    assert!(
+        waited.status.success(),
+        "the s3:// model did not become Ready: {}\n{:?}\n{}",
+        String::from_utf8_lossy(&waited.stderr),
+        model_fetched(cluster, namespace, "minilm-s3"),
+        why_pods_are_not_ready(cluster, namespace)
+    );
+    let ready_after = started.elapsed();
+    let (_, fetched) = eventually(
+        "both replicas' fetches reported",
+        Duration::from_secs(30),
+        || {
+            let (reason, message) = model_fetched(cluster, namespace, "minilm-s3");
+            (message.matches("pod minilm-s3-").count() == 2).then_some((reason, message))
+        },
+    );
+    assert!(
+        fetched.contains(": Downloaded: s3://models/team/minilm: 10 files"),
+        "{fetched}"
+    );
+    assert!(
+        fetched.contains(": CacheHitAfterWait: ") || fetched.contains(": CacheHit: "),
+        "the second replica used the node cache: {fetched}"
+    );
+    assert!(fetched.contains("checked against SHA256SUMS"), "{fetched}");
+    eprintln!("s3:// model Ready after {ready_after:?} (2 replicas): {fetched}");
+
+    let failure = |md: &str, reason: &str| {
+        eventually(
+            &format!("{md} reporting {reason}"),
+            Duration::from_secs(60),
+            || {
+                let (seen, message) = model_fetched(cluster, namespace, md);
+                (seen == reason).then_some(message)
+            },
+        )
+    };
+    let refused = failure("wrong-keys", "CredentialsRefused");
+    assert!(
+        refused.contains("SignatureDoesNotMatch") && refused.contains("Secret wrong-keys"),
+        "{refused}"
+    );
+    assert!(!refused.contains("not-the-key"), "{refused}");
+    let missing = failure("no-bucket", "ModelNotFound");
+    assert!(
+        missing.contains("s3://no-such-bucket/minilm") && missing.contains("NoSuchBucket"),
+        "{missing}"
+    );
+    let degraded = cluster.ok(&[
+        "get",
+        "md",
+        "wrong-keys",
+        "-n",
+        namespace,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Degraded")].reason}"#,
+    ]);
+    assert_eq!(degraded, "CredentialsRefused");
+
+    cluster.ok(&[
+        "delete",
+        "-n",
+        namespace,
+        "-f",
+        manifests.to_str().unwrap(),
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    cluster.ok(&[
+        "delete",
+        "secret",
+        "store-keys",
+        "wrong-keys",
+        "-n",
+        namespace,
+    ]);
+}
+
 /// What `kubectl get -o jsonpath` shows of a Secret's data, decoded.
 fn base64_decode(text: &str) -> Vec<u8> {
     Command::new("base64")
@@ -277,6 +509,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
         "a RIFF (WAV) file, base64: {speech}"
     );
     assert_eq!(speech["sampling_rate"], 16000);
+    models_from_an_s3_bucket(cluster, &namespace, &log_dir);
     let pods = cluster.ok(&[
         "get",
         "pods",

@@ -10,7 +10,7 @@ use crds::{AccessToken, ModelDeployment};
 use futures::{FutureExt, StreamExt};
 use internal_token::Schedule;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -18,7 +18,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::desired::RuntimeDefaults;
+use crate::desired::{MODEL_DEPLOYMENT_LABEL, RuntimeDefaults};
 use crate::internal_keys::{self, PublicKeys};
 use crate::telemetry::{Health, Metrics};
 use crate::tokens::{ACCESS_TOKEN_NAME_LABEL, ACCESS_TOKEN_NAMESPACE_LABEL};
@@ -213,11 +213,22 @@ pub async fn run(
     let models = models_controller.store();
     let claims = models.clone();
     // When the holder of an id goes, the next claimant of that id must be reconciled to take it.
-    let models_controller = models_controller.watches(
-        api::<ModelDeployment>(&client, watched.as_deref()),
-        watcher::Config::default(),
-        move |md| others_claiming(&claims, &md),
-    );
+    let models_controller = models_controller
+        .watches(
+            api::<ModelDeployment>(&client, watched.as_deref()),
+            watcher::Config::default(),
+            move |md| others_claiming(&claims, &md),
+        )
+        // Runtime pods belong to a ReplicaSet, not to the ModelDeployment: mapped by label, for
+        // their download containers' outcomes (ModelFetched).
+        .watches(
+            api::<Pod>(&client, watched.as_deref()),
+            watcher::Config::default().labels(MODEL_DEPLOYMENT_LABEL),
+            |pod| {
+                let name = pod.labels().get(MODEL_DEPLOYMENT_LABEL)?;
+                Some(ObjectRef::<ModelDeployment>::new(name).within(&pod.namespace()?))
+            },
+        );
 
     let tokens_controller = Controller::new(
         api::<AccessToken>(&client, watched.as_deref()),

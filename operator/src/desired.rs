@@ -9,9 +9,10 @@ use crds::names::{VERIFYING_KEYS_CONFIG_MAP, VERIFYING_KEYS_KEY, runtime_service
 use crds::{ModelDeployment, ModelUri, RequestTimeouts};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
-    HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -47,7 +48,22 @@ pub struct RuntimeDefaults {
     pub timeouts: RequestTimeouts,
     /// Who may connect to runtime pods.
     pub access: NetworkAccess,
+    /// The node directory that keeps downloaded models across pods; none downloads into
+    /// each pod's own volume.
+    pub model_cache: Option<ModelCache>,
 }
+
+/// The node cache of downloaded models (a hostPath on every node).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCache {
+    pub host_path: String,
+    /// Least recently used models are evicted beyond it.
+    pub max_bytes: u64,
+}
+
+/// Where the download container sees the node cache and the store's credentials.
+pub const MODEL_CACHE_MOUNT: &str = "/var/cache/infergate/models";
+pub const CREDENTIALS_MOUNT: &str = "/var/run/secrets/infergate/model-store";
 
 /// Pods, by the labels of their namespace and their own labels; an empty map matches all.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -75,13 +91,16 @@ pub enum BuildError {
     Unnamed,
 }
 
+/// The label that names a runtime pod's ModelDeployment.
+pub const MODEL_DEPLOYMENT_LABEL: &str = "infergate.dev/model-deployment";
+
 /// Labels of everything made for one ModelDeployment; the selector uses the last two.
 pub fn labels(model_deployment: &str) -> BTreeMap<String, String> {
     [
         ("app.kubernetes.io/name", "infergate-runtime"),
         ("app.kubernetes.io/managed-by", "infergate-operator"),
         ("app.kubernetes.io/instance", model_deployment),
-        ("infergate.dev/model-deployment", model_deployment),
+        (MODEL_DEPLOYMENT_LABEL, model_deployment),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -152,7 +171,7 @@ fn model_volume(uri: &ModelUri) -> (Volume, VolumeMount) {
             mount(None),
         ),
         // Filled by the download init container; lives as long as the pod.
-        ModelUri::Https { .. } => (
+        ModelUri::Https { .. } | ModelUri::Object { .. } => (
             Volume {
                 name: "model".to_owned(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -163,33 +182,114 @@ fn model_volume(uri: &ModelUri) -> (Volume, VolumeMount) {
     }
 }
 
-/// For an https:// model, the init container that fetches it into the model volume: the
-/// builtin runtime image's `download` subcommand, so no other image is needed.
-fn download_container(md: &ModelDeployment, uri: &ModelUri, image: &str) -> Option<Container> {
-    let ModelUri::Https { url } = uri else {
-        return None;
+/// For a model to download (https:// or an object store), the init container that fetches it
+/// into the model volume: the builtin runtime image's `download` subcommand, so no other image
+/// is needed. Its one-line outcome is the termination message the operator reads back; the
+/// credentials Secret is a volume of this container alone (files, so never in an environment
+/// a crash dump or `/proc` shows). Returns the container and the volumes it adds.
+fn download_container(
+    md: &ModelDeployment,
+    uri: &ModelUri,
+    image: &str,
+    cache: Option<&ModelCache>,
+) -> Option<(Container, Vec<Volume>)> {
+    let source = match uri {
+        ModelUri::Https { url } => url,
+        ModelUri::Object { uri } => uri,
+        ModelUri::Pvc { .. } | ModelUri::File { .. } => return None,
     };
+    let model = &md.spec.model;
     let mut args = vec![
         "download".to_owned(),
-        "--url".to_owned(),
-        url.clone(),
+        "--source".to_owned(),
+        source.clone(),
         "--dest".to_owned(),
         MODEL_MOUNT.to_owned(),
     ];
-    if let Some(sha256) = &md.spec.model.sha256 {
-        args.extend(["--sha256".to_owned(), sha256.clone()]);
+    let mut flag = |name: &str, value: Option<&String>| {
+        if let Some(value) = value {
+            args.extend([format!("--{name}"), value.clone()]);
+        }
+    };
+    flag("sha256", model.sha256.as_ref());
+    flag("endpoint", model.endpoint.as_ref());
+    flag("region", model.region.as_ref());
+    flag("credentials-secret", model.credentials_secret.as_ref());
+    if model.path_style == Some(true) {
+        args.push("--path-style".to_owned());
     }
-    Some(Container {
+    let mut mounts = vec![VolumeMount {
+        name: "model".to_owned(),
+        mount_path: MODEL_MOUNT.to_owned(),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = Vec::new();
+    if let Some(secret) = &model.credentials_secret {
+        args.extend(["--credentials-dir".to_owned(), CREDENTIALS_MOUNT.to_owned()]);
+        mounts.push(VolumeMount {
+            name: "model-store-credentials".to_owned(),
+            mount_path: CREDENTIALS_MOUNT.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "model-store-credentials".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    let mut security_context = None;
+    if let Some(cache) = cache {
+        args.extend([
+            "--cache".to_owned(),
+            MODEL_CACHE_MOUNT.to_owned(),
+            "--cache-max-bytes".to_owned(),
+            cache.max_bytes.to_string(),
+        ]);
+        mounts.push(VolumeMount {
+            name: "model-cache".to_owned(),
+            mount_path: MODEL_CACHE_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "model-cache".to_owned(),
+            host_path: Some(HostPathVolumeSource {
+                path: cache.host_path.clone(),
+                type_: Some("DirectoryOrCreate".to_owned()),
+            }),
+            ..Volume::default()
+        });
+        // The kubelet creates a hostPath directory owned by root, mode 0755: only root may
+        // write it. Root without a single capability can (the owner's bits), and nothing
+        // else; hostPath volumes already need a namespace at Pod Security's privileged level.
+        security_context = Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        });
+    }
+    let container = Container {
         name: "download".to_owned(),
         image: Some(image.to_owned()),
         args: Some(args),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "model".to_owned(),
-            mount_path: MODEL_MOUNT.to_owned(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
+        security_context,
+        // A crash before the outcome line is written still leaves its last words.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
-    })
+    };
+    Some((container, volumes))
 }
 
 fn resources(md: &ModelDeployment, defaults: &RuntimeDefaults) -> Option<ResourceRequirements> {
@@ -338,8 +438,16 @@ pub fn runtime_deployment(
             ..Volume::default()
         });
     }
+    let init_containers =
+        match download_container(md, &uri, &builtin_image, defaults.model_cache.as_ref()) {
+            Some((download, download_volumes)) => {
+                volumes.extend(download_volumes);
+                Some(vec![download])
+            }
+            None => None,
+        };
     let pod = PodSpec {
-        init_containers: download_container(md, &uri, &builtin_image).map(|c| vec![c]),
+        init_containers,
         containers: vec![container],
         volumes: Some(volumes),
         node_selector: md.spec.node_selector.clone(),
@@ -610,6 +718,7 @@ mod tests {
                 max: std::time::Duration::from_secs(50),
             },
             access: NetworkAccess::default(),
+            model_cache: None,
         };
         let bare =
             deployment(serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}}));
@@ -737,7 +846,7 @@ mod tests {
         assert_eq!(
             init.args.as_ref().unwrap().join(" "),
             format!(
-                "download --url https://models.example.com/minilm.tar.gz --dest /model --sha256 {sha}"
+                "download --source https://models.example.com/minilm.tar.gz --dest /model --sha256 {sha}"
             )
         );
         assert_eq!(init.volume_mounts.as_ref().unwrap()[0].read_only, None);
@@ -745,6 +854,74 @@ mod tests {
             container(&d).volume_mounts.as_ref().unwrap()[0].read_only,
             Some(true),
             "the server only reads what was downloaded"
+        );
+    }
+
+    #[test]
+    fn an_object_store_source_is_fetched_through_the_node_cache_with_its_secret_mounted_as_files() {
+        let md = deployment(serde_json::json!({
+            "task": "embedding",
+            "model": {"uri": "s3://models/team/minilm", "credentialsSecret": "store-keys",
+                      "endpoint": "http://minio.storage:9000", "region": "eu-west-1", "pathStyle": true},
+        }));
+        let mut defaults = defaults();
+        defaults.model_cache = Some(ModelCache {
+            host_path: "/var/cache/infergate/models".into(),
+            max_bytes: 50_000_000_000,
+        });
+        let d = runtime_deployment(&md, &defaults).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let init = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            init.args.as_ref().unwrap().join(" "),
+            "download --source s3://models/team/minilm --dest /model --endpoint http://minio.storage:9000 \
+             --region eu-west-1 --credentials-secret store-keys --path-style \
+             --credentials-dir /var/run/secrets/infergate/model-store \
+             --cache /var/cache/infergate/models --cache-max-bytes 50000000000"
+        );
+        assert!(init.env.is_none(), "credentials are files, not variables");
+        let volume = |name: &str| {
+            pod.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap_or_else(|| panic!("no volume {name}"))
+                .clone()
+        };
+        assert_eq!(
+            volume("model-store-credentials")
+                .secret
+                .unwrap()
+                .secret_name
+                .as_deref(),
+            Some("store-keys")
+        );
+        let cache = volume("model-cache").host_path.unwrap();
+        assert_eq!(
+            (cache.path.as_str(), cache.type_.as_deref()),
+            ("/var/cache/infergate/models", Some("DirectoryOrCreate"))
+        );
+        let context = init.security_context.as_ref().unwrap();
+        assert_eq!(
+            context.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(
+            init.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        let runtime_mounts: Vec<_> = container(&d)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert!(
+            !runtime_mounts.contains(&"model-store-credentials")
+                && !runtime_mounts.contains(&"model-cache"),
+            "the server sees neither the credentials nor the node cache: {runtime_mounts:?}"
         );
     }
 

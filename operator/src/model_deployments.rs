@@ -7,14 +7,17 @@ use std::time::Duration;
 use crds::ModelDeployment;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
 use crate::apply::{apply_if_changed, apply_status};
 use crate::controller::{Context, Error};
-use crate::desired::{runtime_deployment, runtime_network_policy, runtime_service};
+use crate::desired::{
+    MODEL_DEPLOYMENT_LABEL, runtime_deployment, runtime_network_policy, runtime_service,
+};
 use crate::internal_keys;
 use crate::status::{Blocked, id_holder, model_deployment_status, stamp_transitions, transitions};
 
@@ -74,8 +77,14 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Some(live) => Some(live),
         None => deployments.get_opt(&name).await?,
     };
+    // The pods' download outcomes (ModelFetched); the controller watches them.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods = pods
+        .list(&ListParams::default().labels(&format!("{MODEL_DEPLOYMENT_LABEL}={name}")))
+        .await?
+        .items;
     let previous = md.status.clone().unwrap_or_default();
-    let mut status = model_deployment_status(&md, blocked.as_ref(), deployment.as_ref());
+    let mut status = model_deployment_status(&md, blocked.as_ref(), deployment.as_ref(), &pods);
     stamp_transitions(
         &mut status.conditions,
         &previous.conditions,
@@ -88,8 +97,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
                 .await;
         }
     }
-    // Changes of the Deployment and Service trigger a reconcile (the controller owns them), and
-    // so does any change of a ModelDeployment claiming the same id; the periodic pass only
+    // Changes of the Deployment and Service trigger a reconcile (the controller owns them), so
+    // do changes of its pods and of any ModelDeployment claiming the same id; the periodic pass only
     // repairs what a lost watch event might have hidden.
     let period = if blocked.is_some() { 60 } else { 3600 };
     Ok(Action::requeue(Duration::from_secs(period)))

@@ -6,6 +6,7 @@ use crds::names::model_endpoint;
 use crds::{AccessTokenPhase, ModelDeployment, ModelDeploymentStatus};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
@@ -53,6 +54,11 @@ pub fn id_holder<'a>(
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Whether the runtime pods got the model's files (downloaded sources only): each pod's
+/// download container writes one line, `REASON: what happened`, as its termination message.
+pub const MODEL_FETCHED: &str = "ModelFetched";
+/// The init container that fetches a downloaded model (see desired.rs).
+const DOWNLOAD_CONTAINER: &str = "download";
 
 fn condition(
     type_: &str,
@@ -106,12 +112,126 @@ fn rollout_failure(deployment: &Deployment) -> Option<String> {
         })
 }
 
-/// The status of `md`, given why it is blocked (if it is) and its Deployment as last read.
-/// `lastTransitionTime`s are left for [`stamp_transitions`].
+/// A download container's outcome line, split into its reason and the rest. A crash's log
+/// tail (the fallback message) has no reason of its own.
+fn outcome_line(terminated: &ContainerStateTerminated) -> (String, String) {
+    let message = terminated.message.as_deref().unwrap_or_default();
+    let line = message
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    match line.split_once(": ") {
+        Some((reason, rest))
+            if !reason.is_empty() && reason.chars().all(|c| c.is_ascii_alphabetic()) =>
+        {
+            (reason.to_owned(), rest.to_owned())
+        }
+        _ if line.is_empty() => (
+            "FetchFailed".to_owned(),
+            format!(
+                "the download container exited with code {} and no message",
+                terminated.exit_code
+            ),
+        ),
+        _ => ("FetchFailed".to_owned(), line.to_owned()),
+    }
+}
+
+/// Failures that a retry of the pod can fix by itself; the others need a person.
+fn transient_fetch_failure(reason: &str) -> bool {
+    matches!(reason, "StoreUnreachable" | "ObjectChanged")
+}
+
+/// `ModelFetched` from the pods' download containers: False while any pod's last attempt
+/// failed (naming the pod and what to fix), True once they have the files (naming where from:
+/// downloaded, or the node cache), Unknown while the first download runs.
+pub fn model_fetched(pods: &[Pod], generation: Option<i64>) -> Option<Condition> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    let mut running = Vec::new();
+    for pod in pods {
+        let Some(download) = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|statuses| statuses.iter().find(|c| c.name == DOWNLOAD_CONTAINER))
+        else {
+            continue;
+        };
+        let current = download.state.as_ref().and_then(|s| s.terminated.as_ref());
+        let last = download
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref());
+        match (current, last) {
+            (Some(done_now), _) if done_now.exit_code == 0 => done.push((pod, done_now)),
+            (Some(failure), _) => failed.push((pod, failure)),
+            (None, Some(failure)) if failure.exit_code != 0 => failed.push((pod, failure)),
+            _ => running.push(pod),
+        }
+    }
+    let newest_first = |items: &mut Vec<(&Pod, &ContainerStateTerminated)>| {
+        items.sort_by(|a, b| {
+            b.1.finished_at
+                .as_ref()
+                .map(|t| t.0)
+                .cmp(&a.1.finished_at.as_ref().map(|t| t.0))
+        });
+    };
+    newest_first(&mut done);
+    newest_first(&mut failed);
+    if let Some((pod, failure)) = failed.first() {
+        let (reason, rest) = outcome_line(failure);
+        let others = match failed.len() - 1 {
+            0 => String::new(),
+            n => format!(" ({n} more pods failing)"),
+        };
+        return Some(condition(
+            MODEL_FETCHED,
+            false,
+            &reason,
+            format!("pod {}: {rest}{others}", pod.name_any()),
+            generation,
+        ));
+    }
+    if let Some((_, newest)) = done.first() {
+        let (reason, _) = outcome_line(newest);
+        let lines: Vec<String> = done
+            .iter()
+            .take(4)
+            .map(|(pod, terminated)| {
+                let (reason, rest) = outcome_line(terminated);
+                format!("pod {}: {reason}: {rest}", pod.name_any())
+            })
+            .collect();
+        return Some(condition(
+            MODEL_FETCHED,
+            true,
+            &reason,
+            lines.join("; "),
+            generation,
+        ));
+    }
+    running.first().map(|pod| {
+        condition(
+            MODEL_FETCHED,
+            false,
+            "Fetching",
+            format!("pod {} is fetching the model", pod.name_any()),
+            generation,
+        )
+    })
+}
+
+/// The status of `md`, given why it is blocked (if it is), its Deployment as last read and its
+/// runtime pods. `lastTransitionTime`s are left for [`stamp_transitions`].
 pub fn model_deployment_status(
     md: &ModelDeployment,
     blocked: Option<&Blocked>,
     deployment: Option<&Deployment>,
+    pods: &[Pod],
 ) -> ModelDeploymentStatus {
     let generation = md.metadata.generation;
     let id = md.model_version_id();
@@ -131,7 +251,31 @@ pub fn model_deployment_status(
         md.name_any()
     );
 
+    let downloaded = md.spec.model.parsed_uri().is_ok_and(|uri| {
+        matches!(
+            uri,
+            crds::ModelUri::Https { .. } | crds::ModelUri::Object { .. }
+        )
+    });
+    let fetched = if downloaded {
+        model_fetched(pods, generation)
+    } else {
+        None
+    };
+    let fetch_failure = fetched.as_ref().filter(|c| {
+        c.status == "False" && c.reason != "Fetching" && !transient_fetch_failure(&c.reason)
+    });
     let degraded = match (blocked, deployment.and_then(rollout_failure)) {
+        (None, None) if fetch_failure.is_some() => {
+            let failure = fetch_failure.expect("checked");
+            condition(
+                DEGRADED,
+                true,
+                &failure.reason,
+                format!("{}; the pod retries with back-off", failure.message),
+                generation,
+            )
+        }
         (Some(blocked), _) => condition(
             DEGRADED,
             true,
@@ -210,7 +354,10 @@ pub fn model_deployment_status(
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
         observed_generation: generation,
-        conditions: vec![ready_condition, progressing, degraded],
+        conditions: [ready_condition, progressing, degraded]
+            .into_iter()
+            .chain(fetched)
+            .collect(),
     }
 }
 
@@ -263,7 +410,11 @@ pub fn access_token_ready(
 pub fn transitions(previous: &[Condition], current: &[Condition]) -> Vec<(bool, String, String)> {
     current
         .iter()
-        .filter(|c| c.type_ == READY || (c.type_ == DEGRADED && c.status == "True"))
+        .filter(|c| {
+            c.type_ == READY
+                || (c.type_ == DEGRADED && c.status == "True")
+                || (c.type_ == MODEL_FETCHED && c.reason != "Fetching")
+        })
         .filter(|c| {
             !previous
                 .iter()
@@ -271,6 +422,7 @@ pub fn transitions(previous: &[Condition], current: &[Condition]) -> Vec<(bool, 
         })
         .map(|c| {
             let warning = (c.type_ == DEGRADED)
+                || (c.type_ == MODEL_FETCHED && c.status == "False")
                 || (c.type_ == READY && c.status == "False" && c.reason != "NoReadyReplicas");
             (warning, c.reason.clone(), c.message.clone())
         })
@@ -328,7 +480,7 @@ mod tests {
             id: "shared".into(),
             holder: "demo/first".into(),
         };
-        let status = model_deployment_status(&second, Some(&blocked), None);
+        let status = model_deployment_status(&second, Some(&blocked), None, &[]);
         let degraded = find(&status, DEGRADED);
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
@@ -347,7 +499,7 @@ mod tests {
     #[test]
     fn a_rollout_progresses_until_every_replica_is_ready() {
         let md = md("m", None, "2026-01-01T00:00:00Z");
-        let creating = model_deployment_status(&md, None, None);
+        let creating = model_deployment_status(&md, None, None, &[]);
         assert_eq!(find(&creating, PROGRESSING).reason, "Creating");
         assert_eq!(find(&creating, READY).reason, "NoReadyReplicas");
         assert_eq!(creating.model_version_id.as_deref(), Some("uid-m"));
@@ -359,7 +511,7 @@ mod tests {
             ready_replicas: Some(1),
             ..DeploymentStatus::default()
         });
-        let status = model_deployment_status(&md, None, Some(&half));
+        let status = model_deployment_status(&md, None, Some(&half), &[]);
         assert_eq!(find(&status, PROGRESSING).reason, "RollingOut");
         assert_eq!(find(&status, READY).status, "True");
         assert_eq!((status.replicas, status.ready_replicas), (2, 1));
@@ -371,7 +523,7 @@ mod tests {
             ready_replicas: Some(2),
             ..DeploymentStatus::default()
         });
-        let status = model_deployment_status(&md, None, Some(&full));
+        let status = model_deployment_status(&md, None, Some(&full), &[]);
         assert_eq!(find(&status, PROGRESSING).status, "False");
         assert_eq!(find(&status, DEGRADED).status, "False");
 
@@ -381,7 +533,7 @@ mod tests {
         });
         assert_eq!(
             find(
-                &model_deployment_status(&md, None, Some(&stale)),
+                &model_deployment_status(&md, None, Some(&stale), &[]),
                 PROGRESSING
             )
             .status,
@@ -402,7 +554,11 @@ mod tests {
             }]),
             ..DeploymentStatus::default()
         });
-        let degraded = find(&model_deployment_status(&md, None, Some(&stuck)), DEGRADED).clone();
+        let degraded = find(
+            &model_deployment_status(&md, None, Some(&stuck), &[]),
+            DEGRADED,
+        )
+        .clone();
         assert_eq!(degraded.reason, "RolloutFailed");
         assert!(degraded.message.contains("timed out progressing"));
         assert!(degraded.message.contains("kubectl get pods -n demo"));
@@ -413,19 +569,19 @@ mod tests {
         let md = md("m", None, "2026-01-01T00:00:00Z");
         let t1: Timestamp = "2026-11-25T10:00:00.75Z".parse().unwrap();
         let t2: Timestamp = "2026-11-25T11:00:00Z".parse().unwrap();
-        let mut first = model_deployment_status(&md, None, None);
+        let mut first = model_deployment_status(&md, None, None, &[]);
         stamp_transitions(&mut first.conditions, &[], t1);
         assert_eq!(
             find(&first, READY).last_transition_time.0,
             "2026-11-25T10:00:00Z".parse().unwrap()
         );
 
-        let mut again = model_deployment_status(&md, None, None);
+        let mut again = model_deployment_status(&md, None, None, &[]);
         stamp_transitions(&mut again.conditions, &first.conditions, t2);
         assert_eq!(again, first, "nothing changed, so nothing to write");
 
         let blocked = Blocked::InvalidSpec("spec.model.uri: bad".into());
-        let mut broken = model_deployment_status(&md, Some(&blocked), None);
+        let mut broken = model_deployment_status(&md, Some(&blocked), None, &[]);
         stamp_transitions(&mut broken.conditions, &first.conditions, t2);
         assert_eq!(find(&broken, DEGRADED).last_transition_time.0, t2);
         assert_eq!(
@@ -439,6 +595,126 @@ mod tests {
                 .any(|(warning, reason, _)| *warning && reason == "InvalidSpec")
         );
         assert!(transitions(&broken.conditions, &broken.conditions).is_empty());
+    }
+
+    /// A runtime pod whose download container's status has the fields of `download`.
+    fn pod(name: &str, download: serde_json::Value) -> Pod {
+        let mut status = serde_json::json!(
+            {"name": "download", "image": "r", "imageID": "", "ready": false, "restartCount": 1}
+        );
+        let fields = download.as_object().unwrap().clone();
+        status.as_object_mut().unwrap().extend(fields);
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "demo"},
+            "status": {"initContainerStatuses": [status]}
+        }))
+        .unwrap()
+    }
+
+    fn terminated(code: i32, message: &str, finished: &str) -> serde_json::Value {
+        serde_json::json!({"terminated": {"exitCode": code, "message": message, "finishedAt": finished}})
+    }
+
+    fn s3_model() -> ModelDeployment {
+        let mut md = md("m", None, "2026-01-01T00:00:00Z");
+        md.spec.model.uri = "s3://models/minilm".into();
+        md
+    }
+
+    #[test]
+    fn model_fetched_says_where_each_pods_files_came_from() {
+        let pods = [
+            pod(
+                "m-a",
+                serde_json::json!({"state": terminated(0, "Downloaded: s3://models/minilm: 5 files, 90.9 MB downloaded in 1.2 s", "2026-12-05T10:00:00Z")}),
+            ),
+            pod(
+                "m-b",
+                serde_json::json!({"state": terminated(0, "CacheHit: s3://models/minilm: 5 files, 90.9 MB from the node cache", "2026-12-05T10:00:05Z")}),
+            ),
+        ];
+        let status = model_deployment_status(&s3_model(), None, None, &pods);
+        let fetched = find(&status, MODEL_FETCHED);
+        assert_eq!(
+            (fetched.status.as_str(), fetched.reason.as_str()),
+            ("True", "CacheHit")
+        );
+        assert_eq!(
+            fetched.message,
+            "pod m-b: CacheHit: s3://models/minilm: 5 files, 90.9 MB from the node cache; \
+             pod m-a: Downloaded: s3://models/minilm: 5 files, 90.9 MB downloaded in 1.2 s"
+        );
+        assert_eq!(find(&status, DEGRADED).status, "False");
+    }
+
+    #[test]
+    fn a_failed_download_is_named_in_model_fetched_and_degraded_while_the_pod_retries() {
+        let refused = "CredentialsRefused: s3://models/minilm: the store refused the credentials (HTTP 403 SignatureDoesNotMatch); check the keys in Secret keys";
+        let pods = [
+            pod(
+                "m-a",
+                serde_json::json!({"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": terminated(1, refused, "2026-12-05T10:00:00Z")}),
+            ),
+            pod("m-b", serde_json::json!({"state": {"running": {}}})),
+        ];
+        let previous = model_deployment_status(&s3_model(), None, None, &[]);
+        let status = model_deployment_status(&s3_model(), None, None, &pods);
+        let fetched = find(&status, MODEL_FETCHED);
+        assert_eq!(
+            (fetched.status.as_str(), fetched.reason.as_str()),
+            ("False", "CredentialsRefused")
+        );
+        assert!(
+            fetched
+                .message
+                .starts_with("pod m-a: s3://models/minilm: the store refused"),
+            "{}",
+            fetched.message
+        );
+        let degraded = find(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "CredentialsRefused")
+        );
+        let events = transitions(&previous.conditions, &status.conditions);
+        assert!(
+            events
+                .iter()
+                .any(|(warning, reason, _)| *warning && reason == "CredentialsRefused")
+        );
+
+        let unreachable =
+            "StoreUnreachable: s3://models/minilm: cannot reach the store (connection refused)";
+        let pods = [pod(
+            "m-a",
+            serde_json::json!({"state": {"running": {}}, "lastState": terminated(1, unreachable, "2026-12-05T10:00:00Z")}),
+        )];
+        let status = model_deployment_status(&s3_model(), None, None, &pods);
+        assert_eq!(find(&status, MODEL_FETCHED).reason, "StoreUnreachable");
+        assert_eq!(
+            find(&status, DEGRADED).status,
+            "False",
+            "a retry may fix an unreachable store"
+        );
+    }
+
+    #[test]
+    fn a_crash_without_an_outcome_line_shows_its_last_log_line() {
+        let pods = [pod(
+            "m-a",
+            serde_json::json!({"state": {"running": {}}, "lastState": terminated(101, "thread main panicked\nat weights/src/lib.rs:10", "2026-12-05T10:00:00Z")}),
+        )];
+        let fetched = model_fetched(&pods, None).unwrap();
+        assert_eq!(fetched.reason, "FetchFailed");
+        assert_eq!(fetched.message, "pod m-a: at weights/src/lib.rs:10");
+        let running = [pod("m-a", serde_json::json!({"state": {"running": {}}}))];
+        assert_eq!(model_fetched(&running, None).unwrap().reason, "Fetching");
+        let local =
+            model_deployment_status(&md("m", None, "2026-01-01T00:00:00Z"), None, None, &pods);
+        assert!(
+            local.conditions.iter().all(|c| c.type_ != MODEL_FETCHED),
+            "a model on a volume is not fetched"
+        );
     }
 
     #[test]

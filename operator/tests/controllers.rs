@@ -880,7 +880,18 @@ async fn the_operator_needs_no_more_than_its_rbac_and_the_proxy_reads_only_recor
         operator_user,
         &["delete", "deployments", "-n", &namespace]
     ));
-    assert!(!can(operator_user, &["get", "pods", "-n", &namespace]));
+    // Pods are read for their download containers' outcomes (ModelFetched), never touched.
+    assert!(can(operator_user, &["watch", "pods", "-n", &namespace]));
+    for verb in ["create", "delete", "patch"] {
+        assert!(
+            !can(operator_user, &[verb, "pods", "-n", &namespace]),
+            "{verb} pods"
+        );
+    }
+    assert!(!can(
+        operator_user,
+        &["create", "pods/exec", "-n", &namespace]
+    ));
     scene.finish().await;
 }
 

@@ -9,7 +9,6 @@ pub mod app;
 pub mod audio;
 pub mod decode;
 pub mod device;
-pub mod download;
 pub mod encoder;
 pub mod error;
 pub mod executor;

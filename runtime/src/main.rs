@@ -1,18 +1,63 @@
 //! `infergate-runtime`: serves one model for one task over HTTP.
 
-use std::path::PathBuf;
-
 use clap::Parser;
 use runtime::app::Runtime;
-use runtime::settings::{Args, Command, Settings};
+use runtime::settings::{Args, Command, DownloadArgs, Settings};
 
-fn download(url: String, sha256: Option<String>, dest: PathBuf) -> anyhow::Result<()> {
-    let download = runtime::download::Download { url, sha256, dest };
-    tokio::runtime::Builder::new_current_thread()
+/// Runs the init container's fetch. Its outcome, good or bad, is one line on stderr and in the
+/// termination message; a failure exits 1 so that Kubernetes retries with back-off.
+fn download(args: DownloadArgs) -> anyhow::Result<()> {
+    let server = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(download.run())?;
-    Ok(())
+        .build()?;
+    let outcome =
+        download_request(&args).and_then(|request| server.block_on(weights::fetch(&request)));
+    let line = match &outcome {
+        Ok(fetched) => fetched.message(),
+        Err(error) => format!("{}: {error}", error.reason()),
+    };
+    eprintln!("{line}");
+    // Kubernetes mounts the file; outside it there is none to create (certainly not in /dev),
+    // and the line went to stderr anyway.
+    if let Ok(mut log) = std::fs::File::options()
+        .write(true)
+        .truncate(true)
+        .open(&args.termination_log)
+    {
+        let _ = std::io::Write::write_all(&mut log, line.as_bytes());
+    }
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(_) => std::process::exit(1),
+    }
+}
+
+fn download_request(args: &DownloadArgs) -> Result<weights::Request, weights::FetchError> {
+    let mut store = weights::store::StoreOptions {
+        endpoint: args.endpoint.clone(),
+        region: args.region.clone(),
+        path_style: args.path_style,
+        credentials_secret: args.credentials_secret.clone(),
+        credentials: Vec::new(),
+    };
+    if let Some(dir) = &args.credentials_dir {
+        store.read_credentials(dir)?;
+    }
+    Ok(weights::Request {
+        source: args.source.parse()?,
+        dest: args.dest.clone(),
+        sha256: args.sha256.clone(),
+        store,
+        cache: args
+            .cache
+            .as_ref()
+            .map(|root| weights::cache::NodeCache::new(root, args.cache_max_bytes)),
+        transfer: weights::store::Transfer {
+            concurrency: args.concurrency,
+            chunk_bytes: args.chunk_bytes,
+            ..weights::store::Transfer::default()
+        },
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,9 +76,7 @@ fn main() -> anyhow::Result<()> {
         logs.init();
     }
     let (task, model_dir) = match (args.command.take(), args.task, args.model_dir.take()) {
-        (Some(Command::Download { url, sha256, dest }), _, _) => {
-            return download(url, sha256, dest);
-        }
+        (Some(Command::Download(args)), _, _) => return download(*args),
         (Some(Command::RenderTemplates), _, _) => {
             return Ok(runtime::generate::sandbox::serve_renders()?);
         }

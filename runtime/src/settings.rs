@@ -157,21 +157,58 @@ pub struct Args {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Fetch the model of an https:// ModelDeployment into DEST (the operator runs this as the
-    /// runtime pod's init container): checks --sha256, unpacks .tar/.tar.gz/.tgz archives.
-    Download {
-        #[arg(long)]
-        url: String,
-        /// Lower-case hex SHA-256 the downloaded body must have.
-        #[arg(long)]
-        sha256: Option<String>,
-        #[arg(long)]
-        dest: PathBuf,
-    },
+    /// Fetch a ModelDeployment's model into DEST (the operator runs this as the runtime pod's
+    /// init container), through the node cache when --cache is given. Writes a one-line
+    /// outcome to --termination-log, which Kubernetes shows as the container's message.
+    Download(Box<DownloadArgs>),
     /// The chat-template sandbox's helper: renders JSON-line requests from stdin (started by
     /// the runtime itself under a memory limit; not for direct use).
     #[command(hide = true)]
     RenderTemplates,
+}
+
+/// `infergate-runtime download`'s arguments. Store credentials come from files (the operator
+/// mounts spec.model.credentialsSecret) or the environment, never from arguments.
+#[derive(Debug, clap::Args)]
+pub struct DownloadArgs {
+    /// `https://HOST/PATH` (one file or a .tar/.tar.gz/.tgz of the model directory),
+    /// `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
+    #[arg(long, alias = "url")]
+    pub source: String,
+    /// Lower-case hex SHA-256 an https body must have.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    #[arg(long)]
+    pub dest: PathBuf,
+    /// An S3-compatible or Azure endpoint, e.g. http://minio.storage:9000.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Path-style S3 addressing (ENDPOINT/BUCKET/KEY), as most self-hosted stores want.
+    #[arg(long)]
+    pub path_style: bool,
+    /// The Secret the credentials came from, named in messages.
+    #[arg(long)]
+    pub credentials_secret: Option<String>,
+    /// The mounted Secret: a file per credential, named as the provider's variable
+    /// (AWS_ACCESS_KEY_ID, ...). Without it, the provider's variables and workload identity.
+    #[arg(long)]
+    pub credentials_dir: Option<PathBuf>,
+    /// The node cache's directory; none downloads straight into DEST.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The node cache's size bound; least recently used models are evicted beyond it.
+    #[arg(long, default_value_t = 100_000_000_000)]
+    pub cache_max_bytes: u64,
+    /// Range requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Bytes per range request.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub chunk_bytes: u64,
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
 }
 
 /// Everything needed to start a runtime.

@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Api, Client};
 use operator::controller::{self, Config};
-use operator::desired::{NetworkAccess, Peer, RuntimeDefaults};
+use operator::desired::{ModelCache, NetworkAccess, Peer, RuntimeDefaults};
 use operator::lease::{LeaderLease, Timing};
 use operator::telemetry::{self, Health, Metrics};
 
@@ -61,6 +61,13 @@ struct Args {
     /// Labels of the scraper's pods in that namespace (`k=v,k=v`); unset, any of its pods.
     #[arg(long, value_parser = parse_labels, default_value = "")]
     scraper_pod_labels: BTreeMap<String, String>,
+    /// Node directory (hostPath) that keeps downloaded models for every pod on the node;
+    /// empty downloads into each pod's own volume.
+    #[arg(long, default_value = "/var/cache/infergate/models")]
+    model_cache_host_path: String,
+    /// Bytes the node cache may hold before least recently used models are evicted.
+    #[arg(long, default_value_t = 100_000_000_000)]
+    model_cache_max_bytes: u64,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -163,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
                     pod_labels: args.scraper_pod_labels,
                 }),
             },
+            model_cache: (!args.model_cache_host_path.is_empty()).then_some(ModelCache {
+                host_path: args.model_cache_host_path,
+                max_bytes: args.model_cache_max_bytes,
+            }),
         },
         key_schedule: Schedule {
             period: Duration::from_secs(args.internal_key_rotation_hours * 3600),

@@ -225,6 +225,10 @@ struct Launch {
     user: Option<(i64, i64)>,
     /// `preStop: {sleep: {seconds}}`: the wait between the stop and SIGTERM.
     pre_stop_sleep: Option<Duration>,
+    /// `terminationMessagePath` in the container, and whether the log's tail stands in for
+    /// an empty message after a failure (`FallbackToLogsOnError`).
+    termination_path: String,
+    fallback_to_logs: bool,
 }
 
 impl Launch {
@@ -284,6 +288,10 @@ impl Agent {
                 tokio::spawn(source.refresh(self.client.clone(), namespace, files, stop.clone()));
                 path
             } else if let Some(host) = &volume.host_path {
+                if host.type_.as_deref() == Some("DirectoryOrCreate") {
+                    // As the kubelet makes it: root's, mode 0755.
+                    let _ = std::fs::create_dir_all(&host.path);
+                }
                 PathBuf::from(&host.path)
             } else if volume.empty_dir.is_some() {
                 let path = dir.join("volumes").join(&volume.name);
@@ -453,7 +461,7 @@ impl Agent {
                         message,
                     })?
                     .map(|(u, g)| (i64::from(u), i64::from(g)));
-                let user = run_as(pod, container).or(image_user);
+                let user = unless_root(run_as(pod, container).or(image_user));
                 let groups = pod
                     .spec
                     .as_ref()
@@ -486,7 +494,7 @@ impl Agent {
                                 .to_owned(),
                     });
                 }
-                let user = run_as(pod, container);
+                let user = unless_root(run_as(pod, container));
                 let binary = match user {
                     Some(_) => self.copy_for_other_users(&binary).map_err(|e| Refusal {
                         reason: "ErrImagePull",
@@ -509,7 +517,35 @@ impl Agent {
             mounts,
             user,
             pre_stop_sleep,
+            termination_path: container
+                .termination_message_path
+                .clone()
+                .unwrap_or_else(|| "/dev/termination-log".to_owned()),
+            fallback_to_logs: container.termination_message_policy.as_deref()
+                == Some("FallbackToLogsOnError"),
         })
+    }
+
+    /// A container's termination message, as the kubelet reports it: what the process wrote
+    /// to its terminationMessagePath (4096 bytes at most), or after a failure and with
+    /// `FallbackToLogsOnError` the last lines of its log.
+    fn termination_message(&self, launch: &Launch, dir: &Path, failed: bool) -> String {
+        let read_tail = |path: PathBuf, limit: usize| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            let start = bytes.len().saturating_sub(limit);
+            String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
+        };
+        let message = std::fs::read(termination_log(dir, &launch.name))
+            .map(|bytes| {
+                String::from_utf8_lossy(&bytes[..bytes.len().min(4096)])
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        if message.is_empty() && failed && launch.fallback_to_logs {
+            return read_tail(dir.join(format!("{}.log", launch.name)), 2048);
+        }
+        message
     }
 
     /// Starts a container's process in the pod's namespaces, its output in the pod's log dir.
@@ -576,6 +612,15 @@ impl Agent {
                     etc = at("etc"),
                 ));
                 script.push_str(&bind_mount(&hosts, &root.join("etc/hosts")));
+                // Writable by the container's user whoever that is, as the kubelet's file is.
+                use std::os::unix::fs::PermissionsExt;
+                let termination = termination_log(dir, &launch.name);
+                std::fs::write(&termination, b"")?;
+                std::fs::set_permissions(&termination, std::fs::Permissions::from_mode(0o666))?;
+                script.push_str(&bind_mount(
+                    &termination,
+                    &root.join(launch.termination_path.trim_start_matches('/')),
+                ));
                 for (host, target) in &launch.mounts {
                     let target = root.join(target.trim_start_matches('/'));
                     script.push_str(&bind_mount(host, &target));
@@ -627,6 +672,12 @@ impl Agent {
             .kill_on_drop(true);
         Ok(command.spawn()?)
     }
+}
+
+/// Where the agent keeps a container's termination message file (bind-mounted at its
+/// terminationMessagePath; a container of host mode has none).
+fn termination_log(dir: &Path, container: &str) -> PathBuf {
+    dir.join(format!("{container}.termination-log"))
 }
 
 /// A shell word for `path`, single-quoted.
@@ -687,8 +738,8 @@ fn field_value(pod: &Pod, pod_ip: &str, path: &str) -> Option<String> {
     }
 }
 
-/// The user and group a container runs as (its own securityContext over the pod's); None
-/// for root.
+/// The user and group a container's securityContext (over the pod's) asks for; None when
+/// neither sets runAsUser (the image's USER then).
 fn run_as(pod: &Pod, container: &Container) -> Option<(i64, i64)> {
     let pod_context = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let own = container.security_context.as_ref();
@@ -699,7 +750,12 @@ fn run_as(pod: &Pod, container: &Container) -> Option<(i64, i64)> {
         .and_then(|c| c.run_as_group)
         .or_else(|| pod_context.and_then(|c| c.run_as_group))
         .unwrap_or(user);
-    (user != 0).then_some((user, group))
+    Some((user, group))
+}
+
+/// A Launch's user: none for root.
+fn unless_root(user: Option<(i64, i64)>) -> Option<(i64, i64)> {
+    user.filter(|(user, _)| *user != 0)
 }
 
 impl Agent {
@@ -933,11 +989,14 @@ impl Agent {
         // Init containers, in order, each to success (retried with back-off on failure).
         for (container, launch) in launches.by_ref().take(init_count) {
             let mut attempt = 0u32;
+            // The last failure stays in lastState while the next attempt runs, as with the kubelet.
+            let mut last_state = json!({});
             loop {
                 self.patch_status(&pod, json!({"phase": "Pending", "podIP": network.pod_ip, "podIPs": [{"ip": network.pod_ip}], "hostIP": "127.0.0.1",
                     "conditions": Agent::conditions(false, false),
                     "initContainerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": false, "restartCount": attempt,
-                        "state": {"running": {"startedAt": now_time()}}}]})).await;
+                        "lastState": last_state, "state": {"running": {"startedAt": now_time()}}}]})).await;
+                let started_at = now_time();
                 let status = match self.spawn(&launch, &network, &dir) {
                     Ok(mut child) => tokio::select! {
                         status = child.wait() => status.ok(),
@@ -953,12 +1012,22 @@ impl Agent {
                     self.finish(&pod).await;
                     return;
                 }
-                if status.is_some_and(|s| s.success()) {
+                let succeeded = status.is_some_and(|s| s.success());
+                let terminated = json!({
+                    "exitCode": status.and_then(|s| s.code()).unwrap_or(137),
+                    "reason": if succeeded { "Completed" } else { "Error" },
+                    "message": self.termination_message(&launch, &dir, !succeeded),
+                    "startedAt": started_at, "finishedAt": now_time()});
+                if succeeded {
+                    self.patch_status(&pod, json!({"initContainerStatuses": [{"name": container.name, "image": container.image, "imageID": launch.image_id(), "ready": true,
+                        "restartCount": attempt, "lastState": last_state, "state": {"terminated": terminated}}]})).await;
                     break;
                 }
                 attempt += 1;
+                last_state = json!({"terminated": terminated});
                 self.patch_status(&pod, json!({"initContainerStatuses": [{"name": container.name, "image": container.image, "imageID": "", "ready": false,
-                    "restartCount": attempt, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("exited with {status:?}; see {}", dir.display())}}}]})).await;
+                    "restartCount": attempt, "lastState": last_state,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("exited with {status:?}; see {}", dir.display())}}}]})).await;
                 let delay = Duration::from_secs(1u64 << attempt.min(5));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -1,6 +1,4 @@
-//! `infergate-runtime download`: fetches a model for an `https://` ModelDeployment into the
-//! pod's model directory before the runtime starts (the operator runs it as an init container
-//! of the same image).
+//! An `https://` model: one body, fetched into a directory.
 //!
 //! The body is streamed to disk while its SHA-256 is computed; a digest that differs from the
 //! expected one fails the pod and leaves nothing behind. A `.tar`, `.tar.gz` or `.tgz` is
@@ -26,6 +24,15 @@ pub struct Download {
     /// Lower-case hex SHA-256 the body must have.
     pub sha256: Option<String>,
     pub dest: PathBuf,
+}
+
+/// A finished download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// Lower-case hex SHA-256 of the body.
+    pub sha256: String,
+    /// Bytes received (0 when an earlier attempt had finished).
+    pub bytes: u64,
 }
 
 /// Why a download failed; each names what to fix.
@@ -102,12 +109,15 @@ impl Download {
         format!("{}\n{}\n", self.url, self.sha256.as_deref().unwrap_or("-"))
     }
 
-    /// Fetches, checks and places the model; returns the SHA-256 of what was fetched.
-    pub async fn run(&self) -> Result<String, DownloadError> {
+    /// Fetches, checks and places the model.
+    pub async fn run(&self) -> Result<Downloaded, DownloadError> {
         let marker = self.dest.join(COMPLETE_MARKER);
         if std::fs::read_to_string(&marker).is_ok_and(|m| m == self.marker()) {
             tracing::info!(dest = %self.dest.display(), "already downloaded");
-            return Ok(self.sha256.clone().unwrap_or_default());
+            return Ok(Downloaded {
+                sha256: self.sha256.clone().unwrap_or_default(),
+                bytes: 0,
+            });
         }
         std::fs::create_dir_all(&self.dest)
             .map_err(io(format!("creating {}", self.dest.display())))?;
@@ -120,7 +130,7 @@ impl Download {
         Ok(digest)
     }
 
-    async fn fetch_and_place(&self, partial: &Path) -> Result<String, DownloadError> {
+    async fn fetch_and_place(&self, partial: &Path) -> Result<Downloaded, DownloadError> {
         let fetch = |url: &str, message: String| DownloadError::Fetch {
             url: url.to_owned(),
             message,
@@ -219,7 +229,10 @@ impl Download {
             source: std::io::Error::other(join.to_string()),
         })?;
         placed?;
-        Ok(actual)
+        Ok(Downloaded {
+            sha256: actual,
+            bytes,
+        })
     }
 }
 
