@@ -181,20 +181,21 @@ impl std::str::FromStr for Task {
 #[x_kube(
     validation = Rule::new("!has(self.sha256) || self.uri.startsWith('https://')").message("model.sha256 applies only to https:// URIs"),
     validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..')").message("model.uri must not contain '..' segments"),
-    validation = Rule::new("!has(self.credentialsSecret) || self.uri.startsWith('s3://') || self.uri.startsWith('gs://') || self.uri.startsWith('az://')").message("model.credentialsSecret applies only to s3://, gs:// and az:// URIs"),
-    validation = Rule::new("!has(self.endpoint) || self.uri.startsWith('s3://') || self.uri.startsWith('az://')").message("model.endpoint applies only to s3:// and az:// URIs"),
+    validation = Rule::new("!has(self.credentialsSecret) || self.uri.startsWith('s3://') || self.uri.startsWith('gs://') || self.uri.startsWith('az://') || self.uri.startsWith('hf://')").message("model.credentialsSecret applies only to s3://, gs://, az:// and hf:// URIs"),
+    validation = Rule::new("!has(self.endpoint) || self.uri.startsWith('s3://') || self.uri.startsWith('az://') || self.uri.startsWith('hf://')").message("model.endpoint applies only to s3://, az:// and hf:// URIs"),
     validation = Rule::new("(!has(self.region) && !has(self.pathStyle)) || self.uri.startsWith('s3://')").message("model.region and model.pathStyle apply only to s3:// URIs")
 )]
 pub struct ModelSource {
     /// `pvc://CLAIM/PATH`, `file:///ABSOLUTE/PATH` (a host path; local mode), `https://...`
-    /// (one file or a tar archive), or the directory of the model's files in an object store:
+    /// (one file or a tar archive), the directory of the model's files in an object store:
     /// `s3://BUCKET/PREFIX` (S3 and compatible stores), `gs://BUCKET/PREFIX` or
-    /// `az://CONTAINER/PREFIX`. Downloads happen before the runtime starts, through the
-    /// node's model cache.
+    /// `az://CONTAINER/PREFIX`, or a Hugging Face Hub repository `hf://ORG/NAME[@REVISION]`
+    /// (default `main`; the files a runtime loads, at the commit the revision resolves to).
+    /// Downloads happen before the runtime starts, through the node's model cache.
     #[schemars(
         length(min = 1, max = 2048),
         regex(
-            pattern = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?|file:///[^\s]*|https://[^\s/]+(/[^\s]*)?|(s3|gs|az)://[a-z0-9]([-a-z0-9._]*[a-z0-9])?(/[^\s]*)?)$"
+            pattern = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?|file:///[^\s]*|https://[^\s/]+(/[^\s]*)?|(s3|gs|az)://[a-z0-9]([-a-z0-9._]*[a-z0-9])?(/[^\s]*)?|hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?(@[^\s@]+)?)$"
         )
     )]
     pub uri: String,
@@ -208,8 +209,8 @@ pub struct ModelSource {
     /// A Secret in the ModelDeployment's namespace whose keys are the store's credentials:
     /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) for s3://,
     /// `GOOGLE_SERVICE_ACCOUNT_KEY` for gs://, `AZURE_STORAGE_ACCOUNT_NAME` with
-    /// `AZURE_STORAGE_ACCOUNT_KEY` or `AZURE_STORAGE_SAS_KEY` for az://. Mounted into the
-    /// download container only. Without it the store sees the pod's own identity (IRSA,
+    /// `AZURE_STORAGE_ACCOUNT_KEY` or `AZURE_STORAGE_SAS_KEY` for az://, `HF_TOKEN` for
+    /// hf://. Mounted into the download container only. Without it the store sees the pod's own identity (IRSA,
     /// workload identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
@@ -218,8 +219,8 @@ pub struct ModelSource {
     )]
     pub credentials_secret: Option<String>,
 
-    /// The store's endpoint, for S3-compatible stores (MinIO, Ceph, ...) and Azure emulators:
-    /// `http://minio.storage:9000`.
+    /// The store's endpoint, for S3-compatible stores (MinIO, Ceph, ...), Azure emulators and
+    /// Hub mirrors (`HF_ENDPOINT`): `http://minio.storage:9000`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 2048),
@@ -253,14 +254,15 @@ pub enum ModelUri {
     File { path: String },
     /// A file to download.
     Https { url: String },
-    /// A directory of an object store (`s3://`, `gs://`, `az://`) to download.
-    Object { uri: String },
+    /// A directory of an object store (`s3://`, `gs://`, `az://`) or a Hub repository
+    /// (`hf://`) to download.
+    Remote { uri: String },
 }
 
 /// Why a model URI was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelUriError {
-    #[error("model URI must start with pvc://, file:///, https://, s3://, gs:// or az://")]
+    #[error("model URI must start with pvc://, file:///, https://, s3://, gs://, az:// or hf://")]
     UnsupportedScheme,
     #[error("pvc:// URI needs a claim name: pvc://CLAIM/PATH")]
     MissingClaim,
@@ -268,7 +270,9 @@ pub enum ModelUriError {
     RelativePath,
     #[error("https:// URI needs a host")]
     MissingHost,
-    #[error("an object store URI needs a bucket: s3://BUCKET/PREFIX")]
+    #[error(
+        "an object store URI needs a bucket (s3://BUCKET/PREFIX), a Hub URI a repository (hf://ORG/NAME)"
+    )]
     MissingBucket,
     #[error("model URI must not contain whitespace or '..' segments")]
     UnsafePath,
@@ -304,14 +308,14 @@ impl std::str::FromStr for ModelUri {
             ModelUri::Https {
                 url: uri.to_owned(),
             }
-        } else if let Some(rest) = ["s3://", "gs://", "az://"]
+        } else if let Some(rest) = ["s3://", "gs://", "az://", "hf://"]
             .iter()
             .find_map(|scheme| uri.strip_prefix(scheme))
         {
             if rest.split('/').next().is_none_or(str::is_empty) {
                 return Err(ModelUriError::MissingBucket);
             }
-            ModelUri::Object {
+            ModelUri::Remote {
                 uri: uri.to_owned(),
             }
         } else {
@@ -320,7 +324,7 @@ impl std::str::FromStr for ModelUri {
         // A path that climbs out of its volume would let a manifest read another model's files.
         let path = match &uri {
             ModelUri::Pvc { path, .. } | ModelUri::File { path } => path.as_str(),
-            ModelUri::Object { uri } => uri.as_str(),
+            ModelUri::Remote { uri } => uri.as_str(),
             ModelUri::Https { .. } => "",
         };
         if path.split('/').any(|segment| segment == "..") {
@@ -529,8 +533,13 @@ mod tests {
                 url: "https://example.com/m.tar".into()
             })
         );
-        for uri in ["s3://models/team/minilm", "gs://b/m", "az://weights"] {
-            assert_eq!(uri.parse(), Ok(ModelUri::Object { uri: uri.into() }));
+        for uri in [
+            "s3://models/team/minilm",
+            "gs://b/m",
+            "az://weights",
+            "hf://org/m@v1",
+        ] {
+            assert_eq!(uri.parse(), Ok(ModelUri::Remote { uri: uri.into() }));
         }
     }
 

@@ -171,7 +171,7 @@ fn model_volume(uri: &ModelUri) -> (Volume, VolumeMount) {
             mount(None),
         ),
         // Filled by the download init container; lives as long as the pod.
-        ModelUri::Https { .. } | ModelUri::Object { .. } => (
+        ModelUri::Https { .. } | ModelUri::Remote { .. } => (
             Volume {
                 name: "model".to_owned(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -195,7 +195,7 @@ fn download_container(
 ) -> Option<(Container, Vec<Volume>)> {
     let source = match uri {
         ModelUri::Https { url } => url,
-        ModelUri::Object { uri } => uri,
+        ModelUri::Remote { uri } => uri,
         ModelUri::Pvc { .. } | ModelUri::File { .. } => return None,
     };
     let model = &md.spec.model;

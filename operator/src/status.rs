@@ -254,7 +254,7 @@ pub fn model_deployment_status(
     let downloaded = md.spec.model.parsed_uri().is_ok_and(|uri| {
         matches!(
             uri,
-            crds::ModelUri::Https { .. } | crds::ModelUri::Object { .. }
+            crds::ModelUri::Https { .. } | crds::ModelUri::Remote { .. }
         )
     });
     let fetched = if downloaded {

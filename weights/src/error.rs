@@ -13,12 +13,23 @@ pub enum FetchError {
         secret: Option<String>,
         detail: String,
     },
-    #[error(
-        "{source_uri}: {what} does not exist ({detail}); check the bucket and prefix in spec.model.uri"
-    )]
+    #[error("{source_uri}: {what} does not exist ({detail}); {fix}")]
     NotFound {
         source_uri: String,
         what: String,
+        detail: String,
+        fix: &'static str,
+    },
+    #[error(
+        "{source_uri}: commit {commit} has no safetensors weights, the only kind a runtime loads; convert its weights to safetensors and push them"
+    )]
+    NoSafetensors { source_uri: String, commit: String },
+    #[error(
+        "{source_uri}: the revision {revision} does not exist ({detail}); name a branch, tag or commit of the repository"
+    )]
+    RevisionNotFound {
+        source_uri: String,
+        revision: String,
         detail: String,
     },
     #[error(
@@ -26,7 +37,7 @@ pub enum FetchError {
     )]
     EmptyPrefix { source_uri: String },
     #[error(
-        "{source_uri}: {file} has sha256 {actual}, but {expected_from} says {expected}; the upload is corrupt or the manifest is stale"
+        "{source_uri}: {file} has sha256 {actual}, but {expected_from} says {expected}; the stored file is corrupt or its digest stale"
     )]
     DigestMismatch {
         source_uri: String,
@@ -103,8 +114,10 @@ impl FetchError {
         match self {
             FetchError::CredentialsRefused { .. } => "CredentialsRefused",
             FetchError::NotFound { .. }
+            | FetchError::NoSafetensors { .. }
             | FetchError::EmptyPrefix { .. }
             | FetchError::MissingFromStore { .. } => "ModelNotFound",
+            FetchError::RevisionNotFound { .. } => "RevisionNotFound",
             FetchError::DigestMismatch { .. } => "DigestMismatch",
             FetchError::ObjectChanged { .. } => "ObjectChanged",
             FetchError::LargerThanCache { .. } | FetchError::DiskFull { .. } => "DiskFull",

@@ -9,13 +9,12 @@ use std::fs::File;
 use std::io::{BufReader, Write};
 use std::path::{Component, Path, PathBuf};
 
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
+use object_store::client::HttpRequestBody;
 use sha2::{Digest, Sha256};
+
+use crate::client::Http;
+use crate::store::chain;
 
 /// What to fetch and where.
 #[derive(Debug, Clone)]
@@ -42,7 +41,7 @@ pub enum DownloadError {
     Fetch { url: String, message: String },
     #[error("GET {url}: the server answered {status}")]
     Status { url: String, status: u16 },
-    #[error("GET {url}: more than {MAX_REDIRECTS} redirects")]
+    #[error("GET {url}: too many redirects")]
     TooManyRedirects { url: String },
     #[error("sha256 mismatch for {url}: spec.model.sha256 is {expected}, the body has {actual}")]
     Sha256Mismatch {
@@ -65,22 +64,6 @@ pub enum DownloadError {
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DownloadError {
     let context = context.into();
     move |source| DownloadError::Io { context, source }
-}
-
-/// Redirects followed (hubs and object stores answer with one to a signed URL).
-const MAX_REDIRECTS: usize = 10;
-
-/// Why a request failed, with its causes: hyper's top-level errors ("client error (Connect)")
-/// say little without them.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Marker left in `dest` after a complete download; its content is the URL and digest, so a
@@ -135,45 +118,25 @@ impl Download {
             url: url.to_owned(),
             message,
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
-            .map_err(io("loading the system's root certificates"))?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
-        let mut url = self.url.clone();
-        let mut redirects = 0;
-        let mut response = loop {
-            let uri: http::Uri = url.parse().map_err(|e| fetch(&url, format!("{e}")))?;
-            let response = client
-                .get(uri.clone())
-                .await
-                .map_err(|e| fetch(&url, chain(&e)))?;
-            let status = response.status();
-            if !status.is_redirection() {
-                break response;
-            }
-            redirects += 1;
-            if redirects > MAX_REDIRECTS {
-                return Err(DownloadError::TooManyRedirects {
-                    url: self.url.clone(),
-                });
-            }
-            let location = response
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .ok_or_else(|| fetch(&url, format!("{status} without a Location")))?;
-            url = resolve(&uri, location);
-        };
+        let client = Http::new(None).map_err(io("loading the system's root certificates"))?;
+        let url = self.url.clone();
+        let request = http::Request::get(url.as_str())
+            .body(HttpRequestBody::empty())
+            .map_err(|e| fetch(&url, e.to_string()))?;
+        let mut response = client
+            .send(request)
+            .await
+            .map_err(|e| fetch(&url, chain(&e)))?;
+        if response.status().is_redirection() {
+            return Err(DownloadError::TooManyRedirects { url });
+        }
         if !response.status().is_success() {
             return Err(DownloadError::Status {
                 url,
                 status: response.status().as_u16(),
             });
         }
+        // The name the user gave, not a CDN's signed one.
         let url_path = url
             .parse::<http::Uri>()
             .map(|u| u.path().to_owned())
@@ -236,23 +199,6 @@ impl Download {
     }
 }
 
-/// The absolute URL a `Location` header points to from `base`.
-fn resolve(base: &http::Uri, location: &str) -> String {
-    if location.contains("://") {
-        return location.to_owned();
-    }
-    let origin = format!(
-        "{}://{}",
-        base.scheme_str().unwrap_or("https"),
-        base.authority().map(|a| a.as_str()).unwrap_or_default()
-    );
-    if location.starts_with('/') {
-        return format!("{origin}{location}");
-    }
-    let directory = base.path().rsplit_once('/').map_or("", |(dir, _)| dir);
-    format!("{origin}{directory}/{location}")
-}
-
 /// Unpacks a tar stream into `dest`, refusing links, devices and paths that leave `dest`. Every
 /// entry is checked before anything is written, so a refused archive leaves nothing.
 fn unpack<R: std::io::Read>(reader: std::io::Result<R>, dest: &Path) -> Result<(), DownloadError> {
@@ -304,25 +250,6 @@ fn unpack<R: std::io::Read>(reader: std::io::Result<R>, dest: &Path) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redirects_resolve_absolute_rooted_and_relative_locations() {
-        let base: http::Uri = "https://hub.example.com/org/model/resolve/main/m.tar"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            resolve(&base, "https://cdn.example.net/x?sig=1"),
-            "https://cdn.example.net/x?sig=1"
-        );
-        assert_eq!(
-            resolve(&base, "/api/m.tar"),
-            "https://hub.example.com/api/m.tar"
-        );
-        assert_eq!(
-            resolve(&base, "v2.tar"),
-            "https://hub.example.com/org/model/resolve/main/v2.tar"
-        );
-    }
 
     #[test]
     fn archives_are_recognised_by_their_extension() {

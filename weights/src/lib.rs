@@ -1,12 +1,14 @@
-//! Model weights from where users keep them into a pod's model directory: an https URL, or a
-//! prefix of an S3-compatible store, Google Cloud Storage or Azure Blob, through a node cache
-//! keyed by content. `infergate-runtime download` (the runtime image's init container) runs
+//! Model weights from where users keep them into a pod's model directory: an https URL, a
+//! prefix of an S3-compatible store, Google Cloud Storage or Azure Blob, or a Hugging Face Hub
+//! repository, through a node cache keyed by content. `infergate-runtime download` (the runtime image's init container) runs
 //! [`fetch`] and writes its one-line outcome to the container's termination message, which the
 //! operator turns into the ModelDeployment's `ModelFetched` condition.
 
 pub mod cache;
+mod client;
 mod error;
 pub mod https;
+pub mod hub;
 mod source;
 pub mod store;
 
@@ -75,6 +77,8 @@ pub struct Fetched {
     pub verified_by: Option<&'static str>,
     /// Whether the node cache took part.
     pub cached: bool,
+    /// The commit a Hub revision resolved to.
+    pub commit: Option<String>,
 }
 
 fn megabytes(bytes: u64) -> String {
@@ -115,6 +119,9 @@ impl Fetched {
             )),
             Outcome::AlreadyPlaced => line.push_str(" already in the model directory"),
         }
+        if let Some(commit) = &self.commit {
+            line.push_str(&format!("; commit {commit}"));
+        }
         if let Some(by) = self.verified_by {
             line.push_str(&format!("; checked against {by}"));
         }
@@ -140,7 +147,17 @@ pub async fn fetch(request: &Request) -> Result<Fetched, FetchError> {
             prefix,
         } => {
             let remote = Remote::open(*kind, bucket, prefix, &request.store)?;
-            fetch_store(request, &remote, &received).await?
+            let listing = remote.list().await?;
+            fetch_listing(request, &remote, &listing, &received).await?
+        }
+        Source::Hub { repo, revision } => {
+            hub::Hub::check_credentials(&request.store, &request.source.to_string())?;
+            let hub = hub::Hub::new(repo, revision, &request.store);
+            let (commit, listing) = hub.list().await?;
+            let remote = hub.remote(&commit)?;
+            let mut fetched = fetch_listing(request, &remote, &listing, &received).await?;
+            fetched.commit = Some(commit);
+            fetched
         }
     };
     fetched.received = received.load(Ordering::Relaxed);
@@ -159,6 +176,7 @@ fn blank(request: &Request, outcome: Outcome, key: Option<String>) -> Fetched {
         elapsed: Duration::ZERO,
         verified_by: None,
         cached: request.cache.is_some(),
+        commit: None,
     }
 }
 
@@ -174,14 +192,15 @@ fn mark_placed(dest: &Path, key: &str) -> Result<(), FetchError> {
     ))
 }
 
-async fn fetch_store(
+/// Fetches the files `listing` names from `remote`, through the node cache where there is one.
+async fn fetch_listing(
     request: &Request,
     remote: &Remote,
+    listing: &store::Listing,
     received: &AtomicU64,
 ) -> Result<Fetched, FetchError> {
-    let listing = remote.list().await?;
     let key = listing.key(&request.source.to_string());
-    let verified_by = listing.manifest.as_ref().map(|_| store::MANIFEST);
+    let verified_by = listing.manifest.as_ref().map(|m| m.named);
     let mut fetched = blank(request, Outcome::Downloaded, Some(key.clone()));
     fetched.files = listing.files.len();
     fetched.bytes = listing.bytes();
@@ -193,7 +212,7 @@ async fn fetch_store(
     let Some(cache) = &request.cache else {
         let partial = request.dest.join(".infergate-partial");
         let files = remote
-            .download(&listing, &partial, request.transfer, received)
+            .download(listing, &partial, request.transfer, received)
             .await?;
         move_into(&partial, &files, &request.dest)?;
         mark_placed(&request.dest, &key)?;
@@ -221,7 +240,7 @@ async fn fetch_store(
         None => {
             cache.make_room(fetched.bytes, &key)?;
             let files = remote
-                .download(&listing, &cache.partial(&key), request.transfer, received)
+                .download(listing, &cache.partial(&key), request.transfer, received)
                 .await?;
             let entry = Entry {
                 source: fetched.source.clone(),

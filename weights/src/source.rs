@@ -34,6 +34,8 @@ pub enum Source {
         bucket: String,
         prefix: String,
     },
+    /// A model repository of the Hugging Face Hub at a branch, tag or commit.
+    Hub { repo: String, revision: String },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +48,10 @@ pub enum SourceError {
     NoBucket(String),
     #[error("{0:?}: the prefix has an empty, '.' or '..' segment")]
     UnsafePrefix(String),
+    #[error(
+        "{0:?}: a Hub repository is NAME or ORG/NAME of letters, digits, '-', '_' and '.', then @REVISION if not main"
+    )]
+    BadRepository(String),
 }
 
 impl std::str::FromStr for Source {
@@ -55,6 +61,25 @@ impl std::str::FromStr for Source {
         if uri.starts_with("https://") || uri.starts_with("http://") {
             return Ok(Source::Https {
                 url: uri.to_owned(),
+            });
+        }
+        if let Some(rest) = uri.strip_prefix("hf://") {
+            let (repo, revision) = rest.split_once('@').unwrap_or((rest, "main"));
+            let segment_ok = |s: &str| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            };
+            let segments: Vec<&str> = repo.split('/').collect();
+            if segments.len() > 2 || !segments.iter().all(|s| segment_ok(s)) || revision.is_empty()
+            {
+                return Err(SourceError::BadRepository(uri.to_owned()));
+            }
+            return Ok(Source::Hub {
+                repo: repo.to_owned(),
+                revision: revision.to_owned(),
             });
         }
         let (kind, rest) = [StoreKind::S3, StoreKind::Gcs, StoreKind::Azure]
@@ -96,6 +121,7 @@ impl fmt::Display for Source {
                 bucket,
                 prefix,
             } => write!(f, "{}://{bucket}/{prefix}", kind.scheme()),
+            Source::Hub { repo, revision } => write!(f, "hf://{repo}@{revision}"),
         }
     }
 }
@@ -122,6 +148,15 @@ mod tests {
                 prefix: String::new()
             })
         );
+        assert_eq!(
+            "hf://sentence-transformers/all-MiniLM-L6-v2@refs/pr/1".parse(),
+            Ok(Source::Hub {
+                repo: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                revision: "refs/pr/1".into()
+            })
+        );
+        let gpt2: Source = "hf://gpt2".parse().unwrap();
+        assert_eq!(gpt2.to_string(), "hf://gpt2@main");
         let gcs: Source = "gs://b/p".parse().unwrap();
         assert_eq!(gcs.to_string(), "gs://b/p");
     }

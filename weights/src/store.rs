@@ -23,6 +23,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfi
 use sha2::{Digest, Sha256};
 
 use crate::cache::FileDigest;
+use crate::client::{Connector, Http};
 use crate::error::FetchError;
 use crate::source::StoreKind;
 
@@ -88,6 +89,16 @@ impl Default for Transfer {
     }
 }
 
+/// Retries of one request (connection refused, 5xx, throttling); a broken body is resumed by
+/// the download itself.
+pub(crate) fn retry_config() -> RetryConfig {
+    RetryConfig {
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(60),
+        ..RetryConfig::default()
+    }
+}
+
 /// A store and the prefix of one model in it.
 #[derive(Debug)]
 pub struct Remote {
@@ -107,6 +118,17 @@ pub struct RemoteFile {
     pub etag: Option<String>,
 }
 
+impl RemoteFile {
+    pub fn new(location: ObjectPath, path: String, size: u64, etag: Option<String>) -> RemoteFile {
+        RemoteFile {
+            location,
+            path,
+            size,
+            etag,
+        }
+    }
+}
+
 /// A prefix's objects, and its manifest's digests where it has one.
 #[derive(Debug)]
 pub struct Listing {
@@ -114,15 +136,18 @@ pub struct Listing {
     pub manifest: Option<Manifest>,
 }
 
+/// The digests files are checked against, from a trusted source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     /// Path → lower-case hex SHA-256.
     pub digests: BTreeMap<String, String>,
-    /// SHA-256 of the manifest itself.
-    pub sha256: String,
+    /// The content key of the whole: the SHA-256 of a SHA256SUMS object, or a Hub commit's.
+    pub key: String,
+    /// Where the digests came from, for messages.
+    pub named: &'static str,
 }
 
-fn hex(digest: &[u8]) -> String {
+pub(crate) fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -149,7 +174,8 @@ impl Manifest {
         }
         Ok(Manifest {
             digests,
-            sha256: hex(&Sha256::digest(text)),
+            key: hex(&Sha256::digest(text)),
+            named: MANIFEST,
         })
     }
 }
@@ -159,7 +185,7 @@ impl Listing {
     /// object's version.
     pub fn key(&self, uri: &str) -> String {
         if let Some(manifest) = &self.manifest {
-            return manifest.sha256.clone();
+            return manifest.key.clone();
         }
         let mut hasher = Sha256::new();
         hasher.update(uri.as_bytes());
@@ -190,13 +216,14 @@ impl Remote {
         options: &StoreOptions,
     ) -> Result<Remote, FetchError> {
         let uri = format!("{}://{bucket}/{prefix}", kind.scheme());
-        // reqwest is built without a provider of its own (it would bring aws-lc): ring, as the
-        // rest of the workspace. Already installed is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let retry = RetryConfig {
-            max_retries: 5,
-            retry_timeout: Duration::from_secs(60),
-            ..RetryConfig::default()
+        let retry = retry_config();
+        let connector = || {
+            Http::new(None)
+                .map(Connector)
+                .map_err(|e| FetchError::Store {
+                    source_uri: uri.clone(),
+                    detail: format!("loading the system's root certificates: {e}"),
+                })
         };
         let plain_http = options
             .endpoint
@@ -231,6 +258,7 @@ impl Remote {
                 }
                 let mut builder = builder
                     .with_bucket_name(bucket)
+                    .with_http_connector(connector()?)
                     .with_retry(retry)
                     .with_allow_http(plain_http)
                     .with_virtual_hosted_style_request(!options.path_style);
@@ -253,6 +281,7 @@ impl Remote {
                 }
                 builder
                     .with_bucket_name(bucket)
+                    .with_http_connector(connector()?)
                     .with_retry(retry)
                     .build()
                     .map(|s| Arc::new(s) as _)
@@ -268,6 +297,7 @@ impl Remote {
                 }
                 let mut builder = builder
                     .with_container_name(bucket)
+                    .with_http_connector(connector()?)
                     .with_retry(retry)
                     .with_allow_http(plain_http);
                 if let Some(endpoint) = &options.endpoint {
@@ -286,6 +316,16 @@ impl Remote {
             uri,
             secret: options.credentials_secret.clone(),
         })
+    }
+
+    /// A store whose files a listing from elsewhere names (the Hub's API).
+    pub fn from_store(store: Arc<dyn ObjectStore>, uri: String, secret: Option<String>) -> Remote {
+        Remote {
+            store,
+            prefix: String::new(),
+            uri,
+            secret,
+        }
     }
 
     /// What `object_store` said, sorted by what to do about it. Some of its paths (listing)
@@ -311,6 +351,7 @@ impl Remote {
                 source_uri: self.uri.clone(),
                 what: what.to_owned(),
                 detail,
+                fix: "check the bucket and prefix in spec.model.uri",
             };
         }
         if matches!(error, object_store::Error::Precondition { .. }) || status == Some(412) {
@@ -606,8 +647,8 @@ impl Remote {
             let expected = listing
                 .manifest
                 .as_ref()
-                .and_then(|m| m.digests.get(&file.path));
-            if let Some(expected) = expected
+                .and_then(|m| Some((m.digests.get(&file.path)?, m.named)));
+            if let Some((expected, named)) = expected
                 && *expected != actual
             {
                 // A corrupt part is not resumed: the next attempt fetches the file again.
@@ -617,7 +658,7 @@ impl Remote {
                     source_uri: self.uri.clone(),
                     file: file.path.clone(),
                     expected: expected.clone(),
-                    expected_from: MANIFEST.to_owned(),
+                    expected_from: named.to_owned(),
                     actual,
                 });
             }
@@ -673,7 +714,7 @@ fn short_detail(message: &str, status: Option<u16>) -> String {
 }
 
 /// The error and its causes: `object_store`'s top-level messages leave out the server's words.
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -790,7 +831,7 @@ mod tests {
             manifest.digests["weights/model.safetensors"],
             "b".repeat(64)
         );
-        assert_eq!(manifest.sha256, hex(&Sha256::digest(text.as_bytes())));
+        assert_eq!(manifest.key, hex(&Sha256::digest(text.as_bytes())));
         assert_eq!(
             Manifest::parse(b"abc  x\n").unwrap_err(),
             "line 1: expected `SHA256  PATH`"
