@@ -432,7 +432,7 @@ async fn every_task_answers_real_clients_through_local_mode() {
 
     // Ten concurrent clients per model, three requests each: every one answered 200 at once. A
     // runtime refuses (429) only what it cannot serve in time, and these tiny models serve ten
-    // at once in milliseconds.
+    // at once in milliseconds (speech recognition aside, below).
     let bodies = [
         ("embedding", "/v1/embed", json!({"inputs": "concurrent"})),
         (
@@ -453,7 +453,10 @@ async fn every_task_answers_real_clients_through_local_mode() {
         ),
         ("translation", "/v1/translate", json!({"text": "Hello"})),
     ];
-    let speech_clients: Vec<_> = (0..10)
+    // Speech recognition gets three: a debug-built Whisper pass takes seconds on two shared
+    // cores, so ten clients queue for minutes and admission rightly refuses (429) what it
+    // predicts cannot finish in time (seen in CI under load).
+    let speech_clients: Vec<_> = (0..3)
         .map(|_| {
             let url = format!("{}/models/speech-recognition/proxy/", local.url);
             let auth = bearer(&token);
