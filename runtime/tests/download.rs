@@ -4,7 +4,9 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+
+mod support;
+use support::wait_for_port;
 
 /// A file server that also answers /redirect/PATH with a 302 to /PATH, as hubs and object
 /// stores send clients on to signed URLs.
@@ -20,18 +22,6 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
-
-/// Waits until something listens on `port` (10 s at most).
-fn wait_for_port(port: u16, what: &str) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{what} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct FileServer {
     child: Child,

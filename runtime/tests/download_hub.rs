@@ -4,10 +4,11 @@
 //! URLs that send large files on to a CDN on another host, ranged reads, `X-Error-Code`s, and
 //! 401 for a repository that does not exist as for a private one.
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+
+mod support;
+use support::{Scratch, free_port, scratch, wait_for_port};
 
 const HUB_SERVER: &str = r#"
 import hashlib, http.server, json, re, sys, urllib.parse
@@ -146,19 +147,11 @@ http.server.ThreadingHTTPServer(("127.0.0.1", config["port"]), Hub).serve_foreve
 
 const TOKEN: &str = "hf_never_printed_0123456789";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The local Hub, its files in a scratch directory; removed with it.
 struct Hub {
     child: Child,
     port: u16,
-    root: PathBuf,
+    root: Scratch,
 }
 
 const MAIN: &str = "1111111111111111111111111111111111111111";
@@ -168,8 +161,7 @@ impl Hub {
     /// Repositories: `org/tiny` (private, `main` at MAIN, `v2` at NEXT), `org/pickles` (only
     /// a pytorch_model.bin) and `org/tampered` (an LFS digest that does not match its file).
     fn start(tag: &str) -> Hub {
-        let root = std::env::temp_dir().join(format!("infergate-hub-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = scratch(&format!("hub-{tag}"));
         let write = |name: &str, body: &[u8]| {
             let path = root.join("blobs").join(name);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -211,14 +203,7 @@ impl Hub {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "the Hub did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the Hub");
         Hub { child, port, root }
     }
 
@@ -235,7 +220,6 @@ impl Drop for Hub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

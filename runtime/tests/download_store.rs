@@ -14,40 +14,11 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+mod support;
+use support::{Scratch, free_port, scratch, wait_for_port};
+
 const ACCESS_KEY: &str = "infergate-test";
 const SECRET_KEY: &str = "s3cr3t-never-printed";
-
-/// A scratch directory, removed when the test ends however it ends (the 2 GB case must not
-/// leave its gigabytes behind on a failure).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(tag: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("infergate-store-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The gateway over `root/data` (a bucket is a directory, an object a file in it).
 struct Store {
@@ -69,7 +40,7 @@ impl Store {
             "{} is missing: scripts/setup.sh builds it (e2e/cluster/build.sh)",
             bin.display()
         );
-        let root = scratch(tag);
+        let root = scratch(&format!("s3-{tag}"));
         std::fs::create_dir_all(root.join("data")).unwrap();
         let port = free_port();
         let child = Command::new(bin)
@@ -83,14 +54,7 @@ impl Store {
             .stderr(std::fs::File::create(root.join("gateway.log")).unwrap())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the gateway did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the gateway");
         Store { child, port, root }
     }
 

@@ -263,20 +263,26 @@ pub struct Placed {
     pub copied: usize,
 }
 
+/// Where `file` goes under `dest`, its directories made.
+pub(crate) fn target_in(dest: &Path, file: &FileDigest) -> Result<PathBuf, FetchError> {
+    let target = dest.join(&file.path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(FetchError::write(
+            dest,
+            file.size,
+            format!("creating {}", parent.display()),
+        ))?;
+    }
+    Ok(target)
+}
+
 /// Puts `files` of the directory `from` into `dest`: hard links where both are on one
 /// filesystem, copies where not.
 pub fn place(from: &Path, files: &[FileDigest], dest: &Path) -> Result<Placed, FetchError> {
     let mut placed = Placed::default();
     for file in files {
         let source = from.join(&file.path);
-        let target = dest.join(&file.path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(FetchError::write(
-                dest,
-                file.size,
-                format!("creating {}", parent.display()),
-            ))?;
-        }
+        let target = target_in(dest, file)?;
         let _ = std::fs::remove_file(&target);
         match std::fs::hard_link(&source, &target) {
             Ok(()) => placed.linked += 1,

@@ -317,14 +317,7 @@ async fn fetch_https(
 /// Moves a finished download out of its staging directory into the model directory.
 fn move_into(staging: &Path, files: &[FileDigest], dest: &Path) -> Result<(), FetchError> {
     for file in files {
-        let target = dest.join(&file.path);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(FetchError::write(
-                dest,
-                file.size,
-                format!("creating {}", parent.display()),
-            ))?;
-        }
+        let target = cache::target_in(dest, file)?;
         std::fs::rename(staging.join(&file.path), &target)
             .map_err(FetchError::io(format!("moving {} into place", file.path)))?;
     }

@@ -99,6 +99,24 @@ pub(crate) fn retry_config() -> RetryConfig {
     }
 }
 
+/// Sets each credential on a store's builder by the provider's variable name; a name the
+/// provider does not know is `unknown`'s error.
+fn with_credentials<B, K: std::str::FromStr>(
+    mut builder: B,
+    credentials: &[(String, String)],
+    set: impl Fn(B, K, &str) -> B,
+    unknown: impl Fn(&str) -> FetchError,
+) -> Result<B, FetchError> {
+    for (name, value) in credentials {
+        let key = name
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|_| unknown(name))?;
+        builder = set(builder, key, value);
+    }
+    Ok(builder)
+}
+
 /// A store and the prefix of one model in it.
 #[derive(Debug)]
 pub struct Remote {
@@ -248,14 +266,12 @@ impl Remote {
         };
         let store: Result<Arc<dyn ObjectStore>, object_store::Error> = match kind {
             StoreKind::S3 => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env();
-                for (name, value) in &options.credentials {
-                    let key = name
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| unknown(name))?;
-                    builder = builder.with_config(key, value);
-                }
+                let builder = with_credentials(
+                    object_store::aws::AmazonS3Builder::from_env(),
+                    &options.credentials,
+                    |b, key, value| b.with_config(key, value),
+                    unknown,
+                )?;
                 let mut builder = builder
                     .with_bucket_name(bucket)
                     .with_http_connector(connector()?)
@@ -271,14 +287,12 @@ impl Remote {
                 builder.build().map(|s| Arc::new(s) as _)
             }
             StoreKind::Gcs => {
-                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env();
-                for (name, value) in &options.credentials {
-                    let key = name
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| unknown(name))?;
-                    builder = builder.with_config(key, value);
-                }
+                let builder = with_credentials(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+                    &options.credentials,
+                    |b, key, value| b.with_config(key, value),
+                    unknown,
+                )?;
                 builder
                     .with_bucket_name(bucket)
                     .with_http_connector(connector()?)
@@ -287,14 +301,12 @@ impl Remote {
                     .map(|s| Arc::new(s) as _)
             }
             StoreKind::Azure => {
-                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env();
-                for (name, value) in &options.credentials {
-                    let key = name
-                        .to_ascii_lowercase()
-                        .parse()
-                        .map_err(|_| unknown(name))?;
-                    builder = builder.with_config(key, value);
-                }
+                let builder = with_credentials(
+                    object_store::azure::MicrosoftAzureBuilder::from_env(),
+                    &options.credentials,
+                    |b, key, value| b.with_config(key, value),
+                    unknown,
+                )?;
                 let mut builder = builder
                     .with_container_name(bucket)
                     .with_http_connector(connector()?)

@@ -33,6 +33,42 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until something listens on `port` (20 s at most).
+pub fn wait_for_port(port: u16, what: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A scratch directory, removed when the test ends however it ends (a failed 2 GB case must
+/// not leave its gigabytes behind).
+pub struct Scratch(pub PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch(tag: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("infergate-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
 impl Runtime {
     pub async fn start(extra: &[&str]) -> Runtime {
         Runtime::start_task("embedding", &fixture_dir(), extra).await
