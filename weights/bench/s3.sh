@@ -53,8 +53,10 @@ model="$work/data/bench/model"
 mkdir -p "$model"
 for i in $(seq 1 "$shards"); do
   name="$(printf 'model-%05d-of-%05d.safetensors' "$i" "$shards")"
-  openssl enc -aes-128-ctr -nosalt -pass "pass:$i" -in /dev/zero 2>/dev/null \
-    | head -c "$((shard_mib << 20))" > "$model/$name"
+  python -c 'import os, sys
+with open(sys.argv[1], "wb") as out:
+    for _ in range(int(sys.argv[2])):
+        out.write(os.urandom(1 << 20))' "$model/$name" "$shard_mib"
 done
 echo '{"model_type": "llama"}' > "$model/config.json"
 (cd "$model" && sha256sum -- * > "$work/SHA256SUMS" && mv "$work/SHA256SUMS" .)
@@ -75,7 +77,8 @@ run_aws() {
   "$aws_venv/bin/aws" s3 cp --recursive --quiet --endpoint-url "$endpoint" s3://bench/model "$1"
 }
 run_rclone() {
-  rclone copy --s3-provider Other --s3-endpoint "$endpoint" --s3-access-key-id "$AWS_ACCESS_KEY_ID" \
+  # rclone 1.60's S3 client cannot load a CA bundle named in AWS_CA_BUNDLE (plain HTTP here).
+  env -u AWS_CA_BUNDLE RCLONE_CONFIG=/dev/null rclone copy --s3-provider Other --s3-endpoint "$endpoint" --s3-access-key-id "$AWS_ACCESS_KEY_ID" \
     --s3-secret-access-key "$AWS_SECRET_ACCESS_KEY" --s3-force-path-style=true :s3:bench/model "$1"
 }
 

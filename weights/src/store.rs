@@ -14,7 +14,7 @@ use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -526,8 +526,22 @@ impl Remote {
                 "resuming an earlier download"
             );
         }
-        let journal = &journal;
-        let outputs = &outputs;
+        // Each file is hashed as soon as its last range is in, while the others download.
+        let mut left: Vec<usize> = vec![0; listing.files.len()];
+        for chunk in &chunks {
+            left[chunk.file] += 1;
+        }
+        let left: Vec<AtomicUsize> = left.into_iter().map(AtomicUsize::new).collect();
+        let hashes: Vec<std::sync::Mutex<Option<Hashing>>> = listing
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, file)| {
+                let ready = left[i].load(Ordering::Relaxed) == 0;
+                std::sync::Mutex::new(ready.then(|| hash_in_background(dir.join(&file.path))))
+            })
+            .collect();
+        let (journal, outputs, left, hashes) = (&journal, &outputs, &left, &hashes);
         futures::stream::iter(chunks)
             .map(|chunk| async move {
                 let file = &listing.files[chunk.file];
@@ -541,17 +555,28 @@ impl Remote {
                     total,
                 )
                 .await?;
-                outputs[chunk.file].sync_data().map_err(FetchError::write(
-                    dir,
-                    total,
-                    format!("flushing {}", file.path),
-                ))?;
+                if left[chunk.file].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    *hashes[chunk.file].lock().expect("hash slot") =
+                        Some(hash_in_background(dir.join(&file.path)));
+                }
                 journal.record(&chunk)
             })
             .buffer_unordered(transfer.concurrency.max(1))
             .try_collect::<()>()
             .await?;
-        let digests = self.check(listing, dir).await?;
+        let mut digests = Vec::with_capacity(listing.files.len());
+        for (file, hashing) in listing.files.iter().zip(hashes) {
+            let hashing = hashing
+                .lock()
+                .expect("hash slot")
+                .take()
+                .expect("every file hashed");
+            let actual = hashing
+                .await
+                .map_err(|e| FetchError::io("hashing")(std::io::Error::other(e)))?
+                .map_err(FetchError::io(format!("hashing {}", file.path)))?;
+            digests.push(self.check(listing, dir, file, actual)?);
+        }
         journal.finish();
         Ok(digests)
     }
@@ -647,41 +672,44 @@ impl Remote {
         }
     }
 
-    /// Hashes each downloaded file and compares it with the manifest.
-    async fn check(&self, listing: &Listing, dir: &Path) -> Result<Vec<FileDigest>, FetchError> {
-        let mut digests = Vec::with_capacity(listing.files.len());
-        for file in &listing.files {
-            let path = dir.join(&file.path);
-            let actual = tokio::task::spawn_blocking(move || sha256_file(&path))
-                .await
-                .map_err(|e| FetchError::io("hashing")(std::io::Error::other(e)))?
-                .map_err(FetchError::io(format!("hashing {}", file.path)))?;
-            let expected = listing
-                .manifest
-                .as_ref()
-                .and_then(|m| Some((m.digests.get(&file.path)?, m.named)));
-            if let Some((expected, named)) = expected
-                && *expected != actual
-            {
-                // A corrupt part is not resumed: the next attempt fetches the file again.
-                let _ = std::fs::remove_file(dir.join(&file.path));
-                let _ = std::fs::remove_file(dir.join(JOURNAL));
-                return Err(FetchError::DigestMismatch {
-                    source_uri: self.uri.clone(),
-                    file: file.path.clone(),
-                    expected: expected.clone(),
-                    expected_from: named.to_owned(),
-                    actual,
-                });
-            }
-            digests.push(FileDigest {
-                path: file.path.clone(),
-                size: file.size,
-                sha256: Some(actual),
+    /// Compares a downloaded file's digest with the manifest's.
+    fn check(
+        &self,
+        listing: &Listing,
+        dir: &Path,
+        file: &RemoteFile,
+        actual: String,
+    ) -> Result<FileDigest, FetchError> {
+        let expected = listing
+            .manifest
+            .as_ref()
+            .and_then(|m| Some((m.digests.get(&file.path)?, m.named)));
+        if let Some((expected, named)) = expected
+            && *expected != actual
+        {
+            // A corrupt part is not resumed: the next attempt fetches the file again.
+            let _ = std::fs::remove_file(dir.join(&file.path));
+            let _ = std::fs::remove_file(dir.join(JOURNAL));
+            return Err(FetchError::DigestMismatch {
+                source_uri: self.uri.clone(),
+                file: file.path.clone(),
+                expected: expected.clone(),
+                expected_from: named.to_owned(),
+                actual,
             });
         }
-        Ok(digests)
+        Ok(FileDigest {
+            path: file.path.clone(),
+            size: file.size,
+            sha256: Some(actual),
+        })
     }
+}
+
+type Hashing = tokio::task::JoinHandle<std::io::Result<String>>;
+
+fn hash_in_background(path: PathBuf) -> Hashing {
+    tokio::task::spawn_blocking(move || sha256_file(&path))
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -740,6 +768,18 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// When this node booted (`btime` of /proc/stat); none where there is no such file.
+fn boot_time() -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let seconds: u64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
 struct Chunk {
     file: usize,
     index: u64,
@@ -747,9 +787,11 @@ struct Chunk {
     end: u64,
 }
 
-/// The ranges already on disk, one line `FILE-INDEX CHUNK-INDEX` each, appended after the
-/// range's bytes are synced: what survives a killed process is exactly what is done. A listing
-/// that changed (another version, another split) invalidates it.
+/// The ranges already written, one line `FILE-INDEX CHUNK-INDEX` each, appended as each range
+/// ends. Unsynced, so it holds across a killed process (the kernel keeps both the writes and
+/// the journal) but not across a crashed node: a journal last written before the node booted
+/// is ignored and the download starts over. A listing that changed (another version, another
+/// split) invalidates it too.
 const JOURNAL: &str = ".infergate-ranges";
 
 struct Journal {
@@ -771,7 +813,14 @@ impl Journal {
                     .collect::<String>()
             ))
         );
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let written_this_boot = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| boot_time().is_some_and(|boot| at >= boot));
+        let existing = if written_this_boot {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut done = HashSet::new();
         if let Some(rest) = existing.strip_prefix(header.as_str()) {
             for line in rest.lines() {
@@ -803,6 +852,8 @@ impl Journal {
         self.done.contains(&(chunk.file, chunk.index))
     }
 
+    /// Notes `chunk` as written. Not synced: a killed process leaves its writes in the page
+    /// cache, and a journal from before the node's last boot is not trusted (see `open`).
     fn record(&self, chunk: &Chunk) -> Result<(), FetchError> {
         let mut out = self.out.lock().expect("journal lock");
         out.write_all(format!("{} {}\n", chunk.file, chunk.index).as_bytes())
