@@ -37,6 +37,10 @@ impl LocalMode {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a temporary directory");
         for (name, yaml) in files {
+            // A name may have directories: a credentials file under the state directory.
+            if let Some(parent) = dir.join(name).parent() {
+                std::fs::create_dir_all(parent).expect("a file's directory");
+            }
             std::fs::write(dir.join(name), yaml).expect("writing a manifest");
         }
         let port = free_port();

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::objectstore::ObjectStore;
 use e2e::{TestBed, built, eventually, minilm_dir};
 use serde_json::{Value, json};
 
@@ -64,81 +65,6 @@ fn why_pods_are_not_ready(cluster: &TestBed, namespace: &str) -> String {
     why
 }
 
-/// Versity's S3 gateway (built by e2e/cluster/build.sh) over a scratch directory, listening
-/// where pods reach this machine: 10.0.0.1, the test bed's address for the API server.
-struct ObjectStore {
-    child: std::process::Child,
-    endpoint: String,
-    data: std::path::PathBuf,
-}
-
-impl ObjectStore {
-    fn start(dir: &Path, access_key: &str, secret_key: &str) -> ObjectStore {
-        let host =
-            std::env::var("INFERGATE_TEST_STORE_HOST").unwrap_or_else(|_| "10.0.0.1".to_owned());
-        let port = std::net::TcpListener::bind((host.as_str(), 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let bin = std::env::var("INFERGATE_CLUSTER_BIN").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/infergate/cluster/bin",
-                std::env::var("HOME").unwrap()
-            )
-        });
-        let data = dir.join("store");
-        std::fs::create_dir_all(&data).unwrap();
-        let child = Command::new(format!("{bin}/versitygw"))
-            .args([
-                "--access", access_key, "--secret", secret_key, "--quiet", "--port",
-            ])
-            .arg(format!("{host}:{port}"))
-            .arg("posix")
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("versitygw: scripts/setup.sh builds it");
-        eventually(
-            "the object store listening",
-            Duration::from_secs(20),
-            || std::net::TcpStream::connect((host.as_str(), port)).ok(),
-        );
-        ObjectStore {
-            child,
-            endpoint: format!("http://{host}:{port}"),
-            data,
-        }
-    }
-
-    /// Uploads a model directory's files under `bucket/prefix`, with its SHA256SUMS.
-    fn put_model(&self, bucket: &str, prefix: &str, from: &Path, files: &[&str]) {
-        let target = self.data.join(bucket).join(prefix);
-        let mut manifest = String::new();
-        for file in files {
-            std::fs::create_dir_all(target.join(file).parent().unwrap()).unwrap();
-            std::fs::copy(from.join(file), target.join(file)).unwrap();
-            let sum = Command::new("sha256sum")
-                .arg(target.join(file))
-                .output()
-                .unwrap();
-            manifest.push_str(&format!(
-                "{}  {file}\n",
-                &String::from_utf8(sum.stdout).unwrap()[..64]
-            ));
-        }
-        std::fs::write(target.join("SHA256SUMS"), manifest).unwrap();
-    }
-}
-
-impl Drop for ObjectStore {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The `ModelFetched` condition of a ModelDeployment: reason and message.
 fn model_fetched(cluster: &TestBed, namespace: &str, md: &str) -> (String, String) {
     let condition = cluster.ok(&[
@@ -158,19 +84,15 @@ fn model_fetched(cluster: &TestBed, namespace: &str, md: &str) -> (String, Strin
 /// downloads while the other waits for it and takes the node cache's copy, and both serve.
 /// Wrong keys and a missing bucket become conditions that say what to fix.
 fn models_from_an_s3_bucket(cluster: &TestBed, namespace: &str, dir: &Path) {
-    let store = ObjectStore::start(dir, "e2e-access", "e2e-secret-not-logged");
-    let files = [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.txt",
-        "modules.json",
-        "sentence_bert_config.json",
-        "1_Pooling/config.json",
-        "model.safetensors",
-    ];
-    store.put_model("models", "team/minilm", Path::new(&minilm_dir()), &files);
+    // Where pods reach this machine: 10.0.0.1, the test bed's address for the API server.
+    let host = std::env::var("INFERGATE_TEST_STORE_HOST").unwrap_or_else(|_| "10.0.0.1".to_owned());
+    let store = ObjectStore::start(dir, &host, "e2e-access", "e2e-secret-not-logged");
+    store.put_model(
+        "models",
+        "team/minilm",
+        Path::new(&minilm_dir()),
+        &e2e::objectstore::MINILM_FILES,
+    );
     for (secret, key) in [
         ("store-keys", "e2e-secret-not-logged"),
         ("wrong-keys", "not-the-key"),

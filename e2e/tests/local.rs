@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use e2e::local::LocalMode;
+use e2e::objectstore::{MINILM_FILES, ObjectStore};
 use e2e::{built, minilm_dir, node_client, python_client, text_generation_client};
 use serde_json::{Value, json};
 
@@ -964,4 +965,49 @@ async fn a_runtime_answers_only_what_the_proxy_signed_and_a_key_rotation_loses_n
         let leaks = e2e::canary::jwt_leaks(jwt, &console);
         assert!(leaks.is_empty(), "a JWT leaked into the logs: {leaks:?}");
     }
+}
+
+/// A model in an S3 bucket, served by local mode as a cluster would: fetched (keys from the
+/// state directory's copy of the Secret) into the state directory, then served; the download's
+/// outcome line is on the console.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_an_s3_bucket_is_fetched_then_served() {
+    let scratch = std::env::temp_dir().join(format!("infergate-local-s3-{}", std::process::id()));
+    let store = ObjectStore::start(&scratch, "127.0.0.1", "local-access", "local-secret");
+    store.put_model("models", "minilm", Path::new(&minilm_dir()), &MINILM_FILES);
+    let yaml = format!(
+        "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: minilm-s3}}\nspec:\n  task: embedding\n  model:\n    uri: s3://models/minilm\n    endpoint: {}\n    pathStyle: true\n    credentialsSecret: store-keys\n---\n",
+        store.endpoint
+    ) + &token("app", &["minilm-s3"], "");
+    let local = LocalMode::start(
+        &infergate(),
+        &[
+            ("models.yaml", &yaml),
+            (
+                ".infergate/secrets/store-keys/AWS_ACCESS_KEY_ID",
+                "local-access",
+            ),
+            (
+                ".infergate/secrets/store-keys/AWS_SECRET_ACCESS_KEY",
+                "local-secret",
+            ),
+        ],
+    );
+    local.wait_ready(&["minilm-s3"], READY_LIMIT);
+    let console = local.console();
+    assert!(
+        console.contains("minilm-s3: Downloaded: s3://models/minilm: 10 files"),
+        "{console}"
+    );
+    assert!(!console.contains("local-secret"), "{console}");
+    let (status, body) = post(
+        &format!("{}/models/minilm-s3/proxy/v1/embed", local.url),
+        &[("Authorization", &bearer(&local.token("app")))],
+        &json!({"inputs": "from a bucket"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body[0].as_array().map(Vec::len), Some(384));
+    drop(store);
+    let _ = std::fs::remove_dir_all(scratch);
 }

@@ -117,9 +117,9 @@ fn each_fault_is_one_problem_naming_its_field() {
             "not a directory",
         ),
         (
-            model("  task: embedding\n  model: {uri: 'https://example.com/m.tgz'}\n"),
+            model("  task: embedding\n  model: {uri: 'pvc://models/minilm'}\n"),
             "spec.model.uri",
-            "file:// models only",
+            "exists in a cluster only",
         ),
         (
             model(

@@ -1,12 +1,13 @@
 //! Reads the ModelDeployment and AccessToken YAMLs one would `kubectl apply`, and judges them as
 //! a cluster would (structural schema, then CEL rules), plus what local mode itself needs: models
-//! on `file://` paths that exist, run by the builtin runtime, tokens naming known models.
+//! on `file://` paths that exist or downloaded, run by the builtin runtime, tokens naming known
+//! models.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crds::{AccessToken, ModelDeployment};
+use crds::{AccessToken, ModelDeployment, ModelUri};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use kube::{CustomResourceExt, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -283,12 +284,13 @@ fn accept_model(
             "local mode runs the builtin infergate-runtime binary; images apply in a cluster only",
         ));
     }
-    match model_dir(&md) {
-        Ok(dir) if dir.is_dir() => {}
-        Ok(dir) => problems.push(origin.problem(
+    match source(&md) {
+        Ok(Source::Dir(dir)) if dir.is_dir() => {}
+        Ok(Source::Dir(dir)) => problems.push(origin.problem(
             Some("spec.model.uri"),
             format!("{} is not a directory on this machine", dir.display()),
         )),
+        Ok(Source::Download(_)) => {}
         Err(message) => problems.push(origin.problem(Some("spec.model.uri"), message)),
     }
     let same_name = manifests
@@ -342,17 +344,37 @@ fn accept_token(
     true
 }
 
-/// The host directory of a `file://` model.
-pub fn model_dir(md: &ModelDeployment) -> Result<PathBuf, String> {
-    md.spec
-        .model
-        .uri
-        .strip_prefix("file://")
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            format!(
-                "local mode serves file:// models only, not {}",
-                md.spec.model.uri
-            )
-        })
+/// Where a model's files come from in local mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A directory of this machine (`file://`).
+    Dir(PathBuf),
+    /// A download (`https://`, `s3://`, `gs://`, `az://`, `hf://`), as a cluster's init
+    /// container does it.
+    Download(String),
+}
+
+/// The source of `md`'s files.
+pub fn source(md: &ModelDeployment) -> Result<Source, String> {
+    match md.spec.model.parsed_uri().map_err(|e| e.to_string())? {
+        ModelUri::File { path } => Ok(Source::Dir(PathBuf::from(path))),
+        ModelUri::Https { url } => Ok(Source::Download(url)),
+        ModelUri::Remote { uri } => Ok(Source::Download(uri)),
+        ModelUri::Pvc { .. } => Err(format!(
+            "{}: a PersistentVolumeClaim exists in a cluster only; local mode serves file://, \
+             https://, s3://, gs://, az:// and hf:// models",
+            md.spec.model.uri
+        )),
+    }
+}
+
+/// The directory the runtime of `md` reads: its own for a `file://` model, one under the state
+/// directory for a download.
+pub fn model_dir(md: &ModelDeployment, state_dir: &Path) -> PathBuf {
+    match source(md) {
+        Ok(Source::Dir(dir)) => dir,
+        _ => state_dir
+            .join("models")
+            .join(md.model_version_id().unwrap_or_default()),
+    }
 }

@@ -137,10 +137,20 @@ struct ModelRuntime {
     timeouts: crds::Timeouts,
     port: u16,
     process: Supervised,
+    /// For a downloaded model, the download its runtime waits for.
+    fetch: Option<Fetch>,
 }
 
 impl ModelRuntime {
     async fn poll(&mut self) {
+        if let Some(fetch) = &mut self.fetch
+            && !fetch.done
+        {
+            if fetch.poll(&self.id, &self.process.program) {
+                self.process.start_afresh();
+            }
+            return;
+        }
         self.process.poll().await;
     }
 
@@ -150,8 +160,121 @@ impl ModelRuntime {
     }
 }
 
+/// The download of a model that is not a directory of this machine: `infergate-runtime
+/// download`, as a cluster's init container runs it, into the state directory through a cache
+/// there. Credentials: the files of `STATE/secrets/NAME/` for `credentialsSecret: NAME` where
+/// that directory exists, else this process's environment (AWS_ACCESS_KEY_ID, HF_TOKEN, ...).
+fn fetch_args(md: &ModelDeployment, options: &UpOptions) -> Option<Vec<String>> {
+    let manifests::Source::Download(uri) = manifests::source(md).ok()? else {
+        return None;
+    };
+    let model = &md.spec.model;
+    let mut args = vec![
+        "download".to_owned(),
+        "--source".to_owned(),
+        uri,
+        "--dest".to_owned(),
+        manifests::model_dir(md, &options.state_dir)
+            .display()
+            .to_string(),
+        "--cache".to_owned(),
+        options.state_dir.join("model-cache").display().to_string(),
+    ];
+    for (flag, value) in [
+        ("--sha256", &model.sha256),
+        ("--endpoint", &model.endpoint),
+        ("--region", &model.region),
+        ("--credentials-secret", &model.credentials_secret),
+    ] {
+        if let Some(value) = value {
+            args.extend([flag.to_owned(), value.clone()]);
+        }
+    }
+    if model.path_style == Some(true) {
+        args.push("--path-style".to_owned());
+    }
+    let secret = model
+        .credentials_secret
+        .as_ref()
+        .map(|name| options.state_dir.join("secrets").join(name))
+        .filter(|dir| dir.is_dir());
+    if let Some(dir) = secret {
+        args.extend(["--credentials-dir".to_owned(), dir.display().to_string()]);
+    }
+    Some(args)
+}
+
+/// A model's download, run to success (with back-off) before its runtime starts.
+#[derive(Debug)]
+struct Fetch {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    retry_at: Instant,
+    delay: Duration,
+    done: bool,
+}
+
+impl Fetch {
+    fn new(args: Vec<String>, log: PathBuf) -> Fetch {
+        Fetch {
+            args,
+            log,
+            child: None,
+            retry_at: Instant::now(),
+            delay: FIRST_RESTART_DELAY,
+            done: false,
+        }
+    }
+
+    /// Whether the model's files are in place; starts the download, or reaps it, on the way.
+    /// Its one-line outcome (what a cluster shows in ModelFetched) is printed either way.
+    fn poll(&mut self, name: &str, program: &Path) -> bool {
+        if let Some(child) = &mut self.child {
+            let Ok(Some(status)) = child.try_wait() else {
+                return false;
+            };
+            self.child = None;
+            let outcome = last_line(&self.log).unwrap_or_else(|| status.to_string());
+            if status.success() {
+                println!("{name}: {outcome}");
+                self.done = true;
+                return true;
+            }
+            println!(
+                "{name}: cannot fetch the model: {outcome}\n    retrying in {:?}; log: {}",
+                self.delay,
+                self.log.display()
+            );
+            self.retry_at = Instant::now() + self.delay;
+            self.delay = (self.delay * 2).min(MAX_RESTART_DELAY);
+            return false;
+        }
+        if Instant::now() < self.retry_at {
+            return false;
+        }
+        let (stdout, stderr) = log_output(&self.log);
+        match Command::new(program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => self.child = Some(child),
+            Err(e) => {
+                println!("{name}: cannot start {}: {e}", program.display());
+                self.retry_at = Instant::now() + MAX_RESTART_DELAY;
+            }
+        }
+        false
+    }
+}
+
 fn runtime_args(md: &ModelDeployment, options: &UpOptions, port: u16) -> Vec<String> {
-    let dir = manifests::model_dir(md).unwrap_or_default();
+    let dir = manifests::model_dir(md, &options.state_dir);
     let mut args =
         crate::desired::runtime_args(md, &dir.display().to_string(), &format!("127.0.0.1:{port}"));
     if let Some(threads) = options.torch_threads {
@@ -186,15 +309,22 @@ fn sync_runtimes(
     });
     for (id, md) in wanted {
         let timeouts = md.spec.timeouts.clone().unwrap_or_default();
+        let fetch = fetch_args(md, options)
+            .map(|args| Fetch::new(args, logs.join(format!("{id}.fetch.log"))));
         if let Some(running) = runtimes.get_mut(&id) {
             let args = runtime_args(md, options, running.port);
             running.timeouts = timeouts;
-            if running.process.args != args {
+            let fetch_changed =
+                running.fetch.as_ref().map(|f| &f.args) != fetch.as_ref().map(|f| &f.args);
+            if running.process.args != args || fetch_changed {
                 println!("{id}: spec changed; restarting its runtime");
                 running.process.stop_now();
                 running.task = md.spec.task;
                 running.process.args = args;
-                running.process.start_afresh();
+                if fetch.is_none() {
+                    running.process.start_afresh();
+                }
+                running.fetch = fetch;
             } else if matches!(running.process.phase, Phase::Failed) {
                 // Its files may be what was fixed (the model directory, a rebuilt binary).
                 println!("{id}: files changed; starting its runtime again");
@@ -210,12 +340,16 @@ fn sync_runtimes(
             logs.join(format!("{id}.log")),
             (format!("127.0.0.1:{port}"), "/health"),
         );
-        process.start();
-        println!(
-            "{id}: starting {} runtime for {}",
-            md.spec.task,
-            md.name_any()
-        );
+        if fetch.is_some() {
+            println!("{id}: fetching {} for {}", md.spec.model.uri, md.name_any());
+        } else {
+            process.start();
+            println!(
+                "{id}: starting {} runtime for {}",
+                md.spec.task,
+                md.name_any()
+            );
+        }
         runtimes.insert(
             id.clone(),
             ModelRuntime {
@@ -224,6 +358,7 @@ fn sync_runtimes(
                 timeouts,
                 port,
                 process,
+                fetch,
             },
         );
     }
@@ -307,11 +442,7 @@ impl Supervised {
     }
 
     fn start(&mut self) {
-        let log = File::options().create(true).append(true).open(&self.log);
-        let (stdout, stderr) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-            Ok((out, err)) => (Stdio::from(out), Stdio::from(err)),
-            Err(_) => (Stdio::null(), Stdio::null()),
-        };
+        let (stdout, stderr) = log_output(&self.log);
         let spawned = Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -412,6 +543,15 @@ impl Supervised {
         self.phase = Phase::Waiting {
             at: Instant::now() + MAX_RESTART_DELAY,
         };
+    }
+}
+
+/// Standard output and error appended to `log` (nowhere when it cannot be opened).
+fn log_output(log: &Path) -> (Stdio, Stdio) {
+    let log = File::options().create(true).append(true).open(log);
+    match log.and_then(|f| Ok((f.try_clone()?, f))) {
+        Ok((out, err)) => (Stdio::from(out), Stdio::from(err)),
+        Err(_) => (Stdio::null(), Stdio::null()),
     }
 }
 
@@ -608,10 +748,13 @@ fn sample_request(model: &ModelDeployment) -> Option<(&'static str, String)> {
 
 /// A row of zeros as wide as the model's signature says its input is.
 fn tabular_row(model: &ModelDeployment) -> String {
-    let signature: Option<serde_json::Value> = manifests::model_dir(model)
-        .ok()
-        .and_then(|dir| std::fs::read(dir.join("signature.json")).ok())
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    // A downloaded model's files may not be there yet: the sample then has one column.
+    let signature: Option<serde_json::Value> = match manifests::source(model) {
+        Ok(manifests::Source::Dir(dir)) => Some(dir),
+        _ => None,
+    }
+    .and_then(|dir| std::fs::read(dir.join("signature.json")).ok())
+    .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let width = signature
         .as_ref()
         .and_then(|s| s["inputs"][0]["tensor-spec"]["shape"].get(1))
