@@ -253,16 +253,7 @@ impl Fetch {
         if Instant::now() < self.retry_at {
             return false;
         }
-        let (stdout, stderr) = log_output(&self.log);
-        match Command::new(program)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-        {
+        match spawn_logged(program, &self.args, &self.log) {
             Ok(child) => self.child = Some(child),
             Err(e) => {
                 println!("{name}: cannot start {}: {e}", program.display());
@@ -442,16 +433,7 @@ impl Supervised {
     }
 
     fn start(&mut self) {
-        let (stdout, stderr) = log_output(&self.log);
-        let spawned = Command::new(&self.program)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            // Its own process group: Ctrl-C reaches local mode, which stops children in order.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn();
+        let spawned = spawn_logged(&self.program, &self.args, &self.log);
         let now = Instant::now();
         match spawned {
             Ok(child) => {
@@ -546,13 +528,22 @@ impl Supervised {
     }
 }
 
-/// Standard output and error appended to `log` (nowhere when it cannot be opened).
-fn log_output(log: &Path) -> (Stdio, Stdio) {
+/// Starts `program` with its output appended to `log` (nowhere when it cannot be opened), in
+/// its own process group: Ctrl-C reaches local mode, which stops children in order.
+fn spawn_logged(program: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
     let log = File::options().create(true).append(true).open(log);
-    match log.and_then(|f| Ok((f.try_clone()?, f))) {
+    let (stdout, stderr) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
         Ok((out, err)) => (Stdio::from(out), Stdio::from(err)),
         Err(_) => (Stdio::null(), Stdio::null()),
-    }
+    };
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
 }
 
 /// The last line a process wrote to its log: why it stopped, for a process that never started.
