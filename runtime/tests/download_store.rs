@@ -86,24 +86,39 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A TCP relay to the store that counts the bytes sent back and cuts every open connection
-/// once that count passes `cut_at`.
+/// A TCP relay to the store that counts the bytes sent back, cuts every open connection once
+/// that count passes `cut_at`, and holds back every connection that has carried more than
+/// `stall_beyond` bytes until that limit is lifted (a download stuck mid-file, while small
+/// requests on fresh connections still get through).
 struct Relay {
     port: u16,
     received: Arc<AtomicU64>,
     cut_at: Arc<AtomicU64>,
     cuts: Arc<AtomicU64>,
+    stall_beyond: Arc<AtomicU64>,
+    stalled: Arc<AtomicU64>,
 }
 
 impl Relay {
     fn start(upstream: u16) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let received = Arc::new(AtomicU64::new(0));
-        let cut_at = Arc::new(AtomicU64::new(u64::MAX));
-        let cuts = Arc::new(AtomicU64::new(0));
+        let relay = Relay {
+            port,
+            received: Arc::new(AtomicU64::new(0)),
+            cut_at: Arc::new(AtomicU64::new(u64::MAX)),
+            cuts: Arc::new(AtomicU64::new(0)),
+            stall_beyond: Arc::new(AtomicU64::new(u64::MAX)),
+            stalled: Arc::new(AtomicU64::new(0)),
+        };
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (r, c, n) = (received.clone(), cut_at.clone(), cuts.clone());
+        let (r, c, n, sb, st) = (
+            relay.received.clone(),
+            relay.cut_at.clone(),
+            relay.cuts.clone(),
+            relay.stall_beyond.clone(),
+            relay.stalled.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -120,9 +135,19 @@ impl Relay {
                 let (mut down_in, mut down_out) = (server, client);
                 let (received, cut_at, cuts, open) =
                     (r.clone(), c.clone(), n.clone(), open.clone());
+                let (stall_beyond, stalled) = (sb.clone(), st.clone());
                 std::thread::spawn(move || {
                     let mut buffer = vec![0u8; 64 << 10];
+                    let mut carried = 0u64;
                     while let Ok(n) = down_in.read(&mut buffer) {
+                        carried += n as u64;
+                        if carried > stall_beyond.load(Ordering::SeqCst) {
+                            stalled.fetch_add(1, Ordering::SeqCst);
+                            while carried > stall_beyond.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            stalled.fetch_sub(1, Ordering::SeqCst);
+                        }
                         if n == 0 || down_out.write_all(&buffer[..n]).is_err() {
                             break;
                         }
@@ -139,12 +164,7 @@ impl Relay {
                 });
             }
         });
-        Relay {
-            port,
-            received,
-            cut_at,
-            cuts,
-        }
+        relay
     }
 
     fn endpoint(&self) -> String {
@@ -332,43 +352,80 @@ fn a_prefix_is_downloaded_checked_against_its_manifest_and_a_second_pod_hits_the
 }
 
 #[test]
-fn pods_starting_together_on_a_node_download_the_model_once() {
+fn a_pod_starting_while_another_fetches_the_model_waits_for_it_instead_of_downloading_again() {
     let store = Store::start("together");
     store.put_model("models", "minilm", &model_files());
     let relay = Relay::start(store.port);
     let work = scratch("together-work");
     let cache = work.join("node-cache");
     let cache_args = ["--cache", cache.to_str().unwrap()];
-    let pods: Vec<Child> = ["pod-1", "pod-2"]
-        .iter()
-        .map(|pod| {
-            download(
-                "s3://models/minilm",
-                &relay.endpoint(),
-                &work.join(pod),
-                &cache_args,
-            )
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-        })
-        .collect();
-    let mut lines: Vec<String> = pods
-        .into_iter()
-        .map(|pod| {
-            let output = pod.wait_with_output().unwrap();
-            assert!(output.status.success(), "{}", outcome(&output));
-            outcome(&output)
-        })
-        .collect();
-    lines.sort();
-    assert!(lines[0].starts_with("CacheHitAfterWait: "), "{lines:?}");
-    assert!(lines[1].starts_with("Downloaded: "), "{lines:?}");
+    let start_pod = |pod: &str| {
+        download(
+            "s3://models/minilm",
+            &relay.endpoint(),
+            &work.join(pod),
+            &cache_args,
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+
+    // The first pod gets 1 MiB into the weights and is held there, owning the model's lock.
+    relay.stall_beyond.store(1 << 20, Ordering::SeqCst);
+    let mut first = start_pod("pod-1");
+    wait_until("the first pod is mid-download", &mut first, || {
+        relay.stalled.load(Ordering::SeqCst) > 0
+    });
+    let mut second = start_pod("pod-2");
+    let second_pid = second.id();
+    wait_until("the second pod waits on the lock", &mut second, || {
+        blocked_on_a_lock(second_pid)
+    });
+    relay.stall_beyond.store(u64::MAX, Ordering::SeqCst);
+
+    let first = first.wait_with_output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", outcome(&first));
+    assert!(second.status.success(), "{}", outcome(&second));
+    assert!(
+        outcome(&first).starts_with("Downloaded: "),
+        "{}",
+        outcome(&first)
+    );
+    assert!(
+        outcome(&second).starts_with("CacheHitAfterWait: "),
+        "{}",
+        outcome(&second)
+    );
     let received = relay.received.load(Ordering::SeqCst);
     assert!(
         received < (40 << 20) + (1 << 20),
         "one copy of the 40 MiB model crossed the network, not two: {received} bytes"
     );
+}
+
+/// Polls `done` for up to a minute, failing at once if `pod` exits first.
+fn wait_until(what: &str, pod: &mut Child, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        if let Some(status) = pod.try_wait().unwrap() {
+            panic!("waiting until {what}, the pod exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what}: not within a minute");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` sleeps in flock(2): the kernel lists such a waiter in /proc/locks after `->`.
+fn blocked_on_a_lock(pid: u32) -> bool {
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"->") && fields.get(5) == Some(&pid.to_string().as_str())
+        })
 }
 
 #[test]
