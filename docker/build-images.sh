@@ -7,6 +7,8 @@
 #
 #   docker/build-images.sh [options] [IMAGE...]     IMAGE: operator proxy runtime runtime-cuda
 #     --bin-dir DIR        cargo profile folder with the binaries (default: $CARGO_TARGET_DIR/release)
+#     --proxy-bin-dir DIR  the proxy's profile folder (default: --bin-dir); releases pass
+#                          $CARGO_TARGET_DIR/dist (`cargo build --profile dist -p proxy`)
 #     --cuda-bin-dir DIR   the CUDA-linked runtime's profile folder (for runtime-cuda)
 #     --tag TAG            image tag (default: the commit, with -dirty for a changed tree)
 #     --push HOST[:PORT]   push to that registry (TLS and gzip; plain HTTP and uncompressed
@@ -35,6 +37,7 @@ if [ "${1:-}" = --buildah ]; then
   exec "${buildah_cmd[@]}" "$@"
 fi
 bin_dir="${CARGO_TARGET_DIR:-$repo/target}/release"
+proxy_bin_dir=""
 cuda_bin_dir=""
 tag=""
 push=""
@@ -44,6 +47,7 @@ images=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin-dir) bin_dir="$2"; shift 2 ;;
+    --proxy-bin-dir) proxy_bin_dir="$2"; shift 2 ;;
     --cuda-bin-dir) cuda_bin_dir="$2"; shift 2 ;;
     --tag) tag="$2"; shift 2 ;;
     --push) push="$2"; shift 2 ;;
@@ -54,6 +58,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "${#images[@]}" -gt 0 ] || images=(operator proxy runtime)
+[ -n "$proxy_bin_dir" ] || proxy_bin_dir="$bin_dir"
 
 revision="$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)"
 dirty=""
@@ -107,7 +112,7 @@ needs_cpu=false needs_cuda=false
 for image in "${images[@]}"; do
   if [ "$image" = runtime-cuda ]; then needs_cuda=true; else needs_cpu=true; fi
 done
-if [ "$needs_cpu" = true ]; then bash "$repo/docker/stage.sh" cpu "$bin_dir" "$context/out"; fi
+if [ "$needs_cpu" = true ]; then bash "$repo/docker/stage.sh" cpu "$bin_dir" "$context/out" "$proxy_bin_dir"; fi
 if [ "$needs_cuda" = true ]; then
   [ -n "$cuda_bin_dir" ] || { echo "build-images: runtime-cuda needs --cuda-bin-dir" >&2; exit 2; }
   bash "$repo/docker/stage.sh" cuda "$cuda_bin_dir" "$context/out-cuda"

@@ -7,10 +7,13 @@
 # CUDA-linked runtime and all of the wheel's torch and NVIDIA libraries (CUDA dlopens many).
 # Run after `. scripts/env.sh`.
 #
-#   docker/stage.sh cpu|cuda PROFILE_DIR OUT
+# The proxy may come from another profile folder (PROXY_DIR): it ships from the `dist` profile,
+# whose whole-program optimisation proxy/bench/run.sh measured (the others ship from release).
+#
+#   docker/stage.sh cpu|cuda PROFILE_DIR OUT [PROXY_DIR]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-variant="$1" from="$2" out="$3"
+variant="$1" from="$2" out="$3" proxy_from="${4:-$2}"
 case "$variant" in
   cpu) binaries=(infergate-operator infergate-proxy infergate-runtime) ;;
   cuda) binaries=(infergate-runtime) ;;
@@ -19,6 +22,8 @@ esac
 rm -rf "$out"
 mkdir -p "$out/bin"
 for binary in "${binaries[@]}"; do
-  objcopy --strip-debug "$from/$binary" "$out/bin/$binary"
+  dir="$from"
+  [ "$binary" != infergate-proxy ] || dir="$proxy_from"
+  objcopy --strip-debug "$dir/$binary" "$out/bin/$binary"
 done
 bash "$here/../scripts/libtorch-libs.sh" "$variant" "$out/bin/infergate-runtime" "$out/libtorch"

@@ -29,6 +29,10 @@ pub enum Rejection {
     InvalidTimeout(#[from] TimeoutHeaderError),
     #[error("the request states both Content-Length and Transfer-Encoding; send one")]
     ConflictingFraming,
+    #[error("the request head is not valid HTTP/1.1")]
+    MalformedRequest,
+    #[error("CONNECT is not served; model APIs take POST and GET")]
+    MethodNotAllowed,
     #[error("request headers exceed {max_count} fields or {max_bytes} bytes")]
     HeadersTooLarge { max_bytes: usize, max_count: usize },
     #[error("request body exceeds this model's limit of {limit} bytes")]
@@ -53,7 +57,10 @@ impl Rejection {
             | Rejection::TokenExpired
             | Rejection::TokenRevoked => 401,
             Rejection::ModelNotAllowed { .. } => 403,
-            Rejection::InvalidTimeout(_) | Rejection::ConflictingFraming => 400,
+            Rejection::InvalidTimeout(_)
+            | Rejection::ConflictingFraming
+            | Rejection::MalformedRequest => 400,
+            Rejection::MethodNotAllowed => 405,
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::HeadersTooLarge { .. } => 431,
             Rejection::NoReadyEndpoint { .. } | Rejection::UpstreamUnavailable => 503,
@@ -74,6 +81,8 @@ impl Rejection {
             Rejection::ModelNotFound { .. } => "model_not_found",
             Rejection::InvalidTimeout(_) => "invalid_timeout",
             Rejection::ConflictingFraming => "conflicting_framing",
+            Rejection::MalformedRequest => "malformed_request",
+            Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BodyTooLarge { .. } => "body_too_large",
             Rejection::HeadersTooLarge { .. } => "headers_too_large",
             Rejection::NoReadyEndpoint { .. } => "no_ready_endpoint",
@@ -97,7 +106,7 @@ impl Rejection {
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
-            400 | 413 | 431 => "invalid_request_error",
+            400 | 405 | 413 | 431 => "invalid_request_error",
             504 => "timeout_error",
             _ => "upstream_error",
         }
@@ -177,6 +186,8 @@ mod tests {
             ),
             (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
             (Rejection::ConflictingFraming, 400, "conflicting_framing"),
+            (Rejection::MalformedRequest, 400, "malformed_request"),
+            (Rejection::MethodNotAllowed, 405, "method_not_allowed"),
             (
                 Rejection::HeadersTooLarge {
                     max_bytes: 1,

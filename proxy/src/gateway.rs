@@ -1,39 +1,51 @@
-//! The pingora service. Its filters follow a request's life: `request_filter` authenticates,
-//! authorises and fixes the deadline; `upstream_peer` picks an endpoint; the upstream filters
-//! rewrite the path, strip the credential and forward the remaining time; the body filters
-//! enforce the deadline and the body limit; `fail_to_proxy` writes every error; `logging`
-//! records the outcome.
+//! The request path, written on pingora-core's HTTP/1 sessions. One task per client
+//! connection reads a request head, answers health checks, admits the request (route, token,
+//! deadline, declared body size), sends it to an endpoint over a pooled connection, streams
+//! the answer back and logs it, then reads the next head. Nothing is spawned and no channel is
+//! crossed per request; the request's deadline is one timer, raced against every wait on the
+//! client's body and on the runtime.
+//!
+//! pingora-proxy's `ProxyHttp` did this before. Its per-request machinery (a copy of the whole
+//! request head, two channels and two select loops, cache and compression state, an idle-watch
+//! task per pooled connection) cost more CPU than everything this proxy decides; see
+//! `proxy/bench/run.sh`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use crds::names::REQUEST_TIMEOUT_HEADER;
-use http::header;
+use http::{HeaderName, Method, header};
 use internal_token::watch::Watched;
 use internal_token::{Claims, Forwarded, Signer};
-use pingora_core::protocols::Digest;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::protocols::Stream;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::http::v1::client::HttpSession as Upstream;
+use pingora_core::protocols::http::v1::server::HttpSession as Downstream;
+use pingora_core::server::ShutdownWatch;
+use pingora_error::ErrorType;
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::Rejection;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelSeries};
 use crate::request::{parse_model_path, parse_request_timeout, presented_token};
 use crate::snapshot::{InflightGuard, Model, pick_endpoint};
 use crate::state::{RequestGuard, Shared};
-use crate::watchdog::Watchdog;
+use crate::upstream;
 
 /// Time allowed to open a connection to a runtime, within the request's deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest silence of an upstream once connected (docs/architecture.md, limits: SSE idle).
 const UPSTREAM_IDLE_READ: Duration = Duration::from_secs(300);
-/// How long an idle pooled upstream connection is kept (docs/architecture.md, limits).
-const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Request body bytes kept while they are sent, so that a request whose pooled connection
+/// turns out to be closed by the runtime can be sent again on a new one. Larger bodies are
+/// not kept, and such a request fails instead of being retried.
+const REPLAY_LIMIT: usize = 64 * 1024;
 /// The seed document's clients send the token in a header of this name.
 const BEARER_HEADER: &str = "bearer";
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -92,29 +104,26 @@ pub struct Gateway {
     pub signer: Option<Arc<Watched<Signer>>>,
 }
 
-/// What a request carries from one filter to the next.
+/// One request, from its head to its log line.
 #[derive(Debug)]
-pub struct RequestCtx {
+struct Request {
     started: Instant,
-    request_id: String,
+    id: String,
     model: Option<Arc<Model>>,
     token_id: Option<String>,
     upstream_path: String,
     deadline: Instant,
     budget: Duration,
-    tried: Vec<SocketAddr>,
     endpoint: Option<InflightGuard>,
-    body_bytes: u64,
     sse: bool,
-    /// The error written to the client, when the proxy answered itself.
+    /// The error the request ended in, whether answered whole or ending a started response.
     rejection: Option<Rejection>,
-    watchdog: Option<Watchdog>,
     /// Whether the request counts in the `inflight` gauge.
     forwarding: bool,
     _in_progress: RequestGuard,
 }
 
-impl RequestCtx {
+impl Request {
     fn model_label(&self) -> &str {
         self.model.as_ref().map_or("-", |m| m.id.as_str())
     }
@@ -122,12 +131,29 @@ impl RequestCtx {
     fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }
+
+    fn timeout(&self) -> Rejection {
+        Rejection::Timeout {
+            budget: self.budget,
+        }
+    }
+}
+
+/// How forwarding ended when it did not end in a whole response.
+#[derive(Debug)]
+enum Failure {
+    /// No response has started: the client gets this one, and the connection closes.
+    Answer(Rejection),
+    /// The response had started: an SSE stream ends with an error event, any other body is cut
+    /// short, so that a truncated response never looks complete.
+    Cut(Rejection),
+    /// The client closed its connection or stopped reading.
+    ClientGone,
 }
 
 /// A client's `X-Request-Id` when it is short printable ASCII, or a fresh one.
-fn request_id(session: &Session) -> String {
-    session
-        .req_header()
+fn request_id(request: &RequestHeader) -> String {
+    request
         .headers
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -157,38 +183,99 @@ fn new_request_id() -> String {
 
 /// `Bearer <JWT>` for the runtime: signed now for this request's model, token record, request
 /// id and what is left of its deadline. Signed again on a retry to another endpoint.
-fn internal_credential(signer: &Watched<Signer>, ctx: &RequestCtx) -> Result<String> {
-    let (Some(model), Some(token_record_id)) = (&ctx.model, &ctx.token_id) else {
-        return Error::e_explain(
-            ErrorType::InternalError,
-            "forwarding a request that no token authorized",
-        );
+fn internal_credential(signer: &Watched<Signer>, request: &Request) -> Option<String> {
+    let (Some(model), Some(token_record_id)) = (&request.model, &request.token_id) else {
+        return None;
     };
     let now = std::time::SystemTime::now();
     let claims = Claims::new(
         Forwarded {
             model_version_id: &model.id,
             token_record_id,
-            request_id: &ctx.request_id,
-            remaining: ctx.remaining(),
+            request_id: &request.id,
+            remaining: request.remaining(),
         },
         now,
     );
-    let jwt = signer.current().sign(&claims, now).map_err(|e| {
-        Error::because(
-            ErrorType::InternalError,
-            "signing the internal credential",
-            e,
-        )
-    })?;
-    Ok(format!("Bearer {jwt}"))
+    match signer.current().sign(&claims, now) {
+        Ok(jwt) => Some(format!("Bearer {jwt}")),
+        Err(error) => {
+            tracing::error!(%error, "signing the internal credential");
+            None
+        }
+    }
+}
+
+/// Whether a request field describes the client's connection rather than the request
+/// (RFC 9110, section 7.6.1), or is one the proxy replaces. `Transfer-Encoding` stays: the
+/// request body is sent upstream in the framing it arrived in. An `Upgrade` is never passed
+/// on (no runtime speaks another protocol), so a request asking for one is served as plain
+/// HTTP/1.1, as nginx serves it by default.
+fn is_forwarded(name: &HeaderName, connection_options: Option<&[u8]>) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "expect"
+            | "authorization"
+            | BEARER_HEADER
+            | REQUEST_TIMEOUT_HEADER
+            | REQUEST_ID_HEADER
+    ) && !connection_options.is_some_and(|options| {
+        options.split(|&b| b == b',').any(|option| {
+            option
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
+    })
+}
+
+/// The head sent to the runtime: the client's method and fields, minus its credential and its
+/// connection's fields, on the model's own path, with the request id, what is left of the
+/// deadline and the internal credential.
+fn upstream_head(
+    client: &RequestHeader,
+    request: &Request,
+    credential: Option<String>,
+) -> Box<RequestHeader> {
+    let connection_options = client
+        .headers
+        .get(header::CONNECTION)
+        .map(|v| v.as_bytes())
+        .filter(|v| !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close"));
+    let mut head = RequestHeader::build_no_case(
+        client.method.clone(),
+        request.upstream_path.as_bytes(),
+        Some(client.headers.len() + 3),
+    )
+    .expect("the path was parsed from the client's request line");
+    for (name, value) in &client.headers {
+        if is_forwarded(name, connection_options) {
+            head.append_header(name.clone(), value.clone())
+                .expect("a field of the client's own request");
+        }
+    }
+    let remaining = format!("{:.3}", request.remaining().as_secs_f64());
+    head.insert_header(REQUEST_TIMEOUT_HEADER, remaining)
+        .expect("a number is a valid field value");
+    head.insert_header(REQUEST_ID_HEADER, request.id.as_str())
+        .expect("request ids are printable ASCII");
+    if let Some(credential) = credential {
+        head.insert_header(header::AUTHORIZATION, credential)
+            .expect("a JWT is a valid field value");
+    }
+    Box::new(head)
 }
 
 async fn write_rejection(
-    session: &mut Session,
+    downstream: &mut Downstream,
     rejection: &Rejection,
     request_id: &str,
-) -> Result<()> {
+) -> pingora_error::Result<()> {
     let mut headers = Vec::new();
     if let Some(seconds) = rejection.retry_after() {
         headers.push((header::RETRY_AFTER.as_str(), seconds.to_string()));
@@ -199,7 +286,7 @@ async fn write_rejection(
         headers.push(("x-should-retry", "false".to_owned()));
     }
     write_json(
-        session,
+        downstream,
         rejection.status(),
         rejection.body(),
         request_id,
@@ -209,69 +296,61 @@ async fn write_rejection(
 }
 
 async fn write_json(
-    session: &mut Session,
+    downstream: &mut Downstream,
     status: u16,
     body: Bytes,
     request_id: &str,
     headers: &[(&'static str, String)],
-) -> Result<()> {
-    let mut response = ResponseHeader::build(status, Some(5))?;
+) -> pingora_error::Result<()> {
+    let mut response = ResponseHeader::build_no_case(status, Some(3 + headers.len()))?;
     response.insert_header(header::CONTENT_TYPE, "application/json")?;
     response.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     response.insert_header(REQUEST_ID_HEADER, request_id)?;
     for (name, value) in headers {
         response.insert_header(*name, value.as_str())?;
     }
-    session
-        .write_response_header(Box::new(response), false)
-        .await?;
-    session.write_response_body(Some(body), true).await
+    downstream.write_response_header(Box::new(response)).await?;
+    downstream.write_body(&body).await?;
+    downstream.finish_body().await?;
+    Ok(())
+}
+
+/// Waits for the deadline, which a pinned timer keeps for the whole request.
+async fn deadline(timer: &mut Pin<&mut Sleep>) {
+    timer.as_mut().await;
 }
 
 impl Gateway {
-    /// Answers the request with `rejection` and ends it (`Ok(true)` of `request_filter`).
-    async fn reject(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        rejection: Rejection,
-    ) -> Result<bool> {
-        if rejection.is_auth_failure() {
-            self.metrics
-                .auth_failures
-                .with_label_values(&[rejection.code()])
-                .inc();
-        }
-        write_rejection(session, &rejection, &ctx.request_id).await?;
-        ctx.rejection = Some(rejection);
-        Ok(true)
+    fn series<'m>(&self, model: &'m Model) -> &'m ModelSeries {
+        model
+            .series
+            .get_or_init(|| self.metrics.model_series(&model.id))
     }
 
     /// The route, credential, deadline and body-size checks, in the contract's order.
-    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Rejection> {
-        let request = session.req_header();
-        self.header_limits.check(request)?;
-        let route = parse_model_path(request.uri.path()).ok_or(Rejection::RouteNotFound)?;
+    fn admit(&self, client: &RequestHeader, request: &mut Request) -> Result<(), Rejection> {
+        self.header_limits.check(client)?;
+        let route = parse_model_path(client.uri.path()).ok_or(Rejection::RouteNotFound)?;
         let presented = presented_token(
-            request
+            client
                 .headers
                 .get(header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
-            request.headers.get(BEARER_HEADER).map(|v| v.as_bytes()),
+            client.headers.get(BEARER_HEADER).map(|v| v.as_bytes()),
         );
         let snapshot = self.shared.snapshot();
         let (record, model) =
             snapshot.authorize(presented, route.model_id, jiff::Timestamp::now())?;
-        ctx.token_id = Some(record.id.clone());
-        ctx.model = Some(model.clone());
+        request.token_id = Some(record.id.clone());
+        request.model = Some(model.clone());
 
-        ctx.budget = match request.headers.get(REQUEST_TIMEOUT_HEADER) {
+        request.budget = match client.headers.get(REQUEST_TIMEOUT_HEADER) {
             Some(value) => parse_request_timeout(value.as_bytes(), model.timeouts.max)?,
             None => model.timeouts.default,
         };
-        ctx.deadline = ctx.started + ctx.budget;
+        request.deadline = request.started + request.budget;
 
-        let declared_length = request
+        let declared_length = client
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -286,367 +365,505 @@ impl Gateway {
                 model: model.id.clone(),
             });
         }
-        ctx.upstream_path = match request.uri.query() {
+        request.upstream_path = match client.uri.query() {
             Some(query) => format!("{}?{query}", route.upstream_path),
             None => route.upstream_path.to_owned(),
         };
         Ok(())
     }
 
-    /// The error a failed exchange ends in, when no filter recorded one.
-    fn classify(&self, error: &Error, ctx: &RequestCtx) -> Option<Rejection> {
-        if Instant::now() >= ctx.deadline {
-            return Some(Rejection::Timeout { budget: ctx.budget });
-        }
-        match (error.esource(), error.etype()) {
-            (ErrorSource::Downstream, _) => None,
-            (
-                _,
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectNoRoute
-                | ErrorType::ConnectError,
-            ) => Some(Rejection::UpstreamUnavailable),
-            _ => Some(Rejection::UpstreamFailed),
-        }
-    }
-}
-
-fn deadline_error() -> Box<Error> {
-    Error::explain(ErrorType::HTTPStatus(504), "request deadline reached")
-}
-
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
+    /// Answers one request; returns whether its connection can carry another.
+    async fn serve(&self, downstream: &mut Downstream) -> bool {
         let started = Instant::now();
-        RequestCtx {
+        let defaults = crds::RequestTimeouts::default();
+        let mut request = Request {
             started,
-            request_id: String::new(),
+            id: request_id(downstream.req_header()),
             model: None,
             token_id: None,
             upstream_path: String::new(),
-            deadline: started + crds::RequestTimeouts::default().default,
-            budget: crds::RequestTimeouts::default().default,
-            tried: Vec::new(),
+            deadline: started + defaults.default,
+            budget: defaults.default,
             endpoint: None,
-            body_bytes: 0,
             sse: false,
             rejection: None,
-            watchdog: None,
             forwarding: false,
             _in_progress: self.shared.track_request(),
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = request_id(session);
-        if let Some(current) = session.get_keepalive() {
+        };
+        if let Some(current) = downstream.get_keepalive_timeout() {
             // 0 is pingora's "forever"; a client's own shorter Keep-Alive timeout is kept.
             let bounded = if current == 0 {
                 self.keepalive_idle_secs
             } else {
                 current.min(self.keepalive_idle_secs)
             };
-            session.set_keepalive(Some(bounded.max(1)));
+            downstream.set_server_keepalive(Some(bounded.max(1)));
         }
         if self.shared.is_draining() {
             // Shutting down: the client's next request goes to a new connection, which a
             // load balancer sends to another replica.
-            session.set_keepalive(None);
+            downstream.set_server_keepalive(None);
         }
-        match session.req_header().uri.path() {
-            "/healthz" => {
-                write_json(
-                    session,
-                    200,
-                    Bytes::from_static(br#"{"status":"ok"}"#),
-                    &ctx.request_id,
-                    &[],
-                )
-                .await?;
-                return Ok(true);
-            }
-            "/readyz" => {
-                let (status, body): (u16, &'static [u8]) = if self.shared.is_ready() {
-                    (200, br#"{"status":"ready"}"#)
-                } else if self.shared.is_draining() {
-                    (503, br#"{"status":"draining"}"#)
-                } else {
-                    (503, br#"{"status":"syncing"}"#)
-                };
-                write_json(
-                    session,
-                    status,
-                    Bytes::from_static(body),
-                    &ctx.request_id,
-                    &[],
-                )
-                .await?;
-                return Ok(true);
-            }
-            _ => {}
+        let reusable = self.answer(downstream, &mut request).await;
+        self.log(downstream, &request);
+        reusable
+    }
+
+    async fn answer(&self, downstream: &mut Downstream, request: &mut Request) -> bool {
+        let health: Option<(u16, &'static [u8])> = match downstream.req_header().uri.path() {
+            "/healthz" => Some((200, br#"{"status":"ok"}"#)),
+            "/readyz" if self.shared.is_ready() => Some((200, br#"{"status":"ready"}"#)),
+            "/readyz" if self.shared.is_draining() => Some((503, br#"{"status":"draining"}"#)),
+            "/readyz" => Some((503, br#"{"status":"syncing"}"#)),
+            _ => None,
+        };
+        if let Some((status, body)) = health {
+            return write_json(
+                downstream,
+                status,
+                Bytes::from_static(body),
+                &request.id,
+                &[],
+            )
+            .await
+            .is_ok();
         }
-        match self.admit(session, ctx) {
-            Ok(()) => {
+        if let Err(rejection) = self.admit(downstream.req_header(), request) {
+            if rejection.is_auth_failure() {
                 self.metrics
-                    .inflight
-                    .with_label_values(&[ctx.model_label()])
+                    .auth_failures
+                    .with_label_values(&[rejection.code()])
                     .inc();
-                ctx.forwarding = true;
-                Ok(false)
             }
-            Err(rejection) => self.reject(session, ctx, rejection).await,
+            if !downstream.is_body_empty() {
+                // Reading a refused body only to keep the connection is not worth it.
+                downstream.set_server_keepalive(None);
+            }
+            let written = write_rejection(downstream, &rejection, &request.id).await;
+            request.rejection = Some(rejection);
+            return written.is_ok();
         }
+        if let Some(model) = &request.model {
+            self.series(model).inflight.inc();
+        }
+        request.forwarding = true;
+
+        let failure = match self.forward(downstream, request).await {
+            Ok(reusable) => return reusable,
+            Err(failure) => failure,
+        };
+        match failure {
+            Failure::Answer(rejection) => {
+                // The connection closes after this answer: saying so keeps a client from
+                // sending its next request into a closing socket.
+                downstream.set_server_keepalive(None);
+                if let Err(error) = write_rejection(downstream, &rejection, &request.id).await {
+                    tracing::debug!(request_id = %request.id, %error, "could not write the error response");
+                }
+                request.rejection = Some(rejection);
+            }
+            Failure::Cut(rejection) => {
+                if request.sse {
+                    // A clean end of the stream after the event, so the client reads it.
+                    let event = rejection.sse_event();
+                    if downstream.write_body(&event).await.is_ok() {
+                        let _ = downstream.finish_body().await;
+                    }
+                }
+                request.rejection = Some(rejection);
+            }
+            Failure::ClientGone => {}
+        }
+        false
     }
 
-    async fn request_body_filter(
+    /// Sends the admitted request to an endpoint of its model and streams the answer back.
+    /// Returns whether the client connection can carry another request.
+    async fn forward(
         &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let limit = ctx.model.as_ref().map_or(u64::MAX, |m| m.max_body_bytes);
-        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        if ctx.body_bytes > limit {
-            // A chunked body has no declared length; it is cut here, before its end reaches
-            // the runtime, so the runtime sees a broken request rather than a complete one.
-            ctx.rejection = Some(Rejection::BodyTooLarge { limit });
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(413),
-                "request body over the limit",
-            ));
-        }
-        Ok(())
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
-        let model = ctx
+        downstream: &mut Downstream,
+        request: &mut Request,
+    ) -> Result<bool, Failure> {
+        let model = request
             .model
             .clone()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no model resolved"))?;
-        let remaining = ctx.remaining();
-        if remaining.is_zero() {
-            ctx.rejection = Some(Rejection::Timeout { budget: ctx.budget });
-            return Err(deadline_error());
+            .expect("an admitted request has a model");
+        let timer = tokio::time::sleep_until(request.deadline);
+        tokio::pin!(timer);
+        if is_expect_continue(downstream.req_header()) {
+            // The runtime never sees the `Expect`: the proxy asks for the body itself.
+            downstream
+                .write_continue_response()
+                .await
+                .map_err(|_| Failure::ClientGone)?;
         }
-        let Some(endpoint) = pick_endpoint(&model.endpoints, &ctx.tried) else {
-            ctx.rejection = Some(Rejection::UpstreamUnavailable);
-            return Err(Error::explain(
-                ErrorType::ConnectNoRoute,
-                "every endpoint failed to connect",
-            ));
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut body = BodyState::default();
+        let mut pool_allowed = true;
+        let (addr, mut up) = loop {
+            let (addr, stream, pooled) = self
+                .open(&model, request, &mut tried, pool_allowed, &mut timer)
+                .await?;
+            match self
+                .send(downstream, request, &model, stream, &mut body, &mut timer)
+                .await
+            {
+                Ok(up) => break (addr, up),
+                Err(Sent::Failed(failure)) => return Err(failure),
+                Err(Sent::Stale) if pooled && body.replayable() => {
+                    // The runtime closed the pooled connection before it read the request:
+                    // the same request goes out again, on a new connection.
+                    pool_allowed = false;
+                    tried.retain(|tried| *tried != addr);
+                    request.endpoint = None;
+                }
+                Err(Sent::Stale) => return Err(Failure::Answer(Rejection::UpstreamFailed)),
+            }
         };
-        ctx.tried.push(endpoint.addr);
-        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
-        peer.options.connection_timeout = Some(remaining.min(CONNECT_TIMEOUT));
-        peer.options.read_timeout = Some(UPSTREAM_IDLE_READ);
-        peer.options.idle_timeout = Some(UPSTREAM_KEEPALIVE_IDLE);
-        ctx.endpoint = Some(InflightGuard::new(endpoint));
-        Ok(Box::new(peer))
-    }
 
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        // Nothing reached the endpoint, so another one may take the request.
-        ctx.endpoint = None;
-        let untried_left = ctx
-            .model
-            .as_ref()
-            .is_some_and(|m| m.endpoints.iter().any(|ep| !ctx.tried.contains(&ep.addr)));
-        e.set_retry(untried_left && !ctx.remaining().is_zero());
-        e
-    }
-
-    async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
-        fd: std::os::unix::io::RawFd,
-        _digest: Option<&Digest>,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        ctx.watchdog = Some(Watchdog::arm(fd, ctx.deadline).map_err(|e| {
-            Error::because(
-                ErrorType::InternalError,
-                "cannot arm the deadline watchdog",
-                e,
-            )
-        })?);
-        Ok(())
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        let uri = ctx
-            .upstream_path
-            .parse()
-            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "upstream path", e))?;
-        upstream_request.set_uri(uri);
-        upstream_request.remove_header(&header::AUTHORIZATION);
-        upstream_request.remove_header(BEARER_HEADER);
-        upstream_request.insert_header(
-            REQUEST_TIMEOUT_HEADER,
-            format!("{:.3}", ctx.remaining().as_secs_f64()),
-        )?;
-        upstream_request.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
-        if let Some(signer) = &self.signer {
-            upstream_request
-                .insert_header(header::AUTHORIZATION, internal_credential(signer, ctx)?)?;
-        }
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        self.metrics
+        self.series(&model)
             .upstream_ttfb
-            .with_label_values(&[ctx.model_label()])
-            .observe(ctx.started.elapsed().as_secs_f64());
-        ctx.sse = upstream_response
+            .observe(request.started.elapsed().as_secs_f64());
+        let mut response = Box::new(up.resp_header().expect("a response head was read").clone());
+        // The client's connection has its own persistence, which pingora writes.
+        response.remove_header(&header::CONNECTION);
+        response.remove_header("keep-alive");
+        request.sse = response
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| {
                 v.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("text/event-stream")
+                    .get(..17)
+                    .is_some_and(|v| v.eq_ignore_ascii_case("text/event-stream"))
             });
-        if ctx.sse {
-            upstream_response.insert_header("x-accel-buffering", "no")?;
+        if request.sse {
+            let _ = response.insert_header("x-accel-buffering", "no");
         }
-        upstream_response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
-        Ok(())
-    }
+        let _ = response.insert_header(REQUEST_ID_HEADER, request.id.as_str());
+        downstream
+            .write_response_header(response)
+            .await
+            .map_err(|_| Failure::ClientGone)?;
 
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        if end_of_stream {
-            // Disarm before pingora returns the connection to its pool for another request.
-            ctx.watchdog = None;
-        }
-        Ok(None)
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        if !end_of_stream && Instant::now() >= ctx.deadline {
-            *body = None;
-            ctx.rejection = Some(Rejection::Timeout { budget: ctx.budget });
-            return Err(deadline_error());
-        }
-        Ok(None)
-    }
-
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
-        let rejection = ctx.rejection.take().or_else(|| self.classify(e, ctx));
-        let Some(rejection) = rejection else {
-            // The client went away: nobody to answer.
-            return FailToProxy {
-                error_code: 0,
-                can_reuse_downstream: false,
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                () = deadline(&mut timer) => return Err(Failure::Cut(request.timeout())),
+                chunk = up.read_body_ref() => chunk,
             };
-        };
-        let written = if session.response_written().is_none() {
-            // The connection closes after this answer (`can_reuse_downstream` below): saying
-            // so keeps a client from sending its next request into a closing socket.
-            session.set_keepalive(None);
-            write_rejection(session, &rejection, &ctx.request_id).await
-        } else if ctx.sse {
-            // Mid-stream an SSE client gets an error event and a clean end of the stream;
-            // any other body is cut, so that a truncated response never looks complete.
-            session
-                .write_response_body(Some(rejection.sse_event()), true)
-                .await
-        } else {
-            Ok(())
-        };
-        if let Err(error) = written {
-            tracing::debug!(request_id = %ctx.request_id, %error, "could not write the error response");
+            match chunk {
+                // A read that ended on chunk framing yields nothing; written, an empty
+                // chunk would end the client's chunked body.
+                Ok(Some([])) => {}
+                Ok(Some(bytes)) => {
+                    downstream
+                        .write_body(bytes)
+                        .await
+                        .map_err(|_| Failure::ClientGone)?;
+                }
+                Ok(None) => break,
+                Err(_) if Instant::now() >= request.deadline => {
+                    return Err(Failure::Cut(request.timeout()));
+                }
+                Err(_) => return Err(Failure::Cut(Rejection::UpstreamFailed)),
+            }
         }
-        let error_code = rejection.status();
-        ctx.rejection = Some(rejection);
-        FailToProxy {
-            error_code,
-            can_reuse_downstream: false,
+        downstream
+            .finish_body()
+            .await
+            .map_err(|_| Failure::ClientGone)?;
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            upstream::put(addr, stream);
+        }
+        Ok(true)
+    }
+
+    /// A connection to an endpoint not yet tried: a pooled one when there is one, else a new
+    /// one; when connecting fails, the next endpoint (nothing has reached the first).
+    async fn open(
+        &self,
+        model: &Model,
+        request: &mut Request,
+        tried: &mut Vec<SocketAddr>,
+        pool_allowed: bool,
+        timer: &mut Pin<&mut Sleep>,
+    ) -> Result<(SocketAddr, Stream, bool), Failure> {
+        loop {
+            let remaining = request.remaining();
+            if remaining.is_zero() {
+                return Err(Failure::Answer(request.timeout()));
+            }
+            let Some(endpoint) = pick_endpoint(&model.endpoints, tried) else {
+                return Err(Failure::Answer(Rejection::UpstreamUnavailable));
+            };
+            let addr = endpoint.addr;
+            tried.push(addr);
+            request.endpoint = Some(InflightGuard::new(endpoint));
+            if pool_allowed && let Some(stream) = upstream::take(addr) {
+                return Ok((addr, stream, true));
+            }
+            let connected = tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(Failure::Answer(request.timeout())),
+                connected = tokio::time::timeout(remaining.min(CONNECT_TIMEOUT), upstream::connect(addr)) => connected,
+            };
+            match connected {
+                Ok(Ok(stream)) => return Ok((addr, stream, false)),
+                Ok(Err(error)) => {
+                    tracing::debug!(request_id = %request.id, %addr, %error, "connecting to the endpoint failed");
+                }
+                Err(_) => {
+                    tracing::debug!(request_id = %request.id, %addr, "connecting to the endpoint timed out");
+                }
+            }
+            request.endpoint = None;
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.watchdog = None;
-        crate::header_guard::expect_next_head(session.as_downstream().stream());
-        let status = match (&ctx.rejection, session.response_written()) {
+    /// Writes the request (head, then body) on `stream` and reads the response head.
+    async fn send(
+        &self,
+        downstream: &mut Downstream,
+        request: &Request,
+        model: &Model,
+        stream: Stream,
+        body: &mut BodyState,
+        timer: &mut Pin<&mut Sleep>,
+    ) -> Result<Upstream, Sent> {
+        let mut up = Upstream::new(stream);
+        up.read_timeout = Some(UPSTREAM_IDLE_READ);
+        let credential = self
+            .signer
+            .as_ref()
+            .and_then(|signer| internal_credential(signer, request));
+        let head = upstream_head(downstream.req_header(), request, credential);
+        let timed_out = || Sent::Failed(Failure::Answer(request.timeout()));
+        let written = tokio::select! {
+            biased;
+            () = deadline(timer) => return Err(timed_out()),
+            written = up.write_request_header(head) => written,
+        };
+        if written.is_err() {
+            return Err(Sent::Stale);
+        }
+        for chunk in &body.kept {
+            let written = tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(timed_out()),
+                written = up.write_body(chunk) => written,
+            };
+            if written.is_err() {
+                return Err(Sent::Stale);
+            }
+        }
+        let mut sending_failed = false;
+        while !downstream.is_body_done() {
+            let chunk = tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(timed_out()),
+                chunk = downstream.read_body_bytes() => chunk,
+            };
+            let Some(chunk) = chunk.map_err(|_| Sent::Failed(Failure::ClientGone))? else {
+                break;
+            };
+            body.received += chunk.len() as u64;
+            if body.received > model.max_body_bytes {
+                // A chunked body has no declared length; it is cut here, before its end
+                // reaches the runtime, so the runtime sees a broken request rather than a
+                // complete one.
+                return Err(Sent::Failed(Failure::Answer(Rejection::BodyTooLarge {
+                    limit: model.max_body_bytes,
+                })));
+            }
+            body.keep(&chunk);
+            if sending_failed {
+                continue;
+            }
+            let written = tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(timed_out()),
+                written = up.write_body(&chunk) => written,
+            };
+            // A runtime may answer before it has read the whole body (and close): the rest is
+            // read from the client and dropped, and its answer read below.
+            sending_failed = written.is_err();
+        }
+        if !sending_failed {
+            // A failure to finish shows in the response read that follows.
+            tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(timed_out()),
+                _ = up.finish_body() => {}
+            }
+        }
+        loop {
+            let read = tokio::select! {
+                biased;
+                () = deadline(timer) => return Err(timed_out()),
+                read = up.read_response() => read,
+            };
+            match read {
+                Ok(_) => {}
+                Err(error) if Instant::now() >= request.deadline => {
+                    tracing::debug!(request_id = %request.id, %error, "the deadline ended the upstream read");
+                    return Err(timed_out());
+                }
+                Err(error) if up.resp_header().is_none() && is_closed_before_answer(&error) => {
+                    tracing::debug!(request_id = %request.id, %error, "the upstream closed the connection without answering");
+                    return Err(Sent::Stale);
+                }
+                Err(error) => {
+                    tracing::debug!(request_id = %request.id, %error, "the upstream's answer is not valid HTTP");
+                    return Err(Sent::Failed(Failure::Answer(Rejection::UpstreamFailed)));
+                }
+            }
+            match up.get_status().map(|s| s.as_u16()) {
+                // No request asks for a protocol switch (`Upgrade` is not forwarded).
+                Some(101) => return Err(Sent::Failed(Failure::Answer(Rejection::UpstreamFailed))),
+                // An interim answer: the final one follows.
+                Some(100..=199) => continue,
+                _ => return Ok(up),
+            }
+        }
+    }
+
+    fn log(&self, downstream: &Downstream, request: &Request) {
+        crate::header_guard::expect_next_head(Some(downstream.stream()));
+        let status = match (&request.rejection, downstream.response_written()) {
             // A stream cut by the deadline went out as 200 but ended as a timeout.
             (Some(rejection), _) => rejection.status(),
             (None, Some(response)) => response.status.as_u16(),
             // Client closed before any response, in nginx's words.
             (None, None) => 499,
         };
-        let model = ctx.model_label().to_owned();
-        let elapsed = ctx.started.elapsed();
-        self.metrics
-            .requests
-            .with_label_values(&[model.as_str(), &status.to_string()])
-            .inc();
-        if ctx.model.is_some() {
-            self.metrics
-                .request_duration
-                .with_label_values(&[model.as_str()])
-                .observe(elapsed.as_secs_f64());
+        let model = request.model_label();
+        let elapsed = request.started.elapsed();
+        let series = request.model.as_deref().map(|m| self.series(m));
+        match series {
+            Some(series) if status == 200 => series.answered_ok.inc(),
+            _ => self
+                .metrics
+                .requests
+                .with_label_values(&[model, &status.to_string()])
+                .inc(),
         }
-        if ctx.forwarding {
-            self.metrics
-                .inflight
-                .with_label_values(&[model.as_str()])
-                .dec();
+        if let Some(series) = series {
+            series.request_duration.observe(elapsed.as_secs_f64());
+            if request.forwarding {
+                series.inflight.dec();
+            }
         }
-        let request = session.req_header();
+        let client = downstream.req_header();
         tracing::info!(
-            request_id = %ctx.request_id,
-            method = %request.method,
+            request_id = %request.id,
+            method = %client.method,
             model = %model,
-            token = %ctx.token_id.as_deref().unwrap_or("-"),
+            token = %request.token_id.as_deref().unwrap_or("-"),
             status,
-            code = %ctx.rejection.as_ref().map_or("-", |r| r.code()),
-            upstream = %ctx.endpoint.as_ref().map_or_else(|| "-".to_owned(), |e| e.endpoint().addr.to_string()),
+            code = %request.rejection.as_ref().map_or("-", |r| r.code()),
+            upstream = %request.endpoint.as_ref().map_or_else(|| "-".to_owned(), |e| e.endpoint().addr.to_string()),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+    }
+}
+
+/// The request body as it is being sent.
+#[derive(Debug, Default)]
+struct BodyState {
+    /// Bytes read from the client so far.
+    received: u64,
+    /// The chunks read so far, while they fit [`REPLAY_LIMIT`].
+    kept: Vec<Bytes>,
+    overflowed: bool,
+}
+
+impl BodyState {
+    fn keep(&mut self, chunk: &Bytes) {
+        if self.overflowed || self.received > REPLAY_LIMIT as u64 {
+            self.overflowed = true;
+            self.kept.clear();
+        } else {
+            self.kept.push(chunk.clone());
+        }
+    }
+
+    /// Whether everything read so far can be sent again.
+    fn replayable(&self) -> bool {
+        !self.overflowed
+    }
+}
+
+/// Why a request did not get a response head from the connection it was sent on.
+#[derive(Debug)]
+enum Sent {
+    /// The connection was closed under the request before any answer: the request may go out
+    /// again on a new connection.
+    Stale,
+    Failed(Failure),
+}
+
+/// Whether an upstream error means the runtime closed the connection without answering.
+fn is_closed_before_answer(error: &pingora_error::Error) -> bool {
+    matches!(
+        error.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
+}
+
+fn is_expect_continue(request: &RequestHeader) -> bool {
+    request
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+#[async_trait]
+impl HttpServerApp for Gateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // No TLS and no h2c on this listener: every session is HTTP/1.
+        let ServerSession::H1(mut downstream) = session else {
+            return None;
+        };
+        // A connection idle between requests when the proxy shuts down is not woken: the
+        // process exits under it once no request is in progress (server.rs, `Drain`).
+        match downstream.read_request().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return None,
+            Err(error) => {
+                if error.etype() == &ErrorType::InvalidHTTPHeader {
+                    // The error's context may quote the head, credential included: it is
+                    // not written anywhere.
+                    downstream.set_server_keepalive(None);
+                    let _ =
+                        write_rejection(&mut downstream, &Rejection::MalformedRequest, "-").await;
+                }
+                downstream.shutdown().await;
+                return None;
+            }
+        }
+        if downstream.req_header().method == Method::CONNECT {
+            downstream.set_server_keepalive(None);
+            let _ = write_rejection(&mut downstream, &Rejection::MethodNotAllowed, "-").await;
+            return None;
+        }
+        if !self.serve(&mut downstream).await {
+            return None;
+        }
+        let session = ServerSession::H1(downstream);
+        let settings = HttpPersistentSettings::for_session(&session);
+        session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|stream| ReusedHttpStream::from_reusable_stream(stream, settings))
     }
 }

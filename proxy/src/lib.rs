@@ -1,4 +1,4 @@
-//! infergate's data plane, on pingora: it authenticates each request with a token record,
+//! infergate's data plane, on pingora-core: it authenticates each request with a token record,
 //! checks the token's scope and expiry, applies the request's deadline, picks a ready endpoint
 //! of the model and streams the exchange (docs/architecture.md, proxy contract).
 
@@ -13,4 +13,4 @@ pub mod request;
 pub mod server;
 pub mod snapshot;
 pub mod state;
-pub mod watchdog;
+pub mod upstream;

@@ -112,12 +112,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // pingora's debug and trace lines print whole request headers and URIs, credentials
     // included: whatever RUST_LOG asks, the framework logs at info at most.
-    for framework in [
-        "pingora_proxy",
-        "pingora_core",
-        "pingora_http",
-        "pingora_pool",
-    ] {
+    for framework in ["pingora_core", "pingora_http", "pingora_pool"] {
         filter = filter.add_directive(
             format!("{framework}=info")
                 .parse()

@@ -106,7 +106,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         signer,
     };
     let guarded = GuardedProxy {
-        inner: Arc::new(pingora_proxy::http_proxy(&server.configuration, gateway)),
+        inner: Arc::new(gateway),
         limits: HeadLimits {
             read_timeout: options.header_read_timeout,
             max_bytes: options.header_limits.max_bytes,

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crds::{RequestTimeouts, Token, TokenRecord};
 use jiff::Timestamp;
 
 use crate::error::Rejection;
+use crate::metrics::ModelSeries;
 
 /// Default largest request body forwarded to a model (docs/architecture.md, limits).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
@@ -97,6 +98,8 @@ pub struct Model {
     pub timeouts: RequestTimeouts,
     pub max_body_bytes: u64,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Its metric series, looked up by the first request that needs them.
+    pub series: OnceLock<ModelSeries>,
 }
 
 /// A model as a source describes it, before endpoints are pooled.
@@ -134,6 +137,7 @@ impl Snapshot {
                     timeouts: spec.timeouts,
                     max_body_bytes: spec.max_body_bytes,
                     endpoints: pool.resolve(&spec.endpoints),
+                    series: OnceLock::new(),
                 };
                 (spec.id.clone(), Arc::new(model))
             })

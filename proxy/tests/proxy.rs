@@ -485,6 +485,78 @@ async fn a_refused_connection_is_retried_on_another_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_into_a_connection_the_runtime_just_closed_goes_out_again_on_a_new_one() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    let client = client();
+    let send = |body: Vec<u8>| {
+        client
+            .post(proxy.url("/models/m/proxy/once-per-connection"))
+            .header("authorization", token.bearer())
+            .body(body)
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(send(vec![b'x'; 1000]).await.unwrap().status(), 200);
+    }
+    // Each request after the first met a pooled connection that closed under it, and went
+    // out again, body and all, on a new connection.
+    let seen: Vec<(usize, usize)> = upstream
+        .requests()
+        .iter()
+        .map(|r| (r.connection, r.body_len))
+        .collect();
+    assert_eq!(
+        seen,
+        [(0, 1000), (0, 1000), (1, 1000), (1, 1000), (2, 1000)]
+    );
+
+    // A body too large to keep while it is sent cannot go out twice: a 502, no second try.
+    let response = send(vec![b'x'; 100_000]).await.unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::BAD_GATEWAY, "upstream_error".into())
+    );
+    assert_eq!(upstream.requests().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_connection_fields_stay_behind_and_an_upgrade_is_served_as_plain_http() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["m"]);
+    let proxy = Proxy::start(&[TestModel::new("m", &[upstream.addr])], &[&token]).await;
+    let answer = raw_exchange(
+        &proxy,
+        &format!(
+            "GET /models/m/proxy/v1/x HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\
+             Connection: Upgrade, X-Hop, close\r\nUpgrade: websocket\r\nX-Hop: 1\r\nTE: trailers\r\n\
+             Keep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n",
+            token.bearer()
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let seen = &upstream.requests()[0];
+    for dropped in [
+        "connection",
+        "upgrade",
+        "x-hop",
+        "te",
+        "keep-alive",
+        "authorization",
+    ] {
+        assert_eq!(seen.header(dropped), None, "{dropped} reached the runtime");
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+
+    let answer = raw_exchange(&proxy, "CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(answer.contains("method_not_allowed"), "{answer}");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reachable_endpoint_is_503() {
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
         .parse()

@@ -42,6 +42,9 @@ impl Seen {
 /// - `/die-mid-body`: promises 1000 bytes, sends 10 and closes;
 /// - `/sse-then-die`: one SSE event, then closes without ending the stream;
 /// - `/garbage`: a line that is not HTTP, and the connection left open;
+/// - `/once-per-connection`: answered on a new connection; on a kept-alive one the request is
+///   read and the connection closed without an answer, as by a server whose keep-alive ended
+///   just as the request arrived;
 /// - anything else: 200 with a JSON echo of the target.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -72,7 +75,7 @@ impl Upstream {
 
 async fn serve_connection(mut stream: TcpStream, connection: usize, seen: Arc<Mutex<Vec<Seen>>>) {
     let mut buffer = Vec::new();
-    loop {
+    for answered_before in 0usize.. {
         let head_end = loop {
             if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
                 break end + 4;
@@ -121,7 +124,7 @@ async fn serve_connection(mut stream: TcpStream, connection: usize, seen: Arc<Mu
             connection,
         };
         seen.lock().unwrap().push(request.clone());
-        match respond(&mut stream, &request).await {
+        match respond(&mut stream, &request, answered_before).await {
             Ok(Answered::KeepAlive) => {}
             Ok(Answered::Close) | Err(_) => return,
         }
@@ -172,10 +175,15 @@ enum Answered {
     Close,
 }
 
-async fn respond(stream: &mut TcpStream, request: &Seen) -> std::io::Result<Answered> {
+async fn respond(
+    stream: &mut TcpStream,
+    request: &Seen,
+    answered_before: usize,
+) -> std::io::Result<Answered> {
     let path = request.target.split('?').next().unwrap_or_default();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
+        ["once-per-connection"] if answered_before > 0 => return Ok(Answered::Close),
         ["sleep", ms] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             write_fixed(stream, "text/plain", b"done").await?;
