@@ -297,3 +297,38 @@ fn https_is_spoken_and_an_untrusted_certificate_is_refused() {
     assert!(stderr.contains("certificate"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn an_archive_with_a_digest_is_shared_by_the_pods_of_a_node_through_its_cache() {
+    let server = FileServer::start("cached", MODEL_ARCHIVE);
+    let cache = server.root.join("node-cache");
+    let url = format!("{}/minilm.tar.gz", server.url);
+    let digest = server.sha256("minilm.tar.gz");
+    let pod = |name: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_infergate-runtime"))
+            .args(["download", "--url", &url, "--sha256", &digest, "--dest"])
+            .arg(server.root.join(name))
+            .arg("--cache")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{log}");
+        log
+    };
+    assert!(pod("pod-1").contains("Downloaded: "));
+    // The second pod needs nothing from the server any more.
+    std::fs::remove_file(server.root.join("minilm.tar.gz")).unwrap();
+    let second = pod("pod-2");
+    assert!(second.contains("CacheHit: "), "{second}");
+    let inode = |pod: &str| {
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(server.root.join(pod).join("minilm/tokenizer.json")).unwrap(),
+        )
+    };
+    assert_eq!(
+        inode("pod-1"),
+        inode("pod-2"),
+        "both hold links to the cached file"
+    );
+}

@@ -225,33 +225,68 @@ async fn fetch_listing(
             max_bytes: cache.max_bytes(),
         });
     }
-    let (_lock, contention) = cache.lock(&key).await?;
-    let entry_dir = match cache.entry(&key) {
+    through_cache(
+        request,
+        cache,
+        &key,
+        &mut fetched,
+        Some(listing.bytes()),
+        |partial| async move {
+            remote
+                .download(listing, &partial, request.transfer, received)
+                .await
+        },
+    )
+    .await?;
+    Ok(fetched)
+}
+
+/// Serves `key` through the node cache, holding its lock: its entry when there is one (after
+/// waiting for a pod that is filling it, if one is), else what `fill` downloads into the
+/// cache's staging directory, committed as the entry. Then places the entry's files in the
+/// model directory and marks it complete. `expected_bytes`, when known before the download,
+/// makes room first; otherwise room is made once the files are there.
+async fn through_cache<Fill, Filled>(
+    request: &Request,
+    cache: &NodeCache,
+    key: &str,
+    fetched: &mut Fetched,
+    expected_bytes: Option<u64>,
+    fill: Fill,
+) -> Result<(), FetchError>
+where
+    Fill: FnOnce(PathBuf) -> Filled,
+    Filled: std::future::Future<Output = Result<Vec<FileDigest>, FetchError>>,
+{
+    let (_lock, contention) = cache.lock(key).await?;
+    let (dir, entry) = match cache.entry(key) {
         Some((dir, entry)) => {
-            cache.touch(&key);
+            cache.touch(key);
             fetched.outcome = match contention {
                 Contention::Free => Outcome::CacheHit,
                 Contention::Waited(waited) => Outcome::Coalesced { waited },
             };
-            cache::place(&dir, &entry.files, &request.dest)?;
-            mark_placed(&request.dest, &key)?;
-            return Ok(fetched);
+            (dir, entry)
         }
         None => {
-            cache.make_room(fetched.bytes, &key)?;
-            let files = remote
-                .download(listing, &cache.partial(&key), request.transfer, received)
-                .await?;
+            if let Some(bytes) = expected_bytes {
+                cache.make_room(bytes, key)?;
+            }
+            let files = fill(cache.partial(key)).await?;
             let entry = Entry {
                 source: fetched.source.clone(),
                 files,
             };
-            (cache.commit(&key, &entry)?, entry)
+            if expected_bytes.is_none() {
+                cache.make_room(entry.bytes(), key)?;
+            }
+            (cache.commit(key, &entry)?, entry)
         }
     };
-    cache::place(&entry_dir.0, &entry_dir.1.files, &request.dest)?;
-    mark_placed(&request.dest, &key)?;
-    Ok(fetched)
+    fetched.files = entry.files.len();
+    fetched.bytes = entry.bytes();
+    cache::place(&dir, &entry.files, &request.dest)?;
+    mark_placed(&request.dest, key)
 }
 
 async fn fetch_https(
@@ -284,33 +319,19 @@ async fn fetch_https(
         fetched.outcome = Outcome::AlreadyPlaced;
         return Ok(fetched);
     }
-    let (_lock, contention) = cache.lock(&key).await?;
-    let (dir, entry) = match cache.entry(&key) {
-        Some((dir, entry)) => {
-            cache.touch(&key);
-            fetched.outcome = match contention {
-                Contention::Free => Outcome::CacheHit,
-                Contention::Waited(waited) => Outcome::Coalesced { waited },
-            };
-            (dir, entry)
-        }
-        None => {
-            let partial = cache.partial(&key);
+    through_cache(
+        request,
+        cache,
+        &key,
+        &mut fetched,
+        None,
+        |partial| async move {
             let done = download(partial.clone()).run().await?;
             received.store(done.bytes, Ordering::Relaxed);
-            let files = walk(&partial)?;
-            let entry = Entry {
-                source: fetched.source.clone(),
-                files,
-            };
-            cache.make_room(entry.bytes(), &key)?;
-            (cache.commit(&key, &entry)?, entry)
-        }
-    };
-    fetched.files = entry.files.len();
-    fetched.bytes = entry.bytes();
-    cache::place(&dir, &entry.files, &request.dest)?;
-    mark_placed(&request.dest, &key)?;
+            walk(&partial)
+        },
+    )
+    .await?;
     Ok(fetched)
 }
 
