@@ -1,17 +1,18 @@
 //! Guards the request head of every downstream connection, below pingora's HTTP/1 parser.
 //!
-//! Two rules of the limits table (docs/architecture.md) cannot be kept from pingora's filters:
+//! Two rules of the limits table (docs/architecture.md) cannot be kept once pingora's parser has
+//! handed over the request head:
 //! - a request head must arrive within the header-read timeout (10 s), counted from the accept
 //!   of a new connection or from the first byte of a later request on a kept-alive one; pingora
 //!   only bounds each single read (60 s), so a client trickling a byte at a time holds the
 //!   connection forever;
 //! - a request carrying both `Content-Length` and `Transfer-Encoding` gets 400 and the
-//!   connection closes; pingora drops the length and reads the body as chunked before any
-//!   filter sees the request, so the ambiguity a smuggling attack relies on is invisible there.
+//!   connection closes; pingora drops the length and reads the body as chunked before the
+//!   gateway sees the request, so the ambiguity a smuggling attack relies on is invisible there.
 //!
 //! [`GuardedProxy`] wraps each accepted stream in a [`HeaderGuard`] that watches the bytes of
-//! each request head as pingora reads them. The gateway's `logging` hook, which runs once per
-//! request, re-arms the guard for the next request on the connection.
+//! each request head as pingora reads them. The gateway's log step, which runs once per request,
+//! re-arms the guard for the next request on the connection.
 
 use std::io;
 use std::pin::Pin;

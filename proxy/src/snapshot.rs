@@ -1,6 +1,6 @@
 //! The proxy's view of the world: token records, models and their ready endpoints, built into
 //! one immutable [`Snapshot`] per source sync and swapped atomically, so a request sees one
-//! coherent view from its first filter to its last without taking a lock.
+//! coherent view from its head to its log line without taking a lock.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
