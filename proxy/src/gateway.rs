@@ -315,9 +315,18 @@ async fn write_json(
     Ok(())
 }
 
-/// Waits for the deadline, which a pinned timer keeps for the whole request.
-async fn deadline(timer: &mut Pin<&mut Sleep>) {
-    timer.as_mut().await;
+/// `work`'s result, or `None` when the request's deadline (a pinned timer kept for the whole
+/// request) comes first. The deadline is polled first, so work that is always ready cannot
+/// outrun it.
+async fn before_deadline<T>(
+    timer: &mut Pin<&mut Sleep>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        () = timer.as_mut() => None,
+        done = work => Some(done),
+    }
 }
 
 impl Gateway {
@@ -548,10 +557,8 @@ impl Gateway {
             .map_err(|_| Failure::ClientGone)?;
 
         loop {
-            let chunk = tokio::select! {
-                biased;
-                () = deadline(&mut timer) => return Err(Failure::Cut(request.timeout())),
-                chunk = up.read_body_ref() => chunk,
+            let Some(chunk) = before_deadline(&mut timer, up.read_body_ref()).await else {
+                return Err(Failure::Cut(request.timeout()));
             };
             match chunk {
                 // A read that ended on chunk framing yields nothing; written, an empty
@@ -605,10 +612,10 @@ impl Gateway {
             if pool_allowed && let Some(stream) = upstream::take(addr) {
                 return Ok((addr, stream, true));
             }
-            let connected = tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(Failure::Answer(request.timeout())),
-                connected = tokio::time::timeout(remaining.min(CONNECT_TIMEOUT), upstream::connect(addr)) => connected,
+            let connecting =
+                tokio::time::timeout(remaining.min(CONNECT_TIMEOUT), upstream::connect(addr));
+            let Some(connected) = before_deadline(timer, connecting).await else {
+                return Err(Failure::Answer(request.timeout()));
             };
             match connected {
                 Ok(Ok(stream)) => return Ok((addr, stream, false)),
@@ -641,31 +648,25 @@ impl Gateway {
             .and_then(|signer| internal_credential(signer, request));
         let head = upstream_head(downstream.req_header(), request, credential);
         let timed_out = || Sent::Failed(Failure::Answer(request.timeout()));
-        let written = tokio::select! {
-            biased;
-            () = deadline(timer) => return Err(timed_out()),
-            written = up.write_request_header(head) => written,
-        };
+        let written = before_deadline(timer, up.write_request_header(head))
+            .await
+            .ok_or_else(timed_out)?;
         if written.is_err() {
             return Err(Sent::Stale);
         }
         for chunk in &body.kept {
-            let written = tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(timed_out()),
-                written = up.write_body(chunk) => written,
-            };
+            let written = before_deadline(timer, up.write_body(chunk))
+                .await
+                .ok_or_else(timed_out)?;
             if written.is_err() {
                 return Err(Sent::Stale);
             }
         }
         let mut sending_failed = false;
         while !downstream.is_body_done() {
-            let chunk = tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(timed_out()),
-                chunk = downstream.read_body_bytes() => chunk,
-            };
+            let chunk = before_deadline(timer, downstream.read_body_bytes())
+                .await
+                .ok_or_else(timed_out)?;
             let Some(chunk) = chunk.map_err(|_| Sent::Failed(Failure::ClientGone))? else {
                 break;
             };
@@ -682,29 +683,23 @@ impl Gateway {
             if sending_failed {
                 continue;
             }
-            let written = tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(timed_out()),
-                written = up.write_body(&chunk) => written,
-            };
+            let written = before_deadline(timer, up.write_body(&chunk))
+                .await
+                .ok_or_else(timed_out)?;
             // A runtime may answer before it has read the whole body (and close): the rest is
             // read from the client and dropped, and its answer read below.
             sending_failed = written.is_err();
         }
         if !sending_failed {
             // A failure to finish shows in the response read that follows.
-            tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(timed_out()),
-                _ = up.finish_body() => {}
-            }
+            let _ = before_deadline(timer, up.finish_body())
+                .await
+                .ok_or_else(timed_out)?;
         }
         loop {
-            let read = tokio::select! {
-                biased;
-                () = deadline(timer) => return Err(timed_out()),
-                read = up.read_response() => read,
-            };
+            let read = before_deadline(timer, up.read_response())
+                .await
+                .ok_or_else(timed_out)?;
             match read {
                 Ok(_) => {}
                 Err(error) if Instant::now() >= request.deadline => {
@@ -778,22 +773,21 @@ struct BodyState {
     received: u64,
     /// The chunks read so far, while they fit [`REPLAY_LIMIT`].
     kept: Vec<Bytes>,
-    overflowed: bool,
 }
 
 impl BodyState {
+    /// Keeps `chunk`, just counted in `received`, while the body fits the replay limit.
     fn keep(&mut self, chunk: &Bytes) {
-        if self.overflowed || self.received > REPLAY_LIMIT as u64 {
-            self.overflowed = true;
-            self.kept.clear();
-        } else {
+        if self.replayable() {
             self.kept.push(chunk.clone());
+        } else {
+            self.kept.clear();
         }
     }
 
     /// Whether everything read so far can be sent again.
     fn replayable(&self) -> bool {
-        !self.overflowed
+        self.received <= REPLAY_LIMIT as u64
     }
 }
 

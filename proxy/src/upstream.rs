@@ -91,12 +91,18 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn a_returned_connection_is_taken_again_until_the_runtime_closes_it() {
+    /// A connection opened by [`connect`], and the runtime's end of it.
+    async fn connected() -> (SocketAddr, Stream, tokio::net::TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (addr, client, server)
+    }
+
+    #[tokio::test]
+    async fn a_returned_connection_is_taken_again_until_the_runtime_closes_it() {
+        let (addr, client, mut server) = connected().await;
 
         put(addr, client);
         let client = take(addr).expect("an open connection is reused");
@@ -112,10 +118,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_with_unasked_bytes_is_not_reused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (addr, client, mut server) = connected().await;
         server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         put(addr, client);
