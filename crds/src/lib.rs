@@ -15,8 +15,9 @@ mod token;
 pub use access_token::{AccessToken, AccessTokenPhase, AccessTokenSpec, AccessTokenStatus};
 pub use kube::core::Duration;
 pub use model_deployment::{
-    ContainerSpec, GenerationDefaults, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus,
-    ModelSource, ModelUri, ModelUriError, Resources, RuntimeSpec, Task,
+    Autoscaling, AutoscalingStatus, ContainerSpec, DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS,
+    GenerationDefaults, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, ModelSource,
+    ModelUri, ModelUriError, Resources, RuntimeSpec, Task,
 };
 pub use record::{RecordError, TokenRecord};
 pub use timeouts::{RequestTimeouts, Timeouts, TimeoutsError};

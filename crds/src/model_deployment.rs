@@ -28,8 +28,14 @@ use crate::timeouts::Timeouts;
     cel,
     doc = "A model version served by infergate: its task, its weights and the pods that run it.",
     printcolumn(name = "Task", type_ = "string", json_path = ".spec.task"),
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
     printcolumn(
         name = "Age",
@@ -59,10 +65,16 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeSpec>,
 
-    /// Number of runtime pods.
+    /// Number of runtime pods. With `autoscaling` the operator sets it (leave it out of applied
+    /// manifests); 0 stops every pod, and requests are refused until it rises again. The scale
+    /// subresource points here, so an HPA or KEDA scaler may own it instead.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 0))]
     pub replicas: i32,
+
+    /// Replicas that follow the load the proxies see, down to zero if `minReplicas` is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
 
     /// Compute each runtime pod gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -412,6 +424,72 @@ pub struct GenerationDefaults {
     pub max_new_tokens: Option<i32>,
 }
 
+/// How the operator sizes a ModelDeployment from its load: the Kubernetes HPA algorithm (tolerance
+/// and stabilization windows) on the requests in progress per replica, as the proxies count them.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+    validation = Rule::new("!has(self.scaleToZeroAfterSeconds) || self.minReplicas == 0").message("autoscaling.scaleToZeroAfterSeconds applies only with minReplicas 0")
+)]
+pub struct Autoscaling {
+    /// Fewest runtime pods. 0 lets an idle model cost nothing: the proxy holds the next request
+    /// while a pod starts.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most runtime pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Requests in progress per replica to aim for: those the proxies are forwarding to the
+    /// model and those they hold for it, averaged over the operator's sampling interval.
+    #[x_kube(validation = Rule::new("self > 0.0").message("autoscaling.inFlightPerReplica must be greater than 0"))]
+    #[schemars(range(max = 100000.0))]
+    pub in_flight_per_replica: f64,
+    /// Seconds of recommendations a scale-up takes the lowest of (HPA `scaleUp`
+    /// stabilization); 0 follows a rise at once.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Seconds of recommendations a scale-down takes the highest of (HPA `scaleDown`
+    /// stabilization), so a dip in load does not remove pods it needs again.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+    /// With `minReplicas: 0`: seconds without any request before the last pod goes (default
+    /// 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_to_zero_after_seconds: Option<i32>,
+}
+
+/// Idle seconds before a `minReplicas: 0` model loses its last pod, when the spec sets none.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS: i32 = 300;
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_scale_down_stabilization() -> i32 {
+    300
+}
+
+/// The autoscaler's last decision, for people and for `kubectl get`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Replicas the autoscaler last set.
+    pub desired_replicas: i32,
+    /// Average requests in progress (held or forwarded) over the last sampling interval.
+    pub in_flight: f64,
+    /// When the autoscaler last changed `spec.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The last decision in words, e.g. `scaled 2 → 4: 37.0 in flight, target 8 per replica`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
 /// Observed state of a ModelDeployment.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -428,6 +506,12 @@ pub struct ModelDeploymentStatus {
     /// Runtime pods that pass their readiness probe.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Label selector of the runtime pods, for the scale subresource (HPA, KEDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Written by the autoscaler when `spec.autoscaling` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

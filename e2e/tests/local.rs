@@ -516,7 +516,11 @@ async fn every_task_answers_real_clients_through_local_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_credential_and_deadline_failure_has_its_status_and_code() {
     let yaml = [
-        model("embedding", "embedding", &minilm_dir()),
+        // Autoscaling is for clusters: local mode says so and serves the model all the same.
+        model("embedding", "embedding", &minilm_dir()).replace(
+            "---\n",
+            "  autoscaling: {minReplicas: 0, maxReplicas: 3, inFlightPerReplica: 4}\n---\n",
+        ),
         model("chat", "text-generation", &fixture("llama"))
             .replace("---\n", "  generation: {maxNewTokens: 7}\n---\n"),
         token("app", &["embedding", "chat"], ""),
@@ -531,6 +535,13 @@ async fn each_credential_and_deadline_failure_has_its_status_and_code() {
     .concat();
     let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
     local.wait_ready(&["embedding", "chat"], READY_LIMIT);
+    assert!(
+        local.console().contains(
+            "embedding: autoscaling is a cluster feature; local mode runs one runtime for embedding"
+        ),
+        "{}",
+        local.console()
+    );
     let embed = format!("{}/models/embedding/proxy/v1/embed", local.url);
     let body = json!({"inputs": "hello"});
     let code = |answer: &(u16, Value)| {

@@ -36,6 +36,8 @@ pub struct Config {
     pub key_schedule: Schedule,
     /// Names this replica in Events (the pod name in a cluster).
     pub instance: String,
+    /// Where the autoscaler reads the proxies' load, and how often.
+    pub autoscaler: crate::autoscaler::Settings,
 }
 
 /// Why a reconcile failed; it is retried with back-off.
@@ -312,7 +314,14 @@ pub async fn run(
             _ = shutdown.clone() => {}
         }
     };
-    futures::join!(models_run, tokens_run, readiness, keys);
+    let autoscale = async {
+        let _ = models.wait_until_ready().await;
+        tokio::select! {
+            () = crate::autoscaler::run(ctx.clone(), models.clone()) => {}
+            _ = shutdown.clone() => {}
+        }
+    };
+    futures::join!(models_run, tokens_run, readiness, keys, autoscale);
 }
 
 /// The other ModelDeployments that claim `md`'s model version id.

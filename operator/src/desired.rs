@@ -10,9 +10,10 @@ use crds::{ModelDeployment, ModelUri, RequestTimeouts};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -31,8 +32,12 @@ pub const MODEL_MOUNT: &str = "/model";
 /// publishes in the ModelDeployment's namespace).
 pub const INTERNAL_KEYS_MOUNT: &str = "/etc/infergate/internal-keys";
 /// Seconds the pod gets after SIGTERM beyond the longest deadline (docs/architecture.md, limits:
-/// max deadline + 10 s; there is no preStop hook).
+/// max deadline + 10 s).
 const TERMINATION_SLACK_SECONDS: i64 = 10;
+/// Seconds a deleted runtime pod keeps serving before SIGTERM (a preStop sleep): endpoint
+/// removal reaches every proxy in well under this, so no new request is sent to a pod that has
+/// stopped accepting, while the requests it has finish (scale-down drain).
+pub const DRAIN_SECONDS: i64 = 5;
 /// A startup probe of 5 s × 360 gives a big model 30 minutes to load before the kubelet gives up.
 const STARTUP_PROBE_FAILURES: i32 = 360;
 
@@ -112,6 +117,15 @@ fn selector(model_deployment: &str) -> BTreeMap<String, String> {
         .into_iter()
         .filter(|(k, _)| k != "app.kubernetes.io/managed-by" && k != "app.kubernetes.io/instance")
         .collect()
+}
+
+/// The pods' selector as a label query, as the scale subresource reports it.
+pub fn pod_selector(model_deployment: &str) -> String {
+    let pairs: Vec<String> = selector(model_deployment)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    pairs.join(",")
 }
 
 fn owned_metadata(md: &ModelDeployment, name: String) -> Result<ObjectMeta, BuildError> {
@@ -292,6 +306,18 @@ fn download_container(
     Some((container, volumes))
 }
 
+/// libtorch threads for a CPU limit: whole CPUs, at least one. A container sees every core of
+/// its node, and libtorch's default of one thread per core oversubscribes a limited pod (its
+/// threads spin while the kernel throttles them).
+fn torch_threads(cpu: &Quantity) -> Option<u32> {
+    let text = cpu.0.trim();
+    let cpus = match text.strip_suffix('m') {
+        Some(millis) => millis.parse::<f64>().ok()? / 1000.0,
+        None => text.parse::<f64>().ok()?,
+    };
+    (cpus.is_finite() && cpus > 0.0).then(|| (cpus.floor() as u32).max(1))
+}
+
 fn resources(md: &ModelDeployment, defaults: &RuntimeDefaults) -> Option<ResourceRequirements> {
     let spec = md.spec.resources.clone().unwrap_or_default();
     let mut amounts = BTreeMap::new();
@@ -350,6 +376,19 @@ pub fn runtime_args(md: &ModelDeployment, model_dir: &str, listen: &str) -> Vec<
     args
 }
 
+/// A preStop sleep (no shell needed in the image) of [`DRAIN_SECONDS`].
+fn drain_first() -> Lifecycle {
+    Lifecycle {
+        pre_stop: Some(LifecycleHandler {
+            sleep: Some(SleepAction {
+                seconds: DRAIN_SECONDS,
+            }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
+    }
+}
+
 /// The Deployment of runtime pods for `md`.
 pub fn runtime_deployment(
     md: &ModelDeployment,
@@ -392,6 +431,7 @@ pub fn runtime_deployment(
             )),
             volume_mounts: Some(vec![mount]),
             resources: resources(md, defaults),
+            lifecycle: Some(drain_first()),
             ..Container::default()
         },
         None => Container {
@@ -404,6 +444,16 @@ pub fn runtime_deployment(
                         "--internal-keys".to_owned(),
                         format!("{INTERNAL_KEYS_MOUNT}/{VERIFYING_KEYS_KEY}"),
                     ])
+                    .chain(
+                        md.spec
+                            .resources
+                            .as_ref()
+                            .and_then(|r| r.cpu.as_ref())
+                            .or(defaults.cpu.as_ref())
+                            .and_then(torch_threads)
+                            .into_iter()
+                            .flat_map(|n| ["--torch-threads".to_owned(), n.to_string()]),
+                    )
                     .collect(),
             ),
             ports: Some(vec![ContainerPort {
@@ -423,6 +473,7 @@ pub fn runtime_deployment(
                 },
             ]),
             resources: resources(md, defaults),
+            lifecycle: Some(drain_first()),
             ..Container::default()
         },
     };
@@ -453,7 +504,7 @@ pub fn runtime_deployment(
         node_selector: md.spec.node_selector.clone(),
         tolerations: md.spec.tolerations.clone(),
         termination_grace_period_seconds: Some(
-            timeouts.max.as_secs() as i64 + TERMINATION_SLACK_SECONDS,
+            DRAIN_SECONDS + timeouts.max.as_secs() as i64 + TERMINATION_SLACK_SECONDS,
         ),
         ..PodSpec::default()
     };
@@ -730,7 +781,7 @@ mod tests {
         );
         assert_eq!(resources.limits.unwrap()["cpu"], Quantity("2".into()));
         let grace = grace_period(&d);
-        assert_eq!(grace, Some(50 + TERMINATION_SLACK_SECONDS));
+        assert_eq!(grace, Some(DRAIN_SECONDS + 50 + TERMINATION_SLACK_SECONDS));
         let own = deployment(serde_json::json!({
             "task": "embedding", "model": {"uri": "file:///m"},
             "resources": {"cpu": "8", "gpus": 1}, "timeouts": {"max": "900s"},
@@ -745,7 +796,7 @@ mod tests {
         assert_eq!(limits["memory"], Quantity("4Gi".into()));
         assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
         let grace = grace_period(&d);
-        assert_eq!(grace, Some(900 + TERMINATION_SLACK_SECONDS));
+        assert_eq!(grace, Some(DRAIN_SECONDS + 900 + TERMINATION_SLACK_SECONDS));
     }
 
     #[test]
@@ -817,13 +868,35 @@ mod tests {
     }
 
     #[test]
-    fn the_grace_period_outlasts_the_longest_deadline() {
+    fn a_cpu_limit_sets_the_runtimes_threads_to_its_whole_cpus() {
+        let threads = |cpu: Option<&str>| {
+            let mut spec = serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}});
+            if let Some(cpu) = cpu {
+                spec["resources"] = serde_json::json!({"cpu": cpu});
+            }
+            let d = runtime_deployment(&deployment(spec), &defaults()).unwrap();
+            let args = container(&d).args.clone().unwrap();
+            args.iter()
+                .position(|a| a == "--torch-threads")
+                .map(|i| args[i + 1].clone())
+        };
+        assert_eq!(threads(Some("4")), Some("4".to_owned()));
+        assert_eq!(threads(Some("2500m")), Some("2".to_owned()));
+        assert_eq!(threads(Some("500m")), Some("1".to_owned()));
+        assert_eq!(threads(None), None, "no limit: libtorch's own default");
+    }
+
+    #[test]
+    fn a_stopping_pod_drains_then_gets_the_longest_deadline_to_finish() {
         let md = deployment(
             serde_json::json!({"task": "embedding", "model": {"uri": "file:///m"}, "timeouts": {"max": "15m"}}),
         );
         let d = runtime_deployment(&md, &defaults()).unwrap();
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        assert_eq!(pod.termination_grace_period_seconds, Some(910));
+        // 5 s out of the endpoints before SIGTERM, 900 s for the longest request, 10 s slack.
+        assert_eq!(pod.termination_grace_period_seconds, Some(915));
+        let pre_stop = container(&d).lifecycle.as_ref().unwrap().pre_stop.as_ref();
+        assert_eq!(pre_stop.unwrap().sleep.as_ref().unwrap().seconds, 5);
     }
 
     #[test]

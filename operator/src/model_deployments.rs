@@ -91,7 +91,12 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Timestamp::now(),
     );
     if md.status.as_ref() != Some(&status) {
-        apply_status(md.as_ref(), &status, &ctx.client).await?;
+        // Without the autoscaler's field, which this field manager must never own.
+        let reconciled = crds::ModelDeploymentStatus {
+            autoscaling: None,
+            ..status.clone()
+        };
+        apply_status(md.as_ref(), &reconciled, &ctx.client).await?;
         for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
             ctx.event(md.as_ref(), warning, &reason, "Reconcile", message)
                 .await;

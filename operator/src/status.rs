@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
+use crate::desired::pod_selector;
+
 /// Why a ModelDeployment has no runtime of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blocked {
@@ -330,6 +332,23 @@ pub fn model_deployment_status(
             blocked.message(),
             generation,
         ),
+        (None, 0) if desired == 0 && md.spec.autoscaling.is_some() => condition(
+            READY,
+            true,
+            "ScaledToZero",
+            format!(
+                "no runtime pod while idle; the proxy holds the next request while one starts; serving at {}",
+                model_endpoint(id.as_deref().unwrap_or_default())
+            ),
+            generation,
+        ),
+        (None, 0) if desired == 0 => condition(
+            READY,
+            false,
+            "ScaledToZero",
+            "spec.replicas is 0: no runtime pod runs and requests are refused".to_owned(),
+            generation,
+        ),
         (None, 0) => condition(
             READY,
             false,
@@ -353,6 +372,9 @@ pub fn model_deployment_status(
         model_version_id: id,
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
+        selector: Some(pod_selector(&md.name_any())),
+        // The autoscaler's own field: the reconcile leaves it to the autoscaler.
+        autoscaling: md.status.as_ref().and_then(|s| s.autoscaling.clone()),
         observed_generation: generation,
         conditions: [ready_condition, progressing, degraded]
             .into_iter()

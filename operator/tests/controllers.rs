@@ -148,6 +148,7 @@ impl Operator {
                 activation: Duration::from_secs(1),
             },
             instance: "test".into(),
+            autoscaler: operator::autoscaler::Settings::default(),
         };
         let health = Arc::new(Health::default());
         let task = tokio::spawn(controller::run(

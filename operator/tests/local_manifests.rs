@@ -107,9 +107,9 @@ fn each_fault_is_one_problem_naming_its_field() {
             "must be one of",
         ),
         (
-            model("  task: embedding\n  model: {uri: file://MODEL_DIR}\n  replicas: 0\n"),
+            model("  task: embedding\n  model: {uri: file://MODEL_DIR}\n  replicas: -1\n"),
             "spec.replicas",
-            "at least 1",
+            "at least 0",
         ),
         (
             model("  task: embedding\n  model: {uri: file:///no/such/dir}\n"),
@@ -206,7 +206,7 @@ fn every_problem_of_every_file_is_reported_at_once() {
     );
     let shown = found[0].to_string();
     assert!(
-        shown.contains("one.yaml (document 1): spec.replicas: must be at least 1"),
+        shown.contains("one.yaml (document 1): spec.replicas: must be at least 0"),
         "{shown}"
     );
 }

@@ -32,6 +32,10 @@ struct ModelEntry {
     #[serde(default)]
     timeouts: Timeouts,
     max_body_bytes: Option<u64>,
+    /// Hold requests while the model has no endpoint (it is scaling up from zero) instead of
+    /// refusing them.
+    #[serde(default)]
+    hold_when_idle: bool,
 }
 
 /// Process settings: read once at start; a reload that changes them logs that a restart is
@@ -135,6 +139,7 @@ impl Config {
                 timeouts,
                 max_body_bytes,
                 endpoints,
+                hold_when_idle: entry.hold_when_idle,
             });
         }
 

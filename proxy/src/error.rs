@@ -39,6 +39,15 @@ pub enum Rejection {
     BodyTooLarge { limit: u64 },
     #[error("model {model:?} has no ready endpoint; retry shortly")]
     NoReadyEndpoint { model: String },
+    #[error(
+        "model {model:?} is scaling up from zero and had no ready endpoint within the request's deadline of {}s; retry shortly",
+        .budget.as_secs_f64()
+    )]
+    StartOutlasted { model: String, budget: Duration },
+    #[error(
+        "model {model:?} is scaling up from zero and already holds {limit} requests; retry shortly"
+    )]
+    HoldFull { model: String, limit: usize },
     #[error("the model's server could not be reached")]
     UpstreamUnavailable,
     #[error("the model's server failed to answer")]
@@ -63,7 +72,10 @@ impl Rejection {
             Rejection::MethodNotAllowed => 405,
             Rejection::BodyTooLarge { .. } => 413,
             Rejection::HeadersTooLarge { .. } => 431,
-            Rejection::NoReadyEndpoint { .. } | Rejection::UpstreamUnavailable => 503,
+            Rejection::NoReadyEndpoint { .. }
+            | Rejection::StartOutlasted { .. }
+            | Rejection::HoldFull { .. }
+            | Rejection::UpstreamUnavailable => 503,
             Rejection::UpstreamFailed => 502,
             Rejection::Timeout { .. } => 504,
         }
@@ -86,6 +98,7 @@ impl Rejection {
             Rejection::BodyTooLarge { .. } => "body_too_large",
             Rejection::HeadersTooLarge { .. } => "headers_too_large",
             Rejection::NoReadyEndpoint { .. } => "no_ready_endpoint",
+            Rejection::StartOutlasted { .. } | Rejection::HoldFull { .. } => "model_starting",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamFailed => "upstream_error",
             Rejection::Timeout { .. } => "timeout",
@@ -119,7 +132,11 @@ impl Rejection {
 
     /// Seconds a client should wait before retrying, sent as `Retry-After`.
     pub fn retry_after(&self) -> Option<u32> {
-        (self.status() == 503).then_some(1)
+        match self {
+            // A runtime pod takes seconds to start: an earlier retry would be held again.
+            Rejection::StartOutlasted { .. } | Rejection::HoldFull { .. } => Some(5),
+            _ => (self.status() == 503).then_some(1),
+        }
     }
 
     /// `x-should-retry` for clients that retry on their own: a deadline is not worth another
@@ -173,6 +190,22 @@ mod tests {
                 "no_ready_endpoint",
             ),
             (
+                Rejection::StartOutlasted {
+                    model: m(),
+                    budget: Duration::from_secs(2),
+                },
+                503,
+                "model_starting",
+            ),
+            (
+                Rejection::HoldFull {
+                    model: m(),
+                    limit: 1,
+                },
+                503,
+                "model_starting",
+            ),
+            (
                 Rejection::InvalidTimeout(TimeoutHeaderError::NotAPositiveNumber),
                 400,
                 "invalid_timeout",
@@ -223,6 +256,15 @@ mod tests {
         assert_eq!(
             Rejection::NoReadyEndpoint { model: "m".into() }.retry_after(),
             Some(1)
+        );
+        assert_eq!(
+            Rejection::StartOutlasted {
+                model: "m".into(),
+                budget: Duration::from_secs(1)
+            }
+            .retry_after(),
+            Some(5),
+            "a model starting from zero takes seconds"
         );
         assert_eq!(Rejection::InvalidToken.retry_after(), None);
     }

@@ -100,6 +100,8 @@ pub struct Gateway {
     /// Seconds an idle client connection is kept open between requests. pingora keeps HTTP/1.1
     /// connections forever by default, which lets idle clients pile up.
     pub keepalive_idle_secs: u64,
+    /// Requests held for one model while it has no endpoint (it scales up from zero).
+    pub max_held_per_model: usize,
     /// Signs the JWT each forwarded request carries to its runtime; `None` forwards unsigned.
     pub signer: Option<Arc<Watched<Signer>>>,
 }
@@ -369,7 +371,7 @@ impl Gateway {
                 limit: model.max_body_bytes,
             });
         }
-        if model.endpoints.is_empty() {
+        if model.endpoints.is_empty() && !model.hold_when_idle {
             return Err(Rejection::NoReadyEndpoint {
                 model: model.id.clone(),
             });
@@ -437,7 +439,17 @@ impl Gateway {
             .await
             .is_ok();
         }
-        if let Err(rejection) = self.admit(downstream.req_header(), request) {
+        let mut admitted = self.admit(downstream.req_header(), request);
+        // Held or forwarded, an admitted request is demand on its model until it is answered.
+        let _demand = request
+            .model
+            .as_deref()
+            .filter(|_| admitted.is_ok())
+            .map(|model| self.series(model).demand.begin());
+        if admitted.is_ok() {
+            admitted = self.hold_until_ready(request).await;
+        }
+        if let Err(rejection) = admitted {
             if rejection.is_auth_failure() {
                 self.metrics
                     .auth_failures
@@ -484,6 +496,53 @@ impl Gateway {
             Failure::ClientGone => {}
         }
         false
+    }
+
+    /// Holds a request for a model with no endpoint (an autoscaled model at zero replicas)
+    /// until the model has one, in a bounded queue per model and within the request's
+    /// deadline; the operator reads the held count and starts a pod.
+    async fn hold_until_ready(&self, request: &mut Request) -> Result<(), Rejection> {
+        let model = request
+            .model
+            .clone()
+            .expect("an admitted request has a model");
+        if !model.endpoints.is_empty() {
+            return Ok(());
+        }
+        let _held = self
+            .series(&model)
+            .demand
+            .hold(self.max_held_per_model)
+            .ok_or_else(|| Rejection::HoldFull {
+                model: model.id.clone(),
+                limit: self.max_held_per_model,
+            })?;
+        // Subscribed before the snapshot is read: a publication in between is not missed.
+        let mut publications = self.shared.publications();
+        let deadline = tokio::time::sleep_until(request.deadline);
+        tokio::pin!(deadline);
+        loop {
+            let snapshot = self.shared.snapshot();
+            let current = snapshot
+                .model(&model.id)
+                .ok_or_else(|| Rejection::ModelNotFound {
+                    model: model.id.clone(),
+                })?;
+            if !current.endpoints.is_empty() {
+                request.model = Some(current.clone());
+                return Ok(());
+            }
+            let published = tokio::select! {
+                () = deadline.as_mut() => false,
+                changed = publications.changed() => changed.is_ok(),
+            };
+            if !published {
+                return Err(Rejection::StartOutlasted {
+                    model: model.id.clone(),
+                    budget: request.budget,
+                });
+            }
+        }
     }
 
     /// Sends the admitted request to an endpoint of its model and streams the answer back.

@@ -252,6 +252,9 @@ pub fn model_specs(
             timeouts,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             endpoints,
+            // An autoscaled model may be at zero replicas: the operator starts a pod for the
+            // requests held.
+            hold_when_idle: model.spec.autoscaling.is_some(),
         });
     }
     specs

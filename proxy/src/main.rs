@@ -62,6 +62,15 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_MAX_HEADERS", default_value_t = 100)]
     max_headers: usize,
 
+    /// Requests held per model while it scales up from zero (autoscaled models only); more
+    /// get 503 `model_starting` at once.
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_MAX_HELD_PER_MODEL",
+        default_value_t = 1000
+    )]
+    max_held_per_model: usize,
+
     /// Seconds an idle client connection stays open between requests.
     #[arg(long, env = "INFERGATE_PROXY_KEEPALIVE_IDLE", default_value_t = 60)]
     keepalive_idle: u64,
@@ -150,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             max_count: args.max_headers,
         },
         keepalive_idle_secs: args.keepalive_idle,
+        max_held_per_model: args.max_held_per_model,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         internal_signing_keys: args.internal_signing_keys,
     })

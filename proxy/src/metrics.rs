@@ -1,13 +1,18 @@
 //! Prometheus metrics of the proxy contract, served on their own port. Labels are bounded:
 //! model ids come from the configuration, codes from a fixed set, never from request data.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 100 µs (the proxy's own overhead) to 10 minutes (the longest deadline).
@@ -25,6 +30,10 @@ pub struct Metrics {
     pub upstream_ttfb: HistogramVec,
     pub inflight: IntGaugeVec,
     pub auth_failures: IntCounterVec,
+    demand_seconds: CounterVec,
+    held: IntGaugeVec,
+    /// One per model id, so that every snapshot's series of a model share its count.
+    demands: Arc<Mutex<HashMap<String, Arc<Demand>>>>,
 }
 
 impl Metrics {
@@ -70,6 +79,24 @@ impl Metrics {
                 &["reason"],
             )
             .expect("static metric definition"),
+            demand_seconds: CounterVec::new(
+                Opts::new(
+                    "infergate_proxy_demand_seconds_total",
+                    "Requests in progress for a model (held or forwarded), integrated over time: \
+                     its rate is their average number, which the autoscaler reads.",
+                ),
+                &["model"],
+            )
+            .expect("static metric definition"),
+            held: IntGaugeVec::new(
+                Opts::new(
+                    "infergate_proxy_held",
+                    "Requests held for a model with no ready endpoint (scaling up from zero).",
+                ),
+                &["model"],
+            )
+            .expect("static metric definition"),
+            demands: Arc::default(),
             registry,
         };
         for collector in [
@@ -78,6 +105,8 @@ impl Metrics {
             Box::new(metrics.upstream_ttfb.clone()),
             Box::new(metrics.inflight.clone()),
             Box::new(metrics.auth_failures.clone()),
+            Box::new(metrics.demand_seconds.clone()),
+            Box::new(metrics.held.clone()),
         ] {
             metrics
                 .registry
@@ -95,11 +124,34 @@ impl Metrics {
             request_duration: self.request_duration.with_label_values(&[model]),
             upstream_ttfb: self.upstream_ttfb.with_label_values(&[model]),
             answered_ok: self.requests.with_label_values(&[model, "200"]),
+            demand: self
+                .demands
+                .lock()
+                .expect("no panic holds this lock")
+                .entry(model.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Demand::new(
+                        self.demand_seconds.with_label_values(&[model]),
+                        self.held.with_label_values(&[model]),
+                    ))
+                })
+                .clone(),
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        let demands: Vec<Arc<Demand>> = self
+            .demands
+            .lock()
+            .expect("no panic holds this lock")
+            .values()
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        for demand in demands {
+            demand.settle(now);
+        }
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
@@ -121,6 +173,92 @@ pub struct ModelSeries {
     pub upstream_ttfb: Histogram,
     /// `requests_total{code="200"}`, the count nearly every request adds to.
     pub answered_ok: IntCounter,
+    pub demand: Arc<Demand>,
+}
+
+/// The requests in progress for one model, held or forwarded, and their integral over time.
+#[derive(Debug)]
+pub struct Demand {
+    integral: Mutex<Integral>,
+    seconds: Counter,
+    held: AtomicUsize,
+    held_gauge: IntGauge,
+}
+
+#[derive(Debug)]
+struct Integral {
+    in_progress: u64,
+    since: Instant,
+}
+
+impl Demand {
+    fn new(seconds: Counter, held_gauge: IntGauge) -> Demand {
+        Demand {
+            integral: Mutex::new(Integral {
+                in_progress: 0,
+                since: Instant::now(),
+            }),
+            seconds,
+            held: AtomicUsize::new(0),
+            held_gauge,
+        }
+    }
+
+    /// Adds the time since the last change, at the count that held meanwhile, to the counter,
+    /// then applies `change`.
+    fn change(&self, now: Instant, change: impl FnOnce(&mut u64)) {
+        let mut integral = self.integral.lock().expect("no panic holds this lock");
+        let elapsed = now.saturating_duration_since(integral.since).as_secs_f64();
+        if integral.in_progress > 0 && elapsed > 0.0 {
+            self.seconds.inc_by(integral.in_progress as f64 * elapsed);
+        }
+        integral.since = now;
+        change(&mut integral.in_progress);
+    }
+
+    /// Brings the counter up to `now`, so a scrape sees requests still in progress.
+    pub fn settle(&self, now: Instant) {
+        self.change(now, |_| {});
+    }
+
+    /// Counts a request as in progress until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> DemandGuard {
+        self.change(Instant::now(), |count| *count += 1);
+        DemandGuard(self.clone())
+    }
+
+    /// Counts a held request, unless `limit` are held already.
+    pub fn hold(self: &Arc<Self>, limit: usize) -> Option<HoldGuard> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < limit).then_some(held + 1)
+            })
+            .ok()?;
+        self.held_gauge.inc();
+        Some(HoldGuard(self.clone()))
+    }
+}
+
+/// Keeps a request in its model's demand.
+#[derive(Debug)]
+pub struct DemandGuard(Arc<Demand>);
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        self.0
+            .change(Instant::now(), |count| *count = count.saturating_sub(1));
+    }
+}
+
+/// Keeps a request counted as held.
+#[derive(Debug)]
+pub struct HoldGuard(Arc<Demand>);
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+        self.0.held_gauge.dec();
+    }
 }
 
 impl std::fmt::Debug for ModelSeries {
@@ -155,5 +293,46 @@ impl ServeHttp for MetricsApp {
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)
             .expect("static response parts")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn demand_integrates_the_requests_in_progress_over_time() {
+        let metrics = Metrics::new();
+        let demand = metrics.model_series("m").demand;
+        let t0 = Instant::now();
+        let at = |seconds: u64| t0 + Duration::from_secs(seconds);
+        demand.change(at(0), |n| *n += 1);
+        demand.change(at(2), |n| *n += 1);
+        demand.settle(at(3));
+        // One request for 2 s, then two for 1 s: on average 4/3 over 3 s.
+        assert_eq!(demand.seconds.get(), 4.0);
+        demand.change(at(4), |n| *n -= 2);
+        demand.settle(at(10));
+        assert_eq!(demand.seconds.get(), 6.0);
+        // Every snapshot's series of a model share one count.
+        assert!(Arc::ptr_eq(&demand, &metrics.model_series("m").demand));
+    }
+
+    #[test]
+    fn held_requests_are_bounded_and_counted_until_released() {
+        let metrics = Metrics::new();
+        let demand = metrics.model_series("m").demand;
+        let first = demand.hold(2).unwrap();
+        let _second = demand.hold(2).unwrap();
+        assert!(demand.hold(2).is_none(), "a third is over the limit");
+        assert!(
+            metrics
+                .render()
+                .contains("infergate_proxy_held{model=\"m\"} 2")
+        );
+        drop(first);
+        assert!(demand.hold(2).is_some());
     }
 }

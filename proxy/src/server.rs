@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     pub header_limits: HeaderLimits,
     pub keepalive_idle_secs: u64,
+    /// Requests held for one model with no endpoint, while it scales up from zero.
+    pub max_held_per_model: usize,
     /// Longest time a request head may take to arrive (slowloris).
     pub header_read_timeout: Duration,
     /// The keys that sign forwarded requests; `None` forwards them unsigned.
@@ -103,6 +105,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         header_limits: options.header_limits,
         keepalive_idle_secs: options.keepalive_idle_secs,
+        max_held_per_model: options.max_held_per_model,
         signer,
     };
     let guarded = GuardedProxy {

@@ -98,6 +98,8 @@ pub struct Model {
     pub timeouts: RequestTimeouts,
     pub max_body_bytes: u64,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Whether a request that finds no endpoint waits for one (the model scales from zero).
+    pub hold_when_idle: bool,
     /// Its metric series, looked up by the first request that needs them.
     pub series: OnceLock<ModelSeries>,
 }
@@ -109,6 +111,7 @@ pub struct ModelSpec {
     pub timeouts: RequestTimeouts,
     pub max_body_bytes: u64,
     pub endpoints: Vec<SocketAddr>,
+    pub hold_when_idle: bool,
 }
 
 /// Everything a request needs to be authenticated and routed.
@@ -137,6 +140,7 @@ impl Snapshot {
                     timeouts: spec.timeouts,
                     max_body_bytes: spec.max_body_bytes,
                     endpoints: pool.resolve(&spec.endpoints),
+                    hold_when_idle: spec.hold_when_idle,
                     series: OnceLock::new(),
                 };
                 (spec.id.clone(), Arc::new(model))
@@ -273,6 +277,7 @@ mod tests {
             timeouts: RequestTimeouts::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             endpoints: vec!["127.0.0.1:9001".parse().unwrap()],
+            hold_when_idle: false,
         };
         let secrets: Vec<String> = tokens
             .iter()
@@ -407,6 +412,7 @@ mod tests {
             timeouts: RequestTimeouts::default(),
             max_body_bytes: 1,
             endpoints: vec![addr],
+            hold_when_idle: false,
         };
         let before = Snapshot::build(vec![spec.clone()], vec![], &pool);
         let _guard = InflightGuard::new(before.model("m").unwrap().endpoints[0].clone());

@@ -17,6 +17,8 @@ pub struct Shared {
     draining: AtomicBool,
     requests_in_progress: AtomicUsize,
     requests_started: AtomicU64,
+    /// Counts publications, for the requests held until their model has an endpoint.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -31,6 +33,12 @@ impl Shared {
         self.snapshot
             .store(Arc::new(Snapshot::build(models, tokens, &self.pool)));
         self.ready.store(true, Ordering::Release);
+        self.published.send_modify(|count| *count += 1);
+    }
+
+    /// Changes with every snapshot published after this call.
+    pub fn publications(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     pub fn is_ready(&self) -> bool {

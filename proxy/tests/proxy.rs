@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -279,6 +280,93 @@ async fn a_model_without_ready_endpoints_answers_503_with_retry_after() {
         error_code(response).await,
         (StatusCode::SERVICE_UNAVAILABLE, "no_ready_endpoint".into())
     );
+}
+
+/// The proxy's metrics page, once it has a line starting with `prefix`: that line's value.
+async fn metric_when(proxy: &Proxy, prefix: &str, accept: impl Fn(f64) -> bool) -> f64 {
+    let started = Instant::now();
+    loop {
+        let page = client()
+            .get(&proxy.metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = page
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if let Some(value) = value.filter(|v| accept(*v)) {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{prefix} never qualified in:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_scaling_from_zero_holds_requests_until_it_has_an_endpoint() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["cold"]);
+    let cold =
+        |endpoints: &[SocketAddr]| TestModel::new("cold", endpoints).with("holdWhenIdle: true");
+    let proxy =
+        Proxy::start_with_args(&[cold(&[])], &[&token], &["--max-held-per-model", "1"]).await;
+    let url = proxy.url("/models/cold/proxy/v1/x");
+    let call = |timeout: &str| {
+        client()
+            .post(&url)
+            .header("authorization", token.bearer())
+            .header("OICM-Request-Timeout", timeout)
+            .body("{}")
+            .send()
+    };
+
+    // No pod comes within the deadline: 503 at the deadline, never a hang.
+    let started = Instant::now();
+    let response = call("1").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "model_starting".into())
+    );
+
+    let held = tokio::spawn(call("60"));
+    metric_when(&proxy, "infergate_proxy_held{model=\"cold\"}", |held| {
+        held == 1.0
+    })
+    .await;
+    // The queue holds one: the next request is refused at once.
+    let refused = call("60").await.unwrap();
+    assert_eq!(
+        error_code(refused).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "model_starting".into())
+    );
+    assert!(upstream.requests().is_empty());
+
+    // A pod gets ready: the held request goes to it.
+    proxy.write_config(&[cold(&[upstream.addr])], &[&token]);
+    let response = held.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.requests().len(), 1);
+    metric_when(&proxy, "infergate_proxy_held{model=\"cold\"}", |held| {
+        held == 0.0
+    })
+    .await;
+    // Demand counts held time: the first request alone was held for a second.
+    let demand = metric_when(
+        &proxy,
+        "infergate_proxy_demand_seconds_total{model=\"cold\"}",
+        |s| s > 0.0,
+    )
+    .await;
+    assert!(demand >= 1.0, "{demand}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

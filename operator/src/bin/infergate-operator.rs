@@ -68,6 +68,12 @@ struct Args {
     /// Bytes the node cache may hold before least recently used models are evicted.
     #[arg(long, default_value_t = 100_000_000_000)]
     model_cache_max_bytes: u64,
+    /// Milliseconds between two readings of the proxies' load by the autoscaler.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
+    autoscale_interval_ms: u64,
+    /// Port of the proxy pods' metrics listener, where the autoscaler reads their load.
+    #[arg(long, default_value_t = 9090)]
+    proxy_metrics_port: u16,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -163,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
                         "kubernetes.io/metadata.name".to_owned(),
                         args.gateway_namespace.clone(),
                     )]),
-                    pod_labels: args.proxy_pod_labels,
+                    pod_labels: args.proxy_pod_labels.clone(),
                 },
                 scraper: args.scraper_namespace_labels.map(|namespace_labels| Peer {
                     namespace_labels,
@@ -180,6 +186,16 @@ async fn main() -> anyhow::Result<()> {
             activation: Duration::from_secs(args.internal_key_activation_seconds),
         },
         instance: identity.clone(),
+        autoscaler: operator::autoscaler::Settings {
+            interval: Duration::from_millis(args.autoscale_interval_ms),
+            proxy_selector: args
+                .proxy_pod_labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            proxy_metrics_port: args.proxy_metrics_port,
+        },
     };
     let shutdown = terminated().shared();
     let controllers = controller::run(

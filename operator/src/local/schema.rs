@@ -244,7 +244,7 @@ mod tests {
                 "spec.replicas",
             ),
             (
-                json!({"task": "embedding", "model": {"uri": "file:///m"}, "replicas": 0}),
+                json!({"task": "embedding", "model": {"uri": "file:///m"}, "replicas": -1}),
                 "spec.replicas",
             ),
             (

@@ -331,6 +331,12 @@ fn sync_runtimes(
             logs.join(format!("{id}.log")),
             (format!("127.0.0.1:{port}"), "/health"),
         );
+        if md.spec.autoscaling.is_some() {
+            println!(
+                "{id}: autoscaling is a cluster feature; local mode runs one runtime for {}",
+                md.name_any()
+            );
+        }
         if fetch.is_some() {
             println!("{id}: fetching {} for {}", md.spec.model.uri, md.name_any());
         } else {
