@@ -142,7 +142,8 @@ fn kubectl_get_shows_the_columns_a_person_needs_under_short_names() {
         pairs(&[
             ("Task", ".spec.task"),
             ("Ready", ".status.readyReplicas"),
-            ("Replicas", ".spec.replicas"),
+            ("Current", ".status.replicas"),
+            ("Desired", ".spec.replicas"),
             ("Endpoint", ".status.endpoint"),
             ("Age", ".metadata.creationTimestamp"),
         ])

@@ -112,6 +112,20 @@ fn up<S: AsRef<OsStr>>(env: &[(&str, S)]) -> TestBed {
 }
 
 impl TestBed {
+    /// The namespace the installed operator watches (`INFERGATE_TEST_NAMESPACE`; on the test
+    /// bed the chart's `watchNamespace`, `infergate-e2e`), created if it is missing.
+    pub fn watched_namespace(&self) -> String {
+        let namespace = std::env::var("INFERGATE_TEST_NAMESPACE")
+            .unwrap_or_else(|_| "infergate-e2e".to_owned());
+        let created = self.kubectl(&["create", "namespace", &namespace], None);
+        let stderr = String::from_utf8_lossy(&created.stderr);
+        assert!(
+            created.status.success() || stderr.contains("AlreadyExists"),
+            "{stderr}"
+        );
+        namespace
+    }
+
     /// `kubectl ARGS` against this cluster, with `stdin` fed to it when given.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut child = Command::new(&self.kubectl)

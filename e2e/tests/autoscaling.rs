@@ -138,19 +138,11 @@ fn secs(from: Instant, to: Instant) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_a_request() {
     let cluster = cluster();
-    let namespace =
-        std::env::var("INFERGATE_TEST_NAMESPACE").unwrap_or_else(|_| "infergate-e2e".to_owned());
+    let namespace = cluster.watched_namespace();
     let proxy_url = cluster
         .proxy_url
         .clone()
         .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
-    let created = cluster.kubectl(&["create", "namespace", &namespace], None);
-    assert!(
-        created.status.success()
-            || String::from_utf8_lossy(&created.stderr).contains("AlreadyExists"),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
     let chat_model = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
         Ok(dir) => format!("{dir}/chat"),
         Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))

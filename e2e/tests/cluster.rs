@@ -254,23 +254,14 @@ async fn call(url: &str, token: &str, body: Value) -> (u16, Value) {
 async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_collection() {
     let cluster = cluster();
     let suffix = format!("{}", std::process::id());
-    // The namespace the installed operator watches (the chart's watchNamespace on the test
-    // bed), and the gateway namespace where its token records live.
-    let namespace =
-        std::env::var("INFERGATE_TEST_NAMESPACE").unwrap_or_else(|_| "infergate-e2e".to_owned());
+    let namespace = cluster.watched_namespace();
+    // The gateway namespace, where the token records live.
     let gateway = std::env::var("INFERGATE_TEST_GATEWAY_NAMESPACE")
         .unwrap_or_else(|_| "infergate-system".to_owned());
     let proxy_url = cluster
         .proxy_url
         .clone()
         .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
-    let created = cluster.kubectl(&["create", "namespace", &namespace], None);
-    assert!(
-        created.status.success()
-            || String::from_utf8_lossy(&created.stderr).contains("AlreadyExists"),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
     let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
     std::fs::create_dir_all(&log_dir).unwrap();
 

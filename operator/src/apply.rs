@@ -97,6 +97,21 @@ where
     K: Clone + Debug + DeserializeOwned,
     S: Serialize,
 {
+    apply_status_as(FIELD_MANAGER, object, status, client).await
+}
+
+/// [`apply_status`] as another field manager, which owns only the fields it sends.
+pub async fn apply_status_as<K, S>(
+    field_manager: &str,
+    object: &K,
+    status: &S,
+    client: &kube::Client,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    K: Clone + Debug + DeserializeOwned,
+    S: Serialize,
+{
     let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
@@ -105,7 +120,7 @@ where
     });
     api.patch_status(
         &object.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(field_manager).force(),
         &Patch::Apply(&patch),
     )
     .await?;

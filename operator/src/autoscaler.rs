@@ -24,6 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::apply::apply_status_as;
 use crate::controller::Context;
 
 /// The HPA's default tolerance: no change while load per replica is within 10 % of the target.
@@ -482,20 +483,8 @@ async fn write_status(
     md: &ModelDeployment,
     status: &AutoscalingStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "infergate.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "status": {"autoscaling": status},
-    });
-    api.patch_status(
-        &md.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    let status = serde_json::json!({"autoscaling": status});
+    apply_status_as(FIELD_MANAGER, md, &status, &ctx.client).await
 }
 
 #[cfg(test)]

@@ -282,18 +282,22 @@ async fn a_model_without_ready_endpoints_answers_503_with_retry_after() {
     );
 }
 
-/// The proxy's metrics page, once it has a line starting with `prefix`: that line's value.
+async fn metrics_page(proxy: &Proxy) -> String {
+    client()
+        .get(&proxy.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the metrics line starting with `prefix`, once `accept` takes it.
 async fn metric_when(proxy: &Proxy, prefix: &str, accept: impl Fn(f64) -> bool) -> f64 {
     let started = Instant::now();
     loop {
-        let page = client()
-            .get(&proxy.metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = metrics_page(proxy).await;
         let value = page
             .lines()
             .find_map(|l| l.strip_prefix(prefix))
@@ -755,14 +759,7 @@ async fn health_readiness_and_metrics_are_served() {
         .send()
         .await
         .unwrap();
-    let metrics = client()
-        .get(&proxy.metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&proxy).await;
     for line in [
         r#"infergate_proxy_requests_total{code="200",model="m"} 1"#,
         r#"infergate_proxy_auth_failures_total{reason="missing_token"} 1"#,
@@ -860,16 +857,7 @@ async fn no_error_path_writes_the_token_to_logs_bodies_or_metrics() {
             .await
             .unwrap(),
     );
-    bodies.push_str(
-        &client()
-            .get(&proxy.metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    bodies.push_str(&metrics_page(&proxy).await);
     assert!(
         bodies.contains("token_expired"),
         "the expired path was exercised"
