@@ -51,3 +51,13 @@ pub const VERIFYING_KEYS_CONFIG_MAP: &str = "infergate-internal-keys";
 
 /// Data key of [`VERIFYING_KEYS_CONFIG_MAP`].
 pub const VERIFYING_KEYS_KEY: &str = "jwks.json";
+
+/// On an AccessToken that `infergate token rotate` replaced: the name of the one replacing it.
+pub const ROTATED_TO_ANNOTATION: &str = "infergate.dev/rotated-to";
+
+/// On the AccessToken `infergate token rotate` made: the name of the one it replaces.
+pub const ROTATED_FROM_ANNOTATION: &str = "infergate.dev/rotated-from";
+
+/// Label of the AccessTokens `infergate token` makes: the name of the first of a line of
+/// rotations, after which its successors are named.
+pub const TOKEN_FAMILY_LABEL: &str = "infergate.dev/token-family";

@@ -65,6 +65,20 @@ pub fn test_bed_with_infergate(binaries: &PodBinaries<'_>) -> &'static TestBed {
     })
 }
 
+/// [`test_bed_with_infergate`] with this workspace's binaries, from a test of this package
+/// (where cargo names the node agent's executable).
+#[macro_export]
+macro_rules! cluster_with_infergate {
+    () => {
+        $crate::test_bed_with_infergate(&$crate::PodBinaries {
+            agent: ::std::path::Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
+            runtime: &$crate::built("infergate-runtime"),
+            operator: &$crate::built("infergate-operator"),
+            proxy: &$crate::built("infergate-proxy"),
+        })
+    };
+}
+
 fn external() -> Option<TestBed> {
     let kubeconfig = std::env::var_os("INFERGATE_TEST_KUBECONFIG")?;
     Some(TestBed {
@@ -144,6 +158,16 @@ impl TestBed {
         }
         drop(input);
         child.wait_with_output().expect("waiting for kubectl")
+    }
+
+    /// `kubectl apply -n NAMESPACE` of `yaml`, which must succeed.
+    pub fn apply_in(&self, namespace: &str, yaml: &str) {
+        let applied = self.kubectl(&["apply", "-n", namespace, "-f", "-"], Some(yaml));
+        assert!(
+            applied.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
     }
 
     /// `kubectl ARGS`, which must succeed; its standard output.

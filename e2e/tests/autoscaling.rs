@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crds::ModelDeployment;
-use e2e::{TestBed, built, eventually};
+use e2e::{TestBed, eventually};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -32,12 +32,7 @@ const DOWN_WINDOW: u64 = 10;
 const IDLE: u64 = 10;
 
 fn cluster() -> &'static TestBed {
-    e2e::test_bed_with_infergate(&e2e::PodBinaries {
-        agent: Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
-        runtime: &built("infergate-runtime"),
-        operator: &built("infergate-operator"),
-        proxy: &built("infergate-proxy"),
-    })
+    e2e::cluster_with_infergate!()
 }
 
 async fn kube_client(bed: &TestBed) -> Client {
@@ -188,12 +183,7 @@ async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_
         Duration::from_secs(90),
         no_pods_left,
     );
-    let applied = cluster.kubectl(&["apply", "-n", &namespace, "-f", "-"], Some(&manifests));
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    cluster.apply_in(&namespace, &manifests);
     cluster.ok(&[
         "wait",
         "-n",

@@ -13,17 +13,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::objectstore::ObjectStore;
-use e2e::{TestBed, built, eventually, minilm_dir};
+use e2e::{TestBed, eventually, minilm_dir};
 use serde_json::{Value, json};
 
 /// The test bed with infergate installed by its chart, its pods run by the node agent.
 fn cluster() -> &'static TestBed {
-    e2e::test_bed_with_infergate(&e2e::PodBinaries {
-        agent: Path::new(env!("CARGO_BIN_EXE_infergate-node-agent")),
-        runtime: &built("infergate-runtime"),
-        operator: &built("infergate-operator"),
-        proxy: &built("infergate-proxy"),
-    })
+    e2e::cluster_with_infergate!()
 }
 
 /// Each pod's container states, and on the test bed the end of each container's log (the node

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 
 use crate::apply::{FIELD_MANAGER, apply_over, apply_status};
 use crate::controller::{Context, Error};
-use crate::status::{access_token_ready, stamp_transitions, transitions};
+use crate::status::{access_token_ready, stamp_transitions, token_rotation, transitions};
 use crate::tokens::{
     Issuance, IssueError, own_token_digest, phase, record, record_secret, record_secret_name,
     resolve_models, user_secret, user_secret_name,
@@ -81,6 +81,11 @@ async fn issue(token: Arc<AccessToken>, ctx: &Context) -> Result<Action, Error> 
         &resolved.unknown,
         token.metadata.generation,
     )];
+    conditions.extend(token_rotation(
+        &token,
+        issuance.and_then(|(_, r)| r.expires_at),
+        token.metadata.generation,
+    ));
     stamp_transitions(&mut conditions, &previous.conditions, now);
     let status = AccessTokenStatus {
         phase: Some(current_phase),

@@ -20,4 +20,5 @@ pub mod local;
 pub mod model_deployments;
 pub mod status;
 pub mod telemetry;
+pub mod token_commands;
 pub mod tokens;

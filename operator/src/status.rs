@@ -59,6 +59,9 @@ pub const DEGRADED: &str = "Degraded";
 /// Whether the runtime pods got the model's files (downloaded sources only): each pod's
 /// download container writes one line, `REASON: what happened`, as its termination message.
 pub const MODEL_FETCHED: &str = "ModelFetched";
+/// On AccessTokens of a rotation (`infergate token rotate`): which replaces which, and until when
+/// both are valid.
+pub const ROTATED: &str = "Rotated";
 /// The init container that fetches a downloaded model (see desired.rs).
 const DOWNLOAD_CONTAINER: &str = "download";
 
@@ -428,12 +431,47 @@ pub fn access_token_ready(
     }
 }
 
+/// The `Rotated` condition of an AccessToken that a rotation replaced (valid until
+/// `expires_at`) or that replaces another; `None` for a token outside any rotation.
+pub fn token_rotation(
+    token: &crds::AccessToken,
+    expires_at: Option<Timestamp>,
+    generation: Option<i64>,
+) -> Option<Condition> {
+    use crds::names::{ROTATED_FROM_ANNOTATION, ROTATED_TO_ANNOTATION};
+    let annotations = token.annotations();
+    if let Some(successor) = annotations.get(ROTATED_TO_ANNOTATION) {
+        let until = expires_at.map_or_else(|| "its expiry".to_owned(), |at| at.to_string());
+        return Some(condition(
+            ROTATED,
+            true,
+            "ReplacedByRotation",
+            format!(
+                "replaced by AccessToken {successor}; both are valid until {until}, when the proxy starts refusing this one"
+            ),
+            generation,
+        ));
+    }
+    annotations.get(ROTATED_FROM_ANNOTATION).map(|predecessor| {
+        condition(
+            ROTATED,
+            true,
+            "ReplacesRotated",
+            format!(
+                "replaces AccessToken {predecessor}, which stays valid until its grace period ends (see its status)"
+            ),
+            generation,
+        )
+    })
+}
+
 /// A change of a condition that a person should see as an Event: (warning?, reason, message).
 pub fn transitions(previous: &[Condition], current: &[Condition]) -> Vec<(bool, String, String)> {
     current
         .iter()
         .filter(|c| {
             c.type_ == READY
+                || c.type_ == ROTATED
                 || (c.type_ == DEGRADED && c.status == "True")
                 || (c.type_ == MODEL_FETCHED && c.reason != "Fetching")
         })

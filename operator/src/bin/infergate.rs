@@ -1,7 +1,9 @@
 //! `infergate`: the command line of infergate. `infergate up -f DIR` runs ModelDeployments and
 //! AccessTokens on this machine (local mode); `infergate rotate-keys` replaces the key its proxy
 //! signs forwarded requests with; `infergate token new` prints a fresh token and the digest to
-//! put in an AccessToken's `spec.tokenHash`.
+//! put in an AccessToken's `spec.tokenHash`; `infergate token create | list | revoke | rotate`
+//! manage AccessTokens in the cluster of the current kube context. Installed on PATH as
+//! `kubectl-infergate` (a link to this binary) it is also `kubectl infergate ...`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,52 @@ enum Command {
 enum TokenCommand {
     /// Prints a new token (shown once) and its `sha256:` digest for `spec.tokenHash`.
     New,
+    /// Creates an AccessToken for models of the namespace, waits until the proxy accepts it and
+    /// prints its token once. The token is made here and only its digest is applied, so no
+    /// plaintext is stored in the cluster (unless --keep-secret).
+    Create {
+        name: String,
+        /// ModelDeployments of the namespace the token may call (`a,b`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        models: Vec<String>,
+        /// Lifetime from issue, e.g. `30d`, `24h`.
+        #[arg(long, value_parser = operator::token_commands::parse_span, conflicts_with = "expires")]
+        ttl: Option<Duration>,
+        /// Expiry as an RFC 3339 time, e.g. `2027-01-01T00:00:00Z`.
+        #[arg(long)]
+        expires: Option<jiff::Timestamp>,
+        /// Let the operator issue the token into a Secret of the same name, kept for workloads
+        /// that mount it; the token is printed from there.
+        #[arg(long)]
+        keep_secret: bool,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: operator::token_commands::Output,
+    },
+    /// Lists the AccessTokens of the namespace: phase, models, prefix, expiry, rotation.
+    List {
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Revokes an AccessToken: the proxy refuses its token within a second.
+    Revoke {
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Makes a successor for the same models (printed once) and keeps the old token valid for
+    /// the grace period only, so clients move over without an outage.
+    Rotate {
+        name: String,
+        /// How long the old token keeps working, e.g. `24h`.
+        #[arg(long, value_parser = operator::token_commands::parse_span)]
+        grace: Duration,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: operator::token_commands::Output,
+    },
 }
 
 /// `name` beside this executable (a cargo build or an unpacked release), else on PATH.
@@ -154,9 +202,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             rotate_keys(&state_dir)?;
         }
-        Command::Token {
-            command: TokenCommand::New,
+        Command::Token { command } => token(command)?,
+    }
+    Ok(())
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    use operator::token_commands::{self as commands, Expiry};
+    let cluster = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        TokenCommand::Create {
+            name,
+            models,
+            ttl,
+            expires,
+            keep_secret,
+            namespace,
+            output,
         } => {
+            let expiry = match (ttl, expires) {
+                (Some(ttl), _) => Expiry::After(ttl),
+                (None, Some(at)) => Expiry::At(at),
+                (None, None) => Expiry::Never,
+            };
+            let issued = cluster.block_on(async {
+                let (client, namespace) = commands::connect(namespace).await?;
+                commands::create(&client, &namespace, &name, models, expiry, keep_secret).await
+            })?;
+            print!("{}", issued.render(output));
+        }
+        TokenCommand::List { namespace } => {
+            let table = cluster.block_on(async {
+                let (client, namespace) = commands::connect(namespace).await?;
+                commands::list(&client, &namespace).await
+            })?;
+            print!("{table}");
+        }
+        TokenCommand::Revoke { name, namespace } => {
+            cluster.block_on(async {
+                let (client, namespace) = commands::connect(namespace).await?;
+                commands::revoke(&client, &namespace, &name).await
+            })?;
+            println!("accesstoken/{name} revoked: the proxy refuses its token");
+        }
+        TokenCommand::Rotate {
+            name,
+            grace,
+            namespace,
+            output,
+        } => {
+            let rotation = cluster.block_on(async {
+                let (client, namespace) = commands::connect(namespace).await?;
+                commands::rotate(&client, &namespace, &name, grace).await
+            })?;
+            print!("{}", rotation.issued.render(output));
+            eprintln!(
+                "accesstoken/{} stays valid until {}, then the proxy refuses it",
+                rotation.predecessor, rotation.old_expires_at
+            );
+        }
+        TokenCommand::New => {
             let token = crds::Token::generate()?;
             println!("token:     {}", token.expose_secret());
             println!("tokenHash: sha256:{}", token.sha256_hex());

@@ -626,8 +626,12 @@ impl Agent {
                     script.push_str(&bind_mount(host, &target));
                 }
                 script.push_str("exec \"$@\"\n");
+                // This process's own executable through /proc: a rebuild of the binary with the
+                // same content (which keeps the test bed running) replaces the file the path
+                // names, and a deleted path cannot be executed; the running image still can.
+                let own_executable = format!("/proc/{}/exe", std::process::id());
                 let mut tail: Vec<std::ffi::OsString> = vec![
-                    std::env::current_exe()?.into(),
+                    own_executable.into(),
                     "enter-container".into(),
                     "--root".into(),
                     root.into(),
