@@ -200,10 +200,23 @@ async fn issue(client: &Client, namespace: &str, new: NewToken<'_>) -> anyhow::R
         ),
         Err(error) => return Err(error).context("creating the AccessToken"),
     }
-    let active = wait_for(&api, new.name, "issue the token", |t| {
+    let waited = wait_for(&api, new.name, "issue the token", |t| {
         t.status.as_ref().and_then(|s| s.phase) == Some(AccessTokenPhase::Active)
     })
-    .await?;
+    .await;
+    let active = match waited {
+        Ok(active) => active,
+        Err(error) => {
+            // All or nothing: a token never shown must not stay behind, valid, in the cluster.
+            let removed = api.delete(new.name, &Default::default()).await.is_ok();
+            let outcome = if removed {
+                "removed it again"
+            } else {
+                "could not remove it: delete it by hand"
+            };
+            return Err(error.context(format!("accesstoken/{} was created; {outcome}", new.name)));
+        }
+    };
     let token = match minted {
         Some(token) => token,
         None => {
@@ -339,12 +352,13 @@ pub async fn revoke(client: &Client, namespace: &str, name: &str) -> anyhow::Res
     Ok(())
 }
 
-/// A rotation: the successor, and when the old token stops working.
+/// A rotation: the successor, and when the old token stops working (or why it could not be
+/// shortened: the successor exists and must be shown all the same).
 #[derive(Debug)]
 pub struct Rotation {
     pub issued: Issued,
     pub predecessor: String,
-    pub old_expires_at: Timestamp,
+    pub old_expires_at: anyhow::Result<Timestamp>,
 }
 
 /// Makes a successor of `name` for the same models, with the same lifetime and the same kind of
@@ -401,13 +415,39 @@ pub async fn rotate(
     )
     .await?;
 
+    let old_expires_at = shorten(
+        &api,
+        name,
+        status.expires_at.map(|t| t.0),
+        &successor,
+        now,
+        grace,
+    )
+    .await;
+    Ok(Rotation {
+        issued,
+        predecessor: name.to_owned(),
+        old_expires_at,
+    })
+}
+
+/// Sets `name` to expire after `grace` from `now` (or keeps an earlier expiry) and names its
+/// successor; waits until the operator has applied it.
+async fn shorten(
+    api: &Api<AccessToken>,
+    name: &str,
+    expires_at: Option<Timestamp>,
+    successor: &str,
+    now: Timestamp,
+    grace: Duration,
+) -> anyhow::Result<Timestamp> {
     let grace_ends = now
         .checked_add(grace)
         .context("the grace period is too long")?;
     // Whole seconds: the API server keeps no more of a time.
     let grace_ends = Timestamp::from_second(grace_ends.as_second())?;
-    let old_expires_at = match status.expires_at {
-        Some(at) if at.0 < grace_ends => at.0,
+    let old_expires_at = match expires_at {
+        Some(at) if at < grace_ends => at,
         _ => grace_ends,
     };
     api.patch(
@@ -423,18 +463,14 @@ pub async fn rotate(
     )
     .await
     .with_context(|| format!("shortening accesstoken/{name} to its grace period"))?;
-    wait_for(&api, name, "shorten the old token", |t| {
+    wait_for(api, name, "shorten the old token", |t| {
         t.status
             .as_ref()
             .and_then(|s| s.expires_at.as_ref())
             .is_some_and(|at| at.0 == old_expires_at)
     })
     .await?;
-    Ok(Rotation {
-        issued,
-        predecessor: name.to_owned(),
-        old_expires_at,
-    })
+    Ok(old_expires_at)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -258,9 +259,15 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                 commands::rotate(&client, &namespace, &name, grace).await
             })?;
             print!("{}", rotation.issued.render(output));
+            let until = rotation.old_expires_at.with_context(|| {
+                format!(
+                    "accesstoken/{} was not shortened to its grace period: it stays valid as before; revoke it or set its expiresAt by hand",
+                    rotation.predecessor
+                )
+            })?;
             eprintln!(
-                "accesstoken/{} stays valid until {}, then the proxy refuses it",
-                rotation.predecessor, rotation.old_expires_at
+                "accesstoken/{} stays valid until {until}, then the proxy refuses it",
+                rotation.predecessor
             );
         }
         TokenCommand::New => {
