@@ -160,6 +160,25 @@ impl TestBed {
         child.wait_with_output().expect("waiting for kubectl")
     }
 
+    /// Where clients reach the installed proxy (`PROXY_URL`).
+    pub fn proxy(&self) -> String {
+        self.proxy_url
+            .clone()
+            .expect("the cluster has infergate installed and names its proxy (PROXY_URL)")
+    }
+
+    /// `kubectl get OBJECT -n NAMESPACE -o jsonpath=PATH`, e.g. `("md/chat", "{.metadata.uid}")`.
+    pub fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        self.ok(&[
+            "get",
+            object,
+            "-n",
+            namespace,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    }
+
     /// `kubectl apply -n NAMESPACE` of `yaml`, which must succeed.
     pub fn apply_in(&self, namespace: &str, yaml: &str) {
         let applied = self.kubectl(&["apply", "-n", namespace, "-f", "-"], Some(yaml));

@@ -134,10 +134,7 @@ fn secs(from: Instant, to: Instant) -> f64 {
 async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_a_request() {
     let cluster = cluster();
     let namespace = cluster.watched_namespace();
-    let proxy_url = cluster
-        .proxy_url
-        .clone()
-        .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
+    let proxy_url = cluster.proxy();
     let chat_model = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
         Ok(dir) => format!("{dir}/chat"),
         Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -215,25 +212,14 @@ async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_
         "60s",
         &format!("md/{NAME}"),
     ]);
-    let reason = cluster.ok(&[
-        "get",
-        "md",
-        NAME,
-        "-n",
+    let md = format!("md/{NAME}");
+    let reason = cluster.jsonpath(
         &namespace,
-        "-o",
-        r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
-    ]);
+        &md,
+        r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
+    );
     assert_eq!(reason, "ScaledToZero");
-    let uid = cluster.ok(&[
-        "get",
-        "md",
-        NAME,
-        "-n",
-        &namespace,
-        "-o",
-        "jsonpath={.metadata.uid}",
-    ]);
+    let uid = cluster.jsonpath(&namespace, &md, "{.metadata.uid}");
 
     // What the cluster does, as the test sees it happen.
     let client = kube_client(cluster).await;
@@ -493,15 +479,7 @@ async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_
         }
     }
     // What a person reads: the decision in the status, each change as an Event, the columns.
-    let message = cluster.ok(&[
-        "get",
-        "md",
-        NAME,
-        "-n",
-        &namespace,
-        "-o",
-        "jsonpath={.status.autoscaling.message}",
-    ]);
+    let message = cluster.jsonpath(&namespace, &md, "{.status.autoscaling.message}");
     assert!(
         message.starts_with("scaled 1 → 0: no request for"),
         "{message}"

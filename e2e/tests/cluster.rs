@@ -253,10 +253,7 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     // The gateway namespace, where the token records live.
     let gateway = std::env::var("INFERGATE_TEST_GATEWAY_NAMESPACE")
         .unwrap_or_else(|_| "infergate-system".to_owned());
-    let proxy_url = cluster
-        .proxy_url
-        .clone()
-        .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
+    let proxy_url = cluster.proxy();
     let log_dir = std::env::temp_dir().join(format!("infergate-e2e-{suffix}"));
     std::fs::create_dir_all(&log_dir).unwrap();
 

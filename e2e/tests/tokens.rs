@@ -89,25 +89,18 @@ async fn embed_until(url: &str, token: &str, want: (u16, &str)) {
 }
 
 fn condition(cluster: &TestBed, namespace: &str, token: &str, kind: &str) -> String {
-    cluster.ok(&[
-        "get",
-        "at",
-        token,
-        "-n",
+    cluster.jsonpath(
         namespace,
-        "-o",
-        &format!(r#"jsonpath={{.status.conditions[?(@.type=="{kind}")].reason}}"#),
-    ])
+        &format!("at/{token}"),
+        &format!(r#"{{.status.conditions[?(@.type=="{kind}")].reason}}"#),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let cluster = cluster();
     let namespace = cluster.watched_namespace();
-    let proxy_url = cluster
-        .proxy_url
-        .clone()
-        .expect("the cluster has infergate installed and names its proxy (PROXY_URL)");
+    let proxy_url = cluster.proxy();
     let minilm = std::env::var("INFERGATE_TEST_MODELS_DIR")
         .map(|dir| format!("{dir}/all-MiniLM-L6-v2"))
         .unwrap_or_else(|_| minilm_dir());
@@ -160,15 +153,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     assert!(token.starts_with("igt_"), "{created}");
     assert_eq!(created["models"], json!(["vault"]));
     assert!(created["expiresAt"].as_str().is_some(), "{created}");
-    let hash = cluster.ok(&[
-        "get",
-        "at",
-        "app",
-        "-n",
-        &namespace,
-        "-o",
-        "jsonpath={.spec.tokenHash}",
-    ]);
+    let hash = cluster.jsonpath(&namespace, "at/app", "{.spec.tokenHash}");
     assert!(hash.starts_with("sha256:"), "{hash}");
     let secret = cluster.kubectl(&["get", "secret", "app", "-n", &namespace], None);
     assert!(!secret.status.success(), "no Secret holds the plaintext");
@@ -266,15 +251,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         events.contains(&format!("replaced by AccessToken {successor}")),
         "{events}"
     );
-    let expires = cluster.ok(&[
-        "get",
-        "at",
-        "app",
-        "-n",
-        &namespace,
-        "-o",
-        "jsonpath={.status.expiresAt}",
-    ]);
+    let expires = cluster.jsonpath(&namespace, "at/app", "{.status.expiresAt}");
     let expires: jiff::Timestamp = expires.parse().unwrap();
     let left = expires.duration_since(jiff::Timestamp::now());
     assert!(

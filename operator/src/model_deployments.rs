@@ -90,13 +90,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         &previous.conditions,
         Timestamp::now(),
     );
-    if md.status.as_ref() != Some(&status) {
-        // Without the autoscaler's field, which this field manager must never own.
-        let reconciled = crds::ModelDeploymentStatus {
-            autoscaling: None,
-            ..status.clone()
-        };
-        apply_status(md.as_ref(), &reconciled, &ctx.client).await?;
+    // The autoscaler's field is compared away: the status written here leaves it out.
+    let written = crds::ModelDeploymentStatus {
+        autoscaling: None,
+        ..previous.clone()
+    };
+    if written != status {
+        apply_status(md.as_ref(), &status, &ctx.client).await?;
         for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
             ctx.event(md.as_ref(), warning, &reason, "Reconcile", message)
                 .await;

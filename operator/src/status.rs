@@ -376,8 +376,8 @@ pub fn model_deployment_status(
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
         selector: Some(pod_selector(&md.name_any())),
-        // The autoscaler's own field: the reconcile leaves it to the autoscaler.
-        autoscaling: md.status.as_ref().and_then(|s| s.autoscaling.clone()),
+        // The autoscaler's own field, which this field manager never writes.
+        autoscaling: None,
         observed_generation: generation,
         conditions: [ready_condition, progressing, degraded]
             .into_iter()
