@@ -500,6 +500,10 @@ pub struct ModelDeploymentStatus {
     /// Path prefix of the model's API on the proxy: `/models/<id>/proxy/v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// ConfigMap in this namespace holding client code for this deployment (`python.py`,
+    /// `curl.sh`, ...), ready to run with `INFERGATE_TOKEN` set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snippets_config_map: Option<String>,
     /// Runtime pods that exist.
     #[serde(default)]
     pub replicas: i32,

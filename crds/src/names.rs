@@ -33,6 +33,12 @@ pub fn runtime_service_name(model_deployment_name: &str) -> String {
     model_deployment_name.to_owned()
 }
 
+/// Name of the ConfigMap of client code the operator publishes for a ModelDeployment, in its
+/// namespace.
+pub fn snippets_config_map(model_deployment_name: &str) -> String {
+    format!("{model_deployment_name}-snippets")
+}
+
 /// Secret in the gateway namespace holding the proxy's signing keys under
 /// [`SIGNING_KEYS_KEY`] (the JSON `internal-token` reads). The operator writes it; only the
 /// proxy's pods mount it.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub mod canary;
 pub mod local;
 pub mod objectstore;
+pub mod snippets;
 
 /// A cluster to test against: its kubeconfig, a kubectl of its version and, when infergate is
 /// installed on it, its proxy.

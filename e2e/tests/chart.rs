@@ -294,6 +294,10 @@ fn default_values_install_a_cluster_internal_proxy_with_a_disruption_budget() {
     assert!(
         args(objects, "infergate-operator").contains(&format!("--gateway-namespace={NAMESPACE}"))
     );
+    // Published client code calls the proxy's in-cluster address.
+    assert!(args(objects, "infergate-operator").contains(&format!(
+        "--proxy-url=http://infergate-proxy.{NAMESPACE}.svc"
+    )));
     for metrics in ["infergate-operator-metrics", "infergate-proxy-metrics"] {
         let annotations = &get(objects, "Service", metrics)["metadata"]["annotations"];
         assert_eq!(annotations["prometheus.io/scrape"], "true", "{metrics}");
@@ -320,6 +324,10 @@ fn digests_pin_every_image_the_chart_names() {
         args(objects, "infergate-operator").contains(&runtime_image),
         "{runtime_image}"
     );
+    assert!(
+        args(objects, "infergate-operator")
+            .contains(&"--proxy-url=https://inference.example.com".to_owned())
+    );
 }
 
 #[test]
@@ -337,6 +345,8 @@ fn gpu_and_ingress_values_reach_the_objects_they_describe() {
     assert_eq!(service["spec"]["ports"][0]["nodePort"], 30080);
     let operator = args(objects, "infergate-operator");
     assert!(operator.contains(&"--watch-namespace=ml-team".to_owned()));
+    // Published client code calls the ingress host, over TLS as its Secret says.
+    assert!(operator.contains(&"--proxy-url=https://models.example.com".to_owned()));
     assert!(operator.contains(
         &"--runtime-image=registry.example.com/infergate/runtime-cuda:0.1.0-rc1".to_owned()
     ));

@@ -117,6 +117,121 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
+/// Whether `infergate snippet` has code of `task` in `language`: OpenAI's API has routes for
+/// five tasks, huggingface_hub's InferenceClient calls for all but reranking and tabular.
+fn snippet_exists(task: &str, language: &str) -> bool {
+    match language {
+        "openai-python" | "openai-node" => matches!(
+            task,
+            "text-generation"
+                | "embedding"
+                | "speech-recognition"
+                | "text-to-speech"
+                | "text-to-image"
+        ),
+        "huggingface" => !matches!(task, "rerank" | "tabular"),
+        _ => true,
+    }
+}
+
+/// Whether a snippet's run shows its task's answer: the text it printed, or the file it wrote.
+fn shows_the_answer(task: &str, language: &str, stdout: &str, dir: &Path) -> bool {
+    // JSON as printed, pretty or not.
+    let compact: String = stdout.split_whitespace().collect();
+    let file_starts_with = |name: &str, magic: &[u8]| {
+        std::fs::read(dir.join(name)).is_ok_and(|bytes| bytes.starts_with(magic))
+    };
+    match (task, language) {
+        // The raw event stream, to its end.
+        ("text-generation", "curl") => stdout.contains("data: [DONE]"),
+        ("text-generation" | "speech-recognition", _) => !stdout.trim().is_empty(),
+        // Every label, a line each.
+        ("text-classification", "huggingface") => stdout.lines().count() == 3,
+        ("text-classification", _) => stdout.contains("classification"),
+        ("embedding", "openai-python" | "openai-node") => stdout.starts_with("384 dimensions"),
+        ("embedding", "huggingface") => stdout.starts_with("shape (1, 384)"),
+        ("embedding", _) => compact.starts_with("[["),
+        ("rerank", _) => stdout.contains("index"),
+        ("translation", "huggingface") => !stdout.trim().is_empty(),
+        ("translation", _) => stdout.contains("translation"),
+        ("text-to-speech", _) => file_starts_with("speech.wav", b"RIFF"),
+        ("text-to-image", _) => file_starts_with("image.png", b"\x89PNG"),
+        ("tabular", _) => compact.contains("[["),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_generated_snippet_runs_unmodified_against_its_task() {
+    use e2e::snippets::{LANGUAGES, run, succeeded, workdir};
+    let yaml = every_task() + &token("app", &TASKS, "");
+    let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
+    local.wait_ready(&TASKS, READY_LIMIT);
+    let token = local.token("app");
+    let dir = workdir("local");
+    let snippet = |task: &str, language: &str| {
+        std::process::Command::new(infergate())
+            .args(["snippet", task, "--lang", language, "-f"])
+            .arg(&local.dir)
+            .output()
+            .unwrap()
+    };
+
+    let mut ran = 0;
+    for task in TASKS {
+        for language in LANGUAGES {
+            let printed = snippet(task, language);
+            if !snippet_exists(task, language) {
+                assert_eq!(printed.status.code(), Some(1), "{task} in {language}");
+                let stderr = String::from_utf8_lossy(&printed.stderr);
+                assert!(
+                    stderr.contains(&format!("no {language} snippet for task {task}")),
+                    "{stderr}"
+                );
+                continue;
+            }
+            let code = succeeded(&format!("snippet {task} --lang {language}"), &printed);
+            // The proxy of `infergate up`, found in its state directory; the token nowhere.
+            assert!(
+                code.contains(&format!("{}/models/{task}/proxy", local.url)),
+                "{code}"
+            );
+            assert!(!code.contains(&token));
+            for written in ["speech.wav", "image.png"] {
+                let _ = std::fs::remove_file(dir.join(written));
+            }
+            let what = format!("the {language} snippet of {task}");
+            let stdout = succeeded(&what, &run(language, &code, &token, &dir));
+            assert!(
+                shows_the_answer(task, language, &stdout, &dir),
+                "{what} printed:\n{stdout}"
+            );
+            ran += 1;
+        }
+    }
+    assert_eq!(
+        ran, 44,
+        "every task in python, curl and javascript, and the rest where they exist"
+    );
+
+    // Python is the default; an unknown model is named.
+    let default = snippet("embedding", "python");
+    let python = std::process::Command::new(infergate())
+        .args(["snippet", "embedding", "-f"])
+        .arg(&local.dir)
+        .output()
+        .unwrap();
+    assert_eq!(python.stdout, default.stdout);
+    let unknown = std::process::Command::new(infergate())
+        .args(["snippet", "nothing", "-f"])
+        .arg(&local.dir)
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no ModelDeployment nothing"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_task_answers_real_clients_through_local_mode() {
     let yaml = every_task() + &token("app", &TASKS, "");

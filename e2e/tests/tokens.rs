@@ -1,6 +1,7 @@
 //! The token workflow of the seed document from `kubectl infergate` on the cluster test bed:
-//! create (the token shown once, its plaintext stored nowhere), call, list, rotate (both tokens
-//! valid during the grace period, the old one refused right after), revoke. The `infergate`
+//! create (the token shown once, its plaintext stored nowhere), call with the generated snippet,
+//! list, rotate (both tokens valid during the grace period, the old one refused right after),
+//! revoke. The `infergate`
 //! binary runs as a kubectl plugin: a `kubectl-infergate` link on PATH, found by the real
 //! kubectl.
 
@@ -88,6 +89,16 @@ async fn embed_until(url: &str, token: &str, want: (u16, &str)) {
     }
 }
 
+/// The size of the embedding an embedding snippet printed: TEI's `[[f32]]` (Python's list
+/// reads as JSON too) or the openai client's `N dimensions: ...` line.
+fn dimensions(printed: &str) -> Option<usize> {
+    if let Some((count, _)) = printed.split_once(" dimensions") {
+        return count.parse().ok();
+    }
+    let vectors: Vec<Vec<f64>> = serde_json::from_str(printed.trim()).ok()?;
+    vectors.first().map(Vec::len)
+}
+
 fn condition(cluster: &TestBed, namespace: &str, token: &str, kind: &str) -> String {
     cluster.jsonpath(
         namespace,
@@ -159,6 +170,35 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     assert!(!secret.status.success(), "no Secret holds the plaintext");
     embed_until(&url, &token, (200, "")).await;
 
+    // Call with the generated code: as the operator published it, for the chart's in-cluster
+    // proxy address, and run as printed for the address this test reaches the proxy at.
+    let published = succeeded(&run(&["snippet", "vault", "-n", &namespace]));
+    let config_map = cluster.jsonpath(&namespace, "md/vault", "{.status.snippetsConfigMap}");
+    assert_eq!(config_map, "vault-snippets");
+    let stored = cluster.jsonpath(
+        &namespace,
+        &format!("configmap/{config_map}"),
+        r"{.data.python\.py}",
+    );
+    assert_eq!(published.trim_end(), stored.trim_end());
+    assert!(
+        published.contains(&format!(
+            "http://infergate-proxy.infergate-system.svc/models/{id}/proxy/v1"
+        )),
+        "{published}"
+    );
+    let workdir = e2e::snippets::workdir("cluster");
+    let call_with_snippet = |language: &str, token: &str| {
+        let code = succeeded(&run(&[
+            "snippet", "vault", "--lang", language, "--url", &proxy_url, "-n", &namespace,
+        ]));
+        e2e::snippets::run(language, &code, token, &workdir)
+    };
+    for language in ["python", "curl", "openai-node"] {
+        let answer = e2e::snippets::succeeded(language, &call_with_snippet(language, &token));
+        assert_eq!(dimensions(&answer), Some(384), "{language}: {answer}");
+    }
+
     let again = run(&[
         "token", "create", "app", "--models", "vault", "-n", &namespace,
     ]);
@@ -224,6 +264,8 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let (new_token, successor) = (value("INFERGATE_TOKEN"), value("INFERGATE_TOKEN_NAME"));
     assert!(successor.starts_with("app-"), "{successor}");
     embed_until(&url, &new_token, (200, "")).await;
+    let answer = e2e::snippets::succeeded("python", &call_with_snippet("python", &new_token));
+    assert_eq!(dimensions(&answer), Some(384), "{answer}");
     assert_eq!(
         embed(&url, &token).await,
         (200, String::new()),
@@ -267,6 +309,13 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let revoked = succeeded(&run(&["token", "revoke", &successor, "-n", &namespace]));
     assert!(revoked.contains("revoked"));
     embed_until(&url, &new_token, (401, "token_revoked")).await;
+    let refused = call_with_snippet("python", &new_token);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let unknown = run(&["token", "revoke", "nothing-here", "-n", &namespace]);
     assert_eq!(unknown.status.code(), Some(1));
 
@@ -282,4 +331,5 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "--timeout=60s",
     ]);
     let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(workdir);
 }

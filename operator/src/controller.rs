@@ -38,6 +38,8 @@ pub struct Config {
     pub instance: String,
     /// Where the autoscaler reads the proxies' load, and how often.
     pub autoscaler: crate::autoscaler::Settings,
+    /// Where clients reach the proxy: the base URL of the published snippets.
+    pub proxy_url: String,
 }
 
 /// Why a reconcile failed; it is retried with back-off.

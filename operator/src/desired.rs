@@ -9,7 +9,7 @@ use crds::names::{VERIFYING_KEYS_CONFIG_MAP, VERIFYING_KEYS_KEY, runtime_service
 use crds::{ModelDeployment, ModelUri, RequestTimeouts};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Volume,
@@ -585,6 +585,26 @@ pub fn runtime_service(md: &ModelDeployment) -> Result<Service, BuildError> {
             ..ServiceSpec::default()
         }),
         ..Service::default()
+    })
+}
+
+/// The ConfigMap of client code for `md`: a snippet per language that has one for its task
+/// (`python.py`, `curl.sh`, ...), and the proxy URL and deadline they were made with.
+pub fn snippets_config_map(
+    md: &ModelDeployment,
+    target: &crate::snippets::Target,
+) -> Result<ConfigMap, BuildError> {
+    use crate::snippets;
+    let mut data = snippets::all(target);
+    data.insert(snippets::URL_KEY.to_owned(), target.base_url.clone());
+    data.insert(
+        snippets::TIMEOUT_KEY.to_owned(),
+        target.timeout_seconds.to_string(),
+    );
+    Ok(ConfigMap {
+        metadata: owned_metadata(md, crds::names::snippets_config_map(&md.name_any()))?,
+        data: Some(data),
+        ..ConfigMap::default()
     })
 }
 

@@ -18,6 +18,8 @@ pub mod internal_keys;
 pub mod lease;
 pub mod local;
 pub mod model_deployments;
+pub mod snippet_command;
+pub mod snippets;
 pub mod status;
 pub mod telemetry;
 pub mod token_commands;

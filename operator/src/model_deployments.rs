@@ -1,5 +1,5 @@
 //! Reconcile of a ModelDeployment: its runtime Deployment, Service and NetworkPolicy, the
-//! proxy's public keys in its namespace, and its status.
+//! proxy's public keys in its namespace, the ConfigMap of client code, and its status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use crds::ModelDeployment;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
@@ -17,8 +17,10 @@ use crate::apply::{apply_if_changed, apply_status};
 use crate::controller::{Context, Error};
 use crate::desired::{
     MODEL_DEPLOYMENT_LABEL, runtime_deployment, runtime_network_policy, runtime_service,
+    snippets_config_map,
 };
 use crate::internal_keys;
+use crate::snippets::Target;
 use crate::status::{Blocked, id_holder, model_deployment_status, stamp_transitions, transitions};
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -85,6 +87,12 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .items;
     let previous = md.status.clone().unwrap_or_default();
     let mut status = model_deployment_status(&md, blocked.as_ref(), deployment.as_ref(), &pods);
+    status.snippets_config_map = if blocked.is_none() {
+        publish_snippets(&md, &ctx, status.model_version_id.clone()).await?
+    } else {
+        // A blocked spec leaves the runtime, and so its client code, as they were.
+        previous.snippets_config_map.clone()
+    };
     stamp_transitions(
         &mut status.conditions,
         &previous.conditions,
@@ -107,6 +115,28 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // repairs what a lost watch event might have hidden.
     let period = if blocked.is_some() { 60 } else { 3600 };
     Ok(Action::requeue(Duration::from_secs(period)))
+}
+
+/// Writes the ConfigMap of client code for `md` (unless it is current); its name, once `md`
+/// has a model version id.
+async fn publish_snippets(
+    md: &ModelDeployment,
+    ctx: &Context,
+    model_version_id: Option<String>,
+) -> Result<Option<String>, Error> {
+    let Some(target) = model_version_id
+        .and_then(|id| Target::of(md, id, &ctx.config.proxy_url, ctx.config.runtime.timeouts))
+    else {
+        return Ok(None);
+    };
+    let Ok(config_map) = snippets_config_map(md, &target) else {
+        return Ok(None);
+    };
+    let name = config_map.name_any();
+    let config_maps: Api<ConfigMap> =
+        Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
+    apply_if_changed(&config_maps, config_map).await?;
+    Ok(Some(name))
 }
 
 /// `namespace/name` of the ModelDeployment that holds `md`'s id, if another one does. The cache

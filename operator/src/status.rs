@@ -376,6 +376,8 @@ pub fn model_deployment_status(
         replicas: observed.replicas.unwrap_or(0),
         ready_replicas: ready,
         selector: Some(pod_selector(&md.name_any())),
+        // Set by the reconcile once the ConfigMap is written.
+        snippets_config_map: None,
         // The autoscaler's own field, which this field manager never writes.
         autoscaling: None,
         observed_generation: generation,

@@ -149,6 +149,7 @@ impl Operator {
             },
             instance: "test".into(),
             autoscaler: operator::autoscaler::Settings::default(),
+            proxy_url: "https://inference.example.com".into(),
         };
         let health = Arc::new(Health::default());
         let task = tokio::spawn(controller::run(
@@ -489,6 +490,39 @@ async fn a_model_deployment_becomes_a_deployment_and_service_and_follows_updates
         Some("/models/minilm-v1/proxy/v1")
     );
     assert_eq!(status.observed_generation, md.metadata.generation);
+    // Client code for the deployment, published beside it for people without the plugin.
+    assert_eq!(
+        status.snippets_config_map.as_deref(),
+        Some("minilm-snippets")
+    );
+    let snippets = scene
+        .api::<ConfigMap>()
+        .get("minilm-snippets")
+        .await
+        .unwrap();
+    assert_eq!(snippets.owner_references()[0].uid, md.uid().unwrap());
+    let data = snippets.data.unwrap();
+    let files: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(
+        files,
+        [
+            "curl.sh",
+            "huggingface.py",
+            "javascript.mjs",
+            "openai-node.mjs",
+            "openai-python.py",
+            "python.py",
+            "requestTimeoutSeconds",
+            "url",
+        ]
+    );
+    assert_eq!(data["url"], "https://inference.example.com");
+    assert_eq!(data["requestTimeoutSeconds"], "120");
+    assert!(
+        data["python.py"].contains("\"https://inference.example.com/models/minilm-v1/proxy/v1\""),
+        "{}",
+        data["python.py"]
+    );
     // The test bed schedules no pods (no node agent yet): the rollout stays in progress.
     let ready = condition(&status.conditions, "Ready");
     assert_eq!(
@@ -509,7 +543,7 @@ async fn a_model_deployment_becomes_a_deployment_and_service_and_follows_updates
     scene
         .merge_spec::<ModelDeployment>(
             "minilm",
-            serde_json::json!({"replicas": 3, "runtime": {"image": "infergate/runtime:next"}}),
+            serde_json::json!({"replicas": 3, "runtime": {"image": "infergate/runtime:next"}, "timeouts": {"default": "300s"}}),
         )
         .await;
     eventually("the Deployment following the new spec", || async {
@@ -523,6 +557,11 @@ async fn a_model_deployment_becomes_a_deployment_and_service_and_follows_updates
     eventually("the status of generation 2", || async {
         let md = scene.api::<ModelDeployment>().get("minilm").await.ok()?;
         (md.status?.observed_generation == Some(2)).then_some(())
+    })
+    .await;
+    eventually("the snippets sending the new default deadline", || async {
+        let snippets = scene.api::<ConfigMap>().get("minilm-snippets").await.ok()?;
+        (snippets.data?["requestTimeoutSeconds"] == "300").then_some(())
     })
     .await;
     scene.finish().await;

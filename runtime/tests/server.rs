@@ -671,6 +671,10 @@ async fn tabular_predict_takes_every_mlflow_form_and_validates_the_signature() {
     let (status, single) = runtime.post("/v1/predict", &rows[1].to_string()).await;
     assert_eq!(status, 200);
     assert_eq!(single["data"].as_array().unwrap().len(), 1);
+    // The signature, for a client to shape its rows before sending one.
+    let schema = runtime.get_json("/v1/predict/schema").await;
+    assert_eq!(schema["inputs"], single["meta"]["input_schema"]);
+    assert_eq!(schema["outputs"], single["meta"]["output_schema"]);
 
     let bad = [
         (

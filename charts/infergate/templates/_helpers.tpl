@@ -87,3 +87,18 @@ from:
         {{- toYaml $.Values.metrics.scraper.podLabels | nindent 8 }}
 {{- end }}
 {{- end -}}
+
+{{/*
+Where clients reach the proxy: proxy.externalUrl, else the ingress host, else the proxy
+Service's in-cluster address.
+*/}}
+{{- define "infergate.proxyUrl" -}}
+{{- $p := .Values.proxy -}}
+{{- if $p.externalUrl -}}
+{{- trimSuffix "/" $p.externalUrl -}}
+{{- else if and $p.ingress.enabled $p.ingress.host -}}
+{{- ternary "https" "http" (ne $p.ingress.tlsSecretName "") }}://{{ $p.ingress.host -}}
+{{- else -}}
+http://infergate-proxy.{{ .Release.Namespace }}.svc{{ if ne (int $p.service.port) 80 }}:{{ $p.service.port }}{{ end }}
+{{- end -}}
+{{- end -}}

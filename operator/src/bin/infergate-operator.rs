@@ -74,6 +74,11 @@ struct Args {
     /// Port of the proxy pods' metrics listener, where the autoscaler reads their load.
     #[arg(long, default_value_t = 9090)]
     proxy_metrics_port: u16,
+    /// Where clients reach the proxy (its Ingress or load balancer), e.g.
+    /// `https://inference.example.com`: the base URL of the client code published for each
+    /// ModelDeployment. Default: the proxy's Service in the gateway namespace.
+    #[arg(long, env = "INFERGATE_PROXY_URL")]
+    proxy_url: Option<String>,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_listen: SocketAddr,
@@ -196,6 +201,9 @@ async fn main() -> anyhow::Result<()> {
                 .join(","),
             proxy_metrics_port: args.proxy_metrics_port,
         },
+        proxy_url: args
+            .proxy_url
+            .unwrap_or_else(|| format!("http://infergate-proxy.{}.svc", args.gateway_namespace)),
     };
     let shutdown = terminated().shared();
     let controllers = controller::run(

@@ -2,7 +2,8 @@
 //! AccessTokens on this machine (local mode); `infergate rotate-keys` replaces the key its proxy
 //! signs forwarded requests with; `infergate token new` prints a fresh token and the digest to
 //! put in an AccessToken's `spec.tokenHash`; `infergate token create | list | revoke | rotate`
-//! manage AccessTokens in the cluster of the current kube context. Installed on PATH as
+//! manage AccessTokens in the cluster of the current kube context; `infergate snippet MODEL`
+//! prints client code for a deployment. Installed on PATH as
 //! `kubectl-infergate` (a link to this binary) it is also `kubectl infergate ...`.
 
 use std::net::SocketAddr;
@@ -62,6 +63,27 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Prints client code for a ModelDeployment: its task's endpoint and payload, ready to run
+    /// with INFERGATE_TOKEN set. From the cluster of the current kube context, or with -f from
+    /// the files `infergate up` serves.
+    Snippet {
+        /// The ModelDeployment's name.
+        model: String,
+        #[arg(long, value_enum, default_value = "python")]
+        lang: operator::snippets::Language,
+        /// Where clients reach the proxy; default: the address the operator publishes (in a
+        /// cluster) or `infergate up` listens on (with -f).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(short = 'n', long, conflicts_with = "path")]
+        namespace: Option<String>,
+        /// The files `infergate up` serves: local mode.
+        #[arg(short = 'f', long = "filename")]
+        path: Option<PathBuf>,
+        /// The state directory, if `infergate up` was given one.
+        #[arg(long, requires = "path")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -204,6 +226,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rotate_keys(&state_dir)?;
         }
         Command::Token { command } => token(command)?,
+        Command::Snippet {
+            model,
+            lang,
+            url,
+            namespace,
+            path,
+            state_dir,
+        } => {
+            use operator::snippet_command::{cluster_target, local_target};
+            let target = match path {
+                Some(path) => {
+                    let path = std::path::absolute(&path)?;
+                    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&path));
+                    local_target(&path, &state_dir, &model, url)?
+                }
+                None => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(async {
+                        let (client, namespace) =
+                            operator::token_commands::connect(namespace).await?;
+                        cluster_target(&client, &namespace, &model, url).await
+                    })?,
+            };
+            print!("{}", operator::snippets::render(&target, lang)?);
+        }
     }
     Ok(())
 }

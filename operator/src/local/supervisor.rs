@@ -42,6 +42,14 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     let mut internal_keys = InternalKeys::open(&options.state_dir, SystemTime::now())?;
     let mut issued = Issued::open(&options.state_dir.join("tokens.json"))?;
     let config_path = options.state_dir.join("proxy.yaml");
+    // For `infergate snippet -f`, whose code calls this proxy.
+    write_atomically(
+        &options
+            .state_dir
+            .join(crate::snippet_command::LOCAL_URL_FILE),
+        format!("http://{}\n", options.listen).as_bytes(),
+        0o644,
+    )?;
 
     let mut runtimes = BTreeMap::new();
     sync_runtimes(&mut runtimes, &current, &options, &logs);

@@ -1,10 +1,11 @@
 //! The HTTP half of `tabular`: `/v1/predict`, `/predict` and `/invocations`, with every request
-//! checked against the model's signature before the model sees it.
+//! checked against the model's signature before the model sees it, and `/v1/predict/schema`,
+//! the signature itself, so a client can shape its rows before it sends one.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::Value;
@@ -28,6 +29,22 @@ pub fn routes() -> Router<Arc<TabularTask>> {
         .route("/v1/predict", post(predict))
         .route("/predict", post(predict))
         .route("/invocations", post(predict))
+        .route("/v1/predict/schema", get(schema))
+        .route("/predict/schema", get(schema))
+}
+
+/// The signature as MLflow writes it: `inputs` and `outputs`, lists of tensor specs.
+#[derive(Debug, Serialize)]
+struct SignatureBody {
+    inputs: Value,
+    outputs: Value,
+}
+
+async fn schema(State(task): State<Arc<TabularTask>>) -> Json<SignatureBody> {
+    Json(SignatureBody {
+        inputs: task.signature.input_schema.clone(),
+        outputs: task.signature.output_schema.clone(),
+    })
 }
 
 /// MLflow serving's answer: the model's output, and the signature it was checked against (as
