@@ -1,6 +1,8 @@
 //! `AccessToken`: a secret token scoped to model versions, shown once, with expiry and
 //! instant revocation.
 
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
@@ -125,6 +127,33 @@ pub struct AccessTokenStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// What the token was used for, summed over every proxy replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+}
+
+/// A token's use as the proxies counted it, written by the operator while it changes (at most
+/// once per `--usage-interval-seconds`). Counts start when the operator first reads the
+/// proxies; what they count between its last write and a restart of the operator is lost.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenUsage {
+    /// When a request with the token last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
+    /// Requests that presented the token, answered or refused after it was accepted.
+    #[serde(default)]
+    pub requests: u64,
+    /// `requests` by status class: `2xx`, `4xx`, `5xx`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests_by_class: BTreeMap<String, u64>,
+    /// Work done, in the tasks' units: `inputs` (texts, rows), `prompt_tokens`,
+    /// `completion_tokens`, `audio_seconds_in`, `audio_seconds_out`, `images`, `steps`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, f64>,
+    /// When these figures were last added to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
 }
 
 #[cfg(test)]

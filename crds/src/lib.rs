@@ -12,7 +12,9 @@ mod record;
 mod timeouts;
 mod token;
 
-pub use access_token::{AccessToken, AccessTokenPhase, AccessTokenSpec, AccessTokenStatus};
+pub use access_token::{
+    AccessToken, AccessTokenPhase, AccessTokenSpec, AccessTokenStatus, TokenUsage,
+};
 pub use kube::core::Duration;
 pub use model_deployment::{
     Autoscaling, AutoscalingStatus, ContainerSpec, DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS,

@@ -328,7 +328,7 @@ if pod_images == "registry":
 else:
     images = {"registry": "infergate", "tag": "test-bed", "pullPolicy": "Never"}
 values = {"images": images,
-          "operator": {"watchNamespace": "infergate-e2e", "logJson": False},
+          "operator": {"watchNamespace": "infergate-e2e", "logJson": False, "usageIntervalSeconds": 2},
           "proxy": {"replicas": 1, "preStopSleepSeconds": 1, "logJson": False},
           # The node agent refreshes mounted Secrets and ConfigMaps every second.
           "internalKeys": {"rotationHours": 24, "activationSeconds": 3},

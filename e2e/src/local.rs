@@ -15,6 +15,8 @@ pub struct LocalMode {
     pub dir: PathBuf,
     /// The proxy, `http://127.0.0.1:PORT`.
     pub url: String,
+    /// The proxy's Prometheus metrics, `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
     console: Arc<Mutex<String>>,
 }
 
@@ -44,11 +46,12 @@ impl LocalMode {
             std::fs::write(dir.join(name), yaml).expect("writing a manifest");
         }
         let port = free_port();
+        let metrics_port = free_port();
         let mut child = Command::new(infergate)
             .args(["up", "-f"])
             .arg(&dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .args(["--torch-threads", "1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -82,6 +85,7 @@ impl LocalMode {
             child: Some(child),
             dir,
             url: format!("http://127.0.0.1:{port}"),
+            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             console,
         }
     }

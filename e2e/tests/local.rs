@@ -214,6 +214,55 @@ async fn every_generated_snippet_runs_unmodified_against_its_task() {
         "every task in python, curl and javascript, and the rest where they exist"
     );
 
+    // What those runs used, per token and model, in each task's unit, as the proxy counts it.
+    let page = reqwest::get(&local.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str, model: &str, label: &str| -> f64 {
+        page.lines()
+            .filter(|l| l.starts_with(&format!("infergate_proxy_token_{name}{{")))
+            .filter(|l| l.contains(&format!("model=\"{model}\"")) && l.contains(label))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let requests = |model: &str| metric("requests_total", model, "class=\"2xx\"");
+    let used = |model: &str, unit: &str| metric("usage_total", model, &format!("unit=\"{unit}\""));
+    // Speech and tabular snippets in python, curl and javascript read a schema first.
+    for (model, answered) in [
+        ("text-generation", 6.0),
+        ("text-classification", 4.0),
+        ("embedding", 6.0),
+        ("rerank", 3.0),
+        ("translation", 4.0),
+        ("speech-recognition", 6.0),
+        ("text-to-speech", 9.0),
+        ("text-to-image", 6.0),
+        ("tabular", 6.0),
+    ] {
+        assert_eq!(requests(model), answered, "{model}:\n{page}");
+    }
+    for (model, inputs) in [
+        ("text-classification", 4.0),
+        ("embedding", 6.0),
+        ("rerank", 6.0),
+        ("translation", 4.0),
+        ("tabular", 3.0),
+    ] {
+        assert_eq!(used(model, "inputs"), inputs, "{model}");
+    }
+    assert_eq!(used("speech-recognition", "audio_seconds_in"), 6.0 * 2.5);
+    assert!(used("text-to-speech", "audio_seconds_out") > 0.0);
+    assert_eq!(used("text-to-image", "images"), 6.0);
+    // 20 steps where the snippet asks, 50 (the default) from OpenAI's clients.
+    assert_eq!(used("text-to-image", "steps"), 4.0 * 20.0 + 2.0 * 50.0);
+    assert!(used("text-generation", "prompt_tokens") > 6.0);
+    let completion = used("text-generation", "completion_tokens");
+    assert!((6.0..=6.0 * 200.0).contains(&completion), "{completion}");
+    assert!(!page.contains(&token), "no token in the metrics");
+
     // Python is the default; an unknown model is named.
     let default = snippet("embedding", "python");
     let python = std::process::Command::new(infergate())

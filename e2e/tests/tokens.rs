@@ -198,6 +198,32 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         let answer = e2e::snippets::succeeded(language, &call_with_snippet(language, &token));
         assert_eq!(dimensions(&answer), Some(384), "{language}: {answer}");
     }
+    // Usage in the AccessToken's status (every 2 s on the test bed): each call embedded one
+    // text, the snippets' three and the first call's at least.
+    let usage = e2e::eventually(
+        "the token's usage in its status",
+        Duration::from_secs(30),
+        || {
+            let usage: Value =
+                serde_json::from_str(&cluster.jsonpath(&namespace, "at/app", "{.status.usage}"))
+                    .ok()?;
+            (usage["units"]["inputs"].as_f64() >= Some(4.0)).then_some(usage)
+        },
+    );
+    assert_eq!(
+        usage["requestsByClass"]["2xx"].as_f64(),
+        usage["units"]["inputs"].as_f64(),
+        "{usage}"
+    );
+    assert_eq!(
+        usage["requests"], usage["requestsByClass"]["2xx"],
+        "{usage}"
+    );
+    let last_used: jiff::Timestamp = usage["lastUsedAt"].as_str().unwrap().parse().unwrap();
+    assert!(
+        jiff::Timestamp::now().duration_since(last_used).as_secs() < 60,
+        "{usage}"
+    );
 
     let again = run(&[
         "token", "create", "app", "--models", "vault", "-n", &namespace,

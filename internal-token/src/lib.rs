@@ -9,9 +9,12 @@
 //! once they have had time to load it; the old one verifies until every JWT it signed has
 //! expired ([`SigningKeys`]). Both sides read their keys from files that they watch
 //! ([`watch::Watched`]), so a rotation needs no restart.
+//!
+//! On the way back, a runtime reports what each request used ([`usage`]).
 
 pub mod keys;
 mod sign;
+pub mod usage;
 mod verify;
 pub mod watch;
 

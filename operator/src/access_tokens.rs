@@ -96,8 +96,14 @@ async fn issue(token: Arc<AccessToken>, ctx: &Context) -> Result<Action, Error> 
             .then(|| user_secret_name(&token)),
         observed_generation: token.metadata.generation,
         conditions,
+        // The usage writer's own field, which this field manager never writes.
+        usage: None,
     };
-    if token.status.as_ref() != Some(&status) {
+    let written = AccessTokenStatus {
+        usage: None,
+        ..previous.clone()
+    };
+    if token.status.is_none() || written != status {
         apply_status(token.as_ref(), &status, &ctx.client).await?;
         for (warning, reason, message) in transitions(&previous.conditions, &status.conditions) {
             ctx.event(token.as_ref(), warning, &reason, "Reconcile", message)

@@ -320,6 +320,8 @@ async fn read_metrics(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Str
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub interval: Duration,
+    /// How often the tokens' usage read from the proxies is added to their status.
+    pub usage_interval: Duration,
     /// Label selector of the proxy pods in the gateway namespace.
     pub proxy_selector: String,
     pub proxy_metrics_port: u16,
@@ -330,6 +332,7 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             interval: Duration::from_secs(1),
+            usage_interval: Duration::from_secs(30),
             proxy_selector: "app.kubernetes.io/name=infergate-proxy".to_owned(),
             proxy_metrics_port: 9090,
         }
@@ -337,7 +340,8 @@ impl Default for Settings {
 }
 
 /// The autoscaler's loop: every interval, read every proxy pod, then decide for every
-/// ModelDeployment with `spec.autoscaling`. Runs on the leader only, beside the controllers.
+/// ModelDeployment with `spec.autoscaling`; every usage interval, add what the tokens were
+/// used for to their status (`crate::usage`). Runs on the leader only, beside the controllers.
 pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
     let settings = ctx.config.autoscaler.clone();
     let (proxies, writer) = reflector::store::<Pod>();
@@ -355,6 +359,8 @@ pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut meter = LoadMeter::default();
+    let mut ledger = crate::usage::Ledger::default();
+    let mut usage_written = Instant::now();
     let mut scalers: HashMap<String, Scaler> = HashMap::new();
     let mut written: HashMap<String, (Instant, AutoscalingStatus)> = HashMap::new();
     loop {
@@ -369,7 +375,12 @@ pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
             let timeout = settings.interval;
             Some(async move {
                 match read_metrics(addr, timeout).await {
-                    Ok(page) => Some((uid, Instant::now(), parse_report(&page))),
+                    Ok(page) => Some((
+                        uid,
+                        Instant::now(),
+                        parse_report(&page),
+                        crate::usage::parse_token_counters(&page),
+                    )),
                     Err(error) => {
                         tracing::debug!(%addr, %error, "could not read a proxy's metrics");
                         None
@@ -377,12 +388,18 @@ pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
                 }
             })
         });
-        let reports = futures::future::join_all(reads)
+        let (reports, usage): (Vec<_>, Vec<_>) = futures::future::join_all(reads)
             .await
             .into_iter()
             .flatten()
-            .collect();
+            .map(|(uid, at, report, tokens)| ((uid.clone(), at, report), (uid, tokens)))
+            .unzip();
         let loads = meter.measure(reports);
+        ledger.observe(usage);
+        if usage_written.elapsed() >= settings.usage_interval {
+            crate::usage::publish(&ctx, &mut ledger).await;
+            usage_written = Instant::now();
+        }
         let now = Instant::now();
 
         let autoscaled: Vec<_> = models

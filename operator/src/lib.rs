@@ -24,3 +24,4 @@ pub mod status;
 pub mod telemetry;
 pub mod token_commands;
 pub mod tokens;
+pub mod usage;

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use crds::names::REQUEST_TIMEOUT_HEADER;
 use http::{HeaderName, Method, header};
+use internal_token::usage::{self, Usage};
 use internal_token::watch::Watched;
 use internal_token::{Claims, Forwarded, Signer};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -122,6 +123,8 @@ struct Request {
     rejection: Option<Rejection>,
     /// Whether the request counts in the `inflight` gauge.
     forwarding: bool,
+    /// What the runtime reported the request used.
+    usage: Option<Usage>,
     _in_progress: RequestGuard,
 }
 
@@ -399,6 +402,7 @@ impl Gateway {
             sse: false,
             rejection: None,
             forwarding: false,
+            usage: None,
             _in_progress: self.shared.track_request(),
         };
         if let Some(current) = downstream.get_keepalive_timeout() {
@@ -597,6 +601,10 @@ impl Gateway {
         // The client's connection has its own persistence, which pingora writes.
         response.remove_header(&header::CONNECTION);
         response.remove_header("keep-alive");
+        // The runtime's report is for the proxy alone.
+        request.usage = response
+            .remove_header(usage::HEADER)
+            .and_then(|value| Usage::parse(value.to_str().ok()?));
         request.sse = response
             .headers
             .get(header::CONTENT_TYPE)
@@ -615,6 +623,8 @@ impl Gateway {
             .await
             .map_err(|_| Failure::ClientGone)?;
 
+        // A stream's usage comes last, as an SSE comment: held back from the client while read.
+        let mut comment: Vec<u8> = Vec::new();
         loop {
             let Some(chunk) = before_deadline(&mut timer, up.read_body_ref()).await else {
                 return Err(Failure::Cut(request.timeout()));
@@ -623,13 +633,36 @@ impl Gateway {
                 // A read that ended on chunk framing yields nothing; written, an empty
                 // chunk would end the client's chunked body.
                 Ok(Some([])) => {}
+                Ok(Some(bytes))
+                    if request.sse && (!comment.is_empty() || may_open_usage(bytes)) =>
+                {
+                    comment.extend_from_slice(bytes);
+                    if comment.len() > MAX_USAGE_COMMENT {
+                        // Not a report: the client's after all.
+                        downstream
+                            .write_body(&std::mem::take(&mut comment))
+                            .await
+                            .map_err(|_| Failure::ClientGone)?;
+                    }
+                }
                 Ok(Some(bytes)) => {
                     downstream
                         .write_body(bytes)
                         .await
                         .map_err(|_| Failure::ClientGone)?;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if !comment.is_empty() {
+                        request.usage = Usage::from_stream_comment(&comment);
+                        if request.usage.is_none() {
+                            downstream
+                                .write_body(&comment)
+                                .await
+                                .map_err(|_| Failure::ClientGone)?;
+                        }
+                    }
+                    break;
+                }
                 Err(_) if Instant::now() >= request.deadline => {
                     return Err(Failure::Cut(request.timeout()));
                 }
@@ -810,6 +843,10 @@ impl Gateway {
                 series.inflight.dec();
             }
         }
+        if let Some(token) = &request.token_id {
+            self.metrics
+                .token_used(token, model, status, request.usage.as_ref());
+        }
         let client = downstream.req_header();
         tracing::info!(
             request_id = %request.id,
@@ -848,6 +885,14 @@ impl BodyState {
     fn replayable(&self) -> bool {
         self.received <= REPLAY_LIMIT as u64
     }
+}
+
+/// The longest usage comment a stream ends with; longer bytes after the marker are not one.
+const MAX_USAGE_COMMENT: usize = 1024;
+
+/// Whether a piece of a stream may be (the start of) the runtime's usage comment.
+fn may_open_usage(piece: &[u8]) -> bool {
+    piece.starts_with(usage::STREAM_MARKER) || usage::STREAM_MARKER.starts_with(piece)
 }
 
 /// Why a request did not get a response head from the connection it was sent on.

@@ -1,17 +1,19 @@
 //! Prometheus metrics of the proxy contract, served on their own port. Labels are bounded:
-//! model ids come from the configuration, codes from a fixed set, never from request data.
+//! model ids and token record ids come from the configuration (never a token), codes and units
+//! from fixed sets, never from request data.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
+use internal_token::usage::Usage;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -32,6 +34,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     demand_seconds: CounterVec,
     held: IntGaugeVec,
+    token_requests: IntCounterVec,
+    token_usage: CounterVec,
+    token_last_used: GaugeVec,
     /// One per model id, so that every snapshot's series of a model share its count.
     demands: Arc<Mutex<HashMap<String, Arc<Demand>>>>,
 }
@@ -96,6 +101,33 @@ impl Metrics {
                 &["model"],
             )
             .expect("static metric definition"),
+            token_requests: IntCounterVec::new(
+                Opts::new(
+                    "infergate_proxy_token_requests_total",
+                    "Requests that presented a valid token, by token record id, model and \
+                     status class (2xx, 4xx, 5xx).",
+                ),
+                &["token", "model", "class"],
+            )
+            .expect("static metric definition"),
+            token_usage: CounterVec::new(
+                Opts::new(
+                    "infergate_proxy_token_usage_total",
+                    "Work done for a token, by token record id, model and the task's unit as \
+                     the runtime reported it: inputs, prompt_tokens, completion_tokens, \
+                     audio_seconds_in, audio_seconds_out, images, steps.",
+                ),
+                &["token", "model", "unit"],
+            )
+            .expect("static metric definition"),
+            token_last_used: GaugeVec::new(
+                Opts::new(
+                    "infergate_proxy_token_last_used_timestamp_seconds",
+                    "When a request with the token last ended, in Unix seconds.",
+                ),
+                &["token"],
+            )
+            .expect("static metric definition"),
             demands: Arc::default(),
             registry,
         };
@@ -107,6 +139,9 @@ impl Metrics {
             Box::new(metrics.auth_failures.clone()),
             Box::new(metrics.demand_seconds.clone()),
             Box::new(metrics.held.clone()),
+            Box::new(metrics.token_requests.clone()),
+            Box::new(metrics.token_usage.clone()),
+            Box::new(metrics.token_last_used.clone()),
         ] {
             metrics
                 .registry
@@ -137,6 +172,30 @@ impl Metrics {
                 })
                 .clone(),
         }
+    }
+
+    /// Accounts a request that presented token record `token`, ended with `status`.
+    pub fn token_used(&self, token: &str, model: &str, status: u16, usage: Option<&Usage>) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.token_requests
+            .with_label_values(&[token, model, class])
+            .inc();
+        for (unit, amount) in usage.into_iter().flat_map(Usage::iter) {
+            self.token_usage
+                .with_label_values(&[token, model, unit.as_str()])
+                .inc_by(amount);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.token_last_used
+            .with_label_values(&[token])
+            .set(now.as_secs_f64());
     }
 
     /// The text exposition format.

@@ -463,6 +463,81 @@ async fn sse_events_reach_the_client_as_they_are_produced() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_runtime_reports_is_counted_per_token_and_never_reaches_the_client() {
+    let upstream = Upstream::start().await;
+    let token = TestToken::new("t", &["chat"]);
+    let proxy = Proxy::start(&[TestModel::new("chat", &[upstream.addr])], &[&token]).await;
+    let get = |path: &str| {
+        client()
+            .get(proxy.url(&format!("/models/chat/proxy{path}")))
+            .header("authorization", token.bearer())
+            .send()
+    };
+    let whole = get("/usage").await.unwrap();
+    assert!(whole.headers().get("infergate-usage").is_none());
+    assert_eq!(whole.text().await.unwrap(), "{}");
+    let mut streamed = get("/sse-usage/3").await.unwrap();
+    assert_eq!(
+        read_stream(&mut streamed).await,
+        "data: 0\n\ndata: 1\n\ndata: 2\n\n",
+        "the report, split in two pieces, is held back whole"
+    );
+    // A comment that only starts like a report is the client's.
+    let mut lookalike = get("/sse-lookalike").await.unwrap();
+    assert_eq!(
+        read_stream(&mut lookalike).await,
+        "data: 0\n\n: inferring\n\n"
+    );
+    let refused = client()
+        .get(proxy.url("/models/chat/proxy/usage"))
+        .header("authorization", "Bearer igt_not-a-known-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let series = |name: &str, labels: &str| format!("infergate_proxy_{name}{{{labels}}}");
+    metric_when(
+        &proxy,
+        &series(
+            "token_requests_total",
+            r#"class="2xx",model="chat",token="t""#,
+        ),
+        |v| v == 3.0,
+    )
+    .await;
+    let units = [("inputs", 3.0), ("completion_tokens", 3.0)];
+    for (unit, amount) in units {
+        let value = metric_when(
+            &proxy,
+            &series(
+                "token_usage_total",
+                &format!(r#"model="chat",token="t",unit="{unit}""#),
+            ),
+            |_| true,
+        )
+        .await;
+        assert_eq!(value, amount, "{unit}");
+    }
+    let last_used = metric_when(
+        &proxy,
+        &series("token_last_used_timestamp_seconds", r#"token="t""#),
+        |_| true,
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now).contains(&last_used),
+        "{last_used} vs {now}"
+    );
+    // Only known tokens have series: an unknown one is never a label.
+    assert!(!metrics_page(&proxy).await.contains("igt_"));
+}
+
 /// Reads a streamed body to its end; a connection cut before the end of the chunked encoding
 /// fails the test, since the contract ends SSE streams cleanly.
 async fn read_stream(response: &mut reqwest::Response) -> String {

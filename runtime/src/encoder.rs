@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use internal_token::usage::Unit;
+
 use crate::error::{ApiError, BackendError};
 use crate::executor::{Backend, Executor, Shape, Wanted, Work, failed};
 use crate::tokenize::TextEncoder;
@@ -188,6 +190,7 @@ impl EncoderFront {
             .executor
             .submit(admission, EncoderJob(sequences))
             .await?;
+        crate::usage::record(Unit::Inputs, outputs.len() as f64);
         Ok((outputs, tokens))
     }
 }

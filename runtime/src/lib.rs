@@ -19,3 +19,4 @@ pub mod server;
 pub mod settings;
 pub mod tasks;
 pub mod tokenize;
+pub mod usage;

@@ -265,6 +265,7 @@ async fn record(State(common): State<Common>, request: Request, next: Next) -> R
 /// as JSON.
 pub fn router(common: Common, task_routes: Router) -> Router {
     let task_routes = task_routes
+        .route_layer(middleware::from_fn(crate::usage::report))
         .route_layer(middleware::from_fn_with_state(
             common.clone(),
             enforce_deadline,

@@ -205,6 +205,41 @@ async fn a_streamed_chat_says_the_same_as_the_whole_answer_and_ends_with_done() 
 }
 
 #[tokio::test]
+async fn usage_goes_back_in_a_header_or_after_the_last_event_of_a_stream() {
+    let (runtime, reference) = llama(&[]).await;
+    let request = json!({"messages": reference["conversation"], "max_tokens": 5, "temperature": 0});
+    let response = post(&runtime, "/v1/chat/completions", request.clone()).await;
+    let reported = response.headers()["infergate-usage"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let whole: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    let prompt = whole["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        reported,
+        format!("prompt_tokens={prompt}, completion_tokens=5")
+    );
+
+    // A stream's total is known at its end: a comment after `[DONE]`, which SSE clients skip.
+    let mut streaming = request;
+    streaming["stream"] = json!(true);
+    let response = post(&runtime, "/v1/chat/completions", streaming).await;
+    assert!(response.headers().get("infergate-usage").is_none());
+    let body = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(
+        body.ends_with(&format!(
+            "data: [DONE]\n\n: infergate-usage prompt_tokens={prompt}, completion_tokens=5\n\n"
+        )),
+        "{body}"
+    );
+
+    // Nothing used, nothing reported.
+    let refused = post(&runtime, "/v1/chat/completions", json!({"messages": []})).await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.headers().get("infergate-usage").is_none());
+}
+
+#[tokio::test]
 async fn the_chat_route_takes_the_seeds_tgi_style_body() {
     let (runtime, reference) = llama(&[]).await;
     let greedy_text = reference["greedy_text"][0].as_str().unwrap();

@@ -71,6 +71,10 @@ struct Args {
     /// Milliseconds between two readings of the proxies' load by the autoscaler.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
     autoscale_interval_ms: u64,
+    /// Seconds between two additions of the tokens' usage (read from the proxies) to their
+    /// AccessTokens' status.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    usage_interval_seconds: u64,
     /// Port of the proxy pods' metrics listener, where the autoscaler reads their load.
     #[arg(long, default_value_t = 9090)]
     proxy_metrics_port: u16,
@@ -193,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
         instance: identity.clone(),
         autoscaler: operator::autoscaler::Settings {
             interval: Duration::from_millis(args.autoscale_interval_ms),
+            usage_interval: Duration::from_secs(args.usage_interval_seconds),
             proxy_selector: args
                 .proxy_pod_labels
                 .iter()

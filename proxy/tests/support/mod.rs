@@ -41,6 +41,11 @@ impl Seen {
 /// - `/die-before-head`: closes the connection without answering;
 /// - `/die-mid-body`: promises 1000 bytes, sends 10 and closes;
 /// - `/sse-then-die`: one SSE event, then closes without ending the stream;
+/// - `/usage`: a JSON answer with a usage report of 3 inputs in its head;
+/// - `/sse-usage/<count>`: `count` events, then the report of `count` completion tokens as
+///   the stream's last comment, in two pieces;
+/// - `/sse-lookalike`: an event, then a comment that starts like a report in one piece and is
+///   none once its second piece arrives;
 /// - `/garbage`: a line that is not HTTP, and the connection left open;
 /// - `/once-per-connection`: answered on a new connection; on a kept-alive one the request is
 ///   read and the connection closed without an answer, as by a server whose keep-alive ended
@@ -217,6 +222,31 @@ async fn respond(
             write_chunk(stream, b"data: first\n\n").await?;
             tokio::time::sleep(Duration::from_millis(50)).await;
             return Ok(Answered::Close);
+        }
+        ["usage"] => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ninfergate-usage: inputs=3\r\ncontent-length: 2\r\n\r\n{}")
+                .await?;
+        }
+        ["sse-usage", count] => {
+            start_sse(stream).await?;
+            let count = count.parse::<u32>().unwrap_or(1);
+            for i in 0..count {
+                write_chunk(stream, format!("data: {i}\n\n").as_bytes()).await?;
+            }
+            write_chunk(stream, b": infergate-").await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let rest = format!("usage completion_tokens={count}\n\n");
+            write_chunk(stream, rest.as_bytes()).await?;
+            stream.write_all(b"0\r\n\r\n").await?;
+        }
+        ["sse-lookalike"] => {
+            start_sse(stream).await?;
+            write_chunk(stream, b"data: 0\n\n").await?;
+            write_chunk(stream, b": infer").await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            write_chunk(stream, b"ring\n\n").await?;
+            stream.write_all(b"0\r\n\r\n").await?;
         }
         ["garbage"] => {
             stream.write_all(b"this is not HTTP at all\r\n\r\n").await?;

@@ -16,6 +16,8 @@ use tokio::sync::Semaphore;
 
 use crate::audio::{AudioError, decode_to_16k};
 use crate::decode::whisper::{DecodeOptions, SpeechTask, SpeechTokens};
+use internal_token::usage::Unit;
+
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::metrics::Metrics;
@@ -238,6 +240,7 @@ impl SpeechRecognitionTask {
         // The model thread stops this request's work once this handler is dropped (client
         // gone, deadline passed).
         let transcript = self.executor.run(Job { samples, options }).await?;
+        crate::usage::record(Unit::AudioSecondsIn, seconds);
         Ok((transcript, seconds))
     }
 

@@ -10,6 +10,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::Value;
 
+use internal_token::usage::Unit;
+
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::server::ValidJson;
@@ -66,7 +68,9 @@ async fn predict(
     ValidJson(body): ValidJson<Value>,
 ) -> Result<Json<Prediction>, ApiError> {
     let matrix = task.signature.rows(&request_rows(body)?)?;
+    let rows = matrix.rows;
     let data = task.executor.run(matrix).await?;
+    crate::usage::record(Unit::Inputs, rows as f64);
     Ok(Json(Prediction {
         data,
         meta: Meta {

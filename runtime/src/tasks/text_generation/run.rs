@@ -1,6 +1,8 @@
 //! One request on the engine, as text: the engine's token ids go through the incremental
 //! decoder and the stop strings, and come out as the pieces of the answer, in order.
 
+use crate::usage::Meter;
+use internal_token::usage::Unit;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -76,6 +78,8 @@ pub struct Run {
     finished: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// The request's usage report, which a stream fills after its handler has returned.
+    meter: Option<Arc<Meter>>,
 }
 
 impl Run {
@@ -86,6 +90,10 @@ impl Run {
         every_token: bool,
         prompt_tokens: usize,
     ) -> Run {
+        let meter = crate::usage::current();
+        if let Some(meter) = &meter {
+            meter.add(Unit::PromptTokens, prompt_tokens as f64);
+        }
         Run {
             tokenizer,
             events,
@@ -96,6 +104,7 @@ impl Run {
             finished: false,
             prompt_tokens,
             completion_tokens: 0,
+            meter,
         }
     }
 
@@ -125,6 +134,9 @@ impl Run {
         match event {
             Event::Token(token) => {
                 self.completion_tokens += 1;
+                if let Some(meter) = &self.meter {
+                    meter.add(Unit::CompletionTokens, 1.0);
+                }
                 let delta = self.decoder.push(&self.tokenizer, token);
                 let released = self.stops.push(&delta);
                 if !released.text.is_empty() || self.every_token {

@@ -13,6 +13,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use internal_token::usage::Unit;
+
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::models::diffusion::scheduler::Sampler;
@@ -202,14 +204,18 @@ impl ImageTask {
         };
         // The model thread stops between denoising steps once this handler is dropped (client
         // gone, deadline passed).
-        self.executor
+        let image = self
+            .executor
             .run(Job {
                 denoise,
                 width,
                 height,
                 seed: request.seed.unwrap_or_else(random_seed),
             })
-            .await
+            .await?;
+        crate::usage::record(Unit::Images, 1.0);
+        crate::usage::record(Unit::Steps, steps as f64);
+        Ok(image)
     }
 }
 

@@ -13,6 +13,8 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use internal_token::usage::Unit;
+
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::models::vits::Synthesis;
@@ -233,13 +235,19 @@ impl SpeechSynthesisTask {
                 0.0..=2.0,
             )?,
         };
-        self.executor
+        let samples = self
+            .executor
             .run(Job {
                 ids,
                 synthesis,
                 seed: request.seed,
             })
-            .await
+            .await?;
+        crate::usage::record(
+            Unit::AudioSecondsOut,
+            samples.len() as f64 / f64::from(self.sampling_rate),
+        );
+        Ok(samples)
     }
 }
 

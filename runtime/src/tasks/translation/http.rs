@@ -8,6 +8,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::beam::Search;
+use internal_token::usage::Unit;
+
 use crate::error::ApiError;
 use crate::executor::Executor;
 use crate::server::{OneOrMany, ValidJson};
@@ -211,6 +213,7 @@ impl TranslationTask {
                 search: Search { beams, max_length },
             })
             .await?;
+        crate::usage::record(Unit::Inputs, outputs.len() as f64);
         Ok(outputs
             .iter()
             .map(|ids| self.tokenizer.decode(ids))
