@@ -14,9 +14,11 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # buildah, skopeo and umoci build, push and unpack the images without a daemon
-# (docker/build-images.sh, the test bed's node agent); binutils strips the binaries they hold.
+# (docker/build-images.sh, the test bed's node agent); binutils strips the binaries they hold;
+# redis-server is the shared store of per-token limits the proxy's tests run against; jq is
+# what the generated curl snippets decode base64 answers with.
 apt_packages=(ca-certificates cmake pkg-config libssl-dev python3-venv openssl curl
-  buildah skopeo umoci binutils)
+  buildah skopeo umoci binutils redis-server jq)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -10,6 +10,7 @@ fn main() {
         models: vec!["bench".into()],
         expires_at: None,
         revoked: false,
+        limits: None,
     };
     let out = serde_json::json!({"token": token.expose_secret(), "record": record});
     println!("{out}");

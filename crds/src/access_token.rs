@@ -76,6 +76,33 @@ pub struct AccessTokenSpec {
     #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("tokenHash is immutable: create a new AccessToken to rotate"))]
     pub token_hash: Option<String>,
+
+    /// What the token may use, as one limit across all proxy replicas; unlimited when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<TokenLimits>,
+}
+
+/// Limits of one token. The proxies enforce each as one limit: with a shared store (Redis or
+/// Valkey) the counts are global; without one, each of N proxy replicas enforces 1/N of it.
+/// A request over a limit gets 429 with `Retry-After` and a code naming the limit.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenLimits {
+    /// Requests per minute, as a steady rate (one every 60/N seconds) that may burst by one
+    /// second's worth (N/60, at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_minute: Option<u32>,
+    /// Requests in progress at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub concurrent_requests: Option<u32>,
+    /// Prompt and completion tokens of text generation per minute. A request is admitted while
+    /// the token is within the limit and charged what it used when it ends, so one long answer
+    /// can overdraw it: the next requests then wait until the debt is paid off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl AccessTokenSpec {
@@ -130,6 +157,36 @@ pub struct AccessTokenStatus {
     /// What the token was used for, summed over every proxy replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TokenUsage>,
+    /// How the proxies enforce `spec.limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsStatus>,
+}
+
+/// How `spec.limits` is enforced, as the proxies report it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsStatus {
+    /// `Global` (a shared store counts for every replica) or `PerReplica` (no store: each
+    /// replica enforces its share).
+    pub enforcement: String,
+    /// Proxy replicas counted.
+    pub replicas: u32,
+    /// What each replica admits with `PerReplica`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_replica: Option<ReplicaShare>,
+    pub message: String,
+}
+
+/// One replica's share of a token's limits.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaShare {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<f64>,
 }
 
 /// A token's use as the proxies counted it, written by the operator while it changes (at most
@@ -168,6 +225,7 @@ mod tests {
             revoked: false,
             secret_name: None,
             token_hash: None,
+            limits: None,
         }
     }
 

@@ -13,7 +13,8 @@ mod timeouts;
 mod token;
 
 pub use access_token::{
-    AccessToken, AccessTokenPhase, AccessTokenSpec, AccessTokenStatus, TokenUsage,
+    AccessToken, AccessTokenPhase, AccessTokenSpec, AccessTokenStatus, LimitsStatus, ReplicaShare,
+    TokenLimits, TokenUsage,
 };
 pub use kube::core::Duration;
 pub use model_deployment::{

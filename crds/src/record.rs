@@ -5,6 +5,8 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::TokenLimits;
+
 /// An issued token as the proxy sees it: its hash, its scope and whether it still counts.
 //
 // Unknown fields are accepted on purpose: a proxy that refused records written by a newer
@@ -24,6 +26,9 @@ pub struct TokenRecord {
     pub expires_at: Option<Timestamp>,
     /// A revoked token is refused whatever its expiry.
     pub revoked: bool,
+    /// The token's limits (the AccessToken's `spec.limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<TokenLimits>,
 }
 
 /// Why bytes are not a usable token record.
@@ -93,6 +98,7 @@ mod tests {
             models: vec!["llama-chat".into(), "minilm".into()],
             expires_at: expires_at.map(|t| t.parse().unwrap()),
             revoked: false,
+            limits: None,
         }
     }
 

@@ -351,7 +351,18 @@ fn gpu_and_ingress_values_reach_the_objects_they_describe() {
         &"--runtime-image=registry.example.com/infergate/runtime-cuda:0.1.0-rc1".to_owned()
     ));
     let proxy = args(objects, "infergate-proxy");
+    let store = &container(objects, "infergate-proxy")["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "INFERGATE_PROXY_LIMITS_STORE")
+        .expect("the limits store's URL")["valueFrom"]["secretKeyRef"];
+    assert_eq!(
+        (&store["name"], &store["key"]),
+        (&"limits-store".into(), &"url".into())
+    );
     for flag in [
+        "--limits-store-failure=closed",
         "--threads=4",
         "--default-timeout=60",
         "--max-timeout=900",

@@ -117,7 +117,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         .unwrap_or_else(|_| minilm_dir());
     let id = format!("vault-{}", std::process::id());
     // What an earlier run may have left.
-    for leftover in ["md/vault", "at/app", "at/kept"] {
+    for leftover in ["md/vault", "at/app", "at/kept", "at/limited"] {
         cluster.ok(&[
             "delete",
             "-n",
@@ -263,6 +263,54 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     assert_eq!(stored, kept_token);
     embed_until(&url, &kept_token, (200, "")).await;
 
+    // Limits: 6 requests a minute (a burst of 1), one limit for all proxy replicas.
+    let limited = succeeded(&run(&[
+        "token",
+        "create",
+        "limited",
+        "--models",
+        "vault",
+        "--requests-per-minute",
+        "6",
+        "-n",
+        &namespace,
+        "-o",
+        "json",
+    ]));
+    let limited: Value = serde_json::from_str(&limited).unwrap();
+    let limited_token = limited["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        cluster.jsonpath(&namespace, "at/limited", "{.spec.limits.requestsPerMinute}"),
+        "6"
+    );
+    embed_until(&url, &limited_token, (200, "")).await;
+    assert_eq!(
+        embed(&url, &limited_token).await,
+        (429, "requests_per_minute_exceeded".to_owned()),
+        "the next one within 10 s"
+    );
+    let enforcement = e2e::eventually(
+        "how the limits are enforced",
+        Duration::from_secs(30),
+        || {
+            let status: Value = serde_json::from_str(&cluster.jsonpath(
+                &namespace,
+                "at/limited",
+                "{.status.limits}",
+            ))
+            .ok()?;
+            Some(status)
+        },
+    );
+    // The test bed runs one proxy replica and no store: it enforces the whole limit.
+    assert_eq!(enforcement["enforcement"], "PerReplica", "{enforcement}");
+    let replicas = enforcement["replicas"].as_f64().unwrap();
+    assert_eq!(
+        enforcement["perReplica"]["requestsPerMinute"].as_f64(),
+        Some(6.0 / replicas),
+        "{enforcement}"
+    );
+
     let listed = succeeded(&run(&["token", "list", "-n", &namespace]));
     let header = listed.lines().next().unwrap();
     assert!(header.starts_with("NAME") && header.contains("PHASE") && header.contains("ROTATION"));
@@ -352,6 +400,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "md/vault",
         "at/app",
         "at/kept",
+        "at/limited",
         &format!("at/{successor}"),
         "--wait=true",
         "--timeout=60s",

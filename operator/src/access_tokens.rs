@@ -96,11 +96,13 @@ async fn issue(token: Arc<AccessToken>, ctx: &Context) -> Result<Action, Error> 
             .then(|| user_secret_name(&token)),
         observed_generation: token.metadata.generation,
         conditions,
-        // The usage writer's own field, which this field manager never writes.
+        // The usage and limits writers' own fields, which this field manager never writes.
         usage: None,
+        limits: None,
     };
     let written = AccessTokenStatus {
         usage: None,
+        limits: None,
         ..previous.clone()
     };
     if token.status.is_none() || written != status {

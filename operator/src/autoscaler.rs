@@ -379,7 +379,10 @@ pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
                         uid,
                         Instant::now(),
                         parse_report(&page),
-                        crate::usage::parse_token_counters(&page),
+                        (
+                            crate::usage::parse_token_counters(&page),
+                            crate::enforcement::parse_proxy_limits(&page),
+                        ),
                     )),
                     Err(error) => {
                         tracing::debug!(%addr, %error, "could not read a proxy's metrics");
@@ -388,16 +391,28 @@ pub async fn run(ctx: Arc<Context>, models: Store<ModelDeployment>) {
                 }
             })
         });
-        let (reports, usage): (Vec<_>, Vec<_>) = futures::future::join_all(reads)
+        let (reports, tokens): (Vec<_>, Vec<_>) = futures::future::join_all(reads)
             .await
             .into_iter()
             .flatten()
             .map(|(uid, at, report, tokens)| ((uid.clone(), at, report), (uid, tokens)))
             .unzip();
         let loads = meter.measure(reports);
+        let (usage, limits): (Vec<_>, Vec<_>) = tokens
+            .into_iter()
+            .map(|(uid, (usage, limits))| ((uid, usage), limits))
+            .unzip();
         ledger.observe(usage);
         if usage_written.elapsed() >= settings.usage_interval {
-            crate::usage::publish(&ctx, &mut ledger).await;
+            match crate::usage::list_tokens(&ctx).await {
+                Ok(tokens) => {
+                    crate::usage::publish(&ctx, &mut ledger, &tokens).await;
+                    crate::enforcement::publish(&ctx, &limits, &tokens).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not list AccessTokens to write their status");
+                }
+            }
             usage_written = Instant::now();
         }
         let now = Instant::now();

@@ -14,6 +14,7 @@ pub mod apply;
 pub mod autoscaler;
 pub mod controller;
 pub mod desired;
+pub mod enforcement;
 pub mod internal_keys;
 pub mod lease;
 pub mod local;

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use crds::names::{
     ROTATED_FROM_ANNOTATION, ROTATED_TO_ANNOTATION, TOKEN_FAMILY_LABEL, TOKEN_SECRET_KEY,
 };
-use crds::{AccessToken, AccessTokenPhase, AccessTokenSpec, Token};
+use crds::{AccessToken, AccessTokenPhase, AccessTokenSpec, Token, TokenLimits};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -134,6 +134,7 @@ struct NewToken<'a> {
     models: Vec<String>,
     expiry: Expiry,
     keep_secret: bool,
+    limits: Option<TokenLimits>,
     family: &'a str,
     rotated_from: Option<&'a str>,
 }
@@ -146,12 +147,14 @@ pub async fn create(
     models: Vec<String>,
     expiry: Expiry,
     keep_secret: bool,
+    limits: Option<TokenLimits>,
 ) -> anyhow::Result<Issued> {
     let spec = NewToken {
         name,
         models,
         expiry,
         keep_secret,
+        limits,
         family: name,
         rotated_from: None,
     };
@@ -177,6 +180,7 @@ async fn issue(client: &Client, namespace: &str, new: NewToken<'_>) -> anyhow::R
             token_hash: minted
                 .as_ref()
                 .map(|t| format!("sha256:{}", t.sha256_hex())),
+            limits: new.limits,
         },
     );
     token
@@ -409,6 +413,7 @@ pub async fn rotate(
             expiry: lifetime,
             // A token the operator issued sits in a Secret that workloads may mount.
             keep_secret: old.spec.token_hash.is_none(),
+            limits: old.spec.limits,
             family: &family,
             rotated_from: Some(name),
         },

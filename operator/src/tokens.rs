@@ -168,6 +168,7 @@ pub fn record(
         models,
         expires_at: token.spec.expiry(issuance.issued_at),
         revoked: token.spec.revoked,
+        limits: token.spec.limits,
     })
 }
 

@@ -186,34 +186,29 @@ pub fn add(previous: Option<&TokenUsage>, gain: &Gain, now: jiff::Timestamp) -> 
     usage
 }
 
-/// Adds every gain to its AccessToken's `status.usage`. A token that is gone takes its gain
-/// with it; one that could not be written keeps it for the next round.
-pub async fn publish(ctx: &Context, ledger: &mut Ledger) {
-    let gains = ledger.take();
-    if gains.is_empty() {
-        return;
-    }
+/// The AccessTokens the operator reconciles, for their status.
+pub async fn list_tokens(ctx: &Context) -> Result<Vec<AccessToken>, kube::Error> {
     let tokens: Api<AccessToken> = match &ctx.config.watch_namespace {
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
         None => Api::all(ctx.client.clone()),
     };
-    let listed = match tokens.list(&ListParams::default()).await {
-        Ok(listed) => listed.items,
-        Err(error) => {
-            tracing::warn!(%error, "could not list AccessTokens to write their usage");
-            gains
-                .into_iter()
-                .for_each(|(token, gain)| ledger.restore(token, gain));
-            return;
-        }
-    };
-    let by_uid: HashMap<String, AccessToken> = listed
-        .into_iter()
+    Ok(tokens.list(&ListParams::default()).await?.items)
+}
+
+/// Adds every gain to its AccessToken's `status.usage`. A token that is gone takes its gain
+/// with it; one that could not be written keeps it for the next round.
+pub async fn publish(ctx: &Context, ledger: &mut Ledger, tokens: &[AccessToken]) {
+    let gains = ledger.take();
+    if gains.is_empty() {
+        return;
+    }
+    let by_uid: HashMap<String, &AccessToken> = tokens
+        .iter()
         .filter_map(|token| Some((token.uid()?, token)))
         .collect();
     let now = jiff::Timestamp::now();
     for (uid, gain) in gains {
-        let Some(token) = by_uid.get(&uid) else {
+        let Some(token) = by_uid.get(&uid).copied() else {
             continue;
         };
         let previous = token.status.as_ref().and_then(|s| s.usage.as_ref());

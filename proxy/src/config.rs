@@ -21,6 +21,14 @@ struct ConfigFile {
     models: Vec<ModelEntry>,
     #[serde(default)]
     tokens: Vec<TokenRecord>,
+    /// Proxies serving these tokens side by side (behind one balancer): without a limits
+    /// store each enforces 1/N of every token's limits.
+    #[serde(default = "one", rename = "proxyReplicas")]
+    proxy_replicas: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +61,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub models: Vec<ModelSpec>,
     pub tokens: Vec<TokenRecord>,
+    /// Proxies sharing per-token limits (`proxyReplicas`, default 1).
+    pub proxy_replicas: usize,
 }
 
 /// Why a configuration file was refused; names the field at fault.
@@ -155,10 +165,14 @@ impl Config {
                 ));
             }
         }
+        if file.proxy_replicas == 0 {
+            return Err(invalid("proxyReplicas", "must be at least 1"));
+        }
         Ok(Config {
             listen,
             models,
             tokens: file.tokens,
+            proxy_replicas: file.proxy_replicas,
         })
     }
 }

@@ -54,6 +54,36 @@ pub enum Rejection {
     UpstreamFailed,
     #[error("the request did not complete within its deadline of {}s", .budget.as_secs_f64())]
     Timeout { budget: Duration },
+    #[error(
+        "the token is over its limit of {limit} ({enforced} enforced by this proxy); retry after {retry_after} s"
+    )]
+    LimitExceeded {
+        limit: Limit,
+        /// The figure enforced: the whole limit with a shared store, this replica's share
+        /// without one.
+        enforced: f64,
+        retry_after: u32,
+    },
+    #[error("the token's limits cannot be checked now (their store is unreachable); retry shortly")]
+    LimitsUnavailable,
+}
+
+/// Which of a token's limits a request is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    RequestsPerMinute,
+    ConcurrentRequests,
+    TokensPerMinute,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Limit::RequestsPerMinute => "requests per minute",
+            Limit::ConcurrentRequests => "concurrent requests",
+            Limit::TokensPerMinute => "generation tokens per minute",
+        })
+    }
 }
 
 impl Rejection {
@@ -75,7 +105,9 @@ impl Rejection {
             Rejection::NoReadyEndpoint { .. }
             | Rejection::StartOutlasted { .. }
             | Rejection::HoldFull { .. }
-            | Rejection::UpstreamUnavailable => 503,
+            | Rejection::UpstreamUnavailable
+            | Rejection::LimitsUnavailable => 503,
+            Rejection::LimitExceeded { .. } => 429,
             Rejection::UpstreamFailed => 502,
             Rejection::Timeout { .. } => 504,
         }
@@ -102,6 +134,12 @@ impl Rejection {
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamFailed => "upstream_error",
             Rejection::Timeout { .. } => "timeout",
+            Rejection::LimitExceeded { limit, .. } => match limit {
+                Limit::RequestsPerMinute => "requests_per_minute_exceeded",
+                Limit::ConcurrentRequests => "concurrent_requests_exceeded",
+                Limit::TokensPerMinute => "tokens_per_minute_exceeded",
+            },
+            Rejection::LimitsUnavailable => "limits_unavailable",
         }
     }
 
@@ -121,6 +159,7 @@ impl Rejection {
             404 => "not_found_error",
             400 | 405 | 413 | 431 => "invalid_request_error",
             504 => "timeout_error",
+            429 => "rate_limit_error",
             _ => "upstream_error",
         }
     }
@@ -135,6 +174,7 @@ impl Rejection {
         match self {
             // A runtime pod takes seconds to start: an earlier retry would be held again.
             Rejection::StartOutlasted { .. } | Rejection::HoldFull { .. } => Some(5),
+            Rejection::LimitExceeded { retry_after, .. } => Some(*retry_after),
             _ => (self.status() == 503).then_some(1),
         }
     }
@@ -218,6 +258,16 @@ mod tests {
                 "timeout",
             ),
             (Rejection::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (
+                Rejection::LimitExceeded {
+                    limit: Limit::TokensPerMinute,
+                    enforced: 1000.0,
+                    retry_after: 3,
+                },
+                429,
+                "tokens_per_minute_exceeded",
+            ),
+            (Rejection::LimitsUnavailable, 503, "limits_unavailable"),
             (Rejection::ConflictingFraming, 400, "conflicting_framing"),
             (Rejection::MalformedRequest, 400, "malformed_request"),
             (Rejection::MethodNotAllowed, 405, "method_not_allowed"),

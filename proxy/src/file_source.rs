@@ -52,7 +52,7 @@ impl FileSource {
         let before = stamp(&path);
         let config = Config::load(&path)?;
         let listen = config.listen.clone();
-        shared.publish(config.models, config.tokens);
+        shared.publish(config.models, config.tokens, config.proxy_replicas);
         let source = FileSource {
             path,
             shared,
@@ -79,7 +79,8 @@ impl FileSource {
                     tracing::warn!(path = %self.path.display(), "listen, metrics and threads take effect on restart only");
                 }
                 let (models, tokens) = (config.models.len(), config.tokens.len());
-                self.shared.publish(config.models, config.tokens);
+                self.shared
+                    .publish(config.models, config.tokens, config.proxy_replicas);
                 tracing::info!(path = %self.path.display(), models, tokens, "configuration reloaded");
                 true
             }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use crds::TokenLimits;
 use crds::names::REQUEST_TIMEOUT_HEADER;
 use http::{HeaderName, Method, header};
 use internal_token::usage::{self, Usage};
@@ -33,6 +34,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::Rejection;
+use crate::limits::{Admitted, Limits};
 use crate::metrics::{Metrics, ModelSeries};
 use crate::request::{parse_model_path, parse_request_timeout, presented_token};
 use crate::snapshot::{InflightGuard, Model, pick_endpoint};
@@ -105,6 +107,8 @@ pub struct Gateway {
     pub max_held_per_model: usize,
     /// Signs the JWT each forwarded request carries to its runtime; `None` forwards unsigned.
     pub signer: Option<Arc<Watched<Signer>>>,
+    /// Per-token limits.
+    pub limits: Arc<Limits>,
 }
 
 /// One request, from its head to its log line.
@@ -114,6 +118,7 @@ struct Request {
     id: String,
     model: Option<Arc<Model>>,
     token_id: Option<String>,
+    token_limits: Option<TokenLimits>,
     upstream_path: String,
     deadline: Instant,
     budget: Duration,
@@ -125,6 +130,8 @@ struct Request {
     forwarding: bool,
     /// What the runtime reported the request used.
     usage: Option<Usage>,
+    /// The request's place under its token's limits, until it ends.
+    admitted: Option<Admitted>,
     _in_progress: RequestGuard,
 }
 
@@ -356,6 +363,7 @@ impl Gateway {
         let (record, model) =
             snapshot.authorize(presented, route.model_id, jiff::Timestamp::now())?;
         request.token_id = Some(record.id.clone());
+        request.token_limits = record.limits;
         request.model = Some(model.clone());
 
         request.budget = match client.headers.get(REQUEST_TIMEOUT_HEADER) {
@@ -395,6 +403,7 @@ impl Gateway {
             id: request_id(downstream.req_header()),
             model: None,
             token_id: None,
+            token_limits: None,
             upstream_path: String::new(),
             deadline: started + defaults.default,
             budget: defaults.default,
@@ -403,6 +412,7 @@ impl Gateway {
             rejection: None,
             forwarding: false,
             usage: None,
+            admitted: None,
             _in_progress: self.shared.track_request(),
         };
         if let Some(current) = downstream.get_keepalive_timeout() {
@@ -420,6 +430,9 @@ impl Gateway {
             downstream.set_server_keepalive(None);
         }
         let reusable = self.answer(downstream, &mut request).await;
+        if let Some(admitted) = request.admitted.take() {
+            self.limits.finish(admitted, request.usage.as_ref()).await;
+        }
         self.log(downstream, &request);
         reusable
     }
@@ -444,6 +457,9 @@ impl Gateway {
             .is_ok();
         }
         let mut admitted = self.admit(downstream.req_header(), request);
+        if admitted.is_ok() {
+            admitted = self.within_limits(request).await;
+        }
         // Held or forwarded, an admitted request is demand on its model until it is answered.
         let _demand = request
             .model
@@ -500,6 +516,19 @@ impl Gateway {
             Failure::ClientGone => {}
         }
         false
+    }
+
+    /// Takes the request's place under its token's limits (see `limits`).
+    async fn within_limits(&self, request: &mut Request) -> Result<(), Rejection> {
+        let (Some(token), Some(limits)) = (&request.token_id, request.token_limits) else {
+            return Ok(());
+        };
+        let peers = self.shared.snapshot().peers;
+        request.admitted = self
+            .limits
+            .admit(token, limits, peers, &request.id, request.budget)
+            .await?;
+        Ok(())
     }
 
     /// Holds a request for a model with no endpoint (an autoscaled model at zero replicas)

@@ -33,6 +33,8 @@ pub struct KubeSource {
     pub shared: Arc<Shared>,
     /// The gateway namespace, where the token record Secrets live.
     pub namespace: String,
+    /// The proxy's own Service in `namespace`, whose ready endpoints are its replicas.
+    pub peers_service: String,
     /// Deadlines of models whose ModelDeployment sets none.
     pub default_timeouts: RequestTimeouts,
 }
@@ -130,7 +132,8 @@ impl KubeSource {
                             tokens = tokens.len(),
                             "publishing a snapshot"
                         );
-                        self.shared.publish(models, tokens);
+                        let peers = peers(&slices.state(), &self.namespace, &self.peers_service);
+                        self.shared.publish(models, tokens, peers);
                     }
                 }
                 Err(error) => {
@@ -200,6 +203,16 @@ fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSlice>) -> Vec<S
         }
     }
     addresses.into_iter().collect()
+}
+
+/// The ready endpoints of Service `service` in `namespace`: the proxy replicas that share
+/// per-token limits (at least this one).
+pub fn peers(slices: &[Arc<EndpointSlice>], namespace: &str, service: &str) -> usize {
+    let own = slices.iter().map(Arc::as_ref).filter(|slice| {
+        slice.namespace().as_deref() == Some(namespace)
+            && slice.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(service)
+    });
+    ready_endpoints(own).len().max(1)
 }
 
 /// One `ModelSpec` per ModelDeployment with a usable id and timeouts. When two claim the same
@@ -366,6 +379,29 @@ mod tests {
                 },
             ]),
         })
+    }
+
+    #[test]
+    fn the_replicas_sharing_limits_are_the_ready_endpoints_of_the_proxys_own_service() {
+        let slices = [
+            slice(
+                "infergate-proxy",
+                "http",
+                &[
+                    ("10.0.0.1", Some(true)),
+                    ("10.0.0.2", None),
+                    ("10.0.0.3", Some(false)),
+                ],
+            ),
+            slice("minilm", "http", &[("10.0.1.1", Some(true))]),
+        ];
+        assert_eq!(peers(&slices, "demo", "infergate-proxy"), 2);
+        assert_eq!(
+            peers(&slices, "other", "infergate-proxy"),
+            1,
+            "at least this one"
+        );
+        assert_eq!(peers(&[], "demo", "infergate-proxy"), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod file_source;
 pub mod gateway;
 pub mod header_guard;
 pub mod kube_source;
+pub mod limits;
 pub mod metrics;
 pub mod request;
 pub mod server;

@@ -99,6 +99,28 @@ struct Args {
     #[arg(long, env = "INFERGATE_PROXY_INTERNAL_SIGNING_KEYS")]
     internal_signing_keys: Option<PathBuf>,
 
+    /// The proxy's own Service in --namespace, with --source kubernetes: its ready endpoints
+    /// are the replicas that share each token's limits when no --limits-store is set.
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_PEERS_SERVICE",
+        default_value = "infergate-proxy"
+    )]
+    peers_service: String,
+    /// A Redis or Valkey (`redis://[:password@]host:port[/db]`, `rediss://` for TLS) where
+    /// every replica counts per-token limits, making them global and exact; without one each
+    /// of the N replicas enforces 1/N of each limit.
+    #[arg(long, env = "INFERGATE_PROXY_LIMITS_STORE")]
+    limits_store: Option<String>,
+    /// What to do while the limits store cannot be reached: `local` enforces this replica's
+    /// share, `open` admits without limits, `closed` refuses with 503.
+    #[arg(
+        long,
+        env = "INFERGATE_PROXY_LIMITS_STORE_FAILURE",
+        value_enum,
+        default_value = "local"
+    )]
+    limits_store_failure: proxy::limits::StoreFailure,
     /// Log lines as JSON objects (for log collectors) instead of text.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -141,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => proxy::server::SourceOptions::File(path),
         None => proxy::server::SourceOptions::Kubernetes {
             namespace: args.namespace,
+            peers_service: args.peers_service,
             default_timeouts: default_timeouts(args.default_timeout, args.max_timeout)?,
             listen: proxy::config::ListenConfig {
                 listen: args.listen,
@@ -162,5 +185,7 @@ fn main() -> anyhow::Result<()> {
         max_held_per_model: args.max_held_per_model,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         internal_signing_keys: args.internal_signing_keys,
+        limits_store: args.limits_store,
+        limits_store_failure: args.limits_store_failure,
     })
 }

@@ -4,12 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
 use internal_token::usage::Usage;
+
+use crate::limits::Limits;
+use crate::state::Shared;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
@@ -39,6 +42,17 @@ pub struct Metrics {
     token_last_used: GaugeVec,
     /// One per model id, so that every snapshot's series of a model share its count.
     demands: Arc<Mutex<HashMap<String, Arc<Demand>>>>,
+    /// Where the limits gauges are read from at each scrape.
+    limits: Arc<OnceLock<LimitsGauges>>,
+}
+
+/// The gauges of how per-token limits are enforced, read at each scrape.
+#[derive(Debug)]
+struct LimitsGauges {
+    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    peers: IntGauge,
+    store_up: Option<IntGauge>,
 }
 
 impl Metrics {
@@ -129,6 +143,7 @@ impl Metrics {
             )
             .expect("static metric definition"),
             demands: Arc::default(),
+            limits: Arc::default(),
             registry,
         };
         for collector in [
@@ -174,6 +189,36 @@ impl Metrics {
         }
     }
 
+    /// Reports how per-token limits are enforced: `infergate_proxy_limit_peers` (the replicas
+    /// sharing them; each enforces 1/N without a store) and, with a store,
+    /// `infergate_proxy_limits_store_up`. The operator reads both into AccessToken status.
+    pub fn watch_limits(&self, shared: Arc<Shared>, limits: Arc<Limits>) {
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("static metric definition");
+            self.registry
+                .register(Box::new(gauge.clone()))
+                .expect("metric names are unique");
+            gauge
+        };
+        let peers = gauge(
+            "infergate_proxy_limit_peers",
+            "Ready proxy replicas that share each token's limits (each enforces 1/N of them \
+             without a shared store).",
+        );
+        let store_up = limits.store_up().map(|_| {
+            gauge(
+                "infergate_proxy_limits_store_up",
+                "Whether the last call to the shared store of per-token limits reached it.",
+            )
+        });
+        let _ = self.limits.set(LimitsGauges {
+            shared,
+            limits,
+            peers,
+            store_up,
+        });
+    }
+
     /// Accounts a request that presented token record `token`, ended with `status`.
     pub fn token_used(&self, token: &str, model: &str, status: u16, usage: Option<&Usage>) {
         let class = match status {
@@ -210,6 +255,12 @@ impl Metrics {
         let now = Instant::now();
         for demand in demands {
             demand.settle(now);
+        }
+        if let Some(gauges) = self.limits.get() {
+            gauges.peers.set(gauges.shared.snapshot().peers as i64);
+            if let (Some(gauge), Some(up)) = (&gauges.store_up, gauges.limits.store_up()) {
+                gauge.set(i64::from(up));
+            }
         }
         let mut buffer = Vec::new();
         TextEncoder::new()

@@ -19,6 +19,7 @@ use crate::file_source::FileSource;
 use crate::gateway::{Gateway, HeaderLimits};
 use crate::header_guard::{GuardedProxy, HeadLimits};
 use crate::kube_source::KubeSource;
+use crate::limits::{Limits, StoreFailure};
 use crate::metrics::{Metrics, MetricsApp};
 use crate::state::Shared;
 
@@ -30,6 +31,9 @@ pub enum SourceOptions {
     /// The cluster's API: record Secrets of `namespace`, ModelDeployments, EndpointSlices.
     Kubernetes {
         namespace: String,
+        /// The proxy's own Service in `namespace`: its ready endpoints are the replicas that
+        /// share per-token limits.
+        peers_service: String,
         listen: ListenConfig,
         /// Deadlines of models whose ModelDeployment sets none.
         default_timeouts: crds::RequestTimeouts,
@@ -50,6 +54,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// The keys that sign forwarded requests; `None` forwards them unsigned.
     pub internal_signing_keys: Option<PathBuf>,
+    /// The shared store of per-token limits (`redis://...`); each replica enforces its share
+    /// without one.
+    pub limits_store: Option<String>,
+    pub limits_store_failure: StoreFailure,
 }
 
 /// Runs the proxy until SIGTERM (graceful) or SIGINT (immediate).
@@ -62,12 +70,14 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }
         SourceOptions::Kubernetes {
             namespace,
+            peers_service,
             listen,
             default_timeouts,
         } => {
             let source = KubeSource {
                 shared: shared.clone(),
                 namespace,
+                peers_service,
                 default_timeouts,
             };
             (
@@ -76,7 +86,12 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
             )
         }
     };
+    let limits = Arc::new(Limits::new(
+        options.limits_store.as_deref(),
+        options.limits_store_failure,
+    )?);
     let metrics = Metrics::new();
+    metrics.watch_limits(shared.clone(), limits.clone());
     let signer = match &options.internal_signing_keys {
         Some(path) => Some(Arc::new(Watched::start(path, |bytes| {
             SigningKeys::parse(bytes).and_then(|keys| Signer::new(&keys))
@@ -107,6 +122,7 @@ pub fn serve(options: ServeOptions) -> anyhow::Result<()> {
         keepalive_idle_secs: options.keepalive_idle_secs,
         max_held_per_model: options.max_held_per_model,
         signer,
+        limits,
     };
     let guarded = GuardedProxy {
         inner: Arc::new(gateway),

@@ -120,6 +120,8 @@ pub struct Snapshot {
     /// Token records by the lower-case hex SHA-256 of their token.
     tokens: HashMap<String, TokenRecord>,
     models: HashMap<String, Arc<Model>>,
+    /// Proxy replicas sharing per-token limits, this one included (at least 1).
+    pub peers: usize,
 }
 
 impl Snapshot {
@@ -127,6 +129,7 @@ impl Snapshot {
     pub fn build(
         models: Vec<ModelSpec>,
         tokens: Vec<TokenRecord>,
+        peers: usize,
         pool: &EndpointPool,
     ) -> Snapshot {
         let in_use: std::collections::HashSet<&SocketAddr> =
@@ -150,7 +153,11 @@ impl Snapshot {
             .into_iter()
             .map(|record| (record.sha256.clone(), record))
             .collect();
-        Snapshot { tokens, models }
+        Snapshot {
+            tokens,
+            models,
+            peers: peers.max(1),
+        }
     }
 
     /// Runs the contract's checks in order: credential present, well-formed and known, not
@@ -261,6 +268,7 @@ mod tests {
             models: models.iter().map(|m| m.to_string()).collect(),
             expires_at: expires_at.map(|t| t.parse().unwrap()),
             revoked,
+            limits: None,
         }
     }
 
@@ -284,7 +292,7 @@ mod tests {
             .map(|t| t.expose_secret().to_owned())
             .collect();
         Fixture {
-            snapshot: Snapshot::build(vec![model], records, &EndpointPool::default()),
+            snapshot: Snapshot::build(vec![model], records, 1, &EndpointPool::default()),
             valid: secrets[0].clone(),
             expired: secrets[1].clone(),
             revoked: secrets[2].clone(),
@@ -414,9 +422,9 @@ mod tests {
             endpoints: vec![addr],
             hold_when_idle: false,
         };
-        let before = Snapshot::build(vec![spec.clone()], vec![], &pool);
+        let before = Snapshot::build(vec![spec.clone()], vec![], 1, &pool);
         let _guard = InflightGuard::new(before.model("m").unwrap().endpoints[0].clone());
-        let after = Snapshot::build(vec![spec], vec![], &pool);
+        let after = Snapshot::build(vec![spec], vec![], 1, &pool);
         assert_eq!(after.model("m").unwrap().endpoints[0].inflight(), 1);
     }
 }

@@ -29,9 +29,10 @@ impl Shared {
 
     /// Replaces the snapshot in one swap and marks the proxy ready: a source publishes only
     /// after it has synced.
-    pub fn publish(&self, models: Vec<ModelSpec>, tokens: Vec<crds::TokenRecord>) {
+    /// `peers`: the proxy replicas (this one included) that share per-token limits.
+    pub fn publish(&self, models: Vec<ModelSpec>, tokens: Vec<crds::TokenRecord>, peers: usize) {
         self.snapshot
-            .store(Arc::new(Snapshot::build(models, tokens, &self.pool)));
+            .store(Arc::new(Snapshot::build(models, tokens, peers, &self.pool)));
         self.ready.store(true, Ordering::Release);
         self.published.send_modify(|count| *count += 1);
     }

@@ -109,6 +109,15 @@ enum TokenCommand {
         /// that mount it; the token is printed from there.
         #[arg(long)]
         keep_secret: bool,
+        /// Requests per minute the token may make (all proxy replicas together).
+        #[arg(long)]
+        requests_per_minute: Option<u32>,
+        /// Requests the token may have in progress at once.
+        #[arg(long)]
+        concurrent_requests: Option<u32>,
+        /// Prompt and completion tokens of text generation per minute.
+        #[arg(long)]
+        tokens_per_minute: Option<u64>,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
@@ -268,9 +277,18 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             ttl,
             expires,
             keep_secret,
+            requests_per_minute,
+            concurrent_requests,
+            tokens_per_minute,
             namespace,
             output,
         } => {
+            let limits = crds::TokenLimits {
+                requests_per_minute,
+                concurrent_requests,
+                tokens_per_minute,
+            };
+            let limits = (limits != crds::TokenLimits::default()).then_some(limits);
             let expiry = match (ttl, expires) {
                 (Some(ttl), _) => Expiry::After(ttl),
                 (None, Some(at)) => Expiry::At(at),
@@ -278,7 +296,16 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             };
             let issued = cluster.block_on(async {
                 let (client, namespace) = commands::connect(namespace).await?;
-                commands::create(&client, &namespace, &name, models, expiry, keep_secret).await
+                commands::create(
+                    &client,
+                    &namespace,
+                    &name,
+                    models,
+                    expiry,
+                    keep_secret,
+                    limits,
+                )
+                .await
             })?;
             print!("{}", issued.render(output));
         }

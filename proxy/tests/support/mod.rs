@@ -42,6 +42,7 @@ impl Seen {
 /// - `/die-mid-body`: promises 1000 bytes, sends 10 and closes;
 /// - `/sse-then-die`: one SSE event, then closes without ending the stream;
 /// - `/usage`: a JSON answer with a usage report of 3 inputs in its head;
+/// - `/generated`: a JSON answer reporting 100 prompt and 900 completion tokens;
 /// - `/sse-usage/<count>`: `count` events, then the report of `count` completion tokens as
 ///   the stream's last comment, in two pieces;
 /// - `/sse-lookalike`: an event, then a comment that starts like a report in one piece and is
@@ -228,6 +229,11 @@ async fn respond(
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ninfergate-usage: inputs=3\r\ncontent-length: 2\r\n\r\n{}")
                 .await?;
         }
+        ["generated"] => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ninfergate-usage: prompt_tokens=100, completion_tokens=900\r\ncontent-length: 2\r\n\r\n{}")
+                .await?;
+        }
         ["sse-usage", count] => {
             start_sse(stream).await?;
             let count = count.parse::<u32>().unwrap_or(1);
@@ -305,6 +311,7 @@ impl TestToken {
             models: models.iter().map(|m| m.to_string()).collect(),
             expires_at: None,
             revoked: false,
+            limits: None,
         };
         TestToken { token, record }
     }
@@ -359,6 +366,8 @@ pub struct Proxy {
     pub config: PathBuf,
     listen: String,
     metrics: String,
+    /// The `proxyReplicas` of its config: proxies sharing per-token limits.
+    replicas: usize,
     output: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -382,6 +391,17 @@ impl Proxy {
         args: &[&str],
         level: &str,
     ) -> Proxy {
+        Proxy::start_replica(models, tokens, args, level, 1).await
+    }
+
+    /// One of `replicas` proxies serving the same tokens side by side (`proxyReplicas`).
+    pub async fn start_replica(
+        models: &[TestModel],
+        tokens: &[&TestToken],
+        args: &[&str],
+        level: &str,
+        replicas: usize,
+    ) -> Proxy {
         let dir = std::env::temp_dir().join(format!(
             "infergate-proxy-test-{}-{}",
             std::process::id(),
@@ -398,6 +418,7 @@ impl Proxy {
             config,
             listen,
             metrics,
+            replicas,
             output: Arc::new(Mutex::new(Vec::new())),
         };
         proxy.write_config(models, tokens);
@@ -448,9 +469,10 @@ impl Proxy {
             .collect();
         let tokens: Vec<&TokenRecord> = tokens.iter().map(|t| &t.record).collect();
         let text = format!(
-            "listen: {}\nmetrics: {}\nthreads: 1\nmodels:\n{models}tokens: {}\n",
+            "listen: {}\nmetrics: {}\nthreads: 1\nproxyReplicas: {}\nmodels:\n{models}tokens: {}\n",
             self.listen,
             self.metrics,
+            self.replicas,
             serde_json::to_string(&tokens).unwrap()
         );
         let tmp = self.config.with_extension("tmp");
