@@ -940,6 +940,184 @@ async fn edits_to_the_files_apply_while_it_runs() {
     );
 }
 
+/// `infergate token ARGS -f DIR`: its standard output, which must be a success's.
+fn local_token(local: &LocalMode, args: &[&str]) -> String {
+    let output = std::process::Command::new(infergate())
+        .arg("token")
+        .args(args)
+        .arg("-f")
+        .arg(&local.dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "token {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Predicts the tabular model's one row with `token`: the status and error code.
+async fn predict(local: &LocalMode, token: &str) -> (u16, String) {
+    let (status, body) = post(
+        &format!("{}/models/tabular/proxy/v1/predict", local.url),
+        &[("authorization", &bearer(token))],
+        &json!([[0.0, 0.0, 0.0, 0.0]]),
+    )
+    .await;
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
+}
+
+/// Predicts until the answer is `want`: `infergate up` applies file edits within its poll.
+async fn predict_until(local: &LocalMode, token: &str, want: (u16, &str)) {
+    let started = Instant::now();
+    loop {
+        let (status, code) = predict(local, token).await;
+        if (status, code.as_str()) == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still {status} {code:?}, not {want:?}:\n{}",
+            local.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_commands_edit_local_modes_files_and_it_applies_them() {
+    // A person's own token file, with comments the commands must keep.
+    let own = "# tokens of the team\n".to_owned()
+        + &token("team", &["tabular"], "  # until further notice\n");
+    let local = LocalMode::start(
+        &infergate(),
+        &[
+            (
+                "models.yaml",
+                &model("tabular", "tabular", &fixture("tabular-mlp")),
+            ),
+            ("team.yaml", &own),
+        ],
+    );
+    local.wait_ready(&["tabular"], READY_LIMIT);
+    let team = local.token("team");
+
+    // Create: shown once, only its digest written, served as soon as the command returns.
+    let created: Value = serde_json::from_str(&local_token(
+        &local,
+        &[
+            "create", "app", "--models", "tabular", "--ttl", "30d", "-o", "json",
+        ],
+    ))
+    .unwrap();
+    let app = created["token"].as_str().unwrap().to_owned();
+    let file = std::fs::read_to_string(local.dir.join("accesstoken-app.yaml")).unwrap();
+    assert!(file.contains("tokenHash: sha256:"), "{file}");
+    for entry in std::fs::read_dir(&local.dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert!(
+                !std::fs::read_to_string(&path).unwrap().contains(&app),
+                "{}",
+                path.display()
+            );
+        }
+    }
+    predict_until(&local, &app, (200, "")).await;
+
+    let listed = local_token(&local, &["list"]);
+    let row = |name: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{listed}"))
+            .to_owned()
+    };
+    assert!(listed.starts_with("NAME"), "{listed}");
+    assert!(
+        row("app").contains("Active") && row("app").contains("tabular"),
+        "{listed}"
+    );
+    assert!(
+        row("team").contains("Active") && row("team").contains("igt_"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&app) && !listed.contains(&team));
+
+    // Rotate: both work during the grace, then only the successor.
+    let rotated = local_token(&local, &["rotate", "app", "--grace", "4s", "-o", "env"]);
+    let value = |key: &str| {
+        rotated
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .to_owned()
+    };
+    let (successor, successor_name) = (value("INFERGATE_TOKEN"), value("INFERGATE_TOKEN_NAME"));
+    assert!(successor_name.starts_with("app-"), "{successor_name}");
+    let rotated_at = Instant::now();
+    predict_until(&local, &successor, (200, "")).await;
+    assert_eq!(
+        predict(&local, &app).await,
+        (200, String::new()),
+        "during the grace"
+    );
+    tokio::time::sleep(
+        Duration::from_secs(4).saturating_sub(rotated_at.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    predict_until(&local, &app, (401, "token_expired")).await;
+    assert_eq!(predict(&local, &successor).await, (200, String::new()));
+
+    // Revoke, in the person's own file: refused, and the file keeps its comments.
+    let said = local_token(&local, &["revoke", "team"]);
+    assert!(said.contains("team.yaml"), "{said}");
+    predict_until(&local, &team, (401, "token_revoked")).await;
+    let edited = std::fs::read_to_string(local.dir.join("team.yaml")).unwrap();
+    assert!(
+        edited.contains("# tokens of the team") && edited.contains("# until further notice"),
+        "{edited}"
+    );
+    assert!(edited.contains("revoked: true"), "{edited}");
+
+    // Limits: 6 a minute, a burst of 1.
+    let limited: Value = serde_json::from_str(&local_token(
+        &local,
+        &[
+            "create",
+            "limited",
+            "--models",
+            "tabular",
+            "--requests-per-minute",
+            "6",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    let limited = limited["token"].as_str().unwrap().to_owned();
+    predict_until(&local, &limited, (200, "")).await;
+    assert_eq!(
+        predict(&local, &limited).await,
+        (429, "requests_per_minute_exceeded".to_owned())
+    );
+    assert!(local_token(&local, &["list"]).contains("6 rpm"));
+
+    // A name the files hold already is refused, and nothing is written.
+    let again = std::process::Command::new(infergate())
+        .args(["token", "create", "app", "--models", "tabular", "-f"])
+        .arg(&local.dir)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
 /// Child processes of `pid`, by their command line.
 fn children(pid: u32) -> Vec<(u32, String)> {
     let listed = std::process::Command::new("pgrep")

@@ -118,21 +118,27 @@ enum TokenCommand {
         /// Prompt and completion tokens of text generation per minute.
         #[arg(long)]
         tokens_per_minute: Option<u64>,
-        #[arg(short = 'n', long)]
+        #[arg(short = 'n', long, conflicts_with = "path")]
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: operator::token_commands::Output,
+        #[command(flatten)]
+        local: Local,
     },
     /// Lists the AccessTokens of the namespace: phase, models, prefix, expiry, rotation.
     List {
-        #[arg(short = 'n', long)]
+        #[arg(short = 'n', long, conflicts_with = "path")]
         namespace: Option<String>,
+        #[command(flatten)]
+        local: Local,
     },
     /// Revokes an AccessToken: the proxy refuses its token within a second.
     Revoke {
         name: String,
-        #[arg(short = 'n', long)]
+        #[arg(short = 'n', long, conflicts_with = "path")]
         namespace: Option<String>,
+        #[command(flatten)]
+        local: Local,
     },
     /// Makes a successor for the same models (printed once) and keeps the old token valid for
     /// the grace period only, so clients move over without an outage.
@@ -141,12 +147,41 @@ enum TokenCommand {
         /// How long the old token keeps working, e.g. `24h`.
         #[arg(long, value_parser = operator::token_commands::parse_span)]
         grace: Duration,
-        #[arg(short = 'n', long)]
+        #[arg(short = 'n', long, conflicts_with = "path")]
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: operator::token_commands::Output,
+        #[command(flatten)]
+        local: Local,
     },
 }
+
+/// Local mode instead of the cluster: the files `infergate up` serves.
+#[derive(Debug, clap::Args)]
+struct Local {
+    /// The files `infergate up -f` serves: the command edits them (a running `infergate up`
+    /// applies the change) instead of the cluster's AccessTokens.
+    #[arg(short = 'f', long = "filename")]
+    path: Option<PathBuf>,
+    /// The state directory, if `infergate up` was given one.
+    #[arg(long, requires = "path")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Local {
+    /// The files and the state directory, when local mode is asked for.
+    fn resolve(self) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        let Some(path) = self.path else {
+            return Ok(None);
+        };
+        let path = std::path::absolute(&path)?;
+        let state_dir = self.state_dir.unwrap_or_else(|| default_state_dir(&path));
+        Ok(Some((path, state_dir)))
+    }
+}
+
+/// How long a local command waits for a running `infergate up` to apply its change.
+const LOCAL_WAIT: Duration = Duration::from_secs(10);
 
 /// `name` beside this executable (a cargo build or an unpacked release), else on PATH.
 fn sibling_binary(name: &str) -> PathBuf {
@@ -282,6 +317,7 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             tokens_per_minute,
             namespace,
             output,
+            local,
         } => {
             let limits = crds::TokenLimits {
                 requests_per_minute,
@@ -294,41 +330,78 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
                 (None, Some(at)) => Expiry::At(at),
                 (None, None) => Expiry::Never,
             };
-            let issued = cluster.block_on(async {
-                let (client, namespace) = commands::connect(namespace).await?;
-                commands::create(
-                    &client,
-                    &namespace,
-                    &name,
-                    models,
-                    expiry,
-                    keep_secret,
-                    limits,
-                )
-                .await
-            })?;
+            let issued = match local.resolve()? {
+                Some((path, state_dir)) => {
+                    anyhow::ensure!(
+                        !keep_secret,
+                        "--keep-secret has no use in local mode: the files hold the digest only"
+                    );
+                    operator::local::commands::create(
+                        &path, &state_dir, &name, models, expiry, limits, LOCAL_WAIT,
+                    )?
+                }
+                None => cluster.block_on(async {
+                    let (client, namespace) = commands::connect(namespace).await?;
+                    commands::create(
+                        &client,
+                        &namespace,
+                        &name,
+                        models,
+                        expiry,
+                        keep_secret,
+                        limits,
+                    )
+                    .await
+                })?,
+            };
             print!("{}", issued.render(output));
         }
-        TokenCommand::List { namespace } => {
-            let table = cluster.block_on(async {
-                let (client, namespace) = commands::connect(namespace).await?;
-                commands::list(&client, &namespace).await
-            })?;
+        TokenCommand::List { namespace, local } => {
+            let table = match local.resolve()? {
+                Some((path, state_dir)) => operator::local::commands::list(&path, &state_dir)?,
+                None => cluster.block_on(async {
+                    let (client, namespace) = commands::connect(namespace).await?;
+                    commands::list(&client, &namespace).await
+                })?,
+            };
             print!("{table}");
         }
-        TokenCommand::Revoke { name, namespace } => {
-            cluster.block_on(async {
-                let (client, namespace) = commands::connect(namespace).await?;
-                commands::revoke(&client, &namespace, &name).await
-            })?;
-            println!("accesstoken/{name} revoked: the proxy refuses its token");
-        }
+        TokenCommand::Revoke {
+            name,
+            namespace,
+            local,
+        } => match local.resolve()? {
+            Some((path, _)) => {
+                let file = operator::local::commands::revoke(&path, &name)?;
+                println!(
+                    "AccessToken {name} revoked in {}: a running `infergate up` refuses its token within a second",
+                    file.display()
+                );
+            }
+            None => {
+                cluster.block_on(async {
+                    let (client, namespace) = commands::connect(namespace).await?;
+                    commands::revoke(&client, &namespace, &name).await
+                })?;
+                println!("accesstoken/{name} revoked: the proxy refuses its token");
+            }
+        },
         TokenCommand::Rotate {
             name,
             grace,
             namespace,
             output,
+            local,
         } => {
+            if let Some((path, state_dir)) = local.resolve()? {
+                let (issued, until) =
+                    operator::local::commands::rotate(&path, &state_dir, &name, grace, LOCAL_WAIT)?;
+                print!("{}", issued.render(output));
+                eprintln!(
+                    "AccessToken {name} stays valid until {until}, then the proxy refuses it"
+                );
+                return Ok(());
+            }
             let rotation = cluster.block_on(async {
                 let (client, namespace) = commands::connect(namespace).await?;
                 commands::rotate(&client, &namespace, &name, grace).await

@@ -9,6 +9,7 @@
 //! and its digest, never its plaintext; the keys the proxy signs forwarded requests with, which
 //! the runtimes verify) lives in the state directory.
 
+pub mod commands;
 pub mod keys;
 pub mod manifests;
 pub mod schema;

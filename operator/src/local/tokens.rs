@@ -58,6 +58,15 @@ impl Issued {
         })
     }
 
+    /// The issuance remembered for `token`, once `infergate up` has issued it.
+    pub fn issuance(&self, token: &AccessToken) -> Option<Issuance> {
+        self.entries.get(&key(token)).map(|stored| Issuance {
+            sha256: stored.sha256.clone(),
+            prefix: stored.prefix.clone(),
+            issued_at: stored.issued_at,
+        })
+    }
+
     /// The records of `tokens` for `models`, issuing what is new: a token without an
     /// issuance (or whose `tokenHash` changed) gets one; issuances of tokens no longer in the
     /// files are forgotten, so re-adding one issues a new token.
