@@ -220,6 +220,18 @@ pub fn built(name: &str) -> PathBuf {
     path
 }
 
+/// Panics, saying `what` failed and how, unless `output` is a success's; its standard output.
+pub fn succeeded(what: &str, output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{what}: exit {:?}\n{}\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Polls `probe` every 200 ms until it gives a value; panics naming `what` after `limit`.
 pub fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;

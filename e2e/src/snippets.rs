@@ -52,15 +52,3 @@ pub fn run(language: &str, code: &str, token: &str, dir: &Path) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("{interpreter}: {e} (run scripts/setup.sh)"))
 }
-
-/// Panics unless `output` is a success; its standard output.
-pub fn succeeded(what: &str, output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}

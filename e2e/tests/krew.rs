@@ -4,20 +4,9 @@
 //! run by the real kubectl.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use e2e::built;
-
-fn succeeded(what: &str, output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use e2e::{built, succeeded};
 
 /// krew, built once into `dir` (Go's build cache makes a rebuild quick).
 fn krew(dir: &Path) -> PathBuf {
@@ -25,7 +14,7 @@ fn krew(dir: &Path) -> PathBuf {
     let binary = dir.join("kubectl-krew");
     succeeded(
         "go build krew",
-        Command::new("go")
+        &Command::new("go")
             .args(["build", "-trimpath", "-ldflags=-s", "-o"])
             .arg(&binary)
             .arg("sigs.k8s.io/krew/cmd/krew")
@@ -46,7 +35,7 @@ fn krew_installs_the_packaged_plugin_and_kubectl_runs_it() {
     let package = dir.join("package");
     let printed = succeeded(
         "scripts/krew-package.sh",
-        Command::new("bash")
+        &Command::new("bash")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/krew-package.sh"))
             .args(["--version", "v9.9.9", "--binary"])
             .arg(built("infergate"))
@@ -80,7 +69,7 @@ fn krew_installs_the_packaged_plugin_and_kubectl_runs_it() {
         .env("KREW_ROOT", &root)
         .output()
         .unwrap();
-    succeeded("krew install", installed);
+    succeeded("krew install", &installed);
     // A manifest whose digest is not the archive's is refused.
     let tampered = dir.join("tampered.yaml");
     let digest_line = text
@@ -112,7 +101,7 @@ fn krew_installs_the_packaged_plugin_and_kubectl_runs_it() {
     );
     let plugins = succeeded(
         "kubectl plugin list",
-        Command::new(kubectl)
+        &Command::new(kubectl)
             .args(["plugin", "list"])
             .env("PATH", &path)
             .output()
@@ -124,7 +113,7 @@ fn krew_installs_the_packaged_plugin_and_kubectl_runs_it() {
     );
     let version = succeeded(
         "kubectl infergate --version",
-        Command::new(kubectl)
+        &Command::new(kubectl)
             .args(["infergate", "--version"])
             .env("PATH", &path)
             .output()

@@ -163,7 +163,8 @@ fn shows_the_answer(task: &str, language: &str, stdout: &str, dir: &Path) -> boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_generated_snippet_runs_unmodified_against_its_task() {
-    use e2e::snippets::{LANGUAGES, run, succeeded, workdir};
+    use e2e::snippets::{LANGUAGES, run, workdir};
+    use e2e::succeeded;
     let yaml = every_task() + &token("app", &TASKS, "");
     let local = LocalMode::start(&infergate(), &[("models.yaml", &yaml)]);
     local.wait_ready(&TASKS, READY_LIMIT);

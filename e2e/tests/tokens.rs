@@ -90,10 +90,14 @@ async fn embed_until(url: &str, token: &str, want: (u16, &str)) {
 }
 
 /// The size of the embedding an embedding snippet printed: TEI's `[[f32]]` (Python's list
-/// reads as JSON too) or the openai client's `N dimensions: ...` line.
+/// reads as JSON too), the openai clients' `N dimensions: ...` or huggingface_hub's
+/// `shape (1, N): ...` line.
 fn dimensions(printed: &str) -> Option<usize> {
     if let Some((count, _)) = printed.split_once(" dimensions") {
         return count.parse().ok();
+    }
+    if let Some(rest) = printed.strip_prefix("shape (1, ") {
+        return rest.split_once(')')?.0.parse().ok();
     }
     let vectors: Vec<Vec<f64>> = serde_json::from_str(printed.trim()).ok()?;
     vectors.first().map(Vec::len)
@@ -194,8 +198,9 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         ]));
         e2e::snippets::run(language, &code, token, &workdir)
     };
-    for language in ["python", "curl", "openai-node"] {
-        let answer = e2e::snippets::succeeded(language, &call_with_snippet(language, &token));
+    // An embedding model has a snippet in every language.
+    for language in e2e::snippets::LANGUAGES {
+        let answer = e2e::succeeded(language, &call_with_snippet(language, &token));
         assert_eq!(dimensions(&answer), Some(384), "{language}: {answer}");
     }
     // Usage in the AccessToken's status (every 2 s on the test bed): each call embedded one
@@ -338,7 +343,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let (new_token, successor) = (value("INFERGATE_TOKEN"), value("INFERGATE_TOKEN_NAME"));
     assert!(successor.starts_with("app-"), "{successor}");
     embed_until(&url, &new_token, (200, "")).await;
-    let answer = e2e::snippets::succeeded("python", &call_with_snippet("python", &new_token));
+    let answer = e2e::succeeded("python", &call_with_snippet("python", &new_token));
     assert_eq!(dimensions(&answer), Some(384), "{answer}");
     assert_eq!(
         embed(&url, &token).await,

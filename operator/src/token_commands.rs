@@ -320,7 +320,12 @@ pub async fn list(client: &Client, namespace: &str) -> anyhow::Result<String> {
             rotation,
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    Ok(table(&rows))
+}
+
+/// `rows` (a heading first) as columns three spaces apart, as kubectl prints them.
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut table = String::new();
@@ -333,7 +338,7 @@ pub async fn list(client: &Client, namespace: &str) -> anyhow::Result<String> {
         table.push_str(cells.join("   ").trim_end());
         table.push('\n');
     }
-    Ok(table)
+    table
 }
 
 /// Revokes `name`: the proxy refuses its token within a second of the operator's update.

@@ -319,13 +319,13 @@ impl Limits {
         }
         if let Some(slots) = limits.concurrent_requests {
             let member = format!("{request_id}:{}", uuid_like());
+            let mut invocation = SLOT.key(key(token, "in-progress"));
+            invocation
+                .arg(slots)
+                .arg(&member)
+                .arg(budget.as_millis().max(1) as u64);
             let taken: i64 = self
-                .call(
-                    SLOT.key(key(token, "in-progress"))
-                        .arg(slots)
-                        .arg(&member)
-                        .arg(budget.as_millis().max(1) as u64),
-                )
+                .on_store(|mut c| async move { invocation.invoke_async(&mut c).await })
                 .await?;
             if taken != 1 {
                 return Ok(Err(exceeded(
@@ -383,7 +383,9 @@ impl Limits {
             // Should this fail, the slot ends with the request's deadline.
             let mut command = redis::cmd("ZREM");
             command.arg(key(&admitted.token, "in-progress")).arg(member);
-            let _: Result<i64, StoreDown> = self.query(&command).await;
+            let _: Result<i64, StoreDown> = self
+                .on_store(|mut c| async move { command.query_async(&mut c).await })
+                .await;
         }
     }
 
@@ -397,44 +399,27 @@ impl Limits {
     ) -> Result<f64, StoreDown> {
         let interval_us = 60_000_000.0 / per_minute;
         let tolerance_us = (burst(per_minute) - 1.0).max(0.0) * interval_us;
+        let mut invocation = RATE.key(key);
+        invocation
+            .arg(format!("{interval_us:.3}"))
+            .arg(format!("{tolerance_us:.3}"))
+            .arg(format!("{cost}"))
+            .arg(if check { "1" } else { "0" });
         let wait_us: i64 = self
-            .call(
-                RATE.key(key)
-                    .arg(format!("{interval_us:.3}"))
-                    .arg(format!("{tolerance_us:.3}"))
-                    .arg(format!("{cost}"))
-                    .arg(if check { "1" } else { "0" }),
-            )
+            .on_store(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         Ok(wait_us as f64 / 1_000_000.0)
     }
 
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        invocation: &mut redis::ScriptInvocation<'_>,
-    ) -> Result<T, StoreDown> {
+    /// Runs `work` on the store's connection within [`STORE_TIMEOUT`].
+    async fn on_store<T, F, Fut>(&self, work: F) -> Result<T, StoreDown>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let store = self.store.as_ref().ok_or(StoreDown)?;
-        let mut connection = store
-            .connection
-            .load_full()
-            .ok_or(StoreDown)?
-            .as_ref()
-            .clone();
-        let result =
-            tokio::time::timeout(STORE_TIMEOUT, invocation.invoke_async(&mut connection)).await;
-        self.outcome(store, result)
-    }
-
-    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreDown> {
-        let store = self.store.as_ref().ok_or(StoreDown)?;
-        let mut connection = store
-            .connection
-            .load_full()
-            .ok_or(StoreDown)?
-            .as_ref()
-            .clone();
-        let result =
-            tokio::time::timeout(STORE_TIMEOUT, command.query_async(&mut connection)).await;
+        let connection = store.connection.load_full().ok_or(StoreDown)?;
+        let result = tokio::time::timeout(STORE_TIMEOUT, work(connection.as_ref().clone())).await;
         self.outcome(store, result)
     }
 

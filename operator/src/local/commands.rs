@@ -16,7 +16,7 @@ use kube::ResourceExt;
 
 use super::manifests;
 use super::tokens::Issued as IssuedState;
-use crate::token_commands::{Expiry, Issued};
+use crate::token_commands::{Expiry, Issued, table};
 
 /// Where the AccessToken named `name` is written: its own file in a directory of files, or the
 /// end of the one file `infergate up -f` reads.
@@ -157,20 +157,7 @@ pub fn list(path: &Path, state_dir: &Path) -> anyhow::Result<String> {
             limits,
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let cells: Vec<String> = row
-                .iter()
-                .zip(&widths)
-                .map(|(cell, width)| format!("{cell:width$}"))
-                .collect();
-            format!("{}\n", cells.join("   ").trim_end())
-        })
-        .collect())
+    Ok(table(&rows))
 }
 
 /// Sets `revoked: true` on AccessToken `name`.
