@@ -2,7 +2,7 @@
 //! model ids and token record ids come from the configuration (never a token), codes and units
 //! from fixed sets, never from request data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,7 @@ use crate::limits::Limits;
 use crate::state::Shared;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
     Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -257,10 +258,16 @@ impl Metrics {
             demand.settle(now);
         }
         if let Some(gauges) = self.limits.get() {
-            gauges.peers.set(gauges.shared.snapshot().peers as i64);
+            let snapshot = gauges.shared.snapshot();
+            gauges.peers.set(snapshot.peers as i64);
             if let (Some(gauge), Some(up)) = (&gauges.store_up, gauges.limits.store_up()) {
                 gauge.set(i64::from(up));
             }
+            // A token whose AccessToken is gone takes its series with it.
+            let live: HashSet<&str> = snapshot.token_ids().collect();
+            forget_tokens(&self.token_requests, &live);
+            forget_tokens(&self.token_usage, &live);
+            forget_tokens(&self.token_last_used, &live);
         }
         let mut buffer = Vec::new();
         TextEncoder::new()
@@ -273,6 +280,25 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Removes the series of `vec` whose `token` label is not in `live`.
+fn forget_tokens<T: MetricVecBuilder>(vec: &MetricVec<T>, live: &HashSet<&str>) {
+    for family in prometheus::core::Collector::collect(vec) {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if labels
+                .get("token")
+                .is_some_and(|token| !live.contains(token))
+            {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }
 

@@ -197,6 +197,11 @@ impl Snapshot {
         Ok((record, model))
     }
 
+    /// The record ids of every token known.
+    pub fn token_ids(&self) -> impl Iterator<Item = &str> {
+        self.tokens.values().map(|record| record.id.as_str())
+    }
+
     pub fn model(&self, id: &str) -> Option<&Arc<Model>> {
         self.models.get(id)
     }

@@ -534,8 +534,18 @@ async fn what_the_runtime_reports_is_counted_per_token_and_never_reaches_the_cli
         (now - 60.0..=now).contains(&last_used),
         "{last_used} vs {now}"
     );
-    // Only known tokens have series: an unknown one is never a label.
+    // Only known tokens have series: an unknown one is never a label, and a token taken out
+    // of the configuration takes its series with it.
     assert!(!metrics_page(&proxy).await.contains("igt_"));
+    proxy.write_config(&[TestModel::new("chat", &[upstream.addr])], &[]);
+    let started = Instant::now();
+    while metrics_page(&proxy).await.contains("token=\"t\"") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "series of a token that is gone"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Reads a streamed body to its end; a connection cut before the end of the chunked encoding
