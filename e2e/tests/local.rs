@@ -1107,7 +1107,13 @@ async fn the_token_commands_edit_local_modes_files_and_it_applies_them() {
         predict(&local, &limited).await,
         (429, "requests_per_minute_exceeded".to_owned())
     );
-    assert!(local_token(&local, &["list"]).contains("6 rpm"));
+    // What each token was used for, from the running proxy: the limited one's 2 requests,
+    // one refused, and the row it predicted.
+    let listed = local_token(&local, &["list"]);
+    let limited_row = listed.lines().find(|l| l.starts_with("limited ")).unwrap();
+    assert!(limited_row.contains("6 rpm"), "{listed}");
+    assert!(limited_row.contains("2 (1 4xx)"), "{listed}");
+    assert!(limited_row.contains("inputs 1"), "{listed}");
 
     // A name the files hold already is refused, and nothing is written.
     let again = std::process::Command::new(infergate())

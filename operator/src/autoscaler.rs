@@ -280,7 +280,7 @@ impl LoadMeter {
 }
 
 /// Reads `GET /metrics` of one proxy: HTTP/1.1 with `Connection: close`, the whole page.
-async fn read_metrics(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+pub async fn read_metrics(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream

@@ -106,10 +106,72 @@ fn wait_until_served(state_dir: &Path, token: &Token, wait: Duration) {
     );
 }
 
-/// The AccessTokens of the files: phase, models, prefix, expiry, limits.
+/// The file in the state directory naming the proxy's metrics listener of `infergate up`.
+pub const METRICS_FILE: &str = "metrics-listen";
+
+/// What the proxy of a running `infergate up` counted per token, if one answers.
+fn usage_now(state_dir: &Path) -> Option<crate::usage::TokenCounters> {
+    let addr = std::fs::read_to_string(state_dir.join(METRICS_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let page = runtime
+        .block_on(crate::autoscaler::read_metrics(
+            addr,
+            Duration::from_secs(2),
+        ))
+        .ok()?;
+    Some(crate::usage::parse_token_counters(&page))
+}
+
+/// A token's requests and work since its proxy started: `12 (1 4xx)` and `inputs 6`.
+fn usage_cells(counters: &crate::usage::TokenCounters, id: &str) -> [String; 2] {
+    use crate::usage::Figure;
+    let mut requests = 0.0;
+    let mut refused = Vec::new();
+    let mut units = Vec::new();
+    let mut figures: Vec<(&Figure, f64)> = counters
+        .counts
+        .iter()
+        .filter(|((token, _), _)| token == id)
+        .map(|((_, figure), value)| (figure, *value))
+        .collect();
+    figures.sort_by(|a, b| a.0.cmp(b.0));
+    for (figure, value) in figures {
+        match figure {
+            Figure::Requests(class) => {
+                requests += value;
+                if class != "2xx" {
+                    refused.push(format!("{value} {class}"));
+                }
+            }
+            Figure::Units(unit) => units.push(format!("{unit} {value}")),
+        }
+    }
+    let requests = if refused.is_empty() {
+        format!("{requests}")
+    } else {
+        format!("{requests} ({})", refused.join(", "))
+    };
+    let units = if units.is_empty() {
+        "-".to_owned()
+    } else {
+        units.join(", ")
+    };
+    [requests, units]
+}
+
+/// The AccessTokens of the files: phase, models, prefix, expiry, limits, and, while
+/// `infergate up` runs, what each was used for since its proxy started.
 pub fn list(path: &Path, state_dir: &Path) -> anyhow::Result<String> {
     let files = load(path)?;
     let issued = IssuedState::open(&state_dir.join("tokens.json"))?;
+    let usage = usage_now(state_dir);
     let now = Timestamp::now();
     let mut rows = vec![[
         "NAME".to_owned(),
@@ -118,6 +180,8 @@ pub fn list(path: &Path, state_dir: &Path) -> anyhow::Result<String> {
         "PREFIX".to_owned(),
         "EXPIRES".to_owned(),
         "LIMITS".to_owned(),
+        "REQUESTS".to_owned(),
+        "USAGE".to_owned(),
     ]];
     for token in &files.tokens {
         let issuance = issued.issuance(token);
@@ -146,6 +210,10 @@ pub fn list(path: &Path, state_dir: &Path) -> anyhow::Result<String> {
                 parts.join(", ")
             },
         );
+        let [requests, used] = match &usage {
+            Some(counters) => usage_cells(counters, &token.uid().unwrap_or_default()),
+            None => ["-".to_owned(), "-".to_owned()],
+        };
         rows.push([
             token.name_any(),
             phase.to_owned(),
@@ -155,6 +223,8 @@ pub fn list(path: &Path, state_dir: &Path) -> anyhow::Result<String> {
                 .unwrap_or_else(|| "-".to_owned()),
             expires.map_or_else(|| "never".to_owned(), |at| at.to_string()),
             limits,
+            requests,
+            used,
         ]);
     }
     Ok(table(&rows))

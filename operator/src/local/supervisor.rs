@@ -42,12 +42,18 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     let mut internal_keys = InternalKeys::open(&options.state_dir, SystemTime::now())?;
     let mut issued = Issued::open(&options.state_dir.join("tokens.json"))?;
     let config_path = options.state_dir.join("proxy.yaml");
-    // For `infergate snippet -f`, whose code calls this proxy.
+    // For `infergate snippet -f`, whose code calls this proxy, and `infergate token list -f`,
+    // which reads the tokens' usage from its metrics.
     write_atomically(
         &options
             .state_dir
             .join(crate::snippet_command::LOCAL_URL_FILE),
         format!("http://{}\n", options.listen).as_bytes(),
+        0o644,
+    )?;
+    write_atomically(
+        &options.state_dir.join(super::commands::METRICS_FILE),
+        format!("{}\n", options.metrics_listen).as_bytes(),
         0o644,
     )?;
 
