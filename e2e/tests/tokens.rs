@@ -116,12 +116,22 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let cluster = cluster();
     let namespace = cluster.watched_namespace();
     let proxy_url = cluster.proxy();
-    let minilm = std::env::var("INFERGATE_TEST_MODELS_DIR")
-        .map(|dir| format!("{dir}/all-MiniLM-L6-v2"))
-        .unwrap_or_else(|_| minilm_dir());
+    // Model files: this machine's, or those a kind cluster mounts at INFERGATE_TEST_MODELS_DIR.
+    let (minilm, llama) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
+        Ok(dir) => (format!("{dir}/all-MiniLM-L6-v2"), format!("{dir}/chat")),
+        Err(_) => (
+            minilm_dir(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../runtime/fixtures/llama")
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string(),
+        ),
+    };
     let id = format!("vault-{}", std::process::id());
     // What an earlier run may have left.
-    for leftover in ["md/vault", "at/app", "at/kept", "at/limited"] {
+    for leftover in ["md/vault", "md/talk", "at/app", "at/kept", "at/limited"] {
         cluster.ok(&[
             "delete",
             "-n",
@@ -140,10 +150,11 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "infergate.dev/token-family=app",
         "--ignore-not-found",
     ]);
-    let model = format!(
-        "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: vault}}\nspec:\n  task: embedding\n  modelVersionId: {id}\n  model: {{uri: \"file://{minilm}\"}}\n"
+    // An embedding model, and a chat model whose snippets stream.
+    let models = format!(
+        "apiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: vault}}\nspec:\n  task: embedding\n  modelVersionId: {id}\n  model: {{uri: \"file://{minilm}\"}}\n---\napiVersion: infergate.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {{name: talk}}\nspec:\n  task: text-generation\n  model: {{uri: \"file://{llama}\"}}\n"
     );
-    cluster.apply_in(&namespace, &model);
+    cluster.apply_in(&namespace, &models);
     cluster.ok(&[
         "wait",
         "-n",
@@ -153,6 +164,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "--timeout",
         "120s",
         "md/vault",
+        "md/talk",
     ]);
     let url = format!("{proxy_url}/models/{id}/proxy/v1/embed");
     let dir = plugin_dir();
@@ -160,13 +172,22 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
 
     // Create: printed once; only the digest reaches the cluster.
     let created = succeeded(&run(&[
-        "token", "create", "app", "--models", "vault", "--ttl", "30d", "-n", &namespace, "-o",
+        "token",
+        "create",
+        "app",
+        "--models",
+        "vault,talk",
+        "--ttl",
+        "30d",
+        "-n",
+        &namespace,
+        "-o",
         "json",
     ]));
     let created: Value = serde_json::from_str(&created).unwrap();
     let token = created["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("igt_"), "{created}");
-    assert_eq!(created["models"], json!(["vault"]));
+    assert_eq!(created["models"], json!(["vault", "talk"]));
     assert!(created["expiresAt"].as_str().is_some(), "{created}");
     let hash = cluster.jsonpath(&namespace, "at/app", "{.spec.tokenHash}");
     assert!(hash.starts_with("sha256:"), "{hash}");
@@ -192,19 +213,28 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "{published}"
     );
     let workdir = e2e::snippets::workdir("cluster");
-    let call_with_snippet = |language: &str, token: &str| {
+    let call_with_snippet = |model: &str, language: &str, token: &str| {
         let code = succeeded(&run(&[
-            "snippet", "vault", "--lang", language, "--url", &proxy_url, "-n", &namespace,
+            "snippet", model, "--lang", language, "--url", &proxy_url, "-n", &namespace,
         ]));
         e2e::snippets::run(language, &code, token, &workdir)
     };
-    // An embedding model has a snippet in every language.
+    // An embedding model and a chat model have a snippet in every language; the chat's
+    // stream its answer (curl prints the raw events).
     for language in e2e::snippets::LANGUAGES {
-        let answer = e2e::succeeded(language, &call_with_snippet(language, &token));
+        let answer = e2e::succeeded(language, &call_with_snippet("vault", language, &token));
         assert_eq!(dimensions(&answer), Some(384), "{language}: {answer}");
+        let chat = e2e::succeeded(language, &call_with_snippet("talk", language, &token));
+        match language {
+            "curl" => assert!(
+                chat.contains("data: [DONE]") && !chat.contains("infergate-usage"),
+                "{chat}"
+            ),
+            _ => assert!(!chat.trim().is_empty(), "{language}: {chat:?}"),
+        }
     }
-    // Usage in the AccessToken's status (every 2 s on the test bed): each call embedded one
-    // text, the snippets' three and the first call's at least.
+    // Usage in the AccessToken's status (every 2 s on the test bed): 7 embeddings of one text
+    // each (the first call and six snippets) and 6 chats.
     let usage = e2e::eventually(
         "the token's usage in its status",
         Duration::from_secs(30),
@@ -212,12 +242,21 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
             let usage: Value =
                 serde_json::from_str(&cluster.jsonpath(&namespace, "at/app", "{.status.usage}"))
                     .ok()?;
-            (usage["units"]["inputs"].as_f64() >= Some(4.0)).then_some(usage)
+            (usage["requestsByClass"]["2xx"].as_f64() >= Some(13.0)).then_some(usage)
         },
     );
+    assert_eq!(usage["units"]["inputs"].as_f64(), Some(7.0), "{usage}");
     assert_eq!(
         usage["requestsByClass"]["2xx"].as_f64(),
-        usage["units"]["inputs"].as_f64(),
+        Some(13.0),
+        "{usage}"
+    );
+    let completion = usage["units"]["completion_tokens"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!((6.0..=6.0 * 200.0).contains(&completion), "{usage}");
+    assert!(
+        usage["units"]["prompt_tokens"].as_f64() > Some(6.0),
         "{usage}"
     );
     assert_eq!(
@@ -343,7 +382,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let (new_token, successor) = (value("INFERGATE_TOKEN"), value("INFERGATE_TOKEN_NAME"));
     assert!(successor.starts_with("app-"), "{successor}");
     embed_until(&url, &new_token, (200, "")).await;
-    let answer = e2e::succeeded("python", &call_with_snippet("python", &new_token));
+    let answer = e2e::succeeded("python", &call_with_snippet("vault", "python", &new_token));
     assert_eq!(dimensions(&answer), Some(384), "{answer}");
     assert_eq!(
         embed(&url, &token).await,
@@ -388,7 +427,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let revoked = succeeded(&run(&["token", "revoke", &successor, "-n", &namespace]));
     assert!(revoked.contains("revoked"));
     embed_until(&url, &new_token, (401, "token_revoked")).await;
-    let refused = call_with_snippet("python", &new_token);
+    let refused = call_with_snippet("vault", "python", &new_token);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("401"),
@@ -403,6 +442,7 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
         "-n",
         &namespace,
         "md/vault",
+        "md/talk",
         "at/app",
         "at/kept",
         "at/limited",
