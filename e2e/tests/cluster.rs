@@ -260,24 +260,9 @@ async fn kubectl_apply_to_answers_through_the_proxy_to_revocation_and_garbage_co
     // What a platform engineer applies: the shape of examples/k8s/, with this machine's paths.
     let manifests = log_dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    // Model files: this machine's, or those a kind cluster mounts at INFERGATE_TEST_MODELS_DIR.
-    let fixture = |name: &str| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../runtime/fixtures")
-            .join(name)
-            .canonicalize()
-            .unwrap()
-            .display()
-            .to_string()
-    };
-    let (minilm, llama, vits) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
-        Ok(dir) => (
-            format!("{dir}/all-MiniLM-L6-v2"),
-            format!("{dir}/chat"),
-            format!("{dir}/speech"),
-        ),
-        Err(_) => (minilm_dir(), fixture("llama"), fixture("vits")),
-    };
+    let minilm = e2e::cluster_model("all-MiniLM-L6-v2", minilm_dir);
+    let llama = e2e::cluster_model("chat", || e2e::fixture("llama"));
+    let vits = e2e::cluster_model("speech", || e2e::fixture("vits"));
     std::fs::write(
         manifests.join("models.yaml"),
         format!(

@@ -8,20 +8,10 @@ use std::time::{Duration, Instant};
 
 use e2e::local::LocalMode;
 use e2e::objectstore::{MINILM_FILES, ObjectStore};
-use e2e::{built, minilm_dir, node_client, python_client, text_generation_client};
+use e2e::{built, fixture, minilm_dir, node_client, python_client, text_generation_client};
 use serde_json::{Value, json};
 
 const READY_LIMIT: Duration = Duration::from_secs(180);
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../runtime/fixtures")
-        .join(name)
-        .canonicalize()
-        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
-        .display()
-        .to_string()
-}
 
 fn infergate() -> PathBuf {
     built("infergate")

@@ -116,19 +116,8 @@ async fn create_see_once_call_rotate_and_revoke_from_kubectl_infergate() {
     let cluster = cluster();
     let namespace = cluster.watched_namespace();
     let proxy_url = cluster.proxy();
-    // Model files: this machine's, or those a kind cluster mounts at INFERGATE_TEST_MODELS_DIR.
-    let (minilm, llama) = match std::env::var("INFERGATE_TEST_MODELS_DIR") {
-        Ok(dir) => (format!("{dir}/all-MiniLM-L6-v2"), format!("{dir}/chat")),
-        Err(_) => (
-            minilm_dir(),
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../runtime/fixtures/llama")
-                .canonicalize()
-                .unwrap()
-                .display()
-                .to_string(),
-        ),
-    };
+    let minilm = e2e::cluster_model("all-MiniLM-L6-v2", minilm_dir);
+    let llama = e2e::cluster_model("chat", || e2e::fixture("llama"));
     let id = format!("vault-{}", std::process::id());
     // What an earlier run may have left.
     for leftover in ["md/vault", "md/talk", "at/app", "at/kept", "at/limited"] {

@@ -63,10 +63,7 @@ pub fn local_target(
     name: &str,
     url: Option<String>,
 ) -> anyhow::Result<Target> {
-    let files = manifests::load(path).map_err(|problems| {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("{}", problems.join("\n"))
-    })?;
+    let files = manifests::load_checked(path)?;
     let md = files
         .models
         .iter()

@@ -78,12 +78,8 @@ enum Command {
         url: Option<String>,
         #[arg(short = 'n', long, conflicts_with = "path")]
         namespace: Option<String>,
-        /// The files `infergate up` serves: local mode.
-        #[arg(short = 'f', long = "filename")]
-        path: Option<PathBuf>,
-        /// The state directory, if `infergate up` was given one.
-        #[arg(long, requires = "path")]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        local: Local,
     },
 }
 
@@ -159,8 +155,8 @@ enum TokenCommand {
 /// Local mode instead of the cluster: the files `infergate up` serves.
 #[derive(Debug, clap::Args)]
 struct Local {
-    /// The files `infergate up -f` serves: the command edits them (a running `infergate up`
-    /// applies the change) instead of the cluster's AccessTokens.
+    /// The files `infergate up -f` serves, instead of the cluster: token commands edit them (a
+    /// running `infergate up` applies the change), `snippet` reads them.
     #[arg(short = 'f', long = "filename")]
     path: Option<PathBuf>,
     /// The state directory, if `infergate up` was given one.
@@ -275,16 +271,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lang,
             url,
             namespace,
-            path,
-            state_dir,
+            local,
         } => {
             use operator::snippet_command::{cluster_target, local_target};
-            let target = match path {
-                Some(path) => {
-                    let path = std::path::absolute(&path)?;
-                    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&path));
-                    local_target(&path, &state_dir, &model, url)?
-                }
+            let target = match local.resolve()? {
+                Some((path, state_dir)) => local_target(&path, &state_dir, &model, url)?,
                 None => tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?

@@ -289,10 +289,7 @@ pub fn rotate(
 }
 
 fn load(path: &Path) -> anyhow::Result<manifests::Manifests> {
-    manifests::load(path).map_err(|problems| {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("{}", problems.join("\n"))
-    })
+    manifests::load_checked(path)
 }
 
 /// Rewrites the spec of the document of AccessToken `name` with `change` (the spec's lines),

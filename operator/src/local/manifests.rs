@@ -60,6 +60,14 @@ pub fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// [`load`] for a command: the problems, one a line, as its error.
+pub fn load_checked(path: &Path) -> anyhow::Result<Manifests> {
+    load(path).map_err(|problems| {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}", problems.join("\n"))
+    })
+}
+
 /// Reads and judges every file under `path`; all problems are reported at once.
 pub fn load(path: &Path) -> Result<Manifests, Vec<Problem>> {
     let files = files_of(path).map_err(|e| {
