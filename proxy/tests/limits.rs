@@ -94,15 +94,15 @@ async fn replicas(
     proxies
 }
 
+/// Waits until the proxy's metrics show `line`. Its metrics listener is a service of its own,
+/// which may start answering a moment after the proxy's `/readyz`: until then, no page.
 async fn until_metric(proxy: &Proxy, line: &str) {
     let started = Instant::now();
     loop {
-        let page = reqwest::get(&proxy.metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = match reqwest::get(&proxy.metrics_url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         if page.lines().any(|l| l == line) {
             return;
         }
